@@ -1,0 +1,2 @@
+//! The `moebius` binary.
+fn main() {}

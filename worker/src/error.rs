@@ -1,0 +1,64 @@
+//! The worker crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the worker: loading a checkpoint, a bad request, the data
+/// plane. Each variant has a stable short name ([`Error::kind`]) for metrics labels.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is missing: a checkpoint directory needs config.json and *.safetensors files")]
+    MissingFile { path: PathBuf },
+    #[error("{path}: not a valid safetensors file ({message}); is it truncated or still downloading?")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("tensor {name} is not in the checkpoint")]
+    MissingTensor { name: String },
+    #[error("tensor {name} has shape {found:?}, but the config implies {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor {name} has dtype {dtype}, which Moebius cannot load (f32, bf16, f16, f8_e4m3 are supported)")]
+    UnsupportedDtype { name: String, dtype: String },
+    #[error("config.json: {0}")]
+    Config(String),
+    #[error("architecture {0:?} is not supported (DeepseekV3ForCausalLM and DeepseekV2ForCausalLM are)")]
+    UnsupportedArchitecture(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("placement: {0}")]
+    Placement(#[from] moebius_coordinator::PlacementError),
+    #[error("data plane: {0}")]
+    Comm(String),
+}
+
+impl Error {
+    /// A stable short name of the variant, for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::MissingFile { .. } => "missing_file",
+            Error::Safetensors { .. } => "safetensors",
+            Error::MissingTensor { .. } => "missing_tensor",
+            Error::TensorShape { .. } => "tensor_shape",
+            Error::UnsupportedDtype { .. } => "unsupported_dtype",
+            Error::Config(_) => "config",
+            Error::UnsupportedArchitecture(_) => "unsupported_architecture",
+            Error::Tokenizer(_) => "tokenizer",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::Placement(_) => "placement",
+            Error::Comm(_) => "comm",
+        }
+    }
+}
+
+/// Result with the worker's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
