@@ -1,2 +1,48 @@
-//! The `moebius` binary.
-fn main() {}
+//! The `moebius` binary: parses flags into configs and calls into the crates.
+
+mod generate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Expert-parallel serving of DeepSeek-family MoE models.
+#[derive(Parser)]
+#[command(name = "moebius", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt with a checkpoint directory, in this process.
+    Generate(generate::GenerateArgs),
+}
+
+/// Exit code for input the user can fix (bad flags, bad prompt).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOEBIUS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            let usage = err
+                .downcast_ref::<moebius_worker::Error>()
+                .is_some_and(|e| matches!(e, moebius_worker::Error::InvalidRequest(_)));
+            ExitCode::from(if usage { EXIT_USAGE } else { 1 })
+        }
+    }
+}

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum PlacementError {
     #[error("an EP group needs at least one rank, got 0")]
     NoRanks,
-    #[error("{ranks} ranks cannot share {experts} routed experts: every rank needs at least one expert")]
+    #[error(
+        "{ranks} ranks cannot share {experts} routed experts: every rank needs at least one expert"
+    )]
     TooManyRanks { ranks: usize, experts: usize },
     #[error("logical expert {expert} has no slot in the placement")]
     Unplaced { expert: usize },
@@ -116,21 +118,39 @@ mod tests {
         assert_eq!(Placement::even(8, 0), Err(PlacementError::NoRanks));
         assert_eq!(
             Placement::even(8, 9),
-            Err(PlacementError::TooManyRanks { ranks: 9, experts: 8 })
+            Err(PlacementError::TooManyRanks {
+                ranks: 9,
+                experts: 8
+            })
         );
     }
 
     #[test]
     fn validate_finds_unplaced_and_unknown_experts() {
-        let p = Placement { num_experts: 3, ranks: vec![vec![0], vec![2]] };
+        let p = Placement {
+            num_experts: 3,
+            ranks: vec![vec![0], vec![2]],
+        };
         assert_eq!(p.validate(), Err(PlacementError::Unplaced { expert: 1 }));
-        let p = Placement { num_experts: 2, ranks: vec![vec![0, 1, 5]] };
-        assert_eq!(p.validate(), Err(PlacementError::UnknownExpert { expert: 5, experts: 2 }));
+        let p = Placement {
+            num_experts: 2,
+            ranks: vec![vec![0, 1, 5]],
+        };
+        assert_eq!(
+            p.validate(),
+            Err(PlacementError::UnknownExpert {
+                expert: 5,
+                experts: 2
+            })
+        );
     }
 
     #[test]
     fn replicas_list_every_slot_of_a_redundant_expert() {
-        let p = Placement { num_experts: 2, ranks: vec![vec![0, 1], vec![1]] };
+        let p = Placement {
+            num_experts: 2,
+            ranks: vec![vec![0, 1], vec![1]],
+        };
         assert_eq!(p.replicas(), vec![vec![(0, 0)], vec![(0, 1), (1, 0)]]);
     }
 }

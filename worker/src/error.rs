@@ -14,7 +14,9 @@ pub enum Error {
     },
     #[error("{path} is missing: a checkpoint directory needs config.json and *.safetensors files")]
     MissingFile { path: PathBuf },
-    #[error("{path}: not a valid safetensors file ({message}); is it truncated or still downloading?")]
+    #[error(
+        "{path}: not a valid safetensors file ({message}); is it truncated or still downloading?"
+    )]
     Safetensors { path: PathBuf, message: String },
     #[error("tensor {name} is not in the checkpoint")]
     MissingTensor { name: String },
@@ -28,7 +30,9 @@ pub enum Error {
     UnsupportedDtype { name: String, dtype: String },
     #[error("config.json: {0}")]
     Config(String),
-    #[error("architecture {0:?} is not supported (DeepseekV3ForCausalLM and DeepseekV2ForCausalLM are)")]
+    #[error(
+        "architecture {0:?} is not supported (DeepseekV3ForCausalLM and DeepseekV2ForCausalLM are)"
+    )]
     UnsupportedArchitecture(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -1,12 +1,22 @@
 //! The Moebius worker: everything one rank of an EP group runs.
 //!
+//! - [`config`]: the model's `config.json` (DeepSeek-V3 and V2), validated.
 //! - [`checkpoint`]: Hugging Face checkpoint directories — memory-mapped safetensors, dtype
 //!   conversion, FP8 block dequantisation; reads only the tensors asked for.
+//! - [`backend`]: the compute backend trait and the CPU backend (`gemm`).
+//! - [`model`]: MLA attention, the MoE block with its expert-parallel exchange, the KV cache.
+//! - [`engine`]: requests, sampling, the batched step loop and in-process EP groups.
 //! - [`comm`]: the expert-parallel communicator trait (all-to-all-v) and its `local` (threads)
 //!   and `tcp` (full mesh) backends.
+//! - [`tokenizer`]: the checkpoint's `tokenizer.json`.
 //! - [`error`]: the crate's error type.
+pub mod backend;
 pub mod checkpoint;
 pub mod comm;
+pub mod config;
+pub mod engine;
 pub mod error;
+pub mod model;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,0 +1,276 @@
+//! The CPU backend: matrix products through the `gemm` crate, `f32` accumulation, both cores
+//! for products big enough to pay for the fork.
+
+use gemm::Parallelism;
+
+use super::{Backend, View};
+
+/// Products with fewer multiply-adds than this run on one thread.
+const PARALLEL_MIN_FLOPS: usize = 1 << 17;
+
+/// A weight matrix in host memory.
+#[derive(Debug)]
+pub struct CpuMatrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+/// Runs the model on the host CPU.
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A backend that uses `threads` threads for large products (0: all cores).
+    pub fn new(threads: usize) -> Self {
+        Self { threads }
+    }
+
+    fn parallelism(&self, m: usize, n: usize, k: usize) -> Parallelism {
+        if self.threads == 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_FLOPS {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads)
+        }
+    }
+
+    /// The one place that calls into `gemm`: checks every extent against its slice first, so a
+    /// wrong shape is a panic with a message rather than an out-of-bounds read.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        lhs: &[f32],
+        lhs_rs: usize,
+        lhs_cs: usize,
+        rhs: &[f32],
+        rhs_rs: usize,
+        rhs_cs: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let extent =
+            |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+        assert!(
+            out.len() >= extent(m, out_rs, n, 1),
+            "gemm: output too small"
+        );
+        if k == 0 {
+            for row in 0..m {
+                out[row * out_rs..row * out_rs + n].fill(0.0);
+            }
+            return;
+        }
+        assert!(
+            lhs.len() >= extent(m, lhs_rs, k, lhs_cs),
+            "gemm: lhs too small"
+        );
+        assert!(
+            rhs.len() >= extent(k, rhs_rs, n, rhs_cs),
+            "gemm: rhs too small"
+        );
+        // SAFETY: the asserts above keep every index gemm touches inside the three slices;
+        // `out` is borrowed mutably, so it aliases neither input.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                out_rs as isize,
+                false,
+                lhs.as_ptr(),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr(),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                self.parallelism(m, n, k),
+            );
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Matrix = CpuMatrix;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> CpuMatrix {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        CpuMatrix { rows, cols, data }
+    }
+
+    fn shape(&self, w: &CpuMatrix) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn matrix_bytes(&self, w: &CpuMatrix) -> usize {
+        w.data.len() * std::mem::size_of::<f32>()
+    }
+
+    fn linear(&self, x: &[f32], m: usize, w: &CpuMatrix, out: &mut [f32]) {
+        // out[m, rows] = x[m, cols] · wᵀ; wᵀ[c, r] = w[r * cols + c].
+        self.gemm(
+            m, w.rows, w.cols, out, w.rows, x, w.cols, 1, &w.data, 1, w.cols,
+        );
+    }
+
+    fn matmul_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.gemm(
+            m,
+            n,
+            k,
+            out,
+            out_stride,
+            a.data,
+            a.row_stride,
+            1,
+            b.data,
+            1,
+            b.row_stride,
+        );
+    }
+
+    fn matmul_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.gemm(
+            m,
+            n,
+            k,
+            out,
+            out_stride,
+            a.data,
+            a.row_stride,
+            1,
+            b.data,
+            b.row_stride,
+            1,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * rows];
+        for i in 0..m {
+            for r in 0..rows {
+                out[i * rows + r] = (0..cols).map(|c| x[i * cols + c] * w[r * cols + c]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_matches_the_definition_for_many_shapes() {
+        let b = CpuBackend::new(0);
+        for &(m, rows, cols) in &[
+            (1, 3, 5),
+            (4, 7, 2),
+            (16, 64, 96),
+            (33, 130, 257),
+            (1, 512, 1024),
+        ] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0)
+                .collect();
+            let expected = naive(&x, m, &w, rows, cols);
+            let mut out = vec![f32::NAN; m * rows];
+            b.linear(&x, m, &b.matrix(rows, cols, w), &mut out);
+            for (o, e) in out.iter().zip(&expected) {
+                assert!(
+                    (o - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{m}x{rows}x{cols}: {o} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn strided_products_read_and_write_only_their_views() {
+        let b = CpuBackend::new(1);
+        // a: 2x2 inside rows of 3; b: 3x2 (n=3, k=2) inside rows of 4.
+        let a = [1.0, 2.0, 99.0, 3.0, 4.0, 99.0];
+        let bm = [
+            1.0, 0.0, 99.0, 99.0, 0.0, 1.0, 99.0, 99.0, 1.0, 1.0, 99.0, 99.0,
+        ];
+        let mut out = [-1.0; 8];
+        b.matmul_nt(
+            2,
+            3,
+            2,
+            View {
+                data: &a,
+                row_stride: 3,
+            },
+            View {
+                data: &bm,
+                row_stride: 4,
+            },
+            &mut out,
+            4,
+        );
+        assert_eq!(out, [1.0, 2.0, 3.0, -1.0, 3.0, 4.0, 7.0, -1.0]);
+        // a[2,2] · c[2,3], c inside rows of 4.
+        let c = [1.0, 0.0, 2.0, 99.0, 0.0, 1.0, 3.0, 99.0];
+        let mut out = [0.0; 6];
+        b.matmul_nn(
+            2,
+            3,
+            2,
+            View {
+                data: &a,
+                row_stride: 3,
+            },
+            View {
+                data: &c,
+                row_stride: 4,
+            },
+            &mut out,
+            3,
+        );
+        assert_eq!(out, [1.0, 2.0, 8.0, 3.0, 4.0, 18.0]);
+    }
+}

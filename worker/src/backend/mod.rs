@@ -1,0 +1,112 @@
+//! Compute backends: where the model's matrix products and element-wise kernels run.
+//!
+//! The model is written against [`Backend`]; the CPU backend ([`cpu::CpuBackend`]) is the one
+//! built today. A CUDA backend (cudarc, cuBLAS) implements the same trait with device-resident
+//! [`Backend::Matrix`]es and leaves the model code as it is.
+
+pub mod cpu;
+
+pub use cpu::CpuBackend;
+
+/// A dense row-major view with explicit strides, for products on activations and caches.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    /// Distance between consecutive rows, in elements.
+    pub row_stride: usize,
+}
+
+/// What the model needs from a compute device.
+///
+/// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
+/// in row-major order. All products accumulate in `f32`.
+pub trait Backend: Send + Sync + 'static {
+    /// A weight matrix `[rows, cols]` (PyTorch's `[out_features, in_features]`) on the device.
+    type Matrix: Send + Sync;
+
+    /// Short name for logs and benchmarks.
+    fn name(&self) -> &'static str;
+
+    /// Takes ownership of a row-major `[rows, cols]` weight.
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Matrix;
+
+    /// `(rows, cols)` of a matrix.
+    fn shape(&self, w: &Self::Matrix) -> (usize, usize);
+
+    /// Bytes the matrix occupies on the device.
+    fn matrix_bytes(&self, w: &Self::Matrix) -> usize;
+
+    /// `out[m, rows] = x[m, cols] · wᵀ`: a linear layer without bias.
+    fn linear(&self, x: &[f32], m: usize, w: &Self::Matrix, out: &mut [f32]);
+
+    /// `out[m, n] (row stride out_stride) = a[m, k] · b[n, k]ᵀ`, for attention over caches.
+    fn matmul_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    );
+
+    /// `out[m, n] (row stride out_stride) = a[m, k] · b[k, n]`.
+    fn matmul_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    );
+}
+
+/// RMSNorm of each `weight.len()`-wide row of `x`, in place, as transformers computes it.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let width = weight.len();
+    for row in x.chunks_exact_mut(width) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// For rows laid out `[gate (width) | up (width)]`, writes `silu(gate) * up` into `out`.
+pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
+    for (row, o) in gate_up
+        .chunks_exact(2 * width)
+        .zip(out.chunks_exact_mut(width))
+    {
+        let (gate, up) = row.split_at(width);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Numerically stable softmax of `x`, in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Adds `bias` to each `bias.len()`-wide row of `x`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}

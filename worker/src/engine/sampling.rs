@@ -1,0 +1,254 @@
+//! Turning logits into the next token: greedy, temperature, top-k, top-p, seeded; and the
+//! log-probabilities a client asked for.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+
+/// How a request samples. Temperature 0 is greedy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Makes sampling reproducible; without it each request draws a fresh seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the values a client sent, naming the field that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::InvalidRequest(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The token chosen at one step, with its log-probability and the best alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// log-softmax of the raw logits at `token` (before temperature and filtering).
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens of the same distribution, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A request's sampler: its parameters and its random stream.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks the next token from `logits` and reports `top_logprobs` alternatives.
+    pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> Sampled {
+        let logprobs = log_softmax(logits);
+        let token = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        let top = if top_logprobs == 0 {
+            Vec::new()
+        } else {
+            best(&logprobs, top_logprobs)
+                .into_iter()
+                .map(|i| (i as u32, logprobs[i]))
+                .collect()
+        };
+        Sampled {
+            token: token as u32,
+            logprob: logprobs[token],
+            top,
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> usize {
+        let t = self.params.temperature;
+        let k = if self.params.top_k == 0 {
+            logits.len()
+        } else {
+            self.params.top_k.min(logits.len())
+        };
+        let candidates = best(logits, k);
+        let max = logits[candidates[0]];
+        let mut probs: Vec<f32> = candidates
+            .iter()
+            .map(|&i| ((logits[i] - max) / t).exp())
+            .collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        // Nucleus: the smallest prefix whose mass reaches top_p (always at least one token).
+        let mut keep = probs.len();
+        if self.params.top_p < 1.0 {
+            let mut mass = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                mass += p;
+                if mass >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let mass: f32 = probs[..keep].iter().sum();
+        let mut u = self.rng.random::<f32>() * mass;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            if u < *p {
+                return candidates[i];
+            }
+            u -= p;
+        }
+        candidates[keep - 1]
+    }
+}
+
+/// `log_softmax` in f32, as transformers computes it for the reported logprobs.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    logits.iter().map(|l| l - log_sum).collect()
+}
+
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Indices of the `k` largest values, largest first, ties to the lower index.
+fn best(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_log_softmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let out = s.sample(&[1.0, 3.0, 2.0], 2);
+        assert_eq!(out.token, 1);
+        let z = (1f32.exp() + 3f32.exp() + 2f32.exp()).ln();
+        assert!((out.logprob - (3.0 - z)).abs() < 1e-6);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_seed_makes_sampling_reproducible() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let run = || {
+            let mut s = Sampler::new(params.clone());
+            (0..20)
+                .map(|_| s.sample(&logits, 0).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+        assert!(
+            run().iter().any(|&t| t != run()[0]),
+            "temperature 1 should not always pick one token"
+        );
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.1, 0.5, 2.0, -1.0];
+        for params in [
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 1,
+                seed: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1e-6,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ] {
+            let mut s = Sampler::new(params);
+            assert!((0..20).all(|_| s.sample(&logits, 0).token == 2));
+        }
+    }
+
+    #[test]
+    fn bad_parameters_name_the_field() {
+        let bad_t = SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        };
+        assert!(bad_t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        let bad_t = SamplingParams {
+            temperature: -0.5,
+            ..Default::default()
+        };
+        assert!(bad_t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        for p in [0.0, 1.5, f32::NAN] {
+            let bad = SamplingParams {
+                top_p: p,
+                ..Default::default()
+            };
+            assert!(bad.validate().unwrap_err().to_string().contains("top_p"));
+        }
+    }
+}

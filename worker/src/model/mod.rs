@@ -1,0 +1,383 @@
+//! The DeepSeek-V3/V2 model on one rank.
+//!
+//! - [`linear`]: linear layers, the gated MLP, the checkpoint loader;
+//! - [`rope`]: rotary embeddings (default and YaRN);
+//! - [`attention`]: MLA over the compressed per-sequence cache;
+//! - [`moe`]: the gate, routed experts and the expert-parallel exchange.
+//!
+//! The weights are split the way ranks share them: [`SharedWeights`] (embeddings, attention,
+//! dense MLPs, gates, shared experts, LM head) are the same on every rank and can be shared
+//! between the ranks of one process; [`RankExperts`] are this rank's slots only.
+
+pub mod attention;
+pub mod linear;
+pub mod moe;
+pub mod rope;
+
+use std::sync::Arc;
+
+use moebius_coordinator::Placement;
+
+use crate::backend::{rms_norm, Backend};
+use crate::checkpoint::Checkpoint;
+use crate::comm::Communicator;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use attention::{Attention, Segment};
+use linear::{Linear, Loader, Mlp};
+use moe::{Gate, MoeLayer};
+use rope::RotaryEmbedding;
+
+/// The feed-forward part of a layer, without the routed experts.
+enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Moe {
+        gate: Gate<B>,
+        shared: Option<Mlp<B>>,
+    },
+}
+
+struct Layer<B: Backend> {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    attention: Attention<B>,
+    ffn: FeedForward<B>,
+}
+
+/// The weights every rank holds.
+pub struct SharedWeights<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: Arc<B>,
+    embed: Vec<f32>,
+    layers: Vec<Layer<B>>,
+    norm: Vec<f32>,
+    lm_head: Linear<B>,
+    rope: RotaryEmbedding,
+}
+
+impl<B: Backend> SharedWeights<B> {
+    /// Reads every replicated tensor from `checkpoint`.
+    pub fn load(checkpoint: &Checkpoint, config: &ModelConfig, backend: Arc<B>) -> Result<Self> {
+        let loader = Loader {
+            checkpoint,
+            backend: &*backend,
+        };
+        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
+        let embed = loader.host_matrix("model.embed_tokens.weight", vocab, hidden)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let ffn = if config.is_moe_layer(l) {
+                let shared = (config.n_shared_experts > 0)
+                    .then(|| {
+                        let width = config.moe_intermediate_size * config.n_shared_experts;
+                        Mlp::load(
+                            &loader,
+                            &format!("{p}.mlp.shared_experts"),
+                            hidden,
+                            width,
+                            config.mlp_bias,
+                        )
+                    })
+                    .transpose()?;
+                FeedForward::Moe {
+                    gate: Gate::load(&loader, &format!("{p}.mlp"), config)?,
+                    shared,
+                }
+            } else {
+                FeedForward::Dense(Mlp::load(
+                    &loader,
+                    &format!("{p}.mlp"),
+                    hidden,
+                    config.intermediate_size,
+                    config.mlp_bias,
+                )?)
+            };
+            layers.push(Layer {
+                input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+                post_attention_norm: loader
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                attention: Attention::load(&loader, &format!("{p}.self_attn"), config)?,
+                ffn,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+            Linear {
+                weight: backend.matrix(vocab, hidden, embed.clone()),
+                bias: None,
+                out_features: vocab,
+            }
+        } else {
+            loader.linear(&[("lm_head", vocab)], hidden, false)?
+        };
+        Ok(Self {
+            config: config.clone(),
+            norm: loader.vector("model.norm.weight", hidden)?,
+            rope: RotaryEmbedding::new(config),
+            embed,
+            layers,
+            lm_head,
+            backend,
+        })
+    }
+
+    /// Bytes of the replicated weights.
+    pub fn bytes(&self) -> usize {
+        let b = &*self.backend;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let ffn = match &l.ffn {
+                    FeedForward::Dense(m) => m.bytes(b),
+                    FeedForward::Moe { gate, shared } => {
+                        gate.bytes(b) + shared.as_ref().map_or(0, |s| s.bytes(b))
+                    }
+                };
+                (l.input_norm.len() + l.post_attention_norm.len()) * 4 + l.attention.bytes(b) + ffn
+            })
+            .sum();
+        self.embed.len() * 4 + layers + self.norm.len() * 4 + self.lm_head.bytes(b)
+    }
+}
+
+/// One rank's routed experts: for every MoE layer, one MLP per physical slot.
+pub struct RankExperts<B: Backend> {
+    /// `layers[l]` is empty for dense layers.
+    layers: Vec<Vec<Mlp<B>>>,
+}
+
+impl<B: Backend> RankExperts<B> {
+    /// Reads the experts of `slots` (logical ids, in slot order) for every MoE layer.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        config: &ModelConfig,
+        backend: &B,
+        slots: &[usize],
+    ) -> Result<Self> {
+        let loader = Loader {
+            checkpoint,
+            backend,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                if !config.is_moe_layer(l) {
+                    return Ok(Vec::new());
+                }
+                slots
+                    .iter()
+                    .map(|e| {
+                        let prefix = format!("model.layers.{l}.mlp.experts.{e}");
+                        Mlp::load(
+                            &loader,
+                            &prefix,
+                            config.hidden_size,
+                            config.moe_intermediate_size,
+                            config.mlp_bias,
+                        )
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Bytes of this rank's expert weights.
+    pub fn bytes(&self, backend: &B) -> usize {
+        self.layers.iter().flatten().map(|m| m.bytes(backend)).sum()
+    }
+}
+
+/// A sequence's compressed KV cache: per layer, `[len, kv_lora_rank + qk_rope_head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.len() * 4).sum()
+    }
+}
+
+/// One sequence's part of a step: its new tokens and its cache.
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// The model as one rank of an EP group runs it.
+pub struct Model<B: Backend> {
+    pub shared: Arc<SharedWeights<B>>,
+    pub experts: RankExperts<B>,
+    /// For every logical expert, its `(rank, slot)` replicas.
+    replicas: Vec<Vec<(usize, usize)>>,
+    rank: usize,
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds rank `rank` of `placement` on top of the shared weights, loading its experts.
+    pub fn new(
+        shared: Arc<SharedWeights<B>>,
+        checkpoint: &Checkpoint,
+        placement: &Placement,
+        rank: usize,
+    ) -> Result<Self> {
+        placement.validate()?;
+        let config = &shared.config;
+        if placement.num_experts != config.n_routed_experts {
+            return Err(Error::Config(format!(
+                "the placement is for {} experts, the model has {}",
+                placement.num_experts, config.n_routed_experts
+            )));
+        }
+        let slots = placement.ranks.get(rank).ok_or_else(|| {
+            Error::Config(format!(
+                "rank {rank} is not in a placement of {} ranks",
+                placement.num_ranks()
+            ))
+        })?;
+        let experts = RankExperts::load(checkpoint, config, &*shared.backend, slots)?;
+        Ok(Self {
+            replicas: placement.replicas(),
+            rank,
+            shared,
+            experts,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// A new, empty cache for a sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![Vec::new(); self.shared.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Runs one step over all `inputs` (each sequence's new tokens appended to its cache) and
+    /// returns the logits of each input's last token, `[inputs.len(), vocab]`. Every rank of
+    /// the group calls this once per step, with no inputs when it has none.
+    pub fn forward(
+        &self,
+        inputs: &mut [StepInput],
+        comm: &mut dyn Communicator,
+    ) -> Result<Vec<f32>> {
+        let w = &*self.shared;
+        let b = &*w.backend;
+        let cfg = &w.config;
+        let hidden = cfg.hidden_size;
+        let n: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        for input in inputs.iter() {
+            if input.cache.layers.len() != w.layers.len() {
+                return Err(Error::InvalidRequest(
+                    "the cache was made for another model".into(),
+                ));
+            }
+            if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    cfg.vocab_size
+                )));
+            }
+            if input.cache.len + input.tokens.len() > cfg.max_position_embeddings {
+                return Err(Error::InvalidRequest(format!(
+                    "{} positions exceed the model's maximum of {}",
+                    input.cache.len + input.tokens.len(),
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+
+        let mut x = Vec::with_capacity(n * hidden);
+        for input in inputs.iter() {
+            for &t in input.tokens {
+                x.extend_from_slice(&w.embed[t as usize * hidden..(t as usize + 1) * hidden]);
+            }
+        }
+        let mut normed = vec![0.0; n * hidden];
+        let mut out = vec![0.0; n * hidden];
+        for (l, layer) in w.layers.iter().enumerate() {
+            normed.copy_from_slice(&x);
+            rms_norm(&mut normed, &layer.input_norm, cfg.rms_norm_eps);
+            let mut row = 0;
+            let mut segments: Vec<Segment> = inputs
+                .iter_mut()
+                .map(|input| {
+                    let seg = Segment {
+                        row,
+                        len: input.tokens.len(),
+                        position: input.cache.len,
+                        cache: &mut input.cache.layers[l],
+                    };
+                    row += input.tokens.len();
+                    seg
+                })
+                .collect();
+            layer
+                .attention
+                .forward(b, &w.rope, &normed, n, &mut segments, &mut out);
+            add_into(&mut x, &out);
+
+            normed.copy_from_slice(&x);
+            rms_norm(&mut normed, &layer.post_attention_norm, cfg.rms_norm_eps);
+            match &layer.ffn {
+                FeedForward::Dense(mlp) => {
+                    mlp.forward(b, &normed, n, &mut out);
+                    add_into(&mut x, &out);
+                }
+                FeedForward::Moe { gate, shared } => {
+                    let moe = MoeLayer {
+                        gate,
+                        shared: shared.as_ref(),
+                        slots: &self.experts.layers[l],
+                    };
+                    moe.forward(b, comm, &self.replicas, &normed, n, &mut x)?;
+                }
+            }
+        }
+        for input in inputs.iter_mut() {
+            input.cache.len += input.tokens.len();
+        }
+
+        // Logits of each input's last row.
+        let mut last = Vec::with_capacity(inputs.len() * hidden);
+        let mut end = 0;
+        for input in inputs.iter() {
+            end += input.tokens.len();
+            if end > 0 && !input.tokens.is_empty() {
+                last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+            } else {
+                return Err(Error::InvalidRequest("a step input has no tokens".into()));
+            }
+        }
+        rms_norm(&mut last, &w.norm, cfg.rms_norm_eps);
+        let mut logits = vec![0.0; inputs.len() * cfg.vocab_size];
+        w.lm_head.forward(b, &last, inputs.len(), &mut logits);
+        Ok(logits)
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

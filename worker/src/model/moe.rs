@@ -1,0 +1,328 @@
+//! The MoE block: the gate, this rank's routed experts, and the expert-parallel exchange.
+//!
+//! Every rank runs [`MoeLayer::forward`] in lock-step, also with zero rows. Rows travel to the
+//! ranks holding their experts (dispatch), each rank runs its experts on what it received, the
+//! outputs travel back (combine), and the source rank sums them in top-k order, so the result
+//! does not depend on the placement or the number of ranks beyond float rounding.
+
+use crate::backend::{softmax, Backend};
+use crate::comm::Communicator;
+use crate::config::{ModelConfig, TopkMethod};
+use crate::error::{Error, Result};
+use crate::model::linear::{Linear, Loader, Mlp};
+
+/// The gate of one MoE layer (replicated on every rank).
+pub struct Gate<B: Backend> {
+    weight: Linear<B>,
+    /// V3's `e_score_correction_bias`: moves selection only, never the weights.
+    correction_bias: Option<Vec<f32>>,
+    method: TopkMethod,
+    hidden: usize,
+    experts: usize,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk_prob: bool,
+    scaling: f32,
+}
+
+/// The routing decision for one row: logical experts and their weights, in top-k order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+impl<B: Backend> Gate<B> {
+    pub fn load(loader: &Loader<B>, prefix: &str, config: &ModelConfig) -> Result<Self> {
+        let e = config.n_routed_experts;
+        let weight = loader.linear(&[(&format!("{prefix}.gate"), e)], config.hidden_size, false)?;
+        let correction_bias = match config.topk_method {
+            TopkMethod::NoauxTc => {
+                Some(loader.vector(&format!("{prefix}.gate.e_score_correction_bias"), e)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            correction_bias,
+            method: config.topk_method,
+            hidden: config.hidden_size,
+            experts: e,
+            top_k: config.num_experts_per_tok,
+            n_group: config.n_group,
+            topk_group: config.topk_group,
+            norm_topk_prob: config.norm_topk_prob,
+            scaling: config.routed_scaling_factor,
+        })
+    }
+
+    pub fn bytes(&self, backend: &B) -> usize {
+        self.weight.bytes(backend) + self.correction_bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    /// Routes `n` rows of `x`.
+    pub fn route(&self, backend: &B, x: &[f32], n: usize) -> Vec<Route> {
+        let mut logits = vec![0.0; n * self.experts];
+        self.weight.forward(backend, x, n, &mut logits);
+        logits
+            .chunks_exact(self.experts)
+            .map(|l| self.route_row(l))
+            .collect()
+    }
+
+    fn route_row(&self, logits: &[f32]) -> Route {
+        let per_group = self.experts / self.n_group;
+        match self.method {
+            TopkMethod::NoauxTc => {
+                let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+                let bias = self.correction_bias.as_deref().unwrap_or(&[]);
+                let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+                let group_scores: Vec<f32> = choice
+                    .chunks_exact(per_group)
+                    .map(|g| top_k(g, 2.min(g.len())).iter().map(|&i| g[i]).sum())
+                    .collect();
+                mask_groups(
+                    &mut choice,
+                    &group_scores,
+                    self.topk_group,
+                    per_group,
+                    f32::NEG_INFINITY,
+                );
+                let experts = top_k(&choice, self.top_k);
+                let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
+                if self.norm_topk_prob {
+                    let sum = weights.iter().sum::<f32>() + 1e-20;
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                }
+                weights.iter_mut().for_each(|w| *w *= self.scaling);
+                Route { experts, weights }
+            }
+            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
+                let mut scores = logits.to_vec();
+                softmax(&mut scores);
+                if self.method == TopkMethod::GroupLimitedGreedy {
+                    let group_scores: Vec<f32> = scores
+                        .chunks_exact(per_group)
+                        .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                        .collect();
+                    mask_groups(&mut scores, &group_scores, self.topk_group, per_group, 0.0);
+                }
+                let experts = top_k(&scores, self.top_k);
+                // transformers' V2 router always scales and never renormalises.
+                let weights = experts.iter().map(|&e| scores[e] * self.scaling).collect();
+                Route { experts, weights }
+            }
+        }
+    }
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Keeps the `keep` best groups of `scores` and sets every other entry to `fill`.
+fn mask_groups(scores: &mut [f32], group_scores: &[f32], keep: usize, per_group: usize, fill: f32) {
+    let kept = top_k(group_scores, keep);
+    for (g, chunk) in scores.chunks_exact_mut(per_group).enumerate() {
+        if !kept.contains(&g) {
+            chunk.fill(fill);
+        }
+    }
+}
+
+/// One MoE layer on one rank: the replicated gate and shared experts, and this rank's slots.
+pub struct MoeLayer<'a, B: Backend> {
+    pub gate: &'a Gate<B>,
+    pub shared: Option<&'a Mlp<B>>,
+    /// This rank's routed experts, one per physical slot.
+    pub slots: &'a [Mlp<B>],
+}
+
+/// Where each logical expert lives: `(rank, slot)` replicas, from the placement.
+pub type Replicas = [Vec<(usize, usize)>];
+
+impl<B: Backend> MoeLayer<'_, B> {
+    /// Runs the MoE block on `n` rows of `x` (normalised hidden states) and adds its output to
+    /// `residual`.
+    pub fn forward(
+        &self,
+        backend: &B,
+        comm: &mut dyn Communicator,
+        replicas: &Replicas,
+        x: &[f32],
+        n: usize,
+        residual: &mut [f32],
+    ) -> Result<()> {
+        let hidden = self.gate.hidden;
+        let world = comm.world_size();
+        let routes = self.gate.route(backend, x, n);
+
+        // Dispatch: per destination rank, the slots and rows it must compute.
+        let mut outgoing: Vec<Outgoing> = (0..world).map(|_| Outgoing::default()).collect();
+        // For each (row, k): (destination rank, entry index there).
+        let mut sent_to = Vec::with_capacity(n * self.gate.top_k);
+        for (row, route) in routes.iter().enumerate() {
+            for (k, &expert) in route.experts.iter().enumerate() {
+                let copies = &replicas[expert];
+                let (rank, slot) = copies[(row + k) % copies.len()];
+                let entry = outgoing[rank].slots.len();
+                outgoing[rank].slots.push(slot as u32);
+                outgoing[rank]
+                    .rows
+                    .extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
+                sent_to.push((rank, entry));
+            }
+        }
+        let received = comm.all_to_all_v(outgoing.into_iter().map(Outgoing::encode).collect())?;
+
+        // Compute: group every received row by slot, run each expert once.
+        let incoming: Vec<Outgoing> = received
+            .iter()
+            .enumerate()
+            .map(|(src, bytes)| Outgoing::decode(bytes, hidden, src))
+            .collect::<Result<_>>()?;
+        let mut by_slot: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.slots.len()];
+        for (src, m) in incoming.iter().enumerate() {
+            for (i, &slot) in m.slots.iter().enumerate() {
+                let members = by_slot.get_mut(slot as usize).ok_or_else(|| {
+                    Error::Comm(format!(
+                        "rank {src} sent a row for slot {slot}, but this rank holds {} slots; are the ranks on different placements?",
+                        self.slots.len()
+                    ))
+                })?;
+                members.push((src, i));
+            }
+        }
+        let mut replies: Vec<Vec<f32>> = incoming.iter().map(|m| vec![0.0; m.rows.len()]).collect();
+        for (expert, members) in self.slots.iter().zip(&by_slot) {
+            if members.is_empty() {
+                continue;
+            }
+            let mut rows = Vec::with_capacity(members.len() * hidden);
+            for &(src, i) in members {
+                rows.extend_from_slice(&incoming[src].rows[i * hidden..(i + 1) * hidden]);
+            }
+            let mut out = vec![0.0; members.len() * hidden];
+            expert.forward(backend, &rows, members.len(), &mut out);
+            for (&(src, i), o) in members.iter().zip(out.chunks_exact(hidden)) {
+                replies[src][i * hidden..(i + 1) * hidden].copy_from_slice(o);
+            }
+        }
+
+        // Combine: outputs travel back; sum them in top-k order.
+        let returned = comm.all_to_all_v(replies.iter().map(|r| f32_bytes(r)).collect())?;
+        let returned: Vec<Vec<f32>> = returned.iter().map(|b| bytes_f32(b)).collect();
+        let mut routed = vec![0.0f32; hidden];
+        for (row, route) in routes.iter().enumerate() {
+            routed.fill(0.0);
+            for (k, &w) in route.weights.iter().enumerate() {
+                let (rank, entry) = sent_to[row * route.weights.len() + k];
+                let out = returned[rank]
+                    .get(entry * hidden..(entry + 1) * hidden)
+                    .ok_or_else(|| {
+                        Error::Comm(format!("rank {rank} returned too few expert outputs"))
+                    })?;
+                for (acc, o) in routed.iter_mut().zip(out) {
+                    *acc += w * o;
+                }
+            }
+            let res = &mut residual[row * hidden..(row + 1) * hidden];
+            for (r, v) in res.iter_mut().zip(&routed) {
+                *r += v;
+            }
+        }
+        if let Some(shared) = self.shared {
+            let mut out = vec![0.0; n * hidden];
+            shared.forward(backend, x, n, &mut out);
+            // transformers adds the shared experts to the routed sum before the residual.
+            for (r, v) in residual.iter_mut().zip(&out) {
+                *r += v;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows bound for one rank, with the slot each must go through.
+#[derive(Default)]
+struct Outgoing {
+    slots: Vec<u32>,
+    rows: Vec<f32>,
+}
+
+impl Outgoing {
+    /// `[count: u32][slots: u32 × count][rows: f32 × count × hidden]`, little-endian.
+    fn encode(self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(4 + self.slots.len() * 4 + self.rows.len() * 4);
+        buf.extend_from_slice(&(self.slots.len() as u32).to_le_bytes());
+        for s in &self.slots {
+            buf.extend_from_slice(&s.to_le_bytes());
+        }
+        buf.extend_from_slice(&f32_bytes(&self.rows));
+        buf
+    }
+
+    fn decode(bytes: &[u8], hidden: usize, src: usize) -> Result<Self> {
+        let bad = || {
+            Error::Comm(format!(
+                "rank {src} sent a malformed dispatch message of {} bytes",
+                bytes.len()
+            ))
+        };
+        let count = bytes.get(..4).ok_or_else(bad)?;
+        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+        let slots_end = 4 + count.checked_mul(4).ok_or_else(bad)?;
+        let rows_len = count
+            .checked_mul(hidden)
+            .and_then(|v| v.checked_mul(4))
+            .ok_or_else(bad)?;
+        if bytes.len() != slots_end + rows_len {
+            return Err(bad());
+        }
+        let slots = bytes[4..slots_end]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Self {
+            slots,
+            rows: bytes_f32(&bytes[slots_end..]),
+        })
+    }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_breaks_ties_towards_the_lower_index() {
+        assert_eq!(top_k(&[0.5, 0.9, 0.5, 0.1], 3), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn masked_groups_are_filled() {
+        let mut s = vec![1.0, 2.0, 5.0, 0.0, 3.0, 3.0];
+        mask_groups(&mut s, &[2.0, 5.0, 3.0], 2, 2, -1.0);
+        assert_eq!(s, vec![-1.0, -1.0, 5.0, 0.0, 3.0, 3.0]);
+    }
+}

@@ -1,0 +1,185 @@
+//! Parity with Hugging Face `transformers` and across EP sizes and data planes.
+//!
+//! The fixtures under `fixtures/` are tiny random checkpoints made by
+//! `scripts/make_fixtures.py`, each with `golden.json`: greedy continuations, logprobs and
+//! top-5 logprobs computed by transformers in float32.
+
+use std::path::{Path, PathBuf};
+
+use moebius_worker::engine::{
+    run_group, GenerateOutput, GenerateRequest, GroupOptions, LoadedModel, Transport,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt_ids: Vec<u32>,
+    new_token_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+const FIXTURES: [&str; 5] = [
+    "tiny-v3",
+    "tiny-v3-yarn",
+    "tiny-v3-fp8",
+    "tiny-v2",
+    "tiny-v2-lite",
+];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(fixture(name).join("golden.json"))
+        .expect("golden.json of the fixture");
+    serde_json::from_str(&text).expect("golden.json parses")
+}
+
+fn requests(golden: &Golden) -> Vec<GenerateRequest> {
+    golden
+        .cases
+        .iter()
+        .map(|c| GenerateRequest {
+            ignore_eos: true,
+            top_logprobs: 5,
+            ..GenerateRequest::greedy(c.prompt_ids.clone(), c.new_token_ids.len())
+        })
+        .collect()
+}
+
+fn run(
+    model: &LoadedModel,
+    ranks: usize,
+    transport: Transport,
+    requests: Vec<GenerateRequest>,
+) -> Vec<GenerateOutput> {
+    let options = GroupOptions {
+        ranks,
+        transport,
+        threads: 1,
+        token_budget: 16,
+    };
+    run_group(model, &options, requests, |_, _| {})
+        .expect("generation succeeds")
+        .0
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn greedy_continuations_match_transformers_on_every_fixture() {
+    for name in FIXTURES {
+        let golden = golden(name);
+        let model = LoadedModel::open(&fixture(name), 1).expect("fixture loads");
+        // All cases run together: batching must not change any sequence's numbers.
+        let outputs = run(&model, 1, Transport::Local, requests(&golden));
+        let mut worst: f32 = 0.0;
+        for (case, out) in golden.cases.iter().zip(&outputs) {
+            assert_eq!(
+                out.token_ids, case.new_token_ids,
+                "{name}/{}: greedy tokens differ",
+                case.name
+            );
+            let diff = max_diff(&out.logprobs, &case.logprobs);
+            assert!(
+                diff < 1e-3,
+                "{name}/{}: logprobs differ by {diff}",
+                case.name
+            );
+            for (step, (ours, theirs)) in
+                out.top_logprobs.iter().zip(&case.top_logprobs).enumerate()
+            {
+                let ids: Vec<u32> = ours.iter().map(|t| t.0).collect();
+                let want: Vec<u32> = theirs.iter().map(|t| t.0).collect();
+                assert_eq!(
+                    ids, want,
+                    "{name}/{} step {step}: top-5 ids differ",
+                    case.name
+                );
+                let lp: Vec<f32> = ours.iter().map(|t| t.1).collect();
+                let want_lp: Vec<f32> = theirs.iter().map(|t| t.1).collect();
+                let d = max_diff(&lp, &want_lp);
+                assert!(
+                    d < 1e-3,
+                    "{name}/{} step {step}: top-5 logprobs differ by {d}",
+                    case.name
+                );
+                worst = worst.max(d);
+            }
+            worst = worst.max(diff);
+        }
+        eprintln!(
+            "{name}: {} cases match transformers, worst logprob difference {worst:.2e}",
+            outputs.len()
+        );
+    }
+}
+
+#[test]
+fn ep_ranks_and_transports_give_identical_results() {
+    for name in ["tiny-v3-yarn", "tiny-v3", "tiny-v2"] {
+        let golden = golden(name);
+        let model = LoadedModel::open(&fixture(name), 1).expect("fixture loads");
+        let reference = run(&model, 1, Transport::Local, requests(&golden));
+        for transport in [Transport::Local, Transport::Tcp] {
+            for ranks in 1..=4 {
+                let outputs = run(&model, ranks, transport, requests(&golden));
+                for ((ours, theirs), case) in outputs.iter().zip(&reference).zip(&golden.cases) {
+                    let tag = format!("{name}/{} ep={ranks} {transport:?}", case.name);
+                    assert_eq!(ours.token_ids, theirs.token_ids, "{tag}: tokens differ");
+                    let d = max_diff(&ours.logprobs, &theirs.logprobs);
+                    assert!(d < 1e-4, "{tag}: logprobs differ by {d}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn each_rank_loads_about_its_share_of_the_experts() {
+    let name = "tiny-v3-yarn";
+    let model = LoadedModel::open(&fixture(name), 1).expect("fixture loads");
+    let experts = model.config.n_routed_experts;
+    let moe_layers = (0..model.config.num_hidden_layers)
+        .filter(|&l| model.config.is_moe_layer(l))
+        .count();
+    let per_expert =
+        3 * model.config.hidden_size * model.config.moe_intermediate_size * 4 * moe_layers;
+    for ranks in 1..=4 {
+        let bytes: Vec<usize> = model
+            .rank_models(ranks)
+            .expect("ranks load")
+            .iter()
+            .map(|m| m.experts.bytes(&*model.shared.backend))
+            .collect();
+        eprintln!(
+            "{name} ep={ranks}: expert bytes per rank {bytes:?} (all experts: {})",
+            experts * per_expert
+        );
+        assert_eq!(bytes.iter().sum::<usize>(), experts * per_expert);
+        for (rank, b) in bytes.iter().enumerate() {
+            let share = experts / ranks + usize::from(rank < experts % ranks);
+            assert_eq!(
+                *b,
+                share * per_expert,
+                "rank {rank} of {ranks} should hold {share} experts"
+            );
+        }
+    }
+}
