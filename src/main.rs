@@ -1,5 +1,6 @@
 //! The `moebius` binary: parses flags into configs and calls into the crates.
 
+mod bench;
 mod generate;
 
 use std::process::ExitCode;
@@ -18,6 +19,9 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt with a checkpoint directory, in this process.
     Generate(generate::GenerateArgs),
+    /// Benchmarks (numbers for BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Exit code for input the user can fix (bad flags, bad prompt).
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,172 @@
+//! `moebius bench engine`: prefill and decode throughput of one rank on a checkpoint, and how
+//! close decode comes to the memory-bandwidth limit of reading the weights once per step.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use moebius_worker::comm::local_group;
+use moebius_worker::engine::{GenerateRequest, LoadedModel, RankEngine, Submission};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s of the engine on one rank.
+    Engine(EngineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "MOEBIUS_MODEL")]
+    model: PathBuf,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Decode steps timed after the prefill.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, default_value = "1,16", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// CPU threads for products (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Random prompt seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Engine(args) => engine(args),
+    }
+}
+
+fn engine(args: EngineArgs) -> Result<()> {
+    if args.prompt_len == 0 || args.decode_tokens == 0 || args.batch.contains(&0) {
+        bail!("--prompt-len, --decode-tokens and every --batch must be at least 1");
+    }
+    let started = Instant::now();
+    let model = LoadedModel::open(&args.model, args.threads)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let config = model.config.clone();
+    let bandwidth = read_bandwidth_gbs();
+    let step_bytes = decode_bytes_per_step(&model);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut rows = Vec::new();
+    for &batch in &args.batch {
+        let rank = model.rank_models(1)?.pop().expect("one rank");
+        let comm = local_group(1).pop().expect("one end");
+        let mut engine = RankEngine::new(rank, Box::new(comm), batch * args.prompt_len);
+        let mut streams = Vec::new();
+        for _ in 0..batch {
+            let prompt = (0..args.prompt_len)
+                .map(|_| rng.random_range(0..config.vocab_size as u32))
+                .collect();
+            let (tx, rx) = mpsc::channel();
+            let request = GenerateRequest {
+                ignore_eos: true,
+                ..GenerateRequest::greedy(prompt, args.decode_tokens + 2)
+            };
+            engine.submit(Submission {
+                request,
+                events: tx,
+            });
+            streams.push(rx);
+        }
+        // Warm-up decode shapes on a throwaway step is not possible without state, so the
+        // first decode step is excluded from the timing instead.
+        let t = Instant::now();
+        engine.step()?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        engine.step()?;
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            engine.step()?;
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        let prefill = (batch * args.prompt_len) as f64 / prefill_s;
+        let decode = (batch * args.decode_tokens) as f64 / decode_s;
+        rows.push(json!({
+            "batch": batch, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
+            "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "decode_step_ms": decode_s * 1e3 / args.decode_tokens as f64,
+        }));
+        drop(streams);
+    }
+    let ceiling = bandwidth * 1e9 / step_bytes as f64;
+    let report = json!({
+        "model": args.model.display().to_string(),
+        "threads": args.threads,
+        "load_s": load_s,
+        "weights_bytes": model.shared.bytes() + model.rank_models(1)?[0].experts.bytes(&*model.shared.backend),
+        "decode_bytes_per_step": step_bytes,
+        "read_bandwidth_gb_s": bandwidth,
+        "batch1_decode_ceiling_tok_s": ceiling,
+        "results": rows,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("model {} loaded in {load_s:.1}s", args.model.display());
+        println!(
+            "decode reads {:.1} MB of weights per step; memory read bandwidth {bandwidth:.1} GB/s -> batch-1 ceiling {ceiling:.1} tok/s",
+            step_bytes as f64 / 1e6
+        );
+        println!(
+            "{:>6} {:>14} {:>14} {:>16}",
+            "batch", "prefill tok/s", "decode tok/s", "decode step ms"
+        );
+        for r in report["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:>6} {:>14.1} {:>14.1} {:>16.2}",
+                r["batch"],
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_step_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Weight bytes one batch-1 decode step must read: everything replicated except the
+/// embedding table (one row), plus `top_k` experts per MoE layer.
+fn decode_bytes_per_step(model: &LoadedModel) -> usize {
+    let c = &model.config;
+    let embed = c.vocab_size * c.hidden_size * 4;
+    let moe_layers = (0..c.num_hidden_layers)
+        .filter(|&l| c.is_moe_layer(l))
+        .count();
+    let expert = 3 * c.hidden_size * c.moe_intermediate_size * 4;
+    model.shared.bytes() - embed + c.hidden_size * 4 + moe_layers * c.num_experts_per_tok * expert
+}
+
+/// Sustained read bandwidth of this machine in GB/s: sums a buffer far larger than the caches
+/// with every core, the way decode streams its weights.
+fn read_bandwidth_gbs() -> f64 {
+    let len = 256 << 20; // 1 GiB of f32
+    let data = vec![1.0f32; len];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let chunks = data.chunks(len.div_ceil(threads));
+            let handles: Vec<_> = chunks
+                .map(|c| s.spawn(move || c.iter().sum::<f32>()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(total);
+        best = best.max((len * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}

@@ -1,0 +1,300 @@
+//! `moebius generate` as a user runs it: a real process, its stdout JSON, its exit code and
+//! its one-line errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn moebius(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moebius"))
+        .args(args)
+        .env_remove("MOEBIUS_MODEL")
+        .output()
+        .expect("moebius runs")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "moebius failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "--json prints exactly one line: {stdout}"
+    );
+    serde_json::from_str(&stdout).expect("stdout is JSON")
+}
+
+fn golden_case(name: &str, case: usize) -> Value {
+    let text = std::fs::read_to_string(fixture(name).join("golden.json")).expect("golden.json");
+    let golden: Value = serde_json::from_str(&text).expect("golden parses");
+    golden["cases"][case].clone()
+}
+
+fn ids_arg(ids: &Value) -> String {
+    ids.as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn json_output_has_every_field_and_matches_the_golden() {
+    let case = golden_case("tiny-v3", 1);
+    let model = fixture("tiny-v3");
+    let ids = ids_arg(&case["prompt_ids"]);
+    let n = case["new_token_ids"]
+        .as_array()
+        .expect("tokens")
+        .len()
+        .to_string();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--prompt-ids",
+        &ids,
+    ];
+    let out = moebius(
+        &[
+            &args[..],
+            &[
+                "--max-new-tokens",
+                &n,
+                "--ignore-eos",
+                "--top-logprobs",
+                "3",
+                "--json",
+            ],
+        ]
+        .concat(),
+    );
+    let v = json_of(&out);
+    assert_eq!(v["token_ids"], case["new_token_ids"]);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        case["prompt_ids"].as_array().expect("ids").len()
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64(),
+        Some(n.parse().expect("n"))
+    );
+    assert_eq!(
+        v["logprobs"].as_array().expect("logprobs").len(),
+        v["token_ids"].as_array().expect("ids").len()
+    );
+    let top = v["top_logprobs"].as_array().expect("top_logprobs");
+    assert!(top
+        .iter()
+        .all(|step| step.as_array().expect("step").len() == 3));
+    assert!(
+        v["text"].is_string(),
+        "a model with a tokenizer returns text"
+    );
+    for (ours, theirs) in v["logprobs"]
+        .as_array()
+        .expect("lp")
+        .iter()
+        .zip(case["logprobs"].as_array().expect("lp"))
+    {
+        let d = (ours.as_f64().expect("f") - theirs.as_f64().expect("f")).abs();
+        assert!(d < 1e-3, "logprob differs from transformers by {d}");
+    }
+}
+
+#[test]
+fn a_text_prompt_is_tokenised_like_the_golden_and_stops_at_eos() {
+    // The golden "short" case of tiny-v3 makes the EOS token (id 1) as its second token.
+    let case = golden_case("tiny-v3", 0);
+    assert_eq!(
+        case["new_token_ids"][1], 1,
+        "fixture changed: case 0 no longer produces EOS second"
+    );
+    let model = fixture("tiny-v3");
+    let text = case["prompt_text"].as_str().expect("text");
+    let out = moebius(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        text,
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        case["prompt_ids"].as_array().expect("ids").len()
+    );
+    assert_eq!(
+        v["token_ids"],
+        serde_json::json!([case["new_token_ids"][0], 1])
+    );
+    assert_eq!(v["finish_reason"], "eos");
+}
+
+#[test]
+fn a_seed_makes_sampling_reproducible_across_processes() {
+    let model = fixture("tiny-v2");
+    let run = |seed: &str| {
+        let out = moebius(&[
+            "generate",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--prompt-ids",
+            "0,5,9,12",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        json_of(&out)["token_ids"].clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(
+        run("7"),
+        run("8"),
+        "different seeds should differ somewhere in 12 tokens"
+    );
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_one_line_naming_the_problem() {
+    let v3 = fixture("tiny-v3");
+    let v3 = v3.to_str().expect("utf-8");
+    let v2 = fixture("tiny-v2");
+    let v2 = v2.to_str().expect("utf-8");
+    let long: String = (0..300)
+        .map(|i| (i % 400).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let not_a_model = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        not_a_model.path().join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10}"#,
+    )
+    .expect("write config");
+    let llama = not_a_model.path().to_str().expect("utf-8");
+    let cases: Vec<(Vec<&str>, u8, &str)> = vec![
+        (
+            vec!["--model", v3, "--prompt-ids", "0,99999"],
+            2,
+            "token id 99999 is outside the vocabulary",
+        ),
+        (vec!["--model", v3, "--prompt", ""], 2, "--prompt is empty"),
+        (
+            vec!["--model", v3, "--prompt-ids", ""],
+            2,
+            "--prompt-ids is empty",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "1,x"],
+            2,
+            "\"x\" is not a token id",
+        ),
+        (
+            vec!["--model", v2, "--prompt", "hello"],
+            2,
+            "has no tokenizer.json",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--temperature", "-1"],
+            2,
+            "temperature must be",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--temperature", "NaN"],
+            2,
+            "temperature must be",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--top-p", "0"],
+            2,
+            "top_p must be in (0, 1]",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--top-p", "1.5"],
+            2,
+            "top_p must be in (0, 1]",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--ep", "0"],
+            2,
+            "--ep must be at least 1",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--ep", "9"],
+            2,
+            "more ranks than the model's 8 routed experts",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "0,5", "--transport", "udp"],
+            2,
+            "transport \"udp\" is unknown",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", &long],
+            2,
+            "maximum of 256 positions",
+        ),
+        (
+            vec![
+                "--model",
+                v3,
+                "--prompt-ids",
+                "0,5",
+                "--max-new-tokens",
+                "0",
+            ],
+            2,
+            "--max-new-tokens must be at least 1",
+        ),
+        (
+            vec!["--model", "no/such/dir", "--prompt-ids", "0"],
+            1,
+            "no/such/dir is missing",
+        ),
+        (
+            vec!["--model", llama, "--prompt-ids", "0"],
+            1,
+            "\"LlamaForCausalLM\" is not supported",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let out = moebius(&[&["generate"][..], &args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(code)),
+            "{args:?}: wrong exit code; stderr: {stderr}"
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: expected one line on stderr, got: {stderr}"
+        );
+        assert!(
+            stderr.contains(message),
+            "{args:?}: stderr {stderr:?} should contain {message:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}

@@ -1,0 +1,229 @@
+//! The tcp backend's wire format.
+//!
+//! Connection set-up: the dialer (the higher rank) sends a [`hello`](encode_hello) — magic, its
+//! rank, the world size it was given — and the acceptor answers with its own hello plus a
+//! [`Verdict`]. After that, each direction carries frames: a 12-byte header (payload length as
+//! u64 LE, the collective's sequence number as u32 LE) and the payload. The sequence number lets
+//! a receiver notice ranks that called the collectives in different orders.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+/// Magic and protocol version at the start of every hello; a change of the frame format bumps
+/// the last byte.
+pub(super) const MAGIC: [u8; 8] = *b"MOEBEP\x00\x01";
+pub(super) const HELLO_LEN: usize = 16;
+pub(super) const REPLY_LEN: usize = HELLO_LEN + 4;
+const HEADER_LEN: usize = 12;
+
+/// The largest payload a frame may carry. A header claiming more is corrupt (or not ours); the
+/// reader fails instead of allocating what it says.
+pub(super) const MAX_FRAME_LEN: u64 = 4 << 30;
+
+/// Payloads up to this size are copied behind their header and written with one syscall, so
+/// that a small frame is one TCP segment (TCP_NODELAY is on).
+const COALESCE_LEN: usize = 64 << 10;
+
+pub(super) fn encode_hello(rank: u32, world: u32) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[..8].copy_from_slice(&MAGIC);
+    b[8..12].copy_from_slice(&rank.to_le_bytes());
+    b[12..16].copy_from_slice(&world.to_le_bytes());
+    b
+}
+
+/// `(rank, world)` of a hello, or `None` if it does not start with our magic.
+pub(super) fn decode_hello(b: &[u8; HELLO_LEN]) -> Option<(u32, u32)> {
+    if b[..8] != MAGIC {
+        return None;
+    }
+    let rank = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    let world = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    Some((rank, world))
+}
+
+/// The acceptor's answer to a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Accepted,
+    WorldMismatch,
+    BadRank,
+    Duplicate,
+}
+
+impl Verdict {
+    fn code(self) -> u32 {
+        match self {
+            Verdict::Accepted => 0,
+            Verdict::WorldMismatch => 1,
+            Verdict::BadRank => 2,
+            Verdict::Duplicate => 3,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Verdict::Accepted,
+            1 => Verdict::WorldMismatch,
+            2 => Verdict::BadRank,
+            3 => Verdict::Duplicate,
+            _ => return None,
+        })
+    }
+}
+
+pub(super) fn encode_reply(rank: u32, world: u32, verdict: Verdict) -> [u8; REPLY_LEN] {
+    let mut b = [0u8; REPLY_LEN];
+    b[..HELLO_LEN].copy_from_slice(&encode_hello(rank, world));
+    b[HELLO_LEN..].copy_from_slice(&verdict.code().to_le_bytes());
+    b
+}
+
+/// `(rank, world, verdict)` of a reply, or `None` if it is not one of ours.
+pub(super) fn decode_reply(b: &[u8; REPLY_LEN]) -> Option<(u32, u32, Verdict)> {
+    let mut hello = [0u8; HELLO_LEN];
+    hello.copy_from_slice(&b[..HELLO_LEN]);
+    let (rank, world) = decode_hello(&hello)?;
+    let code = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+    Some((rank, world, Verdict::from_code(code)?))
+}
+
+/// Writes one frame. The caller has checked `payload.len() <= MAX_FRAME_LEN`.
+pub(super) fn write_frame(w: &mut impl Write, seq: u32, payload: &[u8]) -> io::Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[8..].copy_from_slice(&seq.to_le_bytes());
+    if payload.len() <= COALESCE_LEN {
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(payload);
+        w.write_all(&buf)
+    } else {
+        w.write_all(&header)?;
+        w.write_all(payload)
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub(super) enum FrameError {
+    /// The peer closed the connection between frames.
+    Closed,
+    /// The peer closed the connection in the middle of a frame (of its header or payload).
+    Truncated {
+        expected: u64,
+        got: u64,
+    },
+    /// The header claims a payload over [`MAX_FRAME_LEN`].
+    TooLarge(u64),
+    Io(io::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::Closed => write!(f, "closed the connection"),
+            FrameError::Truncated { expected, got } => write!(
+                f,
+                "closed the connection in the middle of a frame (got {got} of {expected} bytes)"
+            ),
+            FrameError::TooLarge(len) => write!(
+                f,
+                "sent a frame header claiming {len} bytes, over the 4 GiB limit \
+                 (corrupt stream, or not a Moebius peer)"
+            ),
+            FrameError::Io(e) => write!(f, "connection failed ({e})"),
+        }
+    }
+}
+
+/// Reads one frame: `(seq, payload)`. Memory grows with the bytes that actually arrive, not with
+/// what the header claims.
+pub(super) fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match r.read(&mut header[filled..]) {
+            Ok(0) if filled == 0 => return Err(FrameError::Closed),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    expected: HEADER_LEN as u64,
+                    got: filled as u64,
+                })
+            }
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&header[..8]);
+    let len = u64::from_le_bytes(len_bytes);
+    let seq = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    // The header is trusted only up to 64 MiB of up-front allocation.
+    let mut payload = Vec::with_capacity(len.min(64 << 20) as usize);
+    let got = r
+        .take(len)
+        .read_to_end(&mut payload)
+        .map_err(FrameError::Io)? as u64;
+    if got < len {
+        return Err(FrameError::Truncated { expected: len, got });
+    }
+    Ok((seq, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut wire = Vec::new();
+        let big = vec![5u8; COALESCE_LEN + 1];
+        write_frame(&mut wire, 7, b"").expect("write");
+        write_frame(&mut wire, 8, b"abc").expect("write");
+        write_frame(&mut wire, 9, &big).expect("write");
+        let mut r = wire.as_slice();
+        assert_eq!(read_frame(&mut r).expect("empty"), (7, Vec::new()));
+        assert_eq!(read_frame(&mut r).expect("small"), (8, b"abc".to_vec()));
+        assert_eq!(read_frame(&mut r).expect("big"), (9, big));
+        assert!(matches!(read_frame(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn absurd_or_truncated_frames_are_errors() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&u64::MAX.to_le_bytes());
+        wire.extend_from_slice(&0u32.to_le_bytes());
+        let err = read_frame(&mut wire.as_slice()).expect_err("absurd length");
+        assert!(matches!(err, FrameError::TooLarge(u64::MAX)));
+        assert!(err.to_string().contains("4 GiB"));
+
+        let mut wire = Vec::new();
+        write_frame(&mut wire, 1, b"hello").expect("write");
+        wire.truncate(wire.len() - 2);
+        let err = read_frame(&mut wire.as_slice()).expect_err("truncated");
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 5,
+                got: 3
+            }
+        ));
+        let err = read_frame(&mut &wire[..5]).expect_err("truncated header");
+        assert!(matches!(err, FrameError::Truncated { .. }));
+    }
+
+    #[test]
+    fn hello_and_reply_round_trip() {
+        assert_eq!(decode_hello(&encode_hello(3, 8)), Some((3, 8)));
+        let mut bad = encode_hello(3, 8);
+        bad[0] = b'X';
+        assert_eq!(decode_hello(&bad), None);
+        let reply = encode_reply(1, 4, Verdict::Duplicate);
+        assert_eq!(decode_reply(&reply), Some((1, 4, Verdict::Duplicate)));
+    }
+}
