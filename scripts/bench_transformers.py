@@ -8,7 +8,7 @@
 
 For every (dtype, batch):
   prefill_tok_s: one forward over batch x prompt-len random ids (logits of the last position
-                 only, like a serving engine), timed after a small warm-up forward;
+                 only, like a serving engine), timed after one untimed warm-up forward of 1 x prompt-len;
   decode_tok_s:  steady-state greedy decode with the KV cache after that prefill: 2 untimed
                  steps, then --decode-tokens timed steps; tokens = batch x steps.
 """
@@ -80,8 +80,8 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
-        with torch.no_grad():  # warm-up (allocator, kernels)
-            model(input_ids=torch.randint(2, vocab, (1, 16)), use_cache=False, logits_to_keep=1)
+        with torch.no_grad():  # warm-up (first touch of the weights, allocator, kernels)
+            model(input_ids=torch.randint(2, vocab, (1, args.prompt_len)), use_cache=False, logits_to_keep=1)
         for b in batches:
             r = bench_one(model, vocab, b, args.prompt_len, args.decode_tokens)
             r.update({"dtype": dname, "batch": b, "prompt_len": args.prompt_len,

@@ -1,6 +1,7 @@
 //! The `moebius` binary: parses flags into configs and calls into the crates.
 
 mod bench;
+mod cmd;
 mod generate;
 
 use std::process::ExitCode;
@@ -19,6 +20,14 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt with a checkpoint directory, in this process.
     Generate(generate::GenerateArgs),
+    /// Start a whole cluster on this machine: router, coordinator and workers.
+    Up(cmd::up::UpArgs),
+    /// Run one worker: a rank of the EP group with its slice of the experts.
+    Worker(cmd::worker::WorkerArgs),
+    /// Run a coordinator: forms epochs and places experts (one acts, others stand by).
+    Coordinator(cmd::coordinator::CoordinatorArgs),
+    /// Run the router: the public gRPC API.
+    Router(cmd::router::RouterArgs),
     /// Benchmarks (numbers for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -39,6 +48,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Up(args) => cmd::up::run(args),
+        Command::Worker(args) => cmd::worker::run(args),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
+        Command::Router(args) => cmd::router::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

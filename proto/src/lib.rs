@@ -1,2 +1,14 @@
-//! Protocol buffers of Moebius (package `moebius.v1`). The public `Inference` API and the
-//! internal worker service land here with the cluster work; nothing is generated yet.
+//! Protocol buffers of Moebius, package `moebius.v1`, and their generated gRPC code:
+//! - `moebius/v1/inference.proto`: the public `Inference` service of the router;
+//! - `moebius/v1/worker.proto`: the internal `Worker` service the router calls.
+//!
+//! [`FILE_DESCRIPTOR_SET`] feeds server reflection.
+
+/// Generated types and services of `moebius.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("moebius.v1");
+}
+
+/// The encoded descriptors of every `moebius.v1` file, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moebius_descriptor");
