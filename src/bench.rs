@@ -61,6 +61,7 @@ fn engine(args: EngineArgs) -> Result<()> {
     let step_bytes = decode_bytes_per_step(&model);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
+    warm_up(&model, args.prompt_len, &mut rng)?;
     for &batch in &args.batch {
         let rank = model.rank_models(1)?.pop().expect("one rank");
         let comm = local_group(1).pop().expect("one end");
@@ -134,6 +135,24 @@ fn engine(args: EngineArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// One untimed prefill and decode step, so page faults and thread-pool start-up are not timed.
+fn warm_up(model: &LoadedModel, prompt_len: usize, rng: &mut rand::rngs::StdRng) -> Result<()> {
+    let rank = model.rank_models(1)?.pop().expect("one rank");
+    let comm = local_group(1).pop().expect("one end");
+    let mut engine = RankEngine::new(rank, Box::new(comm), prompt_len);
+    let prompt = (0..prompt_len)
+        .map(|_| rng.random_range(0..model.config.vocab_size as u32))
+        .collect();
+    let (tx, _rx) = mpsc::channel();
+    engine.submit(Submission {
+        request: GenerateRequest::greedy(prompt, 2),
+        events: tx,
+    });
+    engine.step()?;
+    engine.step()?;
     Ok(())
 }
 

@@ -298,3 +298,68 @@ fn bad_input_exits_non_zero_with_one_line_naming_the_problem() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+/// Copies a fixture into a temporary directory so a test can break it.
+fn broken_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
+#[test]
+fn a_broken_checkpoint_is_named_in_one_line() {
+    let edit_config = |dir: &Path, from: &str, to: &str| {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).expect("config");
+        assert!(text.contains(from), "fixture config lacks {from}");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write config");
+    };
+    // A truncated shard, as after an interrupted download.
+    let truncated = broken_copy("tiny-v3-yarn");
+    let file = truncated.path().join("model.safetensors");
+    let len = std::fs::metadata(&file).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("truncate");
+    // A config that disagrees with the tensors.
+    let wrong_shape = broken_copy("tiny-v3-yarn");
+    edit_config(
+        wrong_shape.path(),
+        "\"vocab_size\": 448",
+        "\"vocab_size\": 500",
+    );
+    // A config that asks for tensors the files do not have (layer 0 as MoE).
+    let missing = broken_copy("tiny-v3-yarn");
+    edit_config(
+        missing.path(),
+        "\"first_k_dense_replace\": 1",
+        "\"first_k_dense_replace\": 0",
+    );
+    let cases = [
+        (&truncated, "model.safetensors: not a valid safetensors file"),
+        (&wrong_shape, "tensor model.embed_tokens.weight has shape [448, 64], but the config implies [500, 64]"),
+        (&missing, "tensor model.layers.0.mlp.gate.weight is not in the checkpoint"),
+    ];
+    for (dir, message) in cases {
+        let out = moebius(&[
+            "generate",
+            "--model",
+            dir.path().to_str().expect("utf-8"),
+            "--prompt-ids",
+            "0,5",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "stderr {stderr:?} should contain {message:?}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::top_k;
 use crate::error::{Error, Result};
 
 /// How a request samples. Temperature 0 is greedy.
@@ -85,7 +86,7 @@ impl Sampler {
         let top = if top_logprobs == 0 {
             Vec::new()
         } else {
-            best(&logprobs, top_logprobs)
+            top_k(&logprobs, top_logprobs)
                 .into_iter()
                 .map(|i| (i as u32, logprobs[i]))
                 .collect()
@@ -104,7 +105,7 @@ impl Sampler {
         } else {
             self.params.top_k.min(logits.len())
         };
-        let candidates = best(logits, k);
+        let candidates = top_k(logits, k);
         let max = logits[candidates[0]];
         let mut probs: Vec<f32> = candidates
             .iter()
@@ -152,18 +153,6 @@ fn argmax(values: &[f32]) -> usize {
         }
     }
     best
-}
-
-/// Indices of the `k` largest values, largest first, ties to the lower index.
-fn best(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
-    }
-    idx.sort_by(cmp);
-    idx
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! outputs travel back (combine), and the source rank sums them in top-k order, so the result
 //! does not depend on the placement or the number of ranks beyond float rounding.
 
-use crate::backend::{softmax, Backend};
+use crate::backend::{softmax, top_k, Backend};
 use crate::comm::Communicator;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
@@ -115,14 +115,6 @@ impl<B: Backend> Gate<B> {
             }
         }
     }
-}
-
-/// Indices of the `k` largest values, largest first; ties go to the lower index.
-fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
 }
 
 /// Keeps the `keep` best groups of `scores` and sets every other entry to `fill`.
