@@ -5,10 +5,27 @@
 //! - [`topology`]: the cluster's keys in the store and the JSON values under them (workers,
 //!   epochs, acknowledgements).
 //! - [`store`]: the `TopologyStore` trait (leases, compare-and-swap, prefix watches).
+//! - [`memory`]: `MemoryStore`, the in-process store with etcd's semantics (the single-process
+//!   cluster's default).
+//! - [`etcd`]: `EtcdStore`, the production store on etcd v3.
+//! - [`etcd_server`]: `EtcdServer`, a throwaway etcd process for tests and local development.
+//! - [`coordinator`]: the control loop: leader election, then forming and activating epochs as
+//!   workers come and go (`run`, `CoordinatorConfig`).
+//! - [`error`]: `CoordinatorError`, the control loop's error.
+pub mod coordinator;
+pub mod error;
+pub mod etcd;
+pub mod etcd_server;
+pub mod memory;
 pub mod placement;
 pub mod store;
 pub mod topology;
 
+pub use coordinator::{run, CoordinatorConfig};
+pub use error::CoordinatorError;
+pub use etcd::EtcdStore;
+pub use etcd_server::EtcdServer;
+pub use memory::MemoryStore;
 pub use placement::{Placement, PlacementError};
 pub use store::{KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream};
 pub use topology::{EpochRecord, EpochState, Keys, WorkerInfo};

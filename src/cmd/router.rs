@@ -1,12 +1,81 @@
-//! `moebius router`: being written.
+//! `moebius router`: serves a cluster's public gRPC API, following its topology in etcd.
 
-use anyhow::{bail, Result};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use moebius_coordinator::EtcdStore;
+use moebius_router::RouterConfig;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// Flags of `moebius router`.
 #[derive(Args, Debug)]
-pub struct RouterArgs {}
+pub struct RouterArgs {
+    /// etcd endpoints holding the cluster's topology, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "MOEBIUS_ETCD", required = true, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Name of the cluster: its keys live under /moebius/<cluster>/.
+    #[arg(long, env = "MOEBIUS_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Address of the public gRPC API (port 0 picks a free port).
+    #[arg(long, env = "MOEBIUS_ROUTER_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Most requests in flight on one worker [default: the capacity each worker advertises].
+    #[arg(long, env = "MOEBIUS_ROUTER_MAX_IN_FLIGHT_PER_WORKER")]
+    max_in_flight_per_worker: Option<u32>,
+    /// Cap on a request's duration in seconds, on top of the client's deadline [default: none].
+    #[arg(long, env = "MOEBIUS_ROUTER_REQUEST_TIMEOUT_S")]
+    request_timeout_s: Option<f64>,
+    /// On shutdown, seconds that in-flight requests may take to finish.
+    #[arg(long, env = "MOEBIUS_ROUTER_DRAIN_TIMEOUT_S", default_value_t = 30.0)]
+    drain_timeout_s: f64,
+}
 
-pub fn run(_args: RouterArgs) -> Result<()> {
-    bail!("moebius router is not built yet")
+/// How long connecting to etcd may take at start-up.
+const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn run(args: RouterArgs) -> Result<()> {
+    let seconds = |flag: &str, s: f64| {
+        Duration::try_from_secs_f64(s).with_context(|| format!("{flag} {s}: give seconds >= 0"))
+    };
+    let config = RouterConfig {
+        cluster: args.cluster,
+        listen: args.listen,
+        max_in_flight_per_worker: args.max_in_flight_per_worker,
+        request_timeout: args
+            .request_timeout_s
+            .map(|s| seconds("--request-timeout-s", s))
+            .transpose()?,
+        drain_timeout: seconds("--drain-timeout-s", args.drain_timeout_s)?,
+        ..RouterConfig::default()
+    };
+    config.validate()?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
+    runtime.block_on(serve(config, args.etcd))
+}
+
+async fn serve(config: RouterConfig, etcd: Vec<String>) -> Result<()> {
+    let store = EtcdStore::connect(&etcd, ETCD_CONNECT_TIMEOUT)
+        .await
+        .context("cannot connect to etcd; check --etcd")?;
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let router = moebius_router::run(config, Arc::new(store), shutdown.clone(), Some(ready_tx));
+    tokio::pin!(router);
+    tokio::select! {
+        result = &mut router => return Ok(result?),
+        addr = ready_rx => {
+            if let Ok(addr) = addr {
+                println!("router serving on {addr}");
+            }
+        }
+    }
+    tokio::select! {
+        result = &mut router => return Ok(result?),
+        _ = super::cancel_on_signal(shutdown.clone()) => {}
+    }
+    Ok(router.await?)
 }

@@ -1,0 +1,294 @@
+//! The coordinator's control loop: leader election, then epochs.
+//!
+//! Each *term* grants a lease and keeps it alive at a third of its TTL, concurrently with the
+//! work of the term, in the same task. The term campaigns for the leader key (create-if-absent
+//! under the lease), stands by watching the key while another coordinator holds it, and once
+//! it leads runs the [`leader`] loop. A lost lease (or a leader key taken away) ends the term at
+//! once, so the coordinator never acts without its lease; the next term campaigns again. On
+//! shutdown the lease is revoked, which hands leadership to a standby immediately.
+
+mod leader;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CoordinatorError;
+use crate::store::{LeaseId, StoreError, TopologyStore, WatchEvent};
+use crate::topology::Keys;
+
+/// How a coordinator behaves; see [`run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// This coordinator's name in the leader key; unique among the cluster's coordinators.
+    pub id: String,
+    /// The cluster's name: its keys live under `/moebius/<cluster>/`.
+    pub cluster: String,
+    /// Workers that must register before the first epoch is formed.
+    pub expected_workers: usize,
+    /// Logical routed experts of the model (`n_routed_experts`); also the most ranks an EP
+    /// group can have.
+    pub num_experts: usize,
+    /// TTL of the coordinator's lease; a standby takes over this long after a leader dies.
+    pub lease_ttl: Duration,
+    /// Quiet time after the last membership change before an epoch is formed, so that workers
+    /// starting (or dying) together land in one epoch.
+    pub settle: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    /// Cluster "default", 2 workers, DeepSeek-V3's 256 experts, a 5 s lease, 300 ms settle.
+    fn default() -> Self {
+        Self {
+            id: "coordinator".into(),
+            cluster: "default".into(),
+            expected_workers: 2,
+            num_experts: 256,
+            lease_ttl: Duration::from_secs(5),
+            settle: Duration::from_millis(300),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks that the config can work.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let bad = |m: String| Err(CoordinatorError::Config(m));
+        for (name, value) in [("id", &self.id), ("cluster", &self.cluster)] {
+            if value.is_empty() || value.contains('/') {
+                return bad(format!(
+                    "{name} {value:?} must be non-empty and contain no '/'"
+                ));
+            }
+        }
+        if self.num_experts == 0 {
+            return bad("num_experts must be at least 1".into());
+        }
+        if self.expected_workers == 0 || self.expected_workers > self.num_experts {
+            return bad(format!(
+                "expected_workers is {}, but must be between 1 and the {} experts (each rank \
+                 holds at least one expert)",
+                self.expected_workers, self.num_experts
+            ));
+        }
+        if self.lease_ttl < Duration::from_millis(30) {
+            return bad(format!(
+                "lease_ttl {:?} is too short to keep alive",
+                self.lease_ttl
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Shared by the parts of one coordinator.
+struct Ctx {
+    config: CoordinatorConfig,
+    keys: Keys,
+    store: Arc<dyn TopologyStore>,
+}
+
+/// Pause between terms after a failure, growing to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Bound on revoking the lease at shutdown, so an unreachable store cannot hold the exit.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a coordinator until `shutdown` is cancelled: elects a leader among the coordinators of
+/// `config.cluster`; the leader forms and activates epochs.
+///
+/// Returns `Ok` after a shutdown (having revoked its lease), and an error only when retrying
+/// cannot help (an invalid config, a placement record that is not an epoch record). Store
+/// failures and lost leases end the current term and start a new one after a backoff.
+pub async fn run(
+    config: CoordinatorConfig,
+    store: Arc<dyn TopologyStore>,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
+    config.validate()?;
+    let ctx = Ctx {
+        keys: Keys::new(&config.cluster),
+        config,
+        store,
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match term(&ctx, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal() => {
+                tracing::error!(id = %ctx.config.id, error = %e, "coordinator stops");
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    id = %ctx.config.id, error = %e, kind = e.kind(),
+                    "coordinator term ended; campaigning again"
+                );
+            }
+        }
+        // A term that lasted a while was healthy: start the backoff over.
+        if started.elapsed() > MAX_BACKOFF * 2 {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One lease's life: campaign, then stand by or lead. `Ok` only on shutdown.
+async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), CoordinatorError> {
+    let lease = ctx.store.grant_lease(ctx.config.lease_ttl).await?;
+    let outcome = tokio::select! {
+        // Biased: a shutdown or a lost lease wins over any further step of the leader.
+        biased;
+        _ = shutdown.cancelled() => Ok(()),
+        e = keep_lease(ctx, lease) => Err(e),
+        r = campaign_and_lead(ctx, lease) => r,
+    };
+    // Best effort: after a loss the lease is gone already; an unreachable store lets it expire.
+    match tokio::time::timeout(REVOKE_TIMEOUT, ctx.store.revoke_lease(lease)).await {
+        Ok(Ok(())) | Ok(Err(StoreError::LeaseLost(_))) => {}
+        Ok(Err(e)) => tracing::warn!(lease, error = %e, "cannot revoke the coordinator lease"),
+        Err(_) => tracing::warn!(lease, "revoking the coordinator lease timed out"),
+    }
+    outcome
+}
+
+/// Refreshes the lease at a third of its TTL; returns when it is lost (expired, revoked, or no
+/// refresh succeeded for a whole TTL).
+async fn keep_lease(ctx: &Ctx, lease: LeaseId) -> CoordinatorError {
+    let ttl = ctx.config.lease_ttl;
+    let period = ttl / 3;
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(period).await;
+        let result = match tokio::time::timeout(period, ctx.store.keep_alive(lease)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Other(format!(
+                "keep-alive had no answer within {period:?}"
+            ))),
+        };
+        match result {
+            Ok(()) => last_ok = Instant::now(),
+            Err(e @ StoreError::LeaseLost(_)) => return e.into(),
+            Err(e) if last_ok.elapsed() >= ttl => {
+                tracing::warn!(lease, error = %e, "no keep-alive for a whole TTL; lease lost");
+                return StoreError::LeaseLost(lease).into();
+            }
+            Err(e) => tracing::warn!(lease, error = %e, "keep-alive failed; retrying"),
+        }
+    }
+}
+
+/// Becomes the leader (waiting while another coordinator is), then leads until an error.
+async fn campaign_and_lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
+    campaign(ctx, lease).await?;
+    tracing::info!(id = %ctx.config.id, cluster = %ctx.config.cluster, "leading");
+    leader::lead(ctx).await
+}
+
+/// Returns once this coordinator holds the leader key under `lease`.
+async fn campaign(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
+    let key = ctx.keys.leader();
+    let me = leader_value(&ctx.config.id);
+    let mut announced = None;
+    loop {
+        if ctx
+            .store
+            .compare_and_swap(&key, 0, me.clone(), Some(lease))
+            .await?
+        {
+            return Ok(());
+        }
+        let Some(current) = ctx.store.get(&key).await? else {
+            continue; // The holder just left: try again.
+        };
+        if current.value == me && current.lease == Some(lease) {
+            return Ok(()); // Our own write, from a call whose answer was lost.
+        }
+        if announced.as_ref() != Some(&current.value) {
+            tracing::info!(
+                id = %ctx.config.id,
+                leader = %String::from_utf8_lossy(&current.value),
+                "standing by"
+            );
+            announced = Some(current.value.clone());
+        }
+        // Wait for the key to go away; any watch trouble just sends us back to the CAS.
+        let mut stream = ctx
+            .store
+            .watch_prefix(&key, current.mod_revision + 1)
+            .await?;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(WatchEvent::Delete { key: k, .. }) if k == key => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "leader watch failed; retrying");
+                    tokio::time::sleep(MIN_BACKOFF).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The leader key's value: the coordinator id as a JSON string.
+fn leader_value(id: &str) -> Vec<u8> {
+    serde_json::Value::String(id.to_owned())
+        .to_string()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        CoordinatorConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_unworkable_configs() {
+        let base = CoordinatorConfig::default();
+        let cases = [
+            CoordinatorConfig {
+                id: String::new(),
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                cluster: "a/b".into(),
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                expected_workers: 0,
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                num_experts: 4,
+                expected_workers: 5,
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                lease_ttl: Duration::ZERO,
+                ..base.clone()
+            },
+        ];
+        for config in cases {
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.kind(), "config", "{config:?}");
+        }
+    }
+}

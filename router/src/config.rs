@@ -1,0 +1,94 @@
+//! The router's configuration: a plain struct that the binary fills from flags.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::error::RouterError;
+
+/// How one router serves one cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
+    /// The cluster's name: its keys live under `/moebius/<cluster>/`.
+    pub cluster: String,
+    /// Where the public gRPC API listens; port 0 picks a free port (reported by `run`).
+    pub listen: SocketAddr,
+    /// Most requests this router keeps in flight on one worker; `None` uses the capacity the
+    /// worker advertises in the epoch record.
+    pub max_in_flight_per_worker: Option<u32>,
+    /// A cap on every request's duration, on top of the client's own deadline; `None`: only
+    /// the client's deadline applies.
+    pub request_timeout: Option<Duration>,
+    /// How long a new request waits for an active epoch (the cluster is starting or re-forming)
+    /// before it fails with `UNAVAILABLE`; the client's deadline cuts it shorter.
+    pub epoch_wait: Duration,
+    /// On shutdown, how long in-flight requests may run on before they are cut off.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            cluster: "default".to_string(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_in_flight_per_worker: None,
+            request_timeout: None,
+            epoch_wait: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Checks the values that would otherwise fail later and less clearly.
+    pub fn validate(&self) -> Result<(), RouterError> {
+        let bad = |message: String| Err(RouterError::Config(message));
+        if self.cluster.is_empty() || self.cluster.contains('/') {
+            return bad(format!(
+                "cluster {:?}: give a non-empty name without '/'",
+                self.cluster
+            ));
+        }
+        if self.max_in_flight_per_worker == Some(0) {
+            return bad("max_in_flight_per_worker: must be at least 1 (or unset to use each worker's capacity)".into());
+        }
+        if self.request_timeout.is_some_and(|t| t.is_zero()) {
+            return bad("request_timeout: must be positive (or unset for none)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        assert_eq!(RouterConfig::default().validate().ok(), Some(()));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for config in [
+            RouterConfig {
+                cluster: String::new(),
+                ..RouterConfig::default()
+            },
+            RouterConfig {
+                cluster: "a/b".into(),
+                ..RouterConfig::default()
+            },
+            RouterConfig {
+                max_in_flight_per_worker: Some(0),
+                ..RouterConfig::default()
+            },
+            RouterConfig {
+                request_timeout: Some(Duration::ZERO),
+                ..RouterConfig::default()
+            },
+        ] {
+            let err = config.validate().expect_err("invalid config");
+            assert_eq!(err.kind(), "config");
+        }
+    }
+}

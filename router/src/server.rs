@@ -1,0 +1,179 @@
+//! [`run`]: the router's gRPC server (the `Inference` service, health and reflection), the
+//! topology watch behind it, and shutdown in phases.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moebius_coordinator::{Keys, TopologyStore};
+use moebius_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::config::RouterConfig;
+use crate::error::RouterError;
+use crate::pool::Pool;
+use crate::service::RouterService;
+use crate::watch::watch_topology;
+
+/// After the drain period, how long requests cut off with `UNAVAILABLE` get to close.
+const CUT_OFF_GRACE: Duration = Duration::from_secs(2);
+
+/// The service name that health checks of the router's API ask about.
+const INFERENCE_SERVICE: &str = "moebius.v1.Inference";
+
+/// Serves the public API of `config.cluster` on `config.listen` until `shutdown` is cancelled.
+///
+/// Reports the bound address through `ready` (useful with port 0). On shutdown: stops
+/// accepting calls and reports `NOT_SERVING`, lets in-flight calls finish for up to
+/// `config.drain_timeout`, cuts off the rest with `UNAVAILABLE`, then stops its tasks.
+pub async fn run(
+    config: RouterConfig,
+    store: Arc<dyn TopologyStore>,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> Result<(), RouterError> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RouterError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RouterError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let pool = Arc::new(Pool::new(config.max_in_flight_per_worker));
+    let background_stop = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let relays = TaskTracker::new();
+    let mut background = JoinSet::new();
+    background.spawn(watch_topology(
+        store,
+        Keys::new(&config.cluster),
+        Arc::clone(&pool),
+        background_stop.clone(),
+    ));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let health_stop = shutdown.child_token();
+    background.spawn(report_health(
+        reporter,
+        Arc::clone(&pool),
+        health_stop.clone(),
+    ));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(moebius_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both versions: grpcurl and older tools still ask v1alpha.
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| RouterError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| RouterError::Reflection(e.to_string()))?;
+    let service = RouterService::new(
+        Arc::clone(&pool),
+        config.request_timeout,
+        config.epoch_wait,
+        drain.clone(),
+        relays.clone(),
+    );
+
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(InferenceServer::new(service))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    tokio::pin!(serve);
+    info!(%addr, cluster = %config.cluster, "router serving");
+    if let Some(ready) = ready {
+        let _ = ready.send(addr);
+    }
+
+    // Phase 1: serve until shutdown.
+    let served = tokio::select! {
+        result = &mut serve => Some(result),
+        _ = shutdown.cancelled() => None,
+    };
+    let result = match served {
+        Some(result) => result.map_err(RouterError::from),
+        None => {
+            // Phase 2: no new calls; in-flight calls finish, up to the drain timeout.
+            info!("router draining in-flight requests");
+            match tokio::time::timeout(config.drain_timeout, &mut serve).await {
+                Ok(result) => result.map_err(RouterError::from),
+                Err(_) => {
+                    // Phase 3: cut off what is left.
+                    warn!(
+                        "requests still in flight after {:?}; cutting them off",
+                        config.drain_timeout
+                    );
+                    drain.cancel();
+                    match tokio::time::timeout(CUT_OFF_GRACE, &mut serve).await {
+                        Ok(result) => result.map_err(RouterError::from),
+                        Err(_) => Ok(()),
+                    }
+                }
+            }
+        }
+    };
+    drain.cancel();
+    relays.close();
+    let _ = tokio::time::timeout(CUT_OFF_GRACE, relays.wait()).await;
+    background_stop.cancel();
+    health_stop.cancel();
+    while let Some(joined) = background.join_next().await {
+        if let Err(err) = joined {
+            warn!("router task ended abnormally: {err}");
+        }
+    }
+    info!("router stopped");
+    result
+}
+
+/// Keeps `grpc.health.v1` in step with the pool: `SERVING` while at least one worker of the
+/// active epoch is routable, `NOT_SERVING` otherwise and from shutdown on.
+async fn report_health(reporter: HealthReporter, pool: Arc<Pool>, shutdown: CancellationToken) {
+    let mut routable = pool.subscribe();
+    let mut last = None;
+    loop {
+        let status = if routable.borrow_and_update().workers.is_empty() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        if last != Some(status) {
+            set_health(&reporter, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = routable.changed() => if changed.is_err() { break },
+        }
+    }
+    set_health(&reporter, ServingStatus::NotServing).await;
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(INFERENCE_SERVICE, status).await;
+}

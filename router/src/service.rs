@@ -1,0 +1,220 @@
+//! The public `moebius.v1.Inference` service: checks a request, opens it on a worker, and
+//! returns the worker's tokens whole (`Generate`) or as they come (`GenerateStream`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moebius_proto::v1::inference_server::Inference;
+use moebius_proto::v1::{GenerateRequest, GenerateResponse};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::error::RouterError;
+use crate::forward::{self, Upstream};
+use crate::pool::Pool;
+use crate::request::{merge, time_limit, validate, RequestIds};
+
+/// Messages buffered between a worker's stream and a slow client.
+const STREAM_BUFFER: usize = 16;
+/// How long the last message of a stream (an error) may wait for a client that does not read.
+const FINAL_SEND: Duration = Duration::from_secs(1);
+
+/// The `Inference` service; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct RouterService {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: Arc<Pool>,
+    ids: RequestIds,
+    request_timeout: Option<Duration>,
+    epoch_wait: Duration,
+    /// Cancelled when shutdown's drain period is over: in-flight requests end `UNAVAILABLE`.
+    drain: CancellationToken,
+    /// The relay tasks of open streams, so shutdown can wait for them.
+    relays: TaskTracker,
+}
+
+impl RouterService {
+    pub fn new(
+        pool: Arc<Pool>,
+        request_timeout: Option<Duration>,
+        epoch_wait: Duration,
+        drain: CancellationToken,
+        relays: TaskTracker,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                pool,
+                ids: RequestIds::new(),
+                request_timeout,
+                epoch_wait,
+                drain,
+                relays,
+            }),
+        }
+    }
+
+    /// Checks the request, gives it an id, and computes its deadline.
+    fn admit(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<(GenerateRequest, Call), RouterError> {
+        let started = Instant::now();
+        let deadline =
+            time_limit(request.metadata(), self.inner.request_timeout).map(|limit| started + limit);
+        let mut request = request.into_inner();
+        validate(&request)?;
+        self.inner.ids.fill(&mut request);
+        let call = Call {
+            started,
+            deadline,
+            drain: self.inner.drain.clone(),
+        };
+        Ok((request, call))
+    }
+
+    async fn open(&self, request: &GenerateRequest, call: &Call) -> Result<Upstream, RouterError> {
+        call.bounded(forward::open(
+            &self.inner.pool,
+            request,
+            call.deadline,
+            self.inner.epoch_wait,
+        ))
+        .await
+    }
+}
+
+/// One request's limits: when it started, its deadline, and the shutdown cut-off.
+#[derive(Debug, Clone)]
+struct Call {
+    started: Instant,
+    deadline: Option<Instant>,
+    drain: CancellationToken,
+}
+
+impl Call {
+    /// Runs `work` until it ends, the deadline passes, or shutdown cuts it off.
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, RouterError>>,
+    ) -> Result<T, RouterError> {
+        tokio::select! {
+            result = work => result,
+            _ = self.expired() => Err(RouterError::DeadlineExceeded(self.started.elapsed())),
+            _ = self.drain.cancelled() => Err(RouterError::ShuttingDown),
+        }
+    }
+
+    async fn expired(&self) {
+        match self.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn report(request_id: &str, err: RouterError) -> Status {
+    match &err {
+        RouterError::WorkerFailed { .. } | RouterError::ShuttingDown => {
+            warn!(request_id, kind = err.kind(), "request failed: {err}")
+        }
+        _ => debug!(request_id, kind = err.kind(), "request failed: {err}"),
+    }
+    err.into()
+}
+
+#[tonic::async_trait]
+impl Inference for RouterService {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let (request, call) = self.admit(request).map_err(|e| report("", e))?;
+        let request_id = request.request_id.clone();
+        let work = async {
+            let mut upstream = self.open(&request, &call).await?;
+            let mut whole = GenerateResponse::default();
+            while let Some(part) = upstream.next().await? {
+                merge(&mut whole, part);
+            }
+            whole.request_id = request_id.clone();
+            Ok(whole)
+        };
+        match call.bounded(work).await {
+            Ok(whole) => Ok(Response::new(whole)),
+            Err(err) => Err(report(&request_id, err)),
+        }
+    }
+
+    type GenerateStreamStream = ReceiverStream<Result<GenerateResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (request, call) = self.admit(request).map_err(|e| report("", e))?;
+        // Opening happens before the response starts, so that refusals (bad input for the
+        // model, capacity, no epoch) reach the client as a plain status, as for `Generate`.
+        let upstream = self
+            .open(&request, &call)
+            .await
+            .map_err(|e| report(&request.request_id, e))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.inner
+            .relays
+            .spawn(relay(upstream, tx, request.request_id, call));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Forwards a worker's stream to the client until either ends. A client that went away (the
+/// channel closed) or a passed deadline drops the worker's stream, which cancels the sequence
+/// on the worker.
+async fn relay(
+    mut upstream: Upstream,
+    tx: mpsc::Sender<Result<GenerateResponse, Status>>,
+    request_id: String,
+    call: Call,
+) {
+    let end = loop {
+        let next = tokio::select! {
+            _ = tx.closed() => break None,
+            next = call.bounded(upstream.next()) => next,
+        };
+        let mut message = match next {
+            Ok(Some(message)) => message,
+            Ok(None) => break None,
+            Err(err) => break Some(err),
+        };
+        message.request_id.clone_from(&request_id);
+        // `Ok(false)`: the client went away.
+        let sent = call.bounded(async { Ok(tx.send(Ok(message)).await.is_ok()) });
+        match sent.await {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(err) => break Some(err),
+        }
+    };
+    // Drop the worker's stream (and its place in the count) before telling the client.
+    let worker = upstream.guard.worker().id.clone();
+    drop(upstream);
+    match end {
+        None if tx.is_closed() => {
+            debug!(%request_id, %worker, "client went away; worker stream dropped")
+        }
+        None => debug!(%request_id, %worker, "stream finished"),
+        Some(err) => {
+            let status = report(&request_id, err);
+            let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(status))).await;
+        }
+    }
+}
