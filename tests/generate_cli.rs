@@ -344,7 +344,7 @@ fn a_broken_checkpoint_is_named_in_one_line() {
     let cases = [
         (&truncated, "model.safetensors: not a valid safetensors file"),
         (&wrong_shape, "tensor model.embed_tokens.weight has shape [448, 64], but the config implies [500, 64]"),
-        (&missing, "tensor model.layers.0.mlp.gate.weight is not in the checkpoint"),
+        (&missing, "tensor model.layers.0.mlp.shared_experts.gate_proj.weight is not in the checkpoint"),
     ];
     for (dir, message) in cases {
         let out = moebius(&[

@@ -1,12 +1,113 @@
-//! `moebius worker`: being written.
+//! `moebius worker`: one rank of the EP group, registered in etcd, serving `moebius.v1.Worker`.
 
-use anyhow::{bail, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use moebius_coordinator::EtcdStore;
+use moebius_worker::service::{self, WorkerConfig};
+use tokio_util::sync::CancellationToken;
 
 /// Flags of `moebius worker`.
 #[derive(Args, Debug)]
-pub struct WorkerArgs {}
+pub struct WorkerArgs {
+    /// etcd endpoints holding the cluster's topology, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "MOEBIUS_ETCD", required = true, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Name of the cluster: its keys live under /moebius/<cluster>/.
+    #[arg(long, env = "MOEBIUS_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// This worker's id, unique in the cluster.
+    #[arg(long, env = "MOEBIUS_WORKER_ID")]
+    id: String,
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, env = "MOEBIUS_MODEL")]
+    model: PathBuf,
+    /// Address of the internal gRPC service (port 0 picks a free port).
+    #[arg(long, env = "MOEBIUS_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address of the TCP data plane between ranks (port 0 picks a free port).
+    #[arg(
+        long,
+        env = "MOEBIUS_WORKER_DATA_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    data_listen: SocketAddr,
+    /// Host the router and the other ranks dial: registered addresses are <host>:<bound port>.
+    #[arg(
+        long,
+        env = "MOEBIUS_WORKER_ADVERTISE_HOST",
+        default_value = "127.0.0.1"
+    )]
+    advertise_host: String,
+    /// Most requests in flight (active and queued); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOEBIUS_WORKER_CAPACITY", default_value_t = 64)]
+    capacity: u32,
+    /// Most prompt tokens prefilled per engine step.
+    #[arg(long, env = "MOEBIUS_WORKER_TOKEN_BUDGET", default_value_t = 512)]
+    token_budget: usize,
+    /// CPU threads for large products (0: all cores).
+    #[arg(long, env = "MOEBIUS_WORKER_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// TTL of the registration lease in seconds; keep-alives go out at a third of it.
+    #[arg(long, env = "MOEBIUS_WORKER_LEASE_TTL_SECS", default_value_t = 5)]
+    lease_ttl_secs: u64,
+}
 
-pub fn run(_args: WorkerArgs) -> Result<()> {
-    bail!("moebius worker is not built yet")
+/// How long connecting to etcd may take at start-up.
+const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let config = WorkerConfig {
+        id: args.id,
+        cluster: args.cluster,
+        model_dir: args.model,
+        listen: args.listen,
+        data_listen: args.data_listen,
+        advertise_host: args.advertise_host,
+        capacity: args.capacity,
+        token_budget: args.token_budget,
+        threads: args.threads,
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        ..WorkerConfig::default()
+    };
+    config.validate()?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
+    runtime.block_on(serve(config, args.etcd))
+}
+
+async fn serve(config: WorkerConfig, etcd: Vec<String>) -> Result<()> {
+    let store = EtcdStore::connect(&etcd, ETCD_CONNECT_TIMEOUT)
+        .await
+        .context("cannot connect to etcd; check --etcd")?;
+    let shutdown = CancellationToken::new();
+    let id = config.id.clone();
+    let worker = service::start(config, Arc::new(store), shutdown.clone()).await?;
+    println!("worker {id} serving on {}", worker.grpc_addr());
+    let wait = worker.wait();
+    tokio::pin!(wait);
+    tokio::select! {
+        result = &mut wait => return Ok(result?),
+        _ = stop_signal() => shutdown.cancel(),
+    }
+    Ok(wait.await?)
+}
+
+/// Ctrl-C, or SIGTERM (what Kubernetes and `docker stop` send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -42,6 +42,21 @@ pub enum Error {
     Placement(#[from] moebius_coordinator::PlacementError),
     #[error("data plane: {0}")]
     Comm(String),
+    /// This worker cannot serve now (not in the active epoch, its EP group failed, shutting
+    /// down); the router retries elsewhere.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Admission control refused: the worker's queue is full.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The client's deadline passed before the generation finished.
+    #[error("deadline exceeded after {0:?}")]
+    DeadlineExceeded(std::time::Duration),
+    #[error("topology store: {0}")]
+    Store(#[from] moebius_coordinator::StoreError),
+    /// Serving gRPC or binding a listener failed.
+    #[error("serving: {0}")]
+    Serve(String),
 }
 
 impl Error {
@@ -60,6 +75,11 @@ impl Error {
             Error::InvalidRequest(_) => "invalid_request",
             Error::Placement(_) => "placement",
             Error::Comm(_) => "comm",
+            Error::Unavailable(_) => "unavailable",
+            Error::Overloaded(_) => "overloaded",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::Store(_) => "store",
+            Error::Serve(_) => "serve",
         }
     }
 }

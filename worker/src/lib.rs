@@ -8,6 +8,8 @@
 //! - [`engine`]: requests, sampling, the batched step loop and in-process EP groups.
 //! - [`comm`]: the expert-parallel communicator trait (all-to-all-v) and its `local` (threads)
 //!   and `tcp` (full mesh) backends.
+//! - [`service`]: one rank as a networked worker — the `moebius.v1.Worker` gRPC service, the
+//!   engine thread, registration, the placement watch and the epoch protocol.
 //! - [`tokenizer`]: the checkpoint's `tokenizer.json`.
 //! - [`error`]: the crate's error type.
 pub mod backend;
@@ -17,6 +19,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod service;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use service::{RunningWorker, WorkerConfig};

@@ -195,9 +195,17 @@ pub fn run_group(
         for (i, r) in requests.iter().enumerate() {
             outputs[i].prompt_tokens = r.prompt.len();
         }
+        let mut failed = None;
         for (i, event) in events_rx.iter() {
-            on_token(i, &event);
-            outputs[i].push(event);
+            match event {
+                Ok(event) => {
+                    on_token(i, &event);
+                    outputs[i].push(event);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
         let stats = handles
             .into_iter()
@@ -206,6 +214,9 @@ pub fn run_group(
                     .unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok::<_, Error>((outputs, stats))
     })?;
     let (outputs, stats) = results;

@@ -12,6 +12,6 @@ pub mod request;
 pub mod sampling;
 
 pub use group::{run_group, GroupOptions, GroupReport, LoadedModel, Transport};
-pub use rank::{RankEngine, RankStats, RunUntil, Submission};
+pub use rank::{Agreement, RankEngine, RankStats, RunUntil, SequenceEvent, Submission};
 pub use request::{FinishReason, GenerateOutput, GenerateRequest, TokenEvent};
 pub use sampling::{Sampled, Sampler, SamplingParams};

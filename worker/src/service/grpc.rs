@@ -1,0 +1,305 @@
+//! The worker's internal gRPC service (`moebius.v1.Worker`): request conversion and
+//! validation against the model, admission control, and the one mapping from [`Error`] to
+//! `tonic::Status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use moebius_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::config::ModelConfig;
+use crate::engine::{GenerateRequest, SamplingParams};
+use crate::error::{Error, Result};
+use crate::service::engine_thread::{not_in_epoch, EngineHandle, Phase};
+use crate::service::stream::{response_stream, Admission, StreamSpec};
+use crate::tokenizer::Tokenizer;
+
+/// Maps a worker error to the gRPC status a client sees. The only place that does.
+pub fn status_from_error(error: Error) -> Status {
+    let message = error.to_string();
+    match error {
+        Error::InvalidRequest(_) => Status::invalid_argument(message),
+        Error::Overloaded(_) => Status::resource_exhausted(message),
+        Error::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+        Error::Unavailable(_) | Error::Comm(_) | Error::Store(_) => Status::unavailable(message),
+        Error::Io { .. }
+        | Error::MissingFile { .. }
+        | Error::Safetensors { .. }
+        | Error::MissingTensor { .. }
+        | Error::TensorShape { .. }
+        | Error::UnsupportedDtype { .. }
+        | Error::Config(_)
+        | Error::UnsupportedArchitecture(_)
+        | Error::Tokenizer(_)
+        | Error::Placement(_)
+        | Error::Serve(_) => Status::internal(message),
+    }
+}
+
+/// A request checked against the model, with what the response stream needs.
+#[derive(Debug)]
+pub struct Prepared {
+    pub request: GenerateRequest,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+}
+
+/// Turns the public request into the engine's, tokenising text and checking every field
+/// against the model; errors are [`Error::InvalidRequest`] naming the field.
+pub fn prepare(
+    proto: pb::GenerateRequest,
+    config: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Prepared> {
+    use pb::generate_request::Prompt;
+    let bad = |m: String| Error::InvalidRequest(m);
+    let prompt = match proto.prompt {
+        None => return Err(bad("prompt: set prompt.text or prompt.token_ids".into())),
+        Some(Prompt::Text(text)) => {
+            if text.is_empty() {
+                return Err(bad("prompt.text is empty".into()));
+            }
+            let Some(tokenizer) = tokenizer else {
+                return Err(bad(
+                    "prompt.text: this model has no tokenizer.json; send prompt.token_ids".into(),
+                ));
+            };
+            tokenizer
+                .encode(&text)
+                .map_err(|e| bad(format!("prompt.text cannot be tokenised: {e}")))?
+        }
+        Some(Prompt::TokenIds(ids)) => {
+            if ids.ids.is_empty() {
+                return Err(bad("prompt.token_ids is empty".into()));
+            }
+            ids.ids
+        }
+    };
+    let sampling = proto.sampling.unwrap_or_default();
+    let max_new_tokens = proto.max_new_tokens as usize;
+    let request = GenerateRequest {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature: sampling.temperature,
+            // proto3 has no "unset" for a float: 0 means the default, 1.
+            top_p: if sampling.top_p == 0.0 {
+                1.0
+            } else {
+                sampling.top_p
+            },
+            top_k: sampling.top_k as usize,
+            seed: sampling.seed,
+        },
+        ignore_eos: proto.ignore_eos,
+        stop_token_ids: proto.stop_token_ids,
+        top_logprobs: proto.top_logprobs as usize,
+        prompt,
+    };
+    request.validate(config)?;
+    let room = config.max_position_embeddings - request.prompt.len();
+    if max_new_tokens > room {
+        return Err(bad(format!(
+            "max_new_tokens {max_new_tokens} is more than the {room} positions left after the \
+             prompt of {} tokens (the model's maximum is {})",
+            request.prompt.len(),
+            config.max_position_embeddings
+        )));
+    }
+    if let Some(i) = proto.stop.iter().position(String::is_empty) {
+        return Err(bad(format!("stop[{i}] is empty")));
+    }
+    if !proto.stop.is_empty() && tokenizer.is_none() {
+        return Err(bad(
+            "stop: this model has no tokenizer.json to match stop strings; use stop_token_ids"
+                .into(),
+        ));
+    }
+    Ok(Prepared {
+        request,
+        stop: proto.stop,
+        logprobs: proto.logprobs,
+    })
+}
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of `HMSmun`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The `moebius.v1.Worker` service of one worker.
+#[derive(Clone)]
+pub struct WorkerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    config: ModelConfig,
+    tokenizer: Option<Arc<Tokenizer>>,
+    engine: Arc<EngineHandle>,
+    capacity: u32,
+    in_flight: Arc<AtomicU32>,
+    /// Cleared at shutdown: new requests are refused while in-flight ones drain.
+    accepting: AtomicBool,
+}
+
+impl WorkerService {
+    pub fn new(
+        id: String,
+        config: ModelConfig,
+        tokenizer: Option<Arc<Tokenizer>>,
+        engine: Arc<EngineHandle>,
+        capacity: u32,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id,
+                config,
+                tokenizer,
+                engine,
+                capacity,
+                in_flight: Arc::new(AtomicU32::new(0)),
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// Refuses new requests from now on (the first phase of shutdown).
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> u32 {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+
+    fn start(&self, request: Request<pb::GenerateRequest>) -> Result<GenerateStream> {
+        let inner = &*self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::Unavailable("worker is shutting down".into()));
+        }
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
+        let proto = request.into_inner();
+        let request_id = proto.request_id.clone();
+        let top_logprobs = proto.top_logprobs > 0;
+        let prepared = prepare(proto, &inner.config, inner.tokenizer.as_deref())?;
+        if inner.engine.status().borrow().phase == Phase::Detached {
+            return Err(not_in_epoch());
+        }
+        let admission = Admission::try_new(&inner.in_flight, inner.capacity).ok_or_else(|| {
+            Error::Overloaded(format!(
+                "worker {} has {} requests in flight, its capacity; retry later or elsewhere",
+                inner.id, inner.capacity
+            ))
+        })?;
+        let prompt_tokens = prepared.request.prompt.len();
+        let events = inner
+            .engine
+            .submit(prepared.request, admission.cancel.clone())?;
+        Ok(response_stream(
+            events,
+            admission,
+            StreamSpec {
+                request_id,
+                prompt_tokens,
+                logprobs: prepared.logprobs,
+                top_logprobs,
+                stop: prepared.stop,
+                tokenizer: inner.tokenizer.clone(),
+                deadline,
+            },
+        ))
+    }
+}
+
+type GenerateStream = BoxStream<'static, Result<pb::GenerateResponse, Status>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        self.start(request)
+            .map(Response::new)
+            .map_err(status_from_error)
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let inner = &*self.inner;
+        let s = inner.engine.status().borrow().clone();
+        let in_flight = inner.in_flight.load(Ordering::Acquire) as usize;
+        Ok(Response::new(pb::StatusResponse {
+            worker_id: inner.id.clone(),
+            epoch: s.epoch,
+            rank: s.rank,
+            active_sequences: s.active as u32,
+            queued_requests: in_flight.saturating_sub(s.active) as u32,
+            steps: s.stats.steps,
+            max_batch: s.stats.max_batch as u32,
+            expert_slots: s.expert_slots,
+            expert_bytes: s.expert_bytes,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_codes() {
+        let code = |e| status_from_error(e).code();
+        assert_eq!(
+            code(Error::InvalidRequest("x".into())),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(Error::Overloaded("x".into())),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(code(Error::Comm("x".into())), tonic::Code::Unavailable);
+        assert_eq!(
+            code(Error::DeadlineExceeded(Duration::from_secs(1))),
+            tonic::Code::DeadlineExceeded
+        );
+    }
+}

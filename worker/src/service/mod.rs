@@ -1,0 +1,525 @@
+//! One rank as a networked worker: `moebius worker`.
+//!
+//! - [`engine_thread`]: the std thread that owns the [`RankEngine`](crate::engine::RankEngine)
+//!   and steps in lock-step with the EP group, fed by commands;
+//! - [`grpc`]: the internal `moebius.v1.Worker` service (validation, admission, error codes);
+//! - [`stream`]: one `Generate` response stream (detokenisation, stop strings, deadlines,
+//!   cancellation when the client leaves);
+//! - [`lifecycle`]: registration under a lease, keep-alive, the placement watch and the epoch
+//!   protocol.
+//!
+//! [`start`] brings a worker up and returns a [`RunningWorker`]; [`run`] also waits for it.
+
+pub mod engine_thread;
+pub mod grpc;
+pub mod lifecycle;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moebius_coordinator::{Keys, LeaseId, TopologyStore, WorkerInfo};
+use moebius_proto::v1::worker_server::WorkerServer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::engine::LoadedModel;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use engine_thread::{EngineHandle, Phase};
+use grpc::WorkerService;
+use lifecycle::EpochFollower;
+
+/// How a worker runs. Defaults are what `moebius worker` uses without flags.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique in the cluster; the key of its registration.
+    pub id: String,
+    /// The cluster's name: keys live under `/moebius/<cluster>/`.
+    pub cluster: String,
+    /// The Hugging Face checkpoint directory.
+    pub model_dir: PathBuf,
+    /// The gRPC listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The TCP data-plane listen address (port 0: any free port).
+    pub data_listen: SocketAddr,
+    /// The host others dial: the registered addresses are `<advertise_host>:<bound port>`.
+    pub advertise_host: String,
+    /// Most requests in flight (active and queued); more are refused with RESOURCE_EXHAUSTED.
+    pub capacity: u32,
+    /// Most prompt tokens prefilled per step.
+    pub token_budget: usize,
+    /// CPU threads for large products (0: all cores).
+    pub threads: usize,
+    /// The registration lease's TTL; keep-alives go out at a third of it.
+    pub lease_ttl: Duration,
+    /// Longest a collective waits for a peer before the group is declared failed.
+    pub data_timeout: Duration,
+    /// Longest the data-plane mesh of a new epoch may take to connect.
+    pub connect_timeout: Duration,
+    /// Longest shutdown waits for in-flight requests before failing them.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            id: "worker-0".into(),
+            cluster: "default".into(),
+            model_dir: PathBuf::from("model"),
+            listen: local(0),
+            data_listen: local(0),
+            advertise_host: "127.0.0.1".into(),
+            capacity: 64,
+            token_budget: 512,
+            threads: 0,
+            lease_ttl: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Checks the values, naming the one that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("worker: {m}")));
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !name_ok(&self.id) {
+            return bad(format!(
+                "id {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.id
+            ));
+        }
+        if !name_ok(&self.cluster) {
+            return bad(format!(
+                "cluster {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.cluster
+            ));
+        }
+        if self.advertise_host.is_empty() {
+            return bad("advertise_host is empty".into());
+        }
+        if self.capacity == 0 {
+            return bad("capacity must be at least 1".into());
+        }
+        if self.token_budget == 0 {
+            return bad("token_budget must be at least 1".into());
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return bad(format!(
+                "lease_ttl {:?} is under the 1 s minimum",
+                self.lease_ttl
+            ));
+        }
+        for (name, d) in [
+            ("data_timeout", self.data_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{name} must be more than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A worker that is up: registered, serving gRPC, following the placement. Dropping it without
+/// [`wait`](Self::wait) aborts its tasks and stops its engine like a crash would (the lease is
+/// left to expire), which is what tests of a dying rank do.
+pub struct RunningWorker {
+    grpc_addr: SocketAddr,
+    data_addr: SocketAddr,
+    id: String,
+    store: Arc<dyn TopologyStore>,
+    lease: LeaseId,
+    service: WorkerService,
+    engine: Arc<EngineHandle>,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+    lease_ttl: Duration,
+    /// Stops the control tasks (watch, epochs, keep-alive).
+    tasks_stop: CancellationToken,
+    /// Stops the task that mirrors the engine's phase into the health service.
+    health_stop: CancellationToken,
+    /// Stops the gRPC server gracefully (no new connections, in-flight streams finish).
+    server_stop: CancellationToken,
+    server: AbortOnDropHandle<Result<()>>,
+    keep_alive: AbortOnDropHandle<Result<()>>,
+    watch: AbortOnDropHandle<Result<()>>,
+    epochs: AbortOnDropHandle<Result<()>>,
+    health_sync: AbortOnDropHandle<()>,
+    /// Stops the engine thread when the worker is dropped, even while gRPC connections still
+    /// hold the service (and with it the engine handle).
+    _engine_guard: EngineStopGuard,
+}
+
+struct EngineStopGuard(Arc<EngineHandle>);
+
+impl Drop for EngineStopGuard {
+    fn drop(&mut self) {
+        self.0.request_stop();
+    }
+}
+
+/// Starts a worker and runs it until `shutdown` is cancelled or it fails (lease lost).
+pub async fn run(
+    config: WorkerConfig,
+    store: Arc<dyn TopologyStore>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    start(config, store, shutdown).await?.wait().await
+}
+
+/// Loads the model, binds both listeners, registers under a lease and starts serving; the
+/// worker joins an epoch when the placement lists it.
+pub async fn start(
+    config: WorkerConfig,
+    store: Arc<dyn TopologyStore>,
+    shutdown: CancellationToken,
+) -> Result<RunningWorker> {
+    config.validate()?;
+    let model_dir = config.model_dir.clone();
+    let threads = config.threads;
+    let model = tokio::task::spawn_blocking(move || LoadedModel::open(&model_dir, threads))
+        .await
+        .map_err(|e| Error::Serve(format!("loading the model failed: {e}")))??;
+    let model = Arc::new(model);
+    let tokenizer =
+        Tokenizer::from_dir(&config.model_dir, model.config.bos_token_id)?.map(Arc::new);
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
+    let grpc_addr = local_addr(grpc_listener.local_addr(), config.listen)?;
+    let data_listener = std::net::TcpListener::bind(config.data_listen)
+        .map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", config.data_listen)))?;
+    let data_addr = local_addr(data_listener.local_addr(), config.data_listen)?;
+    tracing::info!(id = %config.id, %grpc_addr, %data_addr, "worker listening");
+
+    let engine = Arc::new(EngineHandle::spawn(config.token_budget)?);
+    let service = WorkerService::new(
+        config.id.clone(),
+        model.config.clone(),
+        tokenizer,
+        engine.clone(),
+        config.capacity,
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, false).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moebius_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Serve(format!("cannot build the reflection service: {e}")))?;
+
+    let keys = Keys::new(&config.cluster);
+    let info = WorkerInfo {
+        id: config.id.clone(),
+        address: format!("{}:{}", config.advertise_host, grpc_addr.port()),
+        data_address: format!("{}:{}", config.advertise_host, data_addr.port()),
+        device: "cpu".into(),
+        capacity: config.capacity,
+    };
+    let lease = store.grant_lease(config.lease_ttl).await?;
+    let value = serde_json::to_vec(&info)
+        .map_err(|e| Error::Serve(format!("cannot encode the worker info: {e}")))?;
+    store
+        .put(&keys.worker(&config.id), value, Some(lease))
+        .await?;
+
+    let tasks_stop = CancellationToken::new();
+    let server_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(WorkerServer::new(service.clone()));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+                .map_err(|e| Error::Serve(format!("the gRPC server failed: {e}")))
+        })
+    };
+    let keep_alive = tokio::spawn(lifecycle::keep_alive(
+        store.clone(),
+        lease,
+        config.lease_ttl,
+        tasks_stop.clone(),
+    ));
+    let (records_tx, records_rx) = watch::channel(None);
+    let watch = tokio::spawn(lifecycle::watch_placement(
+        store.clone(),
+        keys.clone(),
+        records_tx,
+        tasks_stop.clone(),
+    ));
+    let follower = EpochFollower {
+        id: config.id.clone(),
+        keys,
+        store: store.clone(),
+        lease,
+        model,
+        data_listener,
+        engine: engine.clone(),
+        connect_timeout: config.connect_timeout,
+        data_timeout: config.data_timeout,
+    };
+    let epochs = tokio::spawn(follower.run(records_rx, tasks_stop.clone()));
+    let health_stop = CancellationToken::new();
+    let health_sync = tokio::spawn(sync_health(
+        engine.status(),
+        health.clone(),
+        health_stop.clone(),
+    ));
+    let engine_guard = engine.clone();
+    Ok(RunningWorker {
+        grpc_addr,
+        data_addr,
+        id: config.id,
+        store,
+        lease,
+        service,
+        engine,
+        health,
+        shutdown,
+        drain_timeout: config.drain_timeout,
+        lease_ttl: config.lease_ttl,
+        tasks_stop,
+        health_stop,
+        server_stop,
+        server: AbortOnDropHandle::new(server),
+        keep_alive: AbortOnDropHandle::new(keep_alive),
+        watch: AbortOnDropHandle::new(watch),
+        epochs: AbortOnDropHandle::new(epochs),
+        health_sync: AbortOnDropHandle::new(health_sync),
+        _engine_guard: EngineStopGuard(engine_guard),
+    })
+}
+
+impl RunningWorker {
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound data-plane address.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    /// Serves until the shutdown token is cancelled (then shuts down in phases and returns
+    /// `Ok`) or a critical task fails (the lease is lost, the server dies: in-flight requests
+    /// end with UNAVAILABLE and the error is returned).
+    pub async fn wait(mut self) -> Result<()> {
+        let failure = tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            r = &mut self.keep_alive => Some(joined(r).err().unwrap_or_else(|| {
+                Error::Serve("the lease keep-alive stopped".into())
+            })),
+            r = &mut self.server => Some(joined(r).err().unwrap_or_else(|| {
+                Error::Serve("the gRPC server stopped".into())
+            })),
+            r = &mut self.watch => Some(joined(r).err().unwrap_or_else(|| {
+                Error::Serve("the placement watch stopped".into())
+            })),
+            r = &mut self.epochs => Some(joined(r).err().unwrap_or_else(|| {
+                Error::Serve("the epoch follower stopped".into())
+            })),
+        };
+        match failure {
+            None => {
+                self.shut_down().await;
+                Ok(())
+            }
+            Some(error) => {
+                tracing::error!(id = %self.id, %error, "worker stops serving");
+                self.fail(&error).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Phased shutdown: stop accepting, drain (bounded), revoke the lease, let the group pause
+    /// without this rank (bounded), stop the engine.
+    async fn shut_down(mut self) {
+        tracing::info!(id = %self.id, in_flight = self.service.in_flight(), "shutting down");
+        self.service.stop_accepting();
+        self.health_stop.cancel();
+        set_health(&self.health, false).await;
+        self.server_stop.cancel();
+        if tokio::time::timeout(self.drain_timeout, &mut self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.service.in_flight(),
+                "drain timed out; failing the remaining requests"
+            );
+            // Ending the sequences ends their streams, and with them the server.
+            let _ = self
+                .engine
+                .detach("the worker is shutting down".into())
+                .await;
+            if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+                .await
+                .is_err()
+            {
+                self.server.abort();
+            }
+        }
+        if let Err(e) = self.store.revoke_lease(self.lease).await {
+            tracing::warn!(error = %e, "cannot revoke the lease; it expires on its own");
+        }
+        // Give the coordinator one TTL to form an epoch without this worker, so that the rest
+        // of the group pauses cleanly instead of failing on a vanished peer.
+        let mut status = self.engine.status();
+        let _ = tokio::time::timeout(
+            self.lease_ttl,
+            status.wait_for(|s| s.phase != Phase::Running),
+        )
+        .await;
+        self.finish().await;
+    }
+
+    /// Stops serving after a critical failure.
+    async fn fail(mut self, error: &Error) {
+        self.service.stop_accepting();
+        self.health_stop.cancel();
+        set_health(&self.health, false).await;
+        let reason = format!("worker stopped serving: {error}");
+        let _ = tokio::time::timeout(self.drain_timeout, self.engine.detach(reason)).await;
+        self.server_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+        let _ = self.store.revoke_lease(self.lease).await;
+        self.finish().await;
+    }
+
+    async fn finish(self) {
+        self.tasks_stop.cancel();
+        for (name, task) in [
+            ("keep-alive", self.keep_alive),
+            ("placement watch", self.watch),
+            ("epoch follower", self.epochs),
+        ] {
+            if !task.is_finished() {
+                if let Err(e) = joined(task.await) {
+                    tracing::warn!(task = name, error = %e, "task ended with an error");
+                }
+            }
+        }
+        let _ = self.health_sync.await;
+        if !self.server.is_finished() {
+            self.server.abort();
+        }
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
+        tracing::info!(id = %self.id, "worker stopped");
+    }
+}
+
+fn joined<T>(r: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
+    r.map_err(|e| Error::Serve(format!("a worker task panicked: {e}")))?
+}
+
+fn local_addr(addr: std::io::Result<SocketAddr>, asked: SocketAddr) -> Result<SocketAddr> {
+    addr.map_err(|e| Error::Serve(format!("cannot read the address bound for {asked}: {e}")))
+}
+
+/// SERVING while the engine steps in an active epoch, NOT_SERVING otherwise.
+async fn sync_health(
+    mut status: watch::Receiver<engine_thread::EngineStatus>,
+    health: HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut serving = None;
+    loop {
+        let now = status.borrow_and_update().phase == Phase::Running;
+        if serving != Some(now) {
+            set_health(&health, now).await;
+            serving = Some(now);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn set_health(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("moebius.v1.Worker", status).await;
+    health.set_service_status("", status).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        WorkerConfig::default()
+            .validate()
+            .expect("defaults are valid");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let check = |config: WorkerConfig, field: &str| {
+            let err = config.validate().expect_err(field).to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        };
+        check(
+            WorkerConfig {
+                id: "a/b".into(),
+                ..Default::default()
+            },
+            "id",
+        );
+        check(
+            WorkerConfig {
+                capacity: 0,
+                ..Default::default()
+            },
+            "capacity",
+        );
+        check(
+            WorkerConfig {
+                lease_ttl: Duration::from_millis(10),
+                ..Default::default()
+            },
+            "lease_ttl",
+        );
+        check(
+            WorkerConfig {
+                data_timeout: Duration::ZERO,
+                ..Default::default()
+            },
+            "data_timeout",
+        );
+    }
+}

@@ -1,0 +1,722 @@
+//! The worker as a network service: real gRPC over sockets, several workers in one process on
+//! one `MemoryStore`, the TCP data plane between them, and this test playing the coordinator
+//! (it writes the epoch records, waits for the acknowledgements, and activates them).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moebius_coordinator::{
+    EpochRecord, EpochState, Keys, MemoryStore, Placement, TopologyStore, WorkerInfo,
+};
+use moebius_proto::v1 as pb;
+use moebius_proto::v1::generate_request::Prompt;
+use moebius_proto::v1::worker_client::WorkerClient;
+use moebius_worker::engine::{run_group, GenerateRequest, GroupOptions, LoadedModel};
+use moebius_worker::service::{self, WorkerConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const FIXTURE: &str = "tiny-v3-yarn";
+const EXPERTS: usize = 10;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(FIXTURE)
+}
+
+/// Workers of one cluster in this process, and the store they share.
+struct Cluster {
+    store: Arc<MemoryStore>,
+    keys: Keys,
+    infos: Vec<WorkerInfo>,
+    addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<moebius_worker::Result<()>>>,
+}
+
+impl Cluster {
+    async fn start(n: usize, capacity: u32) -> Self {
+        let store = Arc::new(MemoryStore::new());
+        let cluster = format!("test-{}", rand_suffix());
+        let keys = Keys::new(&cluster);
+        let shutdown = CancellationToken::new();
+        let mut infos = Vec::new();
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let config = WorkerConfig {
+                id: format!("w{i}"),
+                cluster: cluster.clone(),
+                model_dir: fixture(),
+                capacity,
+                token_budget: 16,
+                threads: 1,
+                lease_ttl: Duration::from_secs(2),
+                drain_timeout: Duration::from_secs(2),
+                ..WorkerConfig::default()
+            };
+            config.validate().expect("test config is valid");
+            let worker = service::start(config, store.clone(), shutdown.child_token())
+                .await
+                .expect("worker starts");
+            addrs.push(worker.grpc_addr());
+            tasks.push(tokio::spawn(worker.wait()));
+            let kv = store
+                .get(&keys.worker(&format!("w{i}")))
+                .await
+                .expect("store")
+                .expect("the worker registered itself");
+            let info: WorkerInfo = serde_json::from_slice(&kv.value).expect("WorkerInfo JSON");
+            assert_eq!(info.address, format!("127.0.0.1:{}", addrs[i].port()));
+            infos.push(info);
+        }
+        Self {
+            store,
+            keys,
+            infos,
+            addrs,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Writes epoch `epoch` over `members` (indices into the workers) with `placement`, waits
+    /// for every member's acknowledgement, and activates it, as the coordinator would.
+    async fn epoch(&self, epoch: u64, members: &[usize], placement: Placement) {
+        let record = self.propose(epoch, members, placement).await;
+        self.activate(record).await;
+    }
+
+    /// Writes epoch `epoch` as Pending and waits for every member's acknowledgement.
+    async fn propose(&self, epoch: u64, members: &[usize], placement: Placement) -> EpochRecord {
+        let record = EpochRecord {
+            epoch,
+            state: EpochState::Pending,
+            workers: members.iter().map(|&i| self.infos[i].clone()).collect(),
+            placement,
+        };
+        let key = self.keys.placement();
+        let json = |r: &EpochRecord| serde_json::to_vec(r).expect("record JSON");
+        self.store
+            .put(&key, json(&record), None)
+            .await
+            .expect("put");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ready, _) = self
+                .store
+                .get_prefix(&self.keys.ready_prefix(epoch))
+                .await
+                .expect("get");
+            if ready.len() == members.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "epoch {epoch}: only {} of {} workers acknowledged",
+                ready.len(),
+                members.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        record
+    }
+
+    /// Marks a proposed epoch Active by compare-and-swap.
+    async fn activate(&self, mut record: EpochRecord) {
+        let key = self.keys.placement();
+        let json = |r: &EpochRecord| serde_json::to_vec(r).expect("record JSON");
+        let current = self.store.get(&key).await.expect("get").expect("placement");
+        record.state = EpochState::Active;
+        let swapped = self
+            .store
+            .compare_and_swap(&key, current.mod_revision, json(&record), None)
+            .await
+            .expect("cas");
+        assert!(swapped, "nobody else writes the placement in this test");
+    }
+
+    async fn client(&self, i: usize) -> WorkerClient<Channel> {
+        WorkerClient::connect(format!("http://{}", self.addrs[i]))
+            .await
+            .expect("connect to the worker")
+    }
+
+    /// Waits until worker `i` reports `epoch` and reports itself serving.
+    async fn wait_serving(&self, i: usize, epoch: u64) {
+        let channel = Channel::from_shared(format!("http://{}", self.addrs[i]))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let mut worker = WorkerClient::new(channel);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = worker
+                .status(pb::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            let serving = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "moebius.v1.Worker".into(),
+                })
+                .await
+                .expect("health")
+                .into_inner()
+                .status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            if status.epoch == epoch && serving {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {i} never served epoch {epoch}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Kills worker `i` like a crash: its tasks and engine stop, its lease is left to expire.
+    fn kill(&self, i: usize) {
+        self.tasks[i].abort();
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let joined = tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("worker stops within 20 s");
+            match joined {
+                Ok(result) => result.expect("clean shutdown"),
+                Err(e) => assert!(e.is_cancelled(), "worker task panicked: {e}"),
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::SystemTime;
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn ids_request(prompt: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: prompt })),
+        max_new_tokens,
+        ignore_eos: true,
+        logprobs: true,
+        top_logprobs: 5,
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Collected {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    top: Vec<pb::TopLogprobs>,
+    text: String,
+    finish: i32,
+    usage: Option<pb::Usage>,
+    messages: usize,
+}
+
+async fn generate(
+    client: &mut WorkerClient<Channel>,
+    request: pb::GenerateRequest,
+) -> Result<Collected, tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut out = Collected::default();
+    while let Some(msg) = stream.message().await? {
+        out.messages += 1;
+        out.tokens.extend(&msg.token_ids);
+        out.logprobs.extend(&msg.logprobs);
+        out.top.extend(msg.top_logprobs);
+        out.text.push_str(&msg.text);
+        if msg.finish_reason != 0 {
+            out.finish = msg.finish_reason;
+            out.usage = msg.usage;
+        }
+    }
+    Ok(out)
+}
+
+/// The reference: the same requests through `run_group` in this process.
+fn reference(requests: Vec<GenerateRequest>) -> Vec<moebius_worker::engine::GenerateOutput> {
+    let model = LoadedModel::open(&fixture(), 1).expect("fixture loads");
+    let options = GroupOptions {
+        ranks: 1,
+        threads: 1,
+        token_budget: 16,
+        ..GroupOptions::default()
+    };
+    run_group(&model, &options, requests, |_, _| {})
+        .expect("reference run")
+        .0
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![0, 17, 42, 99],
+        (0..23).map(|i| (i * 13 + 5) % 448).collect(),
+        (0..40).map(|i| (i * 31 + 7) % 448).collect(),
+    ]
+}
+
+async fn wait_idle(client: &mut WorkerClient<Channel>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = client
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if s.active_sequences == 0 && s.queued_requests == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} sequences still active, {} queued after {within:?}",
+            s.active_sequences,
+            s.queued_requests
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generate_over_grpc_matches_run_group() {
+    let cluster = Cluster::start(2, 64).await;
+    cluster
+        .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+    cluster.wait_serving(1, 1).await;
+
+    let n = 12;
+    let want = reference(
+        prompts()
+            .into_iter()
+            .map(|p| GenerateRequest {
+                ignore_eos: true,
+                top_logprobs: 5,
+                ..GenerateRequest::greedy(p, n)
+            })
+            .collect(),
+    );
+    for (i, prompt) in prompts().into_iter().enumerate() {
+        // Alternate the worker that takes the request: both ranks serve.
+        let mut client = cluster.client(i % 2).await;
+        let got = generate(&mut client, ids_request(prompt.clone(), n as u32))
+            .await
+            .expect("generation succeeds");
+        assert_eq!(got.tokens, want[i].token_ids, "prompt {i}");
+        let diff = got
+            .logprobs
+            .iter()
+            .zip(&want[i].logprobs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "prompt {i}: logprobs differ by {diff}");
+        assert_eq!(got.top.len(), n);
+        for (t, w) in got.top.iter().zip(&want[i].top_logprobs) {
+            assert_eq!(t.token_ids, w.iter().map(|x| x.0).collect::<Vec<_>>());
+        }
+        assert_eq!(got.finish, pb::FinishReason::Length as i32);
+        let usage = got.usage.expect("usage on the last message");
+        assert_eq!(usage.prompt_tokens as usize, prompt.len());
+        assert_eq!(usage.completion_tokens as usize, n);
+        assert!(
+            !got.text.is_empty(),
+            "the fixture has a tokenizer: text deltas"
+        );
+    }
+
+    // A text prompt is tokenised by the worker (BOS first) and gives the same tokens as its ids.
+    let tokenizer = moebius_worker::tokenizer::Tokenizer::from_dir(&fixture(), Some(0))
+        .expect("tokenizer")
+        .expect("fixture has tokenizer.json");
+    let ids = tokenizer.encode("hello world").expect("encode");
+    let mut client = cluster.client(0).await;
+    let by_text = generate(
+        &mut client,
+        pb::GenerateRequest {
+            prompt: Some(Prompt::Text("hello world".into())),
+            ..ids_request(Vec::new(), 6)
+        },
+    )
+    .await
+    .expect("text prompt");
+    let by_ids = generate(&mut client, ids_request(ids.clone(), 6))
+        .await
+        .expect("id prompt");
+    assert_eq!(by_text.tokens, by_ids.tokens);
+    assert_eq!(
+        by_text.usage.map(|u| u.prompt_tokens),
+        Some(ids.len() as u32)
+    );
+    assert_eq!(
+        by_text.text,
+        tokenizer.decode(&by_text.tokens).expect("decode")
+    );
+
+    // A stop string: the text ends right before it, with finish reason STOP.
+    let full = generate(&mut client, ids_request(vec![0, 17, 42, 99], 24))
+        .await
+        .expect("full");
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(
+        chars.len() >= 8,
+        "the fixture decodes to some text: {:?}",
+        full.text
+    );
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = full.text.find(&stop).expect("stop string occurs");
+    let stopped = generate(
+        &mut client,
+        pb::GenerateRequest {
+            stop: vec![stop.clone()],
+            ..ids_request(vec![0, 17, 42, 99], 24)
+        },
+    )
+    .await
+    .expect("stopped");
+    assert_eq!(
+        stopped.finish,
+        pb::FinishReason::Stop as i32,
+        "stop {stop:?}"
+    );
+    assert_eq!(stopped.text, full.text[..cut]);
+    assert!(stopped.tokens.len() < full.tokens.len());
+    assert_eq!(stopped.tokens[..], full.tokens[..stopped.tokens.len()]);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_streams_all_finish_in_shared_batches() {
+    let cluster = Cluster::start(2, 64).await;
+    cluster
+        .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+    let client = cluster.client(0).await;
+    let streams = 16;
+    let handles: Vec<_> = (0..streams)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let prompt = vec![0, (i * 7 % 448) as u32, 5, 9];
+                generate(&mut client, ids_request(prompt, 20)).await
+            })
+        })
+        .collect();
+    for h in handles {
+        let got = h.await.expect("task").expect("every stream finishes");
+        assert_eq!(got.tokens.len(), 20);
+        assert_eq!(got.finish, pb::FinishReason::Length as i32);
+    }
+    let status = cluster
+        .client(0)
+        .await
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.max_batch > 1, "max_batch {}", status.max_batch);
+    assert_eq!(status.worker_id, "w0");
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.rank, 0);
+    assert_eq!(status.expert_slots, vec![0, 1, 2, 3, 4]);
+    assert!(status.expert_bytes > 0);
+    assert_eq!(status.active_sequences, 0);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_inputs_are_invalid_argument_naming_the_field() {
+    let cluster = Cluster::start(1, 64).await;
+    cluster
+        .epoch(1, &[0], Placement::even(EXPERTS, 1).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+    let mut client = cluster.client(0).await;
+    let ok = ids_request(vec![0, 5, 6], 4);
+    let sampling = |temperature: f32, top_p: f32| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams {
+            temperature,
+            top_p,
+            ..Default::default()
+        }),
+        ..ok.clone()
+    };
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (
+            pb::GenerateRequest {
+                prompt: None,
+                ..ok.clone()
+            },
+            "prompt",
+        ),
+        (ids_request(Vec::new(), 4), "prompt.token_ids"),
+        (
+            pb::GenerateRequest {
+                prompt: Some(Prompt::Text(String::new())),
+                ..ok.clone()
+            },
+            "prompt.text",
+        ),
+        (ids_request(vec![0, 448], 4), "prompt token id 448"),
+        (ids_request(vec![0, 5], 0), "max_new_tokens"),
+        (ids_request(vec![0, 5], 255), "max_new_tokens"),
+        (sampling(-1.0, 1.0), "temperature"),
+        (sampling(f32::NAN, 1.0), "temperature"),
+        (sampling(0.5, 1.5), "top_p"),
+        (sampling(0.5, -0.1), "top_p"),
+        (
+            pb::GenerateRequest {
+                stop: vec!["x".into(), String::new()],
+                ..ok.clone()
+            },
+            "stop[1]",
+        ),
+        (
+            pb::GenerateRequest {
+                stop_token_ids: vec![9999],
+                ..ok.clone()
+            },
+            "stop token id",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = generate(&mut client, request.clone())
+            .await
+            .expect_err("bad input is refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    // top_p 0 is proto3's "unset": it means 1 and is accepted.
+    generate(&mut client, sampling(0.0, 0.0))
+        .await
+        .expect("top_p 0 means unset");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_cancellation_and_deadlines() {
+    let cluster = Cluster::start(1, 2).await;
+    // Before any epoch the worker serves nothing.
+    let mut client = cluster.client(0).await;
+    let err = generate(&mut client, ids_request(vec![0, 5], 4))
+        .await
+        .expect_err("no epoch yet");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("not in the active epoch"), "{err:?}");
+
+    cluster
+        .epoch(1, &[0], Placement::even(EXPERTS, 1).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+
+    // Capacity 2: two long streams in flight, the third is refused.
+    let mut a = client
+        .generate(ids_request(vec![0, 1, 2], 250))
+        .await
+        .expect("first")
+        .into_inner();
+    let mut b = client
+        .generate(ids_request(vec![0, 3, 4], 250))
+        .await
+        .expect("second")
+        .into_inner();
+    a.message().await.expect("a streams").expect("a message");
+    b.message().await.expect("b streams").expect("b message");
+    let err = generate(&mut client, ids_request(vec![0, 5], 4))
+        .await
+        .expect_err("over capacity");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Dropping the client streams frees their sequences within a second.
+    drop(a);
+    drop(b);
+    wait_idle(&mut client, Duration::from_secs(1)).await;
+    generate(&mut client, ids_request(vec![0, 5], 4))
+        .await
+        .expect("capacity is free again");
+
+    // A deadline ends the stream with DEADLINE_EXCEEDED and frees the sequence.
+    let mut request = tonic::Request::new(ids_request(vec![0, 7, 8], 250));
+    request.set_timeout(Duration::from_millis(50));
+    let started = Instant::now();
+    let result = async {
+        let mut s = client.generate(request).await?.into_inner();
+        while s.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    if let Err(e) = result {
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{e:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    wait_idle(&mut client, Duration::from_secs(1)).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epoch_change_mid_generation_loses_nothing() {
+    let prompt: Vec<u32> = (0..8).map(|i| (i * 37 + 3) % 448).collect();
+    let n = 240;
+    let want = reference(vec![GenerateRequest {
+        ignore_eos: true,
+        ..GenerateRequest::greedy(prompt.clone(), n)
+    }]);
+
+    let cluster = Cluster::start(3, 64).await;
+    cluster
+        .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+    // w2 is not in epoch 1: it refuses requests.
+    let err = generate(&mut cluster.client(2).await, ids_request(vec![0, 5], 4))
+        .await
+        .expect_err("not in the epoch");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    let mut client = cluster.client(0).await;
+    let mut stream = client
+        .generate(ids_request(prompt, n as u32))
+        .await
+        .expect("generate")
+        .into_inner();
+    let mut tokens = Vec::new();
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("first message");
+    tokens.extend(first.token_ids);
+    // Epoch 2: three ranks, each with a different (strided) set of slots, and a redundant
+    // copy of expert 0 on the new rank.
+    let placement = Placement {
+        num_experts: EXPERTS,
+        ranks: vec![vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8, 0]],
+    };
+    let record = cluster.propose(2, &[0, 1, 2], placement).await;
+    // Every member acknowledged, so every rank has paused and installed epoch 2; the sequence
+    // is still there, halfway through.
+    let paused = client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((paused.epoch, paused.active_sequences), (2, 1));
+    cluster.activate(record).await;
+    let mut finish = 0;
+    let mut during = 0;
+    while let Some(msg) = stream
+        .message()
+        .await
+        .expect("stream survives the epoch change")
+    {
+        tokens.extend(msg.token_ids);
+        during += 1;
+        finish = msg.finish_reason;
+    }
+    assert!(during > 0, "the generation was still running at the change");
+    assert_eq!(finish, pb::FinishReason::Length as i32);
+    assert_eq!(
+        tokens, want[0].token_ids,
+        "tokens differ from a run without the change"
+    );
+    for i in 0..3 {
+        cluster.wait_serving(i, 2).await;
+    }
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((status.epoch, status.rank), (2, 0));
+    assert_eq!(status.expert_slots, vec![0, 3, 6, 9]);
+    // The new rank serves too, with the same results.
+    let mut c2 = cluster.client(2).await;
+    let got = generate(&mut c2, ids_request(vec![0, 17, 42, 99], 12))
+        .await
+        .expect("the new rank serves");
+    let want = reference(vec![GenerateRequest {
+        ignore_eos: true,
+        ..GenerateRequest::greedy(vec![0, 17, 42, 99], 12)
+    }]);
+    assert_eq!(got.tokens, want[0].token_ids);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_peer_fails_in_flight_requests_and_the_next_epoch_serves() {
+    let cluster = Cluster::start(2, 64).await;
+    cluster
+        .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 1).await;
+    let mut client = cluster.client(0).await;
+    let mut stream = client
+        .generate(ids_request(vec![0, 1, 2], 250))
+        .await
+        .expect("generate")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("first message");
+    cluster.kill(1);
+    // The stream ends with UNAVAILABLE (the router would resubmit), promptly: the data-plane
+    // timeout bounds the wait even if the dead peer's sockets stayed open.
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) if m.finish_reason != 0 => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stream does not hang");
+    let err = ended.expect_err("the generation cannot finish without its peer");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("EP group"), "{}", err.message());
+    wait_idle(&mut client, Duration::from_secs(1)).await;
+    let err = generate(&mut client, ids_request(vec![0, 5], 4))
+        .await
+        .expect_err("no group until the next epoch");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // The coordinator forms epoch 2 without the dead worker; w0 serves alone, correctly.
+    cluster
+        .epoch(2, &[0], Placement::even(EXPERTS, 1).expect("placement"))
+        .await;
+    cluster.wait_serving(0, 2).await;
+    let got = generate(&mut client, ids_request(vec![0, 17, 42, 99], 12))
+        .await
+        .expect("serves in epoch 2");
+    let want = reference(vec![GenerateRequest {
+        ignore_eos: true,
+        ..GenerateRequest::greedy(vec![0, 17, 42, 99], 12)
+    }]);
+    assert_eq!(got.tokens, want[0].token_ids);
+    cluster.stop().await;
+}
