@@ -89,7 +89,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 
 /// The bundled checkpoint is found from the working directory (a clone's root) or, for a
 /// binary run from elsewhere, from the source tree it was built in.
-fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
+pub fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m.to_path_buf());
     }
@@ -103,77 +103,99 @@ fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("the bundled checkpoint {BUNDLED_MODEL} is not here: run from the repository root or pass --model DIR"))
 }
 
-async fn in_process(
-    args: &UpArgs,
-    model: &Path,
-    experts: usize,
-    shutdown: CancellationToken,
-) -> Result<()> {
+/// A cluster running inside this process on the in-memory store.
+pub struct LocalCluster {
+    pub router_addr: SocketAddr,
+    pub epoch: EpochRecord,
+    pub tasks: JoinSet<Result<()>>,
+}
+
+/// What an in-process cluster is made of.
+pub struct LocalOptions<'a> {
+    pub model: &'a Path,
+    pub experts: usize,
+    pub workers: usize,
+    pub listen: SocketAddr,
+    pub cluster: &'a str,
+    pub capacity: u32,
+    pub threads: usize,
+    pub lease_ttl: Duration,
+}
+
+/// Starts coordinator, workers and router as tasks of this process and waits until the
+/// router serves and the first epoch is active. Every part stops when `shutdown` is cancelled.
+pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToken) -> Result<LocalCluster> {
     let store: Arc<dyn TopologyStore> = Arc::new(MemoryStore::new());
-    let lease_ttl = Duration::from_secs(args.lease_ttl_secs);
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
     let coordinator = moebius_coordinator::CoordinatorConfig {
         id: "coordinator".into(),
-        cluster: args.cluster.clone(),
-        expected_workers: args.workers,
-        num_experts: experts,
-        lease_ttl,
+        cluster: options.cluster.to_string(),
+        expected_workers: options.workers,
+        num_experts: options.experts,
+        lease_ttl: options.lease_ttl,
         ..Default::default()
     };
     let (store_c, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move {
-        moebius_coordinator::run(coordinator, store_c, stop)
-            .await
-            .context("coordinator")
-    });
-    for i in 0..args.workers {
+    tasks.spawn(async move { moebius_coordinator::run(coordinator, store_c, stop).await.context("coordinator") });
+    for i in 0..options.workers {
         let config = moebius_worker::service::WorkerConfig {
             id: format!("worker-{i}"),
-            cluster: args.cluster.clone(),
-            model_dir: model.to_path_buf(),
-            capacity: args.capacity,
-            threads: args.threads,
-            lease_ttl,
+            cluster: options.cluster.to_string(),
+            model_dir: options.model.to_path_buf(),
+            capacity: options.capacity,
+            threads: options.threads,
+            lease_ttl: options.lease_ttl,
             ..Default::default()
         };
         let (store_w, stop) = (store.clone(), shutdown.child_token());
         tasks.spawn(async move {
-            moebius_worker::service::run(config, store_w, stop)
-                .await
-                .with_context(|| format!("worker-{i}"))
+            moebius_worker::service::run(config, store_w, stop).await.with_context(|| format!("worker-{i}"))
         });
     }
     let router = moebius_router::RouterConfig {
-        cluster: args.cluster.clone(),
-        listen: args.listen,
+        cluster: options.cluster.to_string(),
+        listen: options.listen,
         ..Default::default()
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (store_r, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move {
-        moebius_router::run(router, store_r, stop, Some(ready_tx))
-            .await
-            .context("router")
-    });
+    tasks.spawn(async move { moebius_router::run(router, store_r, stop, Some(ready_tx)).await.context("router") });
 
     let started = async {
-        let addr = ready_rx
-            .await
-            .context("the router stopped before it was ready")?;
-        let epoch = wait_active(&*store, &args.cluster).await?;
+        let addr = ready_rx.await.context("the router stopped before it was ready")?;
+        let epoch = wait_active(&*store, options.cluster).await?;
         Ok::<_, anyhow::Error>((addr, epoch))
     };
     tokio::select! {
         started = started => {
-            let (addr, epoch) = started?;
-            banner(addr, model, &epoch);
+            let (router_addr, epoch) = started?;
+            Ok(LocalCluster { router_addr, epoch, tasks })
         }
         Some(done) = tasks.join_next() => {
             shutdown.cancel();
-            return Err(failed(done));
+            Err(failed(done))
         }
-        _ = shutdown.cancelled() => {}
+        _ = shutdown.cancelled() => bail!("stopped while starting"),
     }
+}
+
+async fn in_process(args: &UpArgs, model: &Path, experts: usize, shutdown: CancellationToken) -> Result<()> {
+    let options = LocalOptions {
+        model,
+        experts,
+        workers: args.workers,
+        listen: args.listen,
+        cluster: &args.cluster,
+        capacity: args.capacity,
+        threads: args.threads,
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+    };
+    let LocalCluster { router_addr, epoch, mut tasks } = match start_local(&options, &shutdown).await {
+        Ok(cluster) => cluster,
+        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    banner(router_addr, model, &epoch);
     // Serve until Ctrl-C or until a part fails; then stop every part.
     let mut first_error = None;
     tokio::select! {

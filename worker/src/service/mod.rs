@@ -248,7 +248,9 @@ pub async fn start(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(WorkerServer::new(service.clone()));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // Without TCP_NODELAY, small responses wait for the peer's delayed ACK (~40 ms).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

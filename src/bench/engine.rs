@@ -6,17 +6,11 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use moebius_worker::comm::local_group;
 use moebius_worker::engine::{GenerateRequest, LoadedModel, RankEngine, Submission};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Prefill and decode tokens/s of the engine on one rank.
-    Engine(EngineArgs),
-}
 
 #[derive(Args, Debug)]
 pub struct EngineArgs {
@@ -43,13 +37,7 @@ pub struct EngineArgs {
     json: bool,
 }
 
-pub fn run(command: BenchCommand) -> Result<()> {
-    match command {
-        BenchCommand::Engine(args) => engine(args),
-    }
-}
-
-fn engine(args: EngineArgs) -> Result<()> {
+pub fn run(args: EngineArgs) -> Result<()> {
     if args.prompt_len == 0 || args.decode_tokens == 0 || args.batch.contains(&0) {
         bail!("--prompt-len, --decode-tokens and every --batch must be at least 1");
     }
