@@ -46,7 +46,10 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let load_s = started.elapsed().as_secs_f64();
     let config = model.config.clone();
     let bandwidth = read_bandwidth_gbs().max(gemv_bandwidth_gbs(&model));
-    let step_bytes = decode_bytes_per_step(&model);
+    let expert_bytes = model.rank_models(1)?[0]
+        .experts
+        .bytes(&*model.shared.backend);
+    let step_bytes = decode_bytes_per_step(&model, expert_bytes);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
     warm_up(&model, args.prompt_len, &mut rng)?;
@@ -95,7 +98,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         "model": args.model.display().to_string(),
         "threads": args.threads,
         "load_s": load_s,
-        "weights_bytes": model.shared.bytes() + model.rank_models(1)?[0].experts.bytes(&*model.shared.backend),
+        "weights_bytes": model.shared.bytes() + expert_bytes,
         "decode_bytes_per_step": step_bytes,
         "read_bandwidth_gb_s": bandwidth,
         "batch1_decode_ceiling_tok_s": ceiling,
@@ -146,14 +149,16 @@ fn warm_up(model: &LoadedModel, prompt_len: usize, rng: &mut rand::rngs::StdRng)
 
 /// Weight bytes one batch-1 decode step must read: everything replicated except the
 /// embedding table (one row), plus `top_k` experts per MoE layer.
-fn decode_bytes_per_step(model: &LoadedModel) -> usize {
+fn decode_bytes_per_step(model: &LoadedModel, all_expert_bytes: usize) -> usize {
     let c = &model.config;
     let embed = c.vocab_size * c.hidden_size * 4;
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&l| c.is_moe_layer(l))
         .count();
-    let expert = 3 * c.hidden_size * c.moe_intermediate_size * 4;
-    model.shared.bytes() - embed + c.hidden_size * 4 + moe_layers * c.num_experts_per_tok * expert
+    let per_layer_expert = all_expert_bytes / (moe_layers * c.n_routed_experts).max(1);
+    model.shared.bytes() - embed
+        + c.hidden_size * 4
+        + moe_layers * c.num_experts_per_tok * per_layer_expert
 }
 
 /// Sustained read bandwidth of this machine in GB/s: sums a buffer far larger than the caches

@@ -5,6 +5,7 @@
 //! [`Backend::Matrix`]es and leaves the model code as it is.
 
 pub mod cpu;
+pub mod simd;
 
 pub use cpu::CpuBackend;
 
@@ -29,6 +30,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Takes ownership of a row-major `[rows, cols]` weight.
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Matrix;
+
+    /// Takes a row-major `[rows, cols]` weight stored as bf16 bits. A backend may keep it at two
+    /// bytes a value (products still accumulate in f32); the default widens it to f32.
+    fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> Self::Matrix {
+        self.matrix(rows, cols, bits.iter().map(|&b| bf16_to_f32(b)).collect())
+    }
 
     /// `(rows, cols)` of a matrix.
     fn shape(&self, w: &Self::Matrix) -> (usize, usize);
@@ -62,6 +69,12 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut [f32],
         out_stride: usize,
     );
+}
+
+/// The f32 value of bf16 bits (exact: bf16 is the top half of an f32).
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// RMSNorm of each `weight.len()`-wide row of `x`, in place, as transformers computes it.

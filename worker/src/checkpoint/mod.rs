@@ -187,6 +187,30 @@ impl Checkpoint {
         Ok(values)
     }
 
+    /// Reads tensor `name` as raw bf16 bits when it is stored as BF16 (shape checked as in
+    /// [`Checkpoint::load_f32`]), so a backend can keep it at two bytes a value; `None` for any
+    /// other dtype.
+    pub fn load_bf16_bits(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<u16>>> {
+        let entry = self.entry(name)?;
+        if entry.shape != expected {
+            return Err(Error::TensorShape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        if entry.dtype != Dtype::BF16 {
+            return Ok(None);
+        }
+        let bits = self
+            .data(entry)?
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        self.count(entry);
+        Ok(Some(bits))
+    }
+
     /// Total bytes of tensor data read (as stored on disk, including scale tensors) since open;
     /// lets a rank report how many weight bytes it loaded.
     pub fn bytes_read(&self) -> u64 {

@@ -94,14 +94,36 @@ impl<B: Backend> Loader<'_, B> {
     /// into one linear layer of input width `cols`; biases `{prefix}.bias` when `bias`.
     pub fn linear(&self, parts: &[(&str, usize)], cols: usize, bias: bool) -> Result<Linear<B>> {
         let rows: usize = parts.iter().map(|(_, r)| r).sum();
-        let mut data = Vec::with_capacity(rows * cols);
-        let mut biases = Vec::new();
+        // Weights stored as bf16 stay bf16 in the backend (half the bytes a decode step reads);
+        // every other dtype becomes f32.
+        let mut bf16 = Some(Vec::with_capacity(rows * cols));
         for (prefix, part_rows) in parts {
-            data.extend(
-                self.checkpoint
-                    .load_f32(&format!("{prefix}.weight"), &[*part_rows, cols])?,
-            );
-            if bias {
+            let name = format!("{prefix}.weight");
+            match (
+                self.checkpoint.load_bf16_bits(&name, &[*part_rows, cols])?,
+                bf16.as_mut(),
+            ) {
+                (Some(bits), Some(all)) => all.extend(bits),
+                _ => {
+                    bf16 = None;
+                    break;
+                }
+            }
+        }
+        let weight = match bf16 {
+            Some(bits) => self.backend.matrix_bf16(rows, cols, bits),
+            None => {
+                let mut data = Vec::with_capacity(rows * cols);
+                for (prefix, part_rows) in parts {
+                    let name = format!("{prefix}.weight");
+                    data.extend(self.checkpoint.load_f32(&name, &[*part_rows, cols])?);
+                }
+                self.backend.matrix(rows, cols, data)
+            }
+        };
+        let mut biases = Vec::new();
+        if bias {
+            for (prefix, part_rows) in parts {
                 biases.extend(
                     self.checkpoint
                         .load_f32(&format!("{prefix}.bias"), &[*part_rows])?,
@@ -109,7 +131,7 @@ impl<B: Backend> Loader<'_, B> {
             }
         }
         Ok(Linear {
-            weight: self.backend.matrix(rows, cols, data),
+            weight,
             bias: bias.then_some(biases),
             out_features: rows,
         })
