@@ -2,7 +2,10 @@
 //! - `moebius/v1/inference.proto`: the public `Inference` service of the router;
 //! - `moebius/v1/worker.proto`: the internal `Worker` service the router calls.
 //!
-//! [`FILE_DESCRIPTOR_SET`] feeds server reflection.
+//! [`FILE_DESCRIPTOR_SET`] feeds server reflection; [`deadline`] reads the `grpc-timeout`
+//! header of the gRPC wire format, shared by both servers.
+
+pub mod deadline;
 
 /// Generated types and services of `moebius.v1`.
 #[allow(clippy::all, missing_docs)]

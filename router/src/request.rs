@@ -6,6 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use moebius_proto::deadline::parse_grpc_timeout;
 use moebius_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
 use tonic::metadata::MetadataMap;
 
@@ -83,24 +84,6 @@ pub(crate) fn time_limit(metadata: &MetadataMap, cap: Option<Duration>) -> Optio
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-/// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// Appends one streamed message to the unary response being built: tokens, text and logprobs
@@ -215,12 +198,6 @@ mod tests {
 
     #[test]
     fn grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_grpc_timeout("123456789m"), None);
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
         let mut metadata = MetadataMap::new();
         assert_eq!(time_limit(&metadata, None), None);
         metadata.insert("grpc-timeout", "1S".parse().expect("ascii"));

@@ -1,10 +1,14 @@
 //! `moebius bench`: the numbers of BENCHMARKS.md, measured by the binary itself.
 //!
 //! - [`engine`]: prefill and decode tokens/s of one rank, against the memory-bandwidth limit;
-//! - [`router`]: what the router's hop costs against calls sent straight to a worker.
+//! - [`router`]: what the router's hop costs against calls sent straight to a worker;
+//! - [`serve`]: a load generator against a running router (throughput, TTFT, TPOT, ITL);
+//! - [`alltoall`]: the communicator's dispatch and combine against raw TCP.
 
+mod alltoall;
 mod engine;
 mod router;
+mod serve;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -16,12 +20,20 @@ pub enum BenchCommand {
     /// The router's cost: one-token Generate calls through the router against the same calls
     /// sent straight to the worker, on an in-process cluster of one worker.
     Router(router::RouterArgs),
+    /// Load generator against a running router: throughput, TTFT, TPOT, ITL and end-to-end
+    /// latency of streaming requests with random token-id prompts.
+    Serve(serve::ServeArgs),
+    /// The all-to-all alone: MoE dispatch and combine between ranks of this process, with
+    /// latency and algorithm bandwidth (bytes a rank sends to other ranks per exchange / exchange
+    /// latency, as DeepEP reports it), against a raw TCP baseline of the same bytes.
+    Alltoall(alltoall::AlltoallArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Engine(args) => engine::run(args),
         BenchCommand::Router(args) => router::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Alltoall(args) => alltoall::run(args),
     }
 }
-

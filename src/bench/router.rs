@@ -29,7 +29,9 @@ pub fn run(args: RouterArgs) -> Result<()> {
     }
     let model = crate::cmd::up::resolve_model(args.model.as_deref())?;
     let experts = moebius_worker::config::ModelConfig::from_dir(&model)?.n_routed_experts;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let options = crate::cmd::up::LocalOptions {
@@ -68,17 +70,35 @@ pub fn run(args: RouterArgs) -> Result<()> {
         }
         shutdown.cancel();
         while cluster.tasks.join_next().await.is_some() {}
-        let report = json!({"model": model.display().to_string(), "calls": args.calls, "results": rows});
+        let report =
+            json!({"model": model.display().to_string(), "calls": args.calls, "results": rows});
         if args.json {
             println!("{report}");
         } else {
-            println!("{:>5} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}", "conc", "direct/s", "router/s", "share",
-                "dir p50ms", "rtr p50ms", "dir p99ms", "rtr p99ms");
+            println!(
+                "{:>5} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}",
+                "conc",
+                "direct/s",
+                "router/s",
+                "share",
+                "dir p50ms",
+                "rtr p50ms",
+                "dir p99ms",
+                "rtr p99ms"
+            );
             for r in &rows {
                 let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-                println!("{:>5} {:>12.0} {:>12.0} {:>7.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}", r["concurrency"],
-                    f("direct_calls_per_s"), f("router_calls_per_s"), f("router_share_of_direct"),
-                    f("direct_p50_ms"), f("router_p50_ms"), f("direct_p99_ms"), f("router_p99_ms"));
+                println!(
+                    "{:>5} {:>12.0} {:>12.0} {:>7.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                    r["concurrency"],
+                    f("direct_calls_per_s"),
+                    f("router_calls_per_s"),
+                    f("router_share_of_direct"),
+                    f("direct_p50_ms"),
+                    f("router_p50_ms"),
+                    f("direct_p99_ms"),
+                    f("router_p99_ms")
+                );
             }
         }
         Ok(())

@@ -124,7 +124,10 @@ pub struct LocalOptions<'a> {
 
 /// Starts coordinator, workers and router as tasks of this process and waits until the
 /// router serves and the first epoch is active. Every part stops when `shutdown` is cancelled.
-pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToken) -> Result<LocalCluster> {
+pub async fn start_local(
+    options: &LocalOptions<'_>,
+    shutdown: &CancellationToken,
+) -> Result<LocalCluster> {
     let store: Arc<dyn TopologyStore> = Arc::new(MemoryStore::new());
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
     let coordinator = moebius_coordinator::CoordinatorConfig {
@@ -136,7 +139,11 @@ pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToke
         ..Default::default()
     };
     let (store_c, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move { moebius_coordinator::run(coordinator, store_c, stop).await.context("coordinator") });
+    tasks.spawn(async move {
+        moebius_coordinator::run(coordinator, store_c, stop)
+            .await
+            .context("coordinator")
+    });
     for i in 0..options.workers {
         let config = moebius_worker::service::WorkerConfig {
             id: format!("worker-{i}"),
@@ -149,7 +156,9 @@ pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToke
         };
         let (store_w, stop) = (store.clone(), shutdown.child_token());
         tasks.spawn(async move {
-            moebius_worker::service::run(config, store_w, stop).await.with_context(|| format!("worker-{i}"))
+            moebius_worker::service::run(config, store_w, stop)
+                .await
+                .with_context(|| format!("worker-{i}"))
         });
     }
     let router = moebius_router::RouterConfig {
@@ -159,10 +168,16 @@ pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToke
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (store_r, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move { moebius_router::run(router, store_r, stop, Some(ready_tx)).await.context("router") });
+    tasks.spawn(async move {
+        moebius_router::run(router, store_r, stop, Some(ready_tx))
+            .await
+            .context("router")
+    });
 
     let started = async {
-        let addr = ready_rx.await.context("the router stopped before it was ready")?;
+        let addr = ready_rx
+            .await
+            .context("the router stopped before it was ready")?;
         let epoch = wait_active(&*store, options.cluster).await?;
         Ok::<_, anyhow::Error>((addr, epoch))
     };
@@ -179,7 +194,12 @@ pub async fn start_local(options: &LocalOptions<'_>, shutdown: &CancellationToke
     }
 }
 
-async fn in_process(args: &UpArgs, model: &Path, experts: usize, shutdown: CancellationToken) -> Result<()> {
+async fn in_process(
+    args: &UpArgs,
+    model: &Path,
+    experts: usize,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let options = LocalOptions {
         model,
         experts,
@@ -190,7 +210,11 @@ async fn in_process(args: &UpArgs, model: &Path, experts: usize, shutdown: Cance
         threads: args.threads,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
     };
-    let LocalCluster { router_addr, epoch, mut tasks } = match start_local(&options, &shutdown).await {
+    let LocalCluster {
+        router_addr,
+        epoch,
+        mut tasks,
+    } = match start_local(&options, &shutdown).await {
         Ok(cluster) => cluster,
         Err(_) if shutdown.is_cancelled() => return Ok(()),
         Err(e) => return Err(e),

@@ -139,7 +139,18 @@ impl fmt::Display for FrameError {
 
 /// Reads one frame: `(seq, payload)`. Memory grows with the bytes that actually arrive, not with
 /// what the header claims.
+#[cfg(test)]
 pub(super) fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), FrameError> {
+    read_frame_into(r, |_| None)
+}
+
+/// [`read_frame`], receiving into a buffer from `reuse(len)` when it offers one (its contents are
+/// discarded). The header is trusted for at most 64 MiB beyond the capacity the buffer already
+/// has; past that, memory grows with the bytes that actually arrive.
+pub(super) fn read_frame_into(
+    r: &mut impl Read,
+    reuse: impl FnOnce(u64) -> Option<Vec<u8>>,
+) -> Result<(u32, Vec<u8>), FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
@@ -163,8 +174,18 @@ pub(super) fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), FrameError
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len));
     }
-    // The header is trusted only up to 64 MiB of up-front allocation.
-    let mut payload = Vec::with_capacity(len.min(64 << 20) as usize);
+    const TRUSTED: u64 = 64 << 20;
+    let mut payload = match reuse(len) {
+        Some(mut buf) => {
+            buf.clear();
+            let have = buf.capacity() as u64;
+            if have < len {
+                buf.reserve_exact(len.min(have + TRUSTED) as usize);
+            }
+            buf
+        }
+        None => Vec::with_capacity(len.min(TRUSTED) as usize),
+    };
     let got = r
         .take(len)
         .read_to_end(&mut payload)

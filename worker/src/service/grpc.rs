@@ -4,9 +4,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::stream::BoxStream;
+use moebius_proto::deadline::parse_grpc_timeout;
 use moebius_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -121,24 +121,6 @@ pub fn prepare(
         request,
         stop: proto.stop,
         logprobs: proto.logprobs,
-    })
-}
-
-/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of `HMSmun`).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
     })
 }
 
@@ -275,17 +257,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_timeout_header_parses() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("S"), None);
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
-    }
-
-    #[test]
     fn errors_map_to_the_documented_codes() {
         let code = |e| status_from_error(e).code();
         assert_eq!(
@@ -298,7 +269,7 @@ mod tests {
         );
         assert_eq!(code(Error::Comm("x".into())), tonic::Code::Unavailable);
         assert_eq!(
-            code(Error::DeadlineExceeded(Duration::from_secs(1))),
+            code(Error::DeadlineExceeded(std::time::Duration::from_secs(1))),
             tonic::Code::DeadlineExceeded
         );
     }
