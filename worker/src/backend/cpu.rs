@@ -146,25 +146,18 @@ impl CpuBackend {
             return;
         }
         let block = 64;
-        let run = |(b, chunk): (usize, &[u16])| -> Vec<f32> {
+        let run = |chunk: &[u16]| -> Vec<f32> {
+            // part[r * m + i] = x_i · w_r
             let mut part = vec![0.0f32; m * (chunk.len() / cols)];
-            for (r, w) in chunk.chunks_exact(cols).enumerate() {
-                for i in 0..m {
-                    part[r * m + i] = simd::dot_bf16(&x[i * cols..(i + 1) * cols], w);
-                }
+            for (w, dots) in chunk.chunks_exact(cols).zip(part.chunks_exact_mut(m)) {
+                simd::dot_rows_bf16(&x[..m * cols], w, dots);
             }
-            let _ = b;
             part
         };
-        let blocks = bits.chunks(block * cols).enumerate();
         let parts: Vec<Vec<f32>> = if self.threads != 1 && m * rows * cols >= PARALLEL_MIN_FLOPS {
-            blocks
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(run)
-                .collect()
+            bits.par_chunks(block * cols).map(run).collect()
         } else {
-            blocks.map(run).collect()
+            bits.chunks(block * cols).map(run).collect()
         };
         for (b, part) in parts.iter().enumerate() {
             for (r, values) in part.chunks_exact(m).enumerate() {

@@ -287,19 +287,25 @@ impl Outgoing {
     }
 }
 
+/// The little-endian bytes of `values` (the wire format of the exchange).
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
-    out
 }
 
+/// The f32 values of little-endian `bytes` (any alignment).
 fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(&bytes[..bytes.len() / 4 * 4])
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }
 
 #[cfg(test)]
