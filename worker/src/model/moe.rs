@@ -255,7 +255,7 @@ impl Outgoing {
         for s in &self.slots {
             buf.extend_from_slice(&s.to_le_bytes());
         }
-        buf.extend_from_slice(&f32_bytes(&self.rows));
+        push_f32_bytes(&mut buf, &self.rows);
         buf
     }
 
@@ -287,13 +287,20 @@ impl Outgoing {
     }
 }
 
-/// The little-endian bytes of `values` (the wire format of the exchange).
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
+/// Appends the little-endian bytes of `values` (the wire format of the exchange) to `buf`.
+fn push_f32_bytes(buf: &mut Vec<u8>, values: &[f32]) {
     if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(values).to_vec()
+        buf.extend_from_slice(bytemuck::cast_slice(values));
     } else {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     }
+}
+
+/// The little-endian bytes of `values`.
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(values.len() * 4);
+    push_f32_bytes(&mut buf, values);
+    buf
 }
 
 /// The f32 values of little-endian `bytes` (any alignment).
