@@ -171,14 +171,7 @@ impl Checkpoint {
     /// `w[i][j] = fp8(w)[i][j] * scale_inv[i/br][j/bc]`; a missing or wrongly-shaped scale tensor is an
     /// error naming it. Other dtypes -> Error::UnsupportedDtype.
     pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let entry = self.entry(name)?;
-        if entry.shape != expected {
-            return Err(Error::TensorShape {
-                name: name.into(),
-                expected: expected.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        let entry = self.entry_of_shape(name, expected)?;
         if entry.dtype == Dtype::F8_E4M3 {
             return self.load_fp8(name, entry);
         }
@@ -191,14 +184,7 @@ impl Checkpoint {
     /// [`Checkpoint::load_f32`]), so a backend can keep it at two bytes a value; `None` for any
     /// other dtype.
     pub fn load_bf16_bits(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<u16>>> {
-        let entry = self.entry(name)?;
-        if entry.shape != expected {
-            return Err(Error::TensorShape {
-                name: name.into(),
-                expected: expected.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        let entry = self.entry_of_shape(name, expected)?;
         if entry.dtype != Dtype::BF16 {
             return Ok(None);
         }
@@ -215,6 +201,19 @@ impl Checkpoint {
     /// lets a rank report how many weight bytes it loaded.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// The entry of `name`, which must have shape `expected`.
+    fn entry_of_shape(&self, name: &str, expected: &[usize]) -> Result<&Entry> {
+        let entry = self.entry(name)?;
+        if entry.shape != expected {
+            return Err(Error::TensorShape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        Ok(entry)
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
