@@ -13,6 +13,9 @@ echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(fre
 echo "== moebius bench engine"
 ./target/release/moebius bench engine --model "$model" --prompt-len "$prompt_len" \
     --decode-tokens "$decode_tokens" --batch 1,16
+echo "== moebius bench engine --bf16-activations"
+./target/release/moebius bench engine --model "$model" --prompt-len "$prompt_len" \
+    --decode-tokens "$decode_tokens" --batch 1,16 --bf16-activations
 echo "== transformers"
 python3 scripts/bench_transformers.py --model "$model" --prompt-len "$prompt_len" \
     --decode-tokens "$decode_tokens" --batch 1,16 --dtypes float32,bfloat16 --threads "$(nproc)"

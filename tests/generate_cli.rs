@@ -148,6 +148,31 @@ fn a_text_prompt_is_tokenised_like_the_golden_and_stops_at_eos() {
 }
 
 #[test]
+fn bf16_activations_still_generate_the_requested_tokens() {
+    // Numerics differ from the f32 default by design; the contract is a well-formed answer.
+    let model = fixture("tiny-v3");
+    let out = moebius(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt-ids",
+        "0,5,9,12,40,41,42,43,44,45,46",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--bf16-activations",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(6));
+    assert!(v["logprobs"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .all(|l| l.as_f64().is_some_and(|x| x <= 0.0)));
+}
+
+#[test]
 fn a_seed_makes_sampling_reproducible_across_processes() {
     let model = fixture("tiny-v2");
     let run = |seed: &str| {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use moebius_worker::backend::CpuBackend;
 use moebius_worker::comm::local_group;
 use moebius_worker::engine::{GenerateRequest, LoadedModel, RankEngine, Submission};
 use rand::{Rng, SeedableRng};
@@ -32,6 +33,10 @@ pub struct EngineArgs {
     /// Random prompt seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16),
+    /// as PyTorch's bf16 path does; less precise than the default f32 activations.
+    #[arg(long)]
+    bf16_activations: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -42,7 +47,8 @@ pub fn run(args: EngineArgs) -> Result<()> {
         bail!("--prompt-len, --decode-tokens and every --batch must be at least 1");
     }
     let started = Instant::now();
-    let model = LoadedModel::open(&args.model, args.threads)?;
+    let backend = CpuBackend::new(args.threads).with_bf16_activations(args.bf16_activations);
+    let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
     let config = model.config.clone();
     let bandwidth = read_bandwidth_gbs().max(gemv_bandwidth_gbs(&model));
@@ -97,6 +103,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let report = json!({
         "model": args.model.display().to_string(),
         "threads": args.threads,
+        "bf16_activations": args.bf16_activations,
         "load_s": load_s,
         "weights_bytes": model.shared.bytes() + expert_bytes,
         "decode_bytes_per_step": step_bytes,

@@ -246,7 +246,7 @@ impl ModelConfig {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return fail(format!(
                 "qk_rope_head_dim {} must be even",
                 self.qk_rope_head_dim
@@ -263,7 +263,7 @@ impl ModelConfig {
                     self.num_experts_per_tok
                 ));
             }
-            if self.n_group == 0 || e % self.n_group != 0 {
+            if self.n_group == 0 || !e.is_multiple_of(self.n_group) {
                 return fail(format!(
                     "n_group {} must divide n_routed_experts {e}",
                     self.n_group
@@ -307,7 +307,7 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.n_routed_experts > 0
             && layer >= self.first_k_dense_replace
-            && (layer - self.first_k_dense_replace) % self.moe_layer_freq == 0
+            && (layer - self.first_k_dense_replace).is_multiple_of(self.moe_layer_freq)
     }
 
     /// Whether any layer is a MoE layer.

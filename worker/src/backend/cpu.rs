@@ -9,7 +9,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{bf16_to_f32, simd, Backend, View};
+use super::{bf16_gemm, bf16_to_f32, simd, Backend, View};
 
 /// Products with fewer multiply-adds than this run on one thread.
 const PARALLEL_MIN_FLOPS: usize = 1 << 17;
@@ -45,12 +45,25 @@ enum Storage {
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
     threads: usize,
+    /// Round activations to bf16 in products with bf16 weights and many rows (prefill), where
+    /// the CPU has AVX512-BF16; see [`super::bf16_gemm`].
+    bf16_activations: bool,
 }
 
 impl CpuBackend {
     /// A backend that uses `threads` threads for large products (0: all cores).
     pub fn new(threads: usize) -> Self {
-        Self { threads }
+        Self {
+            threads,
+            bf16_activations: false,
+        }
+    }
+
+    /// Opts into bf16 activations for prefill-sized products with bf16 weights (faster, less
+    /// precise); a CPU without AVX512-BF16 keeps f32.
+    pub fn with_bf16_activations(mut self, on: bool) -> Self {
+        self.bf16_activations = on;
+        self
     }
 
     fn parallelism(&self, m: usize, n: usize, k: usize) -> Parallelism {
@@ -266,7 +279,12 @@ impl Backend for CpuBackend {
                 m, w.rows, w.cols, out, w.rows, x, w.cols, 1, data, 1, w.cols,
             ),
             Storage::Bf16(bits) if m > FUSED_MAX_ROWS => {
-                self.linear_bf16_panels(x, m, w.rows, w.cols, bits, out)
+                let fast = self.bf16_activations
+                    && bf16_gemm::matmul(x, m, bits, w.rows, w.cols, out, self.threads != 1)
+                        .is_some();
+                if !fast {
+                    self.linear_bf16_panels(x, m, w.rows, w.cols, bits, out)
+                }
             }
             Storage::Bf16(bits) => self.linear_bf16_rows(x, m, w.rows, w.cols, bits, out),
         }

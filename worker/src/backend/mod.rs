@@ -4,6 +4,7 @@
 //! built today. A CUDA backend (cudarc, cuBLAS) implements the same trait with device-resident
 //! [`Backend::Matrix`]es and leaves the model code as it is.
 
+pub mod bf16_gemm;
 pub mod cpu;
 pub mod simd;
 

@@ -70,6 +70,11 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Opens `dir` and loads the replicated weights once.
     pub fn open(dir: &Path, threads: usize) -> Result<Self> {
+        Self::open_with(dir, CpuBackend::new(threads))
+    }
+
+    /// Opens `dir` on a configured backend.
+    pub fn open_with(dir: &Path, backend: CpuBackend) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
@@ -80,8 +85,11 @@ impl LoadedModel {
         if let Some([r, c]) = config.fp8_block {
             checkpoint.set_fp8_block(r, c);
         }
-        let backend = Arc::new(CpuBackend::new(threads));
-        let shared = Arc::new(SharedWeights::load(&checkpoint, &config, backend)?);
+        let shared = Arc::new(SharedWeights::load(
+            &checkpoint,
+            &config,
+            Arc::new(backend),
+        )?);
         Ok(Self {
             config,
             checkpoint: Arc::new(checkpoint),
