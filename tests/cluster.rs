@@ -32,6 +32,19 @@ fn ids_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
     }
 }
 
+/// A short greedy-sized request with the given sampling temperature and top-p.
+fn sampled(temperature: f32, top_p: f32) -> GenerateRequest {
+    GenerateRequest {
+        sampling: Some(SamplingParams {
+            temperature,
+            top_p,
+            top_k: 0,
+            seed: None,
+        }),
+        ..ids_request(&[0, 5], 4)
+    }
+}
+
 /// What `moebius generate` prints for the same prompt, in one process.
 fn reference(ids: &[u32], max_new_tokens: u32) -> (Vec<u32>, Vec<f32>) {
     let ids_arg = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -214,42 +227,9 @@ async fn a_three_worker_cluster_serves_rejects_bad_input_and_survives_a_kill() {
         (ids_request(&[0, 99999], 4), "outside the vocabulary"),
         (ids_request(&[0, 5], 0), "max_new_tokens"),
         (ids_request(&[0, 5], 100_000), "max_new_tokens"),
-        (
-            GenerateRequest {
-                sampling: Some(SamplingParams {
-                    temperature: -1.0,
-                    top_p: 1.0,
-                    top_k: 0,
-                    seed: None,
-                }),
-                ..ids_request(&[0, 5], 4)
-            },
-            "temperature",
-        ),
-        (
-            GenerateRequest {
-                sampling: Some(SamplingParams {
-                    temperature: f32::NAN,
-                    top_p: 1.0,
-                    top_k: 0,
-                    seed: None,
-                }),
-                ..ids_request(&[0, 5], 4)
-            },
-            "temperature",
-        ),
-        (
-            GenerateRequest {
-                sampling: Some(SamplingParams {
-                    temperature: 1.0,
-                    top_p: 1.5,
-                    top_k: 0,
-                    seed: None,
-                }),
-                ..ids_request(&[0, 5], 4)
-            },
-            "top_p",
-        ),
+        (sampled(-1.0, 1.0), "temperature"),
+        (sampled(f32::NAN, 1.0), "temperature"),
+        (sampled(1.0, 1.5), "top_p"),
         (
             GenerateRequest {
                 prompt: Some(Prompt::Text(String::new())),
