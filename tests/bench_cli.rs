@@ -252,8 +252,11 @@ fn bench_engine_tiny() {
         "1,2",
         "--threads",
         "1",
+        "--repeats",
+        "2",
         "--json",
     ]);
+    assert_eq!(v["repeats"], 2, "{v}");
     assert_fields(
         &v,
         &[
@@ -272,6 +275,7 @@ fn bench_engine_tiny() {
                 "batch",
                 "prompt_len",
                 "decode_tokens",
+                "repeats",
                 "prefill_tok_s",
                 "decode_tok_s",
                 "decode_step_ms",

@@ -33,6 +33,9 @@ pub struct EngineArgs {
     /// Random prompt seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Times each batch is measured (fresh prompts each time); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16),
     /// as PyTorch's bf16 path does; less precise than the default f32 activations.
     #[arg(long)]
@@ -43,14 +46,17 @@ pub struct EngineArgs {
 }
 
 pub fn run(args: EngineArgs) -> Result<()> {
-    if args.prompt_len == 0 || args.decode_tokens == 0 || args.batch.contains(&0) {
-        bail!("--prompt-len, --decode-tokens and every --batch must be at least 1");
+    if args.prompt_len == 0
+        || args.decode_tokens == 0
+        || args.repeats == 0
+        || args.batch.contains(&0)
+    {
+        bail!("--prompt-len, --decode-tokens, --repeats and every --batch must be at least 1");
     }
     let started = Instant::now();
     let backend = CpuBackend::new(args.threads).with_bf16_activations(args.bf16_activations);
     let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
-    let config = model.config.clone();
     let bandwidth = read_bandwidth_gbs().max(gemv_bandwidth_gbs(&model));
     let expert_bytes = model.rank_models(1)?[0]
         .experts
@@ -63,47 +69,27 @@ pub fn run(args: EngineArgs) -> Result<()> {
         let rank = model.rank_models(1)?.pop().expect("one rank");
         let comm = local_group(1).pop().expect("one end");
         let mut engine = RankEngine::new(rank, Box::new(comm), batch * args.prompt_len);
-        let mut streams = Vec::new();
-        for _ in 0..batch {
-            let prompt = (0..args.prompt_len)
-                .map(|_| rng.random_range(0..config.vocab_size as u32))
-                .collect();
-            let (tx, rx) = mpsc::channel();
-            let request = GenerateRequest {
-                ignore_eos: true,
-                ..GenerateRequest::greedy(prompt, args.decode_tokens + 2)
-            };
-            engine.submit(Submission {
-                request,
-                events: tx,
-            });
-            streams.push(rx);
+        let mut prefill = Vec::with_capacity(args.repeats);
+        let mut decode = Vec::with_capacity(args.repeats);
+        for _ in 0..args.repeats {
+            let (prefill_s, decode_s) = measure(&mut engine, &args, batch, &mut rng)?;
+            prefill.push((batch * args.prompt_len) as f64 / prefill_s);
+            decode.push((batch * args.decode_tokens) as f64 / decode_s);
         }
-        // Warm-up decode shapes on a throwaway step is not possible without state, so the
-        // first decode step is excluded from the timing instead.
-        let t = Instant::now();
-        engine.step()?;
-        let prefill_s = t.elapsed().as_secs_f64();
-        engine.step()?;
-        let t = Instant::now();
-        for _ in 0..args.decode_tokens {
-            engine.step()?;
-        }
-        let decode_s = t.elapsed().as_secs_f64();
-        let prefill = (batch * args.prompt_len) as f64 / prefill_s;
-        let decode = (batch * args.decode_tokens) as f64 / decode_s;
+        let decode_tok_s = median(&mut decode);
         rows.push(json!({
             "batch": batch, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
-            "prefill_tok_s": prefill, "decode_tok_s": decode,
-            "decode_step_ms": decode_s * 1e3 / args.decode_tokens as f64,
+            "repeats": args.repeats,
+            "prefill_tok_s": median(&mut prefill), "decode_tok_s": decode_tok_s,
+            "decode_step_ms": batch as f64 * 1e3 / decode_tok_s,
         }));
-        drop(streams);
     }
     let ceiling = bandwidth * 1e9 / step_bytes as f64;
     let report = json!({
         "model": args.model.display().to_string(),
         "threads": args.threads,
         "bf16_activations": args.bf16_activations,
+        "repeats": args.repeats,
         "load_s": load_s,
         "weights_bytes": model.shared.bytes() + expert_bytes,
         "decode_bytes_per_step": step_bytes,
@@ -134,6 +120,63 @@ pub fn run(args: EngineArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One pass over `batch` fresh random prompts on an idle engine: the prefill step's seconds and
+/// the seconds of `decode_tokens` decode steps (after one untimed decode step). Runs the
+/// sequences to their end, so the engine is idle again afterwards.
+fn measure(
+    engine: &mut RankEngine<CpuBackend>,
+    args: &EngineArgs,
+    batch: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<(f64, f64)> {
+    let vocab = engine.model().config().vocab_size as u32;
+    let mut streams = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let prompt = (0..args.prompt_len)
+            .map(|_| rng.random_range(0..vocab))
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        let request = GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(prompt, args.decode_tokens + 2)
+        };
+        engine.submit(Submission {
+            request,
+            events: tx,
+        });
+        streams.push(rx);
+    }
+    let t = Instant::now();
+    engine.step()?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    engine.step()?;
+    let t = Instant::now();
+    for _ in 0..args.decode_tokens {
+        engine.step()?;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    while engine.active() > 0 {
+        engine.step()?;
+    }
+    for events in &streams {
+        if let Some(Err(e)) = events.try_iter().find(|e| e.is_err()) {
+            bail!("a benchmark sequence failed: {e}");
+        }
+    }
+    Ok((prefill_s, decode_s))
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
 }
 
 /// One untimed prefill and decode step, so page faults and thread-pool start-up are not timed.

@@ -9,7 +9,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{bf16_gemm, bf16_to_f32, simd, Backend, View};
+use super::{bf16_gemm, bf16_to_f32, simd, widen_gemm, Backend, View};
 
 /// Products with fewer multiply-adds than this run on one thread.
 const PARALLEL_MIN_FLOPS: usize = 1 << 17;
@@ -278,15 +278,23 @@ impl Backend for CpuBackend {
             Storage::F32(data) => self.gemm(
                 m, w.rows, w.cols, out, w.rows, x, w.cols, 1, data, 1, w.cols,
             ),
-            Storage::Bf16(bits) if m > FUSED_MAX_ROWS => {
-                let fast = self.bf16_activations
-                    && bf16_gemm::matmul(x, m, bits, w.rows, w.cols, out, self.threads != 1)
-                        .is_some();
-                if !fast {
+            Storage::Bf16(bits) => {
+                let parallel = self.threads != 1 && m * w.rows * w.cols >= PARALLEL_MIN_FLOPS;
+                if m > FUSED_MAX_ROWS
+                    && self.bf16_activations
+                    && bf16_gemm::matmul(x, m, bits, w.rows, w.cols, out, parallel).is_some()
+                {
+                    return;
+                }
+                if widen_gemm::matmul(x, m, bits, w.rows, w.cols, out, parallel).is_some() {
+                    return;
+                }
+                if m > FUSED_MAX_ROWS {
                     self.linear_bf16_panels(x, m, w.rows, w.cols, bits, out)
+                } else {
+                    self.linear_bf16_rows(x, m, w.rows, w.cols, bits, out)
                 }
             }
-            Storage::Bf16(bits) => self.linear_bf16_rows(x, m, w.rows, w.cols, bits, out),
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod simd;
+pub mod widen_gemm;
 
 pub use cpu::CpuBackend;
 
