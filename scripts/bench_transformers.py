@@ -4,17 +4,19 @@
     python3 scripts/make_fixtures.py --bench-model bench-models/v3-bench
     python3 scripts/bench_transformers.py --model bench-models/v3-bench \
         [--prompt-len 128] [--decode-tokens 32] [--batch 1,16] [--dtypes float32,bfloat16] \
-        [--threads 2] [--json]
+        [--threads 2] [--repeats 3] [--json]
 
-For every (dtype, batch):
+For every (dtype, batch), --repeats times with fresh random prompts, reporting the medians:
   prefill_tok_s: one forward over batch x prompt-len random ids (logits of the last position
                  only, like a serving engine), timed after one untimed warm-up forward of 1 x prompt-len;
   decode_tok_s:  steady-state greedy decode with the KV cache after that prefill: 2 untimed
                  steps, then --decode-tokens timed steps; tokens = batch x steps.
+This is what `moebius bench engine --repeats` measures, so the two are compared like for like.
 """
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -29,8 +31,8 @@ def cache_of(out):
 
 
 @torch.no_grad()
-def bench_one(model, vocab, batch, prompt_len, decode_tokens, warm_steps=2):
-    g = torch.Generator().manual_seed(batch * 1000 + prompt_len)
+def bench_one(model, vocab, batch, prompt_len, decode_tokens, seed, warm_steps=2):
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (batch, prompt_len), generator=g)
 
     t0 = time.perf_counter()
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per batch; medians are reported")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON list")
     args = ap.parse_args()
 
@@ -83,8 +86,11 @@ def main():
         with torch.no_grad():  # warm-up (first touch of the weights, allocator, kernels)
             model(input_ids=torch.randint(2, vocab, (1, args.prompt_len)), use_cache=False, logits_to_keep=1)
         for b in batches:
-            r = bench_one(model, vocab, b, args.prompt_len, args.decode_tokens)
-            r.update({"dtype": dname, "batch": b, "prompt_len": args.prompt_len,
+            runs = [bench_one(model, vocab, b, args.prompt_len, args.decode_tokens, seed=b * 1000 + i)
+                    for i in range(args.repeats)]
+            print(f"# {dname} batch {b}: prefill tok/s of each run " + ", ".join(f"{run['prefill_tok_s']:.1f}" for run in runs), flush=True)
+            r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            r.update({"repeats": args.repeats, "dtype": dname, "batch": b, "prompt_len": args.prompt_len,
                       "decode_tokens": args.decode_tokens, "threads": args.threads, "load_s": load_s})
             results.append(r)
             print(f"# {dname} batch {b}: prefill {r['prefill_tok_s']:.1f} tok/s, "

@@ -1,5 +1,6 @@
 //! The `moebius` binary: parses flags into configs and calls into the crates.
 
+mod allocator;
 mod bench;
 mod cmd;
 mod generate;
@@ -7,11 +8,6 @@ mod generate;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// The engine allocates step-sized buffers many times a step; glibc's malloc returns large ones
-/// to the kernel each time, and page faults then cost a tenth of a prefill.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Expert-parallel serving of DeepSeek-family MoE models.
 #[derive(Parser)]
@@ -42,6 +38,7 @@ enum Command {
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    allocator::retain_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

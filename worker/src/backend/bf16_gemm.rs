@@ -3,8 +3,6 @@
 //! instruction, accumulated in f32), as PyTorch's bf16 CPU path does. It trades the f32 precision
 //! of the activations for about twice the multiply throughput of f32; the default path keeps f32.
 
-use rayon::prelude::*;
-
 /// Whether this CPU can run [`matmul`].
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -19,12 +17,9 @@ pub fn available() -> bool {
     }
 }
 
-/// Weight rows per task: a task's rows stay in L1 while every input row streams past them.
-const ROWS_PER_TASK: usize = 32;
-
 /// Register tile of the kernel: activation rows × weight rows, one accumulator each.
-const MR: usize = 2;
-const NR: usize = 8;
+const MR: usize = 4;
+const NR: usize = 4;
 
 /// `out[m, n] = bf16(x)[m, k] · w[n, k]ᵀ` with `w` as bf16 bits; `None` when the CPU lacks
 /// AVX512-BF16 (the caller then takes the f32 path).
@@ -44,31 +39,44 @@ pub fn matmul(
     let kp = k.div_ceil(32) * 32;
     let mut xb = vec![0u16; m * kp];
     for (src, dst) in x.chunks_exact(k).zip(xb.chunks_exact_mut(kp)) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = half::bf16::from_f32(*s).to_bits();
-        }
+        // SAFETY: `available()` checked the CPU features; `dst` is at least as long as `src`.
+        unsafe { round_row(src, dst) };
     }
-    let task = |rows: &[u16]| -> Vec<f32> {
-        let nr = rows.len() / k;
-        let mut part = vec![0.0f32; m * nr];
-        // SAFETY: `available()` checked the CPU features above; the kernel reads `xb` rows of
-        // `kp` values and `rows` rows of `k` values, and writes `part` (m × nr), as sized here.
-        unsafe { kernel(&xb, m, kp, rows, nr, k, &mut part) };
-        part
-    };
-    let parts: Vec<Vec<f32>> = if parallel {
-        w.par_chunks(ROWS_PER_TASK * k).map(task).collect()
-    } else {
-        w.chunks(ROWS_PER_TASK * k).map(task).collect()
-    };
-    for (t, part) in parts.iter().enumerate() {
-        let j0 = t * ROWS_PER_TASK;
-        let nr = part.len() / m;
-        for (i, row) in part.chunks_exact(nr).enumerate() {
-            out[i * n + j0..i * n + j0 + nr].copy_from_slice(row);
-        }
-    }
+    super::blocks::run(m, n, k, 2, NR, parallel, out, |i0, im, j0, jn, part| {
+        // SAFETY: `available()` checked the CPU features; the block's rows of `xb` hold im rows
+        // of `kp` values and those of `w` jn rows of `k` values; `part` is im × jn.
+        unsafe { kernel(&xb[i0 * kp..], im, kp, &w[j0 * k..], jn, k, part) }
+    });
     Some(())
+}
+
+/// Rounds `src` to bf16 (to nearest, ties to even, as PyTorch rounds) into the start of `dst`.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512-BF16; `dst.len() >= src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let chunks = src.chunks_exact(16);
+    let tail = chunks.remainder();
+    let done = src.len() - tail.len();
+    for (c, chunk) in chunks.enumerate() {
+        // SAFETY: the chunk holds 16 values, and dst has room for them at c * 16.
+        unsafe {
+            let v = _mm512_loadu_ps(chunk.as_ptr());
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(c * 16) as *mut __m256i, b);
+        }
+    }
+    for (d, s) in dst[done..].iter_mut().zip(tail) {
+        *d = half::bf16::from_f32(*s).to_bits();
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_row(_: &[f32], _: &mut [u16]) {
+    unreachable!("available() is false off x86_64")
 }
 
 /// `part[i, j] = xb_i · w_j` for `m` activation rows (bf16, padded to `kp`) and `nr` weight

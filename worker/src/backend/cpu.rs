@@ -298,6 +298,14 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {
+        if self.threads == 1 || n < 2 {
+            (0..n).map(f).collect()
+        } else {
+            (0..n).into_par_iter().map(&f).collect()
+        }
+    }
+
     fn matmul_nt(
         &self,
         m: usize,

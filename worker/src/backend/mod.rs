@@ -5,6 +5,7 @@
 //! [`Backend::Matrix`]es and leaves the model code as it is.
 
 pub mod bf16_gemm;
+pub mod blocks;
 pub mod cpu;
 pub mod simd;
 pub mod widen_gemm;
@@ -59,6 +60,12 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut [f32],
         out_stride: usize,
     );
+
+    /// `f(0), …, f(n - 1)` in order of index, as independent tasks the backend may run
+    /// concurrently (each task may use the backend itself): the MoE layer's experts.
+    fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {
+        (0..n).map(f).collect()
+    }
 
     /// `out[m, n] (row stride out_stride) = a[m, k] · b[k, n]`.
     fn matmul_nn(

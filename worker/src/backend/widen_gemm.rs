@@ -3,11 +3,7 @@
 //! Each 16-value chunk of a weight row is widened to f32 in a register (bf16 is the top half
 //! of an f32, so this is exact) and multiplied in f32: nothing is rounded, and no widened copy
 //! of the matrix is ever written to memory. A register tile holds the dot products of `MR`
-//! activation rows with `NR` weight rows; tasks of weight rows spread over the threads, and
-//! inside a task every group of activation rows stays in L1 while the task's weights, a few
-//! tens of KiB, stream past it from L2.
-
-use rayon::prelude::*;
+//! activation rows with `NR` weight rows; [`super::blocks`] splits the product into tasks.
 
 /// Whether this CPU can run [`matmul`].
 pub fn available() -> bool {
@@ -31,10 +27,6 @@ const NR: usize = 4;
 /// Register tile for one activation row (decode): more weight rows at once, for more
 /// independent accumulation chains and more loads in flight.
 const NR_ONE: usize = 8;
-
-/// Weight bytes per task: about half a core's L2, so a task's weights stay there while every
-/// group of activation rows passes over them.
-const TASK_BYTES: usize = 64 << 10;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with `w` as bf16 bits, in f32; `None` when the CPU lacks
 /// AVX-512 (the caller then takes another path). `parallel` spreads tasks over rayon's threads.
@@ -60,28 +52,12 @@ pub fn matmul(
         out[..m * n].fill(0.0);
         return Some(());
     }
-    let nr = if m == 1 { NR_ONE } else { NR };
-    let rows_per_task = (TASK_BYTES / (2 * k)).max(1).div_ceil(nr) * nr;
-    let task = |rows: &[u16]| -> Vec<f32> {
-        let tn = rows.len() / k;
-        let mut part = vec![0.0f32; m * tn];
-        // SAFETY: `available()` checked the CPU features; `x` holds m rows of k values,
-        // `rows` holds tn rows of k values and `part` m × tn values, as the kernel requires.
-        unsafe { task_kernel(x, m, rows, tn, k, &mut part) };
-        part
-    };
-    let parts: Vec<Vec<f32>> = if parallel {
-        w[..n * k].par_chunks(rows_per_task * k).map(task).collect()
-    } else {
-        w[..n * k].chunks(rows_per_task * k).map(task).collect()
-    };
-    for (t, part) in parts.iter().enumerate() {
-        let j0 = t * rows_per_task;
-        let tn = part.len() / m;
-        for (i, row) in part.chunks_exact(tn).enumerate() {
-            out[i * n + j0..i * n + j0 + tn].copy_from_slice(row);
-        }
-    }
+    let align = if m == 1 { NR_ONE } else { NR };
+    super::blocks::run(m, n, k, 2, align, parallel, out, |i0, im, j0, jn, part| {
+        // SAFETY: `available()` checked the CPU features; the block's rows of `x` and `w` hold
+        // im and jn rows of k values, and `part` im × jn values, as the kernel requires.
+        unsafe { task_kernel(&x[i0 * k..], im, &w[j0 * k..], jn, k, part) }
+    });
     Some(())
 }
 

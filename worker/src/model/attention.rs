@@ -16,6 +16,10 @@ use crate::model::rope::RotaryEmbedding;
 /// Upper bound on the attention scores held at once (floats), to bound memory in long prefills.
 const SCORE_BLOCK: usize = 1 << 22;
 
+/// Query rows per block in a prefill: a block attends only to the keys up to its last row, so
+/// smaller blocks skip more of the causally masked scores; this many keeps the products large.
+const QUERY_BLOCK: usize = 32;
+
 /// One layer's attention weights.
 pub struct Attention<B: Backend> {
     q: QueryProjection<B>,
@@ -233,7 +237,7 @@ impl<B: Backend> Attention<B> {
     fn attend(&self, backend: &B, seg: &Segment, q_abs: &[f32], o_lat: &mut [f32]) {
         let (h, width) = (self.heads, self.cache_width());
         let total = seg.position + seg.len;
-        let block = (SCORE_BLOCK / (h * total).max(1)).max(1);
+        let block = (SCORE_BLOCK / (h * total).max(1)).clamp(1, QUERY_BLOCK);
         let mut scores = Vec::new();
         let mut start = 0;
         while start < seg.len {

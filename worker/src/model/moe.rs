@@ -190,18 +190,25 @@ impl<B: Backend> MoeLayer<'_, B> {
                 members.push((src, i));
             }
         }
-        let mut replies: Vec<Vec<f32>> = incoming.iter().map(|m| vec![0.0; m.rows.len()]).collect();
-        for (expert, members) in self.slots.iter().zip(&by_slot) {
-            if members.is_empty() {
-                continue;
-            }
+        // Experts are independent tasks; the largest go first so that the last task to start
+        // is a small one.
+        let mut active: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| !by_slot[s].is_empty())
+            .collect();
+        active.sort_by_key(|&s| std::cmp::Reverse(by_slot[s].len()));
+        let outputs = backend.map_tasks(active.len(), |a| {
+            let members = &by_slot[active[a]];
             let mut rows = Vec::with_capacity(members.len() * hidden);
             for &(src, i) in members {
                 rows.extend_from_slice(&incoming[src].rows[i * hidden..(i + 1) * hidden]);
             }
             let mut out = vec![0.0; members.len() * hidden];
-            expert.forward(backend, &rows, members.len(), &mut out);
-            for (&(src, i), o) in members.iter().zip(out.chunks_exact(hidden)) {
+            self.slots[active[a]].forward(backend, &rows, members.len(), &mut out);
+            out
+        });
+        let mut replies: Vec<Vec<f32>> = incoming.iter().map(|m| vec![0.0; m.rows.len()]).collect();
+        for (&slot, out) in active.iter().zip(&outputs) {
+            for (&(src, i), o) in by_slot[slot].iter().zip(out.chunks_exact(hidden)) {
                 replies[src][i * hidden..(i + 1) * hidden].copy_from_slice(o);
             }
         }
