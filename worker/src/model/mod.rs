@@ -3,13 +3,15 @@
 //! - [`linear`]: linear layers, the gated MLP, the checkpoint loader;
 //! - [`rope`]: rotary embeddings (default and YaRN);
 //! - [`attention`]: MLA over the compressed per-sequence cache;
-//! - [`moe`]: the gate, routed experts and the expert-parallel exchange.
+//! - [`moe`]: the gate, routed experts and the expert-parallel exchange;
+//! - [`exchange`]: the wire format of that exchange, written once and read in place.
 //!
 //! The weights are split the way ranks share them: [`SharedWeights`] (embeddings, attention,
 //! dense MLPs, gates, shared experts, LM head) are the same on every rank and can be shared
 //! between the ranks of one process; [`RankExperts`] are this rank's slots only.
 
 pub mod attention;
+pub mod exchange;
 pub mod linear;
 pub mod moe;
 pub mod rope;

@@ -5,10 +5,13 @@
 //! outputs travel back (combine), and the source rank sums them in top-k order, so the result
 //! does not depend on the placement or the number of ranks beyond float rounding.
 
+use std::borrow::Cow;
+
 use crate::backend::{softmax, top_k, Backend};
 use crate::comm::Communicator;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
+use crate::model::exchange::{self, Dispatch};
 use crate::model::linear::{Linear, Loader, Mlp};
 
 /// The gate of one MoE layer (replicated on every rank).
@@ -61,13 +64,22 @@ impl<B: Backend> Gate<B> {
         self.weight.bytes(backend) + self.correction_bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
-    /// Routes `n` rows of `x`.
+    /// Routes `n` rows of `x`; blocks of rows are routed as parallel tasks.
     pub fn route(&self, backend: &B, x: &[f32], n: usize) -> Vec<Route> {
+        const ROWS_PER_TASK: usize = 64;
         let mut logits = vec![0.0; n * self.experts];
         self.weight.forward(backend, x, n, &mut logits);
-        logits
-            .chunks_exact(self.experts)
-            .map(|l| self.route_row(l))
+        let block = ROWS_PER_TASK * self.experts;
+        backend
+            .map_tasks(logits.len().div_ceil(block), |t| {
+                let end = ((t + 1) * block).min(logits.len());
+                logits[t * block..end]
+                    .chunks_exact(self.experts)
+                    .map(|l| self.route_row(l))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
             .collect()
     }
 
@@ -154,29 +166,29 @@ impl<B: Backend> MoeLayer<'_, B> {
         let world = comm.world_size();
         let routes = self.gate.route(backend, x, n);
 
-        // Dispatch: per destination rank, the slots and rows it must compute.
-        let mut outgoing: Vec<Outgoing> = (0..world).map(|_| Outgoing::default()).collect();
+        // Dispatch: per destination rank, the (slot, row) pairs it must compute.
+        let mut outgoing: Vec<Vec<(u32, usize)>> = vec![Vec::new(); world];
         // For each (row, k): (destination rank, entry index there).
         let mut sent_to = Vec::with_capacity(n * self.gate.top_k);
         for (row, route) in routes.iter().enumerate() {
             for (k, &expert) in route.experts.iter().enumerate() {
                 let copies = &replicas[expert];
                 let (rank, slot) = copies[(row + k) % copies.len()];
-                let entry = outgoing[rank].slots.len();
-                outgoing[rank].slots.push(slot as u32);
-                outgoing[rank]
-                    .rows
-                    .extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
-                sent_to.push((rank, entry));
+                sent_to.push((rank, outgoing[rank].len()));
+                outgoing[rank].push((slot as u32, row));
             }
         }
-        let received = comm.all_to_all_v(outgoing.into_iter().map(Outgoing::encode).collect())?;
+        let messages = outgoing
+            .iter()
+            .map(|entries| exchange::encode_dispatch(entries, x, hidden))
+            .collect();
+        let received = comm.all_to_all_v(messages)?;
 
         // Compute: group every received row by slot, run each expert once.
-        let incoming: Vec<Outgoing> = received
+        let incoming: Vec<Dispatch> = received
             .iter()
             .enumerate()
-            .map(|(src, bytes)| Outgoing::decode(bytes, hidden, src))
+            .map(|(src, bytes)| Dispatch::decode(bytes, hidden, src))
             .collect::<Result<_>>()?;
         let mut by_slot: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.slots.len()];
         for (src, m) in incoming.iter().enumerate() {
@@ -200,22 +212,27 @@ impl<B: Backend> MoeLayer<'_, B> {
             let members = &by_slot[active[a]];
             let mut rows = Vec::with_capacity(members.len() * hidden);
             for &(src, i) in members {
-                rows.extend_from_slice(&incoming[src].rows[i * hidden..(i + 1) * hidden]);
+                rows.extend_from_slice(incoming[src].row(i));
             }
             let mut out = vec![0.0; members.len() * hidden];
             self.slots[active[a]].forward(backend, &rows, members.len(), &mut out);
             out
         });
-        let mut replies: Vec<Vec<f32>> = incoming.iter().map(|m| vec![0.0; m.rows.len()]).collect();
+        let mut replies: Vec<Vec<u8>> = incoming
+            .iter()
+            .map(|m| exchange::reply_buffer(m.slots.len(), hidden))
+            .collect();
         for (&slot, out) in active.iter().zip(&outputs) {
             for (&(src, i), o) in by_slot[slot].iter().zip(out.chunks_exact(hidden)) {
-                replies[src][i * hidden..(i + 1) * hidden].copy_from_slice(o);
+                exchange::put_row(&mut replies[src], i, o);
             }
         }
+        drop(incoming);
+        drop(received);
 
         // Combine: outputs travel back; sum them in top-k order.
-        let returned = comm.all_to_all_v(replies.iter().map(|r| f32_bytes(r)).collect())?;
-        let returned: Vec<Vec<f32>> = returned.iter().map(|b| bytes_f32(b)).collect();
+        let returned = comm.all_to_all_v(replies)?;
+        let returned: Vec<Cow<[f32]>> = returned.iter().map(|b| exchange::f32_view(b)).collect();
         let mut routed = vec![0.0f32; hidden];
         for (row, route) in routes.iter().enumerate() {
             routed.fill(0.0);
@@ -244,81 +261,6 @@ impl<B: Backend> MoeLayer<'_, B> {
             }
         }
         Ok(())
-    }
-}
-
-/// Rows bound for one rank, with the slot each must go through.
-#[derive(Default)]
-struct Outgoing {
-    slots: Vec<u32>,
-    rows: Vec<f32>,
-}
-
-impl Outgoing {
-    /// `[count: u32][slots: u32 × count][rows: f32 × count × hidden]`, little-endian.
-    fn encode(self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(4 + self.slots.len() * 4 + self.rows.len() * 4);
-        buf.extend_from_slice(&(self.slots.len() as u32).to_le_bytes());
-        for s in &self.slots {
-            buf.extend_from_slice(&s.to_le_bytes());
-        }
-        push_f32_bytes(&mut buf, &self.rows);
-        buf
-    }
-
-    fn decode(bytes: &[u8], hidden: usize, src: usize) -> Result<Self> {
-        let bad = || {
-            Error::Comm(format!(
-                "rank {src} sent a malformed dispatch message of {} bytes",
-                bytes.len()
-            ))
-        };
-        let count = bytes.get(..4).ok_or_else(bad)?;
-        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
-        let slots_end = 4 + count.checked_mul(4).ok_or_else(bad)?;
-        let rows_len = count
-            .checked_mul(hidden)
-            .and_then(|v| v.checked_mul(4))
-            .ok_or_else(bad)?;
-        if bytes.len() != slots_end + rows_len {
-            return Err(bad());
-        }
-        let slots = bytes[4..slots_end]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok(Self {
-            slots,
-            rows: bytes_f32(&bytes[slots_end..]),
-        })
-    }
-}
-
-/// Appends the little-endian bytes of `values` (the wire format of the exchange) to `buf`.
-fn push_f32_bytes(buf: &mut Vec<u8>, values: &[f32]) {
-    if cfg!(target_endian = "little") {
-        buf.extend_from_slice(bytemuck::cast_slice(values));
-    } else {
-        buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    }
-}
-
-/// The little-endian bytes of `values`.
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(values.len() * 4);
-    push_f32_bytes(&mut buf, values);
-    buf
-}
-
-/// The f32 values of little-endian `bytes` (any alignment).
-fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
-    if cfg!(target_endian = "little") {
-        bytemuck::pod_collect_to_vec(&bytes[..bytes.len() / 4 * 4])
-    } else {
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
     }
 }
 
