@@ -1,30 +1,23 @@
-//! The CPU backend: matrix products through the `gemm` crate, `f32` accumulation, both cores
-//! for products big enough to pay for the fork.
+//! The CPU backend: f32 weights and activation products through the `gemm` crate, bf16
+//! weights through the packed kernels of [`super::packed`]; `f32` accumulation, both cores for
+//! products big enough to pay for the fork.
 //!
 //! Weights a checkpoint stores as bf16 stay bf16 in memory: a decode step is bound by the bytes
-//! of weights it reads, so half the bytes is nearly twice the speed. `gemm` has no bf16, so a
-//! product with a few input rows (decode) reads the bf16 rows with a fused, vectorised dot
-//! product ([`simd`]); a larger one widens the matrix once and runs `gemm`.
+//! of weights it reads, so half the bytes is nearly twice the speed. `gemm` has no bf16
+//! operands, hence the packed kernels.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{bf16_gemm, bf16_to_f32, simd, widen_gemm, Backend, View};
+use super::packed::{self, PackedBf16};
+use super::{Backend, View};
 
 /// Products with fewer multiply-adds than this run on one thread.
-const PARALLEL_MIN_FLOPS: usize = 1 << 17;
+const PARALLEL_MIN_FLOPS: usize = 1 << 22;
 
-/// Up to this many input rows, bf16 weights are read straight by a fused dot product; above it
-/// panels of the matrix are widened into a per-thread buffer and multiplied there by `gemm`.
-const FUSED_MAX_ROWS: usize = 8;
-
-/// Most weights widened at once per panel (1 MiB of f32, about one core's L2).
-const PANEL_ELEMS: usize = 1 << 18;
-
-thread_local! {
-    /// The widened bf16 panel of the current thread, reused across products.
-    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Products with more input rows than this (prefill-sized) round activations to bf16 when the
+/// backend is asked to; decode steps, bound by reading the weights, keep f32 either way.
+const BF16_MIN_ROWS: usize = 8;
 
 /// A weight matrix in host memory.
 #[derive(Debug)]
@@ -37,8 +30,8 @@ pub struct CpuMatrix {
 #[derive(Debug)]
 enum Storage {
     F32(Vec<f32>),
-    /// bf16 bits, widened to f32 inside each product.
-    Bf16(Vec<u16>),
+    /// bf16, packed for [`packed`]'s kernels, which widen it to f32 in registers.
+    Bf16(PackedBf16),
 }
 
 /// Runs the model on the host CPU.
@@ -46,7 +39,7 @@ enum Storage {
 pub struct CpuBackend {
     threads: usize,
     /// Round activations to bf16 in products with bf16 weights and many rows (prefill), where
-    /// the CPU has AVX512-BF16; see [`super::bf16_gemm`].
+    /// the CPU has AVX512-BF16; see [`super::packed`].
     bf16_activations: bool,
 }
 
@@ -142,92 +135,6 @@ impl CpuBackend {
     }
 }
 
-impl CpuBackend {
-    /// `out[m, rows] = x · wᵀ` for a few input rows and bf16 `w`: each weight row is read once
-    /// from memory and dotted with every input row while it is in cache; rows spread over the
-    /// threads.
-    fn linear_bf16_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        rows: usize,
-        cols: usize,
-        bits: &[u16],
-        out: &mut [f32],
-    ) {
-        if m == 0 || rows == 0 {
-            return;
-        }
-        let block = 64;
-        let run = |chunk: &[u16]| -> Vec<f32> {
-            // part[r * m + i] = x_i · w_r
-            let mut part = vec![0.0f32; m * (chunk.len() / cols)];
-            for (w, dots) in chunk.chunks_exact(cols).zip(part.chunks_exact_mut(m)) {
-                simd::dot_rows_bf16(&x[..m * cols], w, dots);
-            }
-            part
-        };
-        let parts: Vec<Vec<f32>> = if self.threads != 1 && m * rows * cols >= PARALLEL_MIN_FLOPS {
-            bits.par_chunks(block * cols).map(run).collect()
-        } else {
-            bits.chunks(block * cols).map(run).collect()
-        };
-        for (b, part) in parts.iter().enumerate() {
-            for (r, values) in part.chunks_exact(m).enumerate() {
-                for (i, v) in values.iter().enumerate() {
-                    out[i * rows + b * block + r] = *v;
-                }
-            }
-        }
-    }
-}
-
-impl CpuBackend {
-    /// `out[m, rows] = x · wᵀ` for many input rows and bf16 `w`: panels of weight rows are
-    /// widened into a per-thread buffer and multiplied there; panels spread over the threads.
-    fn linear_bf16_panels(
-        &self,
-        x: &[f32],
-        m: usize,
-        rows: usize,
-        cols: usize,
-        bits: &[u16],
-        out: &mut [f32],
-    ) {
-        if rows == 0 {
-            return;
-        }
-        let threads = if self.threads == 0 {
-            rayon::current_num_threads()
-        } else {
-            self.threads
-        };
-        let panel = (PANEL_ELEMS / cols.max(1)).clamp(1, rows.div_ceil(threads.max(1)));
-        let single = CpuBackend::new(1);
-        let run = |chunk: &[u16]| -> Vec<f32> {
-            let pr = chunk.len() / cols;
-            let mut part = vec![0.0f32; m * pr];
-            PANEL.with_borrow_mut(|wide| {
-                wide.clear();
-                wide.extend(chunk.iter().map(|&b| bf16_to_f32(b)));
-                single.gemm(m, pr, cols, &mut part, pr, x, cols, 1, wide, 1, cols);
-            });
-            part
-        };
-        let parts: Vec<Vec<f32>> = if threads > 1 {
-            bits.par_chunks(panel * cols).map(run).collect()
-        } else {
-            bits.chunks(panel * cols).map(run).collect()
-        };
-        for (p, part) in parts.iter().enumerate() {
-            let (r0, pr) = (p * panel, part.len() / m);
-            for (i, row) in part.chunks_exact(pr).enumerate() {
-                out[i * rows + r0..i * rows + r0 + pr].copy_from_slice(row);
-            }
-        }
-    }
-}
-
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
 
@@ -257,7 +164,7 @@ impl Backend for CpuBackend {
         CpuMatrix {
             rows,
             cols,
-            data: Storage::Bf16(bits),
+            data: Storage::Bf16(PackedBf16::pack(rows, cols, &bits)),
         }
     }
 
@@ -268,7 +175,7 @@ impl Backend for CpuBackend {
     fn matrix_bytes(&self, w: &CpuMatrix) -> usize {
         match &w.data {
             Storage::F32(d) => d.len() * 4,
-            Storage::Bf16(d) => d.len() * 2,
+            Storage::Bf16(p) => p.bytes(),
         }
     }
 
@@ -278,21 +185,13 @@ impl Backend for CpuBackend {
             Storage::F32(data) => self.gemm(
                 m, w.rows, w.cols, out, w.rows, x, w.cols, 1, data, 1, w.cols,
             ),
-            Storage::Bf16(bits) => {
+            Storage::Bf16(packed) => {
                 let parallel = self.threads != 1 && m * w.rows * w.cols >= PARALLEL_MIN_FLOPS;
-                if m > FUSED_MAX_ROWS
-                    && self.bf16_activations
-                    && bf16_gemm::matmul(x, m, bits, w.rows, w.cols, out, parallel).is_some()
-                {
-                    return;
-                }
-                if widen_gemm::matmul(x, m, bits, w.rows, w.cols, out, parallel).is_some() {
-                    return;
-                }
-                if m > FUSED_MAX_ROWS {
-                    self.linear_bf16_panels(x, m, w.rows, w.cols, bits, out)
-                } else {
-                    self.linear_bf16_rows(x, m, w.rows, w.cols, bits, out)
+                let rounded = self.bf16_activations
+                    && m > BF16_MIN_ROWS
+                    && packed::matmul_bf16(x, m, packed, out, parallel).is_some();
+                if !rounded {
+                    packed::matmul(x, m, packed, out, parallel);
                 }
             }
         }
@@ -360,6 +259,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::bf16_to_f32;
 
     fn naive(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * rows];
@@ -413,7 +313,9 @@ mod tests {
             let expected = naive(&x, m, &w, rows, cols);
             let mut out = vec![f32::NAN; m * rows];
             let matrix = b.matrix_bf16(rows, cols, bits);
-            assert_eq!(b.matrix_bytes(&matrix), rows * cols * 2);
+            // Two bytes a value, rows padded to whole panels and columns to whole pairs.
+            let padded = rows.div_ceil(packed::PANEL) * packed::PANEL * cols.div_ceil(2) * 2;
+            assert_eq!(b.matrix_bytes(&matrix), padded * 2);
             b.linear(&x, m, &matrix, &mut out);
             for (o, e) in out.iter().zip(&expected) {
                 assert!(

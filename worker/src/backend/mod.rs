@@ -4,11 +4,9 @@
 //! built today. A CUDA backend (cudarc, cuBLAS) implements the same trait with device-resident
 //! [`Backend::Matrix`]es and leaves the model code as it is.
 
-pub mod bf16_gemm;
 pub mod blocks;
 pub mod cpu;
-pub mod simd;
-pub mod widen_gemm;
+pub mod packed;
 
 pub use cpu::CpuBackend;
 

@@ -1,0 +1,580 @@
+//! bf16 weight matrices packed for register-tiled products, and those products.
+//!
+//! A `[rows, cols]` bf16 matrix is kept as panels of [`PANEL`] rows. Inside a panel the values
+//! go by column pairs: for pair `c`, the 32 rows' `(w[r][2c], w[r][2c + 1])` side by side, 128
+//! bytes. One 64-byte load then holds a pair for 16 rows, which is the layout both kernels
+//! want:
+//!
+//! - f32 activations (the default): each pair is widened to two f32 vectors in registers (bf16
+//!   is the top half of an f32, so exactly) and multiplied by the broadcast activations, with
+//!   a tile of up to 8 rows × 32 outputs in accumulators. Nothing is rounded and no widened copy
+//!   of the matrix is written; there are no horizontal sums.
+//! - bf16 activations (opt-in, AVX512-BF16): the activations are rounded to bf16 as PyTorch's
+//!   bf16 path does, and `vdpbf16ps` multiplies a broadcast activation pair with 16 rows' pairs.
+//!
+//! Rows past the matrix and the odd column of the last pair are stored as zeros. Both kernels
+//! need AVX-512; other CPUs run a portable loop over the same layout. [`super::blocks`] splits a
+//! product into tasks.
+
+use super::bf16_to_f32;
+
+/// Rows per panel: two 16-lane vectors.
+pub const PANEL: usize = 32;
+
+/// Rows of activations per full register tile.
+const MR: usize = 8;
+
+/// A bf16 matrix in panels.
+#[derive(Debug)]
+pub struct PackedBf16 {
+    rows: usize,
+    cols: usize,
+    /// Column pairs: `cols.div_ceil(2)`.
+    pairs: usize,
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs a row-major `[rows, cols]` matrix of bf16 bits.
+    pub fn pack(rows: usize, cols: usize, bits: &[u16]) -> Self {
+        assert_eq!(
+            bits.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        let pairs = cols.div_ceil(2);
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![0u16; panels * pairs * 2 * PANEL];
+        for (r, row) in bits.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            for (c, v) in row.iter().enumerate() {
+                data[((p * pairs + c / 2) * PANEL + lane) * 2 + c % 2] = *v;
+            }
+        }
+        Self {
+            rows,
+            cols,
+            pairs,
+            data,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held, padding included.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The values of panel `p`.
+    fn panel(&self, p: usize) -> &[u16] {
+        let len = self.pairs * 2 * PANEL;
+        &self.data[p * len..(p + 1) * len]
+    }
+}
+
+/// Whether this CPU has the AVX-512 subsets the f32 kernel uses.
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU can multiply with bf16 activations (AVX512-BF16).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[m, rows] = x[m, cols] · wᵀ` in f32. `parallel` spreads tasks over rayon's threads.
+pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], parallel: bool) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= m * k, "packed matmul: x too small");
+    assert!(out.len() >= m * n, "packed matmul: out too small");
+    let fast = avx512();
+    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, part| {
+        for_panels(j0, jn, |p, col, cols| {
+            let panel = w.panel(p);
+            let x = &x[i0 * k..(i0 + im) * k];
+            if fast {
+                // SAFETY: AVX-512F is present; `x` holds im rows of k values, the panel
+                // `pairs` pairs of 32 rows, and `part` im rows of jn values from `col` on.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    f32_rows(x, im, k, panel, w.pairs, &mut part[col..], jn, cols)
+                };
+            } else {
+                portable_rows(x, im, k, panel, &mut part[col..], jn, cols);
+            }
+        });
+    });
+}
+
+/// `out[m, rows] = bf16(x)[m, cols] · wᵀ`, accumulated in f32; `None` (and nothing written)
+/// when the CPU lacks AVX512-BF16.
+pub fn matmul_bf16(
+    x: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    parallel: bool,
+) -> Option<()> {
+    if !bf16_available() {
+        return None;
+    }
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= m * k, "packed matmul: x too small");
+    assert!(out.len() >= m * n, "packed matmul: out too small");
+    // Activations as bf16 rows of whole pairs, the odd last column padded with zero.
+    let kp = w.pairs * 2;
+    let mut xb = vec![0u16; m * kp];
+    for (src, dst) in x[..m * k]
+        .chunks_exact(k.max(1))
+        .zip(xb.chunks_exact_mut(kp.max(1)))
+    {
+        // SAFETY: AVX512-BF16 is present; `dst` is at least as long as `src`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            round_row(src, dst)
+        };
+    }
+    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, part| {
+        for_panels(j0, jn, |p, col, cols| {
+            // SAFETY: AVX512-BF16 is present; `xb` holds im rows of kp = 2 · pairs values from
+            // row i0, the panel `pairs` pairs of 32 rows, `part` im rows of jn from `col` on.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                bf16_rows(
+                    &xb[i0 * kp..(i0 + im) * kp],
+                    im,
+                    w.pairs,
+                    w.panel(p),
+                    &mut part[col..],
+                    jn,
+                    cols,
+                )
+            };
+        });
+    });
+    Some(())
+}
+
+/// Calls `f(panel, first column in the block, columns)` for the panels that cover the block of
+/// output columns `j0..j0 + jn` (`j0` is a multiple of [`PANEL`]).
+fn for_panels(j0: usize, jn: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let mut col = 0;
+    while col < jn {
+        let cols = PANEL.min(jn - col);
+        f((j0 + col) / PANEL, col, cols);
+        col += cols;
+    }
+}
+
+/// All `m` rows of `x` against one panel, into `out` (row stride `stride`, first `cols`
+/// columns), in tiles of [`MR`] rows and then the remainder.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `x.len() >= m * k`; `panel.len() >= pairs * 2 * PANEL` with
+/// `pairs == k.div_ceil(2)`; `out.len() >= (m - 1) * stride + cols`; `cols <= PANEL`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn f32_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[u16],
+    pairs: usize,
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    debug_assert!(panel.len() >= pairs * 2 * PANEL);
+    let mut i = 0;
+    // SAFETY (every call): rows i..i + R of x exist and the tile writes rows i..i + R of out.
+    unsafe {
+        while m - i >= MR {
+            f32_tile::<MR, false>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols);
+            i += MR;
+        }
+        while m - i >= 4 {
+            f32_tile::<4, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols);
+            i += 4;
+        }
+        match m - i {
+            3 => f32_tile::<3, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
+            2 => f32_tile::<2, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
+            1 => f32_tile::<1, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
+            _ => {}
+        }
+    }
+}
+
+/// `R` rows of `x` against one panel. With `SPLIT`, even and odd columns accumulate apart
+/// (four chains per row instead of two), which keeps the FMA units busy when `R` is small.
+///
+/// # Safety
+/// As [`f32_rows`], for `R` rows: `x.len() >= (R - 1) * k + k`, `out.len() >= (R - 1) *
+/// stride + cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
+    x: &[f32],
+    k: usize,
+    panel: &[u16],
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64..c * 64 + 64 <
+    // pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of the panel, which exists
+    // when k is odd. Stores are masked to `cols` columns of each of the R rows.
+    unsafe {
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let p = panel.as_ptr();
+        for c in 0..k / 2 {
+            let v0 = _mm512_loadu_si512(p.add(c * 64) as *const _);
+            let v1 = _mm512_loadu_si512(p.add(c * 64 + 32) as *const _);
+            let e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
+            let e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
+            let o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, high));
+            let o1 = _mm512_castsi512_ps(_mm512_and_si512(v1, high));
+            for r in 0..R {
+                let xe = _mm512_set1_ps(*rows[r].get_unchecked(2 * c));
+                let xo = _mm512_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+                let (a, b) = if SPLIT { (2, 3) } else { (0, 1) };
+                acc[r][a] = _mm512_fmadd_ps(xo, o0, acc[r][a]);
+                acc[r][b] = _mm512_fmadd_ps(xo, o1, acc[r][b]);
+            }
+        }
+        if k % 2 == 1 {
+            let c = k / 2;
+            let v0 = _mm512_loadu_si512(p.add(c * 64) as *const _);
+            let v1 = _mm512_loadu_si512(p.add(c * 64 + 32) as *const _);
+            let e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
+            let e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
+            for r in 0..R {
+                let xe = _mm512_set1_ps(rows[r][k - 1]);
+                acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+            }
+        }
+        let (m0, m1) = lane_masks(cols);
+        for r in 0..R {
+            let (lo, hi) = if SPLIT {
+                (
+                    _mm512_add_ps(acc[r][0], acc[r][2]),
+                    _mm512_add_ps(acc[r][1], acc[r][3]),
+                )
+            } else {
+                (acc[r][0], acc[r][1])
+            };
+            let o = out[r * stride..].as_mut_ptr();
+            _mm512_mask_storeu_ps(o, m0, lo);
+            _mm512_mask_storeu_ps(o.add(16), m1, hi);
+        }
+    }
+}
+
+/// Store masks for the two 16-lane halves of a panel's first `cols` columns.
+#[cfg(target_arch = "x86_64")]
+fn lane_masks(cols: usize) -> (u16, u16) {
+    let bits = |n: usize| if n >= 16 { u16::MAX } else { (1u16 << n) - 1 };
+    (bits(cols.min(16)), bits(cols.saturating_sub(16)))
+}
+
+/// All `m` bf16 rows of `xb` (`2 · pairs` values each) against one panel.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512-BF16; `xb.len() >= m * 2 * pairs`;
+/// `panel.len() >= pairs * 2 * PANEL`; `out.len() >= (m - 1) * stride + cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_rows(
+    xb: &[u16],
+    m: usize,
+    pairs: usize,
+    panel: &[u16],
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    let kp = 2 * pairs;
+    let mut i = 0;
+    // SAFETY (every call): rows i..i + R of xb exist and the tile writes rows i..i + R of out.
+    unsafe {
+        while m - i >= MR {
+            bf16_tile::<MR>(
+                &xb[i * kp..],
+                pairs,
+                panel,
+                &mut out[i * stride..],
+                stride,
+                cols,
+            );
+            i += MR;
+        }
+        while m - i >= 4 {
+            bf16_tile::<4>(
+                &xb[i * kp..],
+                pairs,
+                panel,
+                &mut out[i * stride..],
+                stride,
+                cols,
+            );
+            i += 4;
+        }
+        match m - i {
+            3 => bf16_tile::<3>(
+                &xb[i * kp..],
+                pairs,
+                panel,
+                &mut out[i * stride..],
+                stride,
+                cols,
+            ),
+            2 => bf16_tile::<2>(
+                &xb[i * kp..],
+                pairs,
+                panel,
+                &mut out[i * stride..],
+                stride,
+                cols,
+            ),
+            1 => bf16_tile::<1>(
+                &xb[i * kp..],
+                pairs,
+                panel,
+                &mut out[i * stride..],
+                stride,
+                cols,
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// `R` bf16 rows against one panel with `vdpbf16ps`.
+///
+/// # Safety
+/// As [`bf16_rows`], for `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_tile<const R: usize>(
+    xb: &[u16],
+    pairs: usize,
+    panel: &[u16],
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let kp = 2 * pairs;
+    let rows: [*const u16; R] = std::array::from_fn(|r| xb[r * kp..(r + 1) * kp].as_ptr());
+    // SAFETY: pair c < pairs reads xb[r][2c..2c + 2] < kp and panel values c * 64..c * 64 + 64;
+    // stores are masked to `cols` columns of each of the R rows.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let p = panel.as_ptr();
+        for c in 0..pairs {
+            let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(c * 64) as *const _));
+            let v1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(p.add(c * 64 + 32) as *const _));
+            for r in 0..R {
+                let pair = (rows[r].add(2 * c) as *const i32).read_unaligned();
+                let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, v0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, v1);
+            }
+        }
+        let (m0, m1) = lane_masks(cols);
+        for r in 0..R {
+            let o = out[r * stride..].as_mut_ptr();
+            _mm512_mask_storeu_ps(o, m0, acc[r][0]);
+            _mm512_mask_storeu_ps(o.add(16), m1, acc[r][1]);
+        }
+    }
+}
+
+/// Rounds `src` to bf16 (to nearest, ties to even, as PyTorch rounds) into the start of `dst`.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512-BF16; `dst.len() >= src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let chunks = src.chunks_exact(16);
+    let tail = chunks.remainder();
+    let done = src.len() - tail.len();
+    for (c, chunk) in chunks.enumerate() {
+        // SAFETY: the chunk holds 16 values, and dst has room for them at c * 16.
+        unsafe {
+            let v = _mm512_loadu_ps(chunk.as_ptr());
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(c * 16) as *mut __m256i, b);
+        }
+    }
+    for (d, s) in dst[done..].iter_mut().zip(tail) {
+        *d = half::bf16::from_f32(*s).to_bits();
+    }
+}
+
+/// The same product as [`f32_rows`] in portable code, for CPUs without AVX-512.
+fn portable_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[u16],
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    for r in 0..m {
+        let row = &x[r * k..(r + 1) * k];
+        let mut acc = [0.0f32; PANEL];
+        for (c, pair) in panel
+            .chunks_exact(2 * PANEL)
+            .take(k.div_ceil(2))
+            .enumerate()
+        {
+            let xe = row[2 * c];
+            let xo = row.get(2 * c + 1).copied().unwrap_or(0.0);
+            for (a, w) in acc.iter_mut().zip(pair.chunks_exact(2)) {
+                *a += xe * bf16_to_f32(w[0]) + xo * bf16_to_f32(w[1]);
+            }
+        }
+        out[r * stride..r * stride + cols].copy_from_slice(&acc[..cols]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>) {
+        let x = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let w = (0..n * k)
+            .map(|i| half::bf16::from_f32(((i * 5 % 11) as f32 - 5.0) / 7.0).to_bits())
+            .collect();
+        (x, w)
+    }
+
+    /// Every tile height (8, 4, 3, 2, 1 and their sums), partial panels, odd and tiny `k`,
+    /// and several tasks.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 33, 37),
+        (2, 5, 16),
+        (3, 64, 33),
+        (5, 9, 100),
+        (7, 70, 15),
+        (8, 32, 2),
+        (12, 130, 1024),
+        (15, 41, 700),
+        (33, 300, 64),
+    ];
+
+    #[test]
+    fn f32_activations_give_the_exact_product() {
+        for &(m, n, k) in SHAPES {
+            let (x, bits) = inputs(m, n, k);
+            let w = PackedBf16::pack(n, k, &bits);
+            for parallel in [false, true] {
+                let mut out = vec![f32::NAN; m * n];
+                matmul(&x, m, &w, &mut out, parallel);
+                let mut portable = vec![f32::NAN; m * n];
+                for p in 0..n.div_ceil(PANEL) {
+                    let cols = PANEL.min(n - p * PANEL);
+                    portable_rows(&x, m, k, w.panel(p), &mut portable[p * PANEL..], n, cols);
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| {
+                                f64::from(x[i * k + c]) * f64::from(bf16_to_f32(bits[j * k + c]))
+                            })
+                            .sum();
+                        for (what, got) in [
+                            ("kernel", out[i * n + j]),
+                            ("portable", portable[i * n + j]),
+                        ] {
+                            assert!(
+                                (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{what} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_activations_give_the_product_of_the_rounded_values() {
+        if !bf16_available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for &(m, n, k) in SHAPES {
+            let (x, bits) = inputs(m, n, k);
+            let w = PackedBf16::pack(n, k, &bits);
+            let mut out = vec![f32::NAN; m * n];
+            matmul_bf16(&x, m, &w, &mut out, true).expect("available");
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| {
+                            half::bf16::from_f32(x[i * k + c]).to_f64()
+                                * half::bf16::from_bits(bits[j * k + c]).to_f64()
+                        })
+                        .sum();
+                    let got = f64::from(out[i * n + j]);
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_pads_rows_and_the_odd_column_with_zeros() {
+        let bits: Vec<u16> = (1..=6).collect(); // 2 rows × 3 columns
+        let w = PackedBf16::pack(2, 3, &bits);
+        assert_eq!(w.bytes(), PANEL * 4 * 2);
+        let p = w.panel(0);
+        // Pair 0: rows 0 and 1 hold (1, 2) and (4, 5); pair 1: (3, 0) and (6, 0).
+        assert_eq!(&p[..4], &[1, 2, 4, 5]);
+        assert_eq!(&p[2 * PANEL..2 * PANEL + 4], &[3, 0, 6, 0]);
+        assert!(p[4..2 * PANEL].iter().all(|&v| v == 0));
+    }
+}
