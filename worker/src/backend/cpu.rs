@@ -15,6 +15,12 @@ use super::{Backend, View};
 /// Products with fewer multiply-adds than this run on one thread.
 const PARALLEL_MIN_FLOPS: usize = 1 << 22;
 
+thread_local! {
+    /// Set while this thread runs one of [`Backend::map_tasks`]'s tasks: the tasks already keep
+    /// every thread busy, so products inside them run on their own thread.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Products with more input rows than this (prefill-sized) round activations to bf16 when the
 /// backend is asked to; decode steps, bound by reading the weights, keep f32 either way.
 const BF16_MIN_ROWS: usize = 8;
@@ -59,11 +65,18 @@ impl CpuBackend {
         self
     }
 
+    /// Whether a product of `m × n × k` multiply-adds should be split over the threads.
+    fn parallel(&self, m: usize, n: usize, k: usize) -> bool {
+        self.threads != 1
+            && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_FLOPS
+            && !IN_TASK.get()
+    }
+
     fn parallelism(&self, m: usize, n: usize, k: usize) -> Parallelism {
-        if self.threads == 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_FLOPS {
-            Parallelism::None
-        } else {
+        if self.parallel(m, n, k) {
             Parallelism::Rayon(self.threads)
+        } else {
+            Parallelism::None
         }
     }
 
@@ -186,7 +199,7 @@ impl Backend for CpuBackend {
                 m, w.rows, w.cols, out, w.rows, x, w.cols, 1, data, 1, w.cols,
             ),
             Storage::Bf16(packed) => {
-                let parallel = self.threads != 1 && m * w.rows * w.cols >= PARALLEL_MIN_FLOPS;
+                let parallel = self.parallel(m, w.rows, w.cols);
                 let rounded = self.bf16_activations
                     && m > BF16_MIN_ROWS
                     && packed::matmul_bf16(x, m, packed, out, parallel).is_some();
@@ -201,7 +214,13 @@ impl Backend for CpuBackend {
         if self.threads == 1 || n < 2 {
             (0..n).map(f).collect()
         } else {
-            (0..n).into_par_iter().map(&f).collect()
+            let task = |i| {
+                let outer = IN_TASK.replace(true);
+                let value = f(i);
+                IN_TASK.set(outer);
+                value
+            };
+            (0..n).into_par_iter().map(task).collect()
         }
     }
 
