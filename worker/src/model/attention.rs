@@ -2,10 +2,16 @@
 //!
 //! The cache keeps, per position, what MLA needs and nothing more: the normalised latent
 //! `c` (`kv_lora_rank` values) and the rotated shared key `k_pe` (`qk_rope_head_dim` values).
-//! `kv_b_proj` is absorbed into the query and the output, as DeepSeek's inference does:
-//! `q_nope·(W_UK c) = (W_UKᵀ q_nope)·c` and `Σ p·(W_UV c) = W_UV (Σ p·c)`, so a decode step
-//! costs one token's projections plus a pass over the latents, never a re-expansion of the
-//! whole prefix.
+//! Each sequence of a step attends in whichever of MLA's two forms costs less for it, as
+//! DeepSeek's and vLLM's inference do:
+//!
+//! - absorbed (decode, short chunks after a long prefix): `kv_b_proj` is folded into the query
+//!   and the output, `q_nope·(W_UK c) = (W_UKᵀ q_nope)·c` and `Σ p·(W_UV c) = W_UV (Σ p·c)`, so a
+//!   step costs its own tokens' projections plus one pass over the latents, never a
+//!   re-expansion of the prefix; but the scores run over `kv_lora_rank + qk_rope_head_dim`
+//!   values per head;
+//! - expanded (prefill): the cached latents are expanded once into per-head keys and values,
+//!   and every query attends over `qk_head_dim` values per head, a third as many.
 
 use crate::backend::{rms_norm, softmax, Backend, View};
 use crate::config::ModelConfig;
@@ -174,6 +180,130 @@ impl<B: Backend> Attention<B> {
             rope.rotate(k_pe, pos);
         }
 
+        // Each sequence appends its rows to its cache and attends over all of it; [n, h, v].
+        for seg in segments.iter_mut() {
+            seg.cache
+                .extend_from_slice(&kv[seg.row * width..(seg.row + seg.len) * width]);
+        }
+        let mut attn = vec![0.0; n * h * self.v];
+        let (expanded, absorbed): (Vec<&Segment>, Vec<&Segment>) =
+            segments.iter().partition(|seg| self.expands(seg));
+        for seg in expanded {
+            self.attend_expanded(backend, seg, &q, &mut attn);
+        }
+        self.attend_absorbed(backend, &absorbed, &q, &mut attn);
+        self.o_proj.forward(backend, &attn, n, out);
+    }
+
+    /// Whether `seg` costs fewer multiply-adds expanded than absorbed.
+    fn expands(&self, seg: &Segment) -> bool {
+        let (h, qk, lora) = (self.heads, self.nope + self.rope, self.lora);
+        let (len, total) = (seg.len, seg.position + seg.len);
+        // Keys a query row sees on average, with causal blocks of QUERY_BLOCK rows.
+        let keys = seg.position + len.min(QUERY_BLOCK) / 2 + len / 2;
+        let absorbed = len * h * (keys * (self.cache_width() + lora) + lora * (self.nope + self.v));
+        let expanded = total * h * (self.nope + self.v) * lora + len * h * keys * (qk + self.v);
+        expanded < absorbed
+    }
+
+    /// Expanded attention of one sequence: keys and values of every position from its latents,
+    /// then ordinary causal attention, heads as parallel tasks; writes its rows of `attn`.
+    fn attend_expanded(&self, backend: &B, seg: &Segment, q: &[f32], attn: &mut [f32]) {
+        let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
+        let (nope, v) = (self.nope, self.v);
+        let kv_width = nope + v;
+        let total = seg.position + seg.len;
+        // [total, h, nope + v]: per head, W_UK c then W_UV c.
+        let mut kv = vec![0.0; total * h * kv_width];
+        backend.matmul_nt(
+            total,
+            h * kv_width,
+            self.lora,
+            View {
+                data: seg.cache,
+                row_stride: width,
+            },
+            View {
+                data: &self.kv_b,
+                row_stride: self.lora,
+            },
+            &mut kv,
+            h * kv_width,
+        );
+        let heads = backend.map_tasks(h, |head| {
+            // This head's keys, [total, nope + rope]: its own k_nope and the shared k_pe.
+            let mut keys = vec![0.0; total * qk];
+            for (t, key) in keys.chunks_exact_mut(qk).enumerate() {
+                let at = (t * h + head) * kv_width;
+                key[..nope].copy_from_slice(&kv[at..at + nope]);
+                key[nope..].copy_from_slice(&seg.cache[t * width + self.lora..(t + 1) * width]);
+            }
+            let mut out = vec![0.0; seg.len * v];
+            let mut scores = Vec::new();
+            let mut start = 0;
+            while start < seg.len {
+                let rows = QUERY_BLOCK.min(seg.len - start);
+                let visible = seg.position + start + rows;
+                scores.clear();
+                scores.resize(rows * visible, 0.0);
+                backend.matmul_nt(
+                    rows,
+                    visible,
+                    qk,
+                    View {
+                        data: &q[((seg.row + start) * h + head) * qk..],
+                        row_stride: h * qk,
+                    },
+                    View {
+                        data: &keys,
+                        row_stride: qk,
+                    },
+                    &mut scores,
+                    visible,
+                );
+                for (i, row) in scores.chunks_exact_mut(visible).enumerate() {
+                    causal_softmax(row, seg.position + start + i + 1, self.scale);
+                }
+                backend.matmul_nn(
+                    rows,
+                    v,
+                    visible,
+                    View {
+                        data: &scores,
+                        row_stride: visible,
+                    },
+                    View {
+                        data: &kv[head * kv_width + nope..],
+                        row_stride: h * kv_width,
+                    },
+                    &mut out[start * v..],
+                    v,
+                );
+                start += rows;
+            }
+            out
+        });
+        for (head, out) in heads.iter().enumerate() {
+            for (i, o) in out.chunks_exact(v).enumerate() {
+                let at = ((seg.row + i) * h + head) * v;
+                attn[at..at + v].copy_from_slice(o);
+            }
+        }
+    }
+
+    /// Absorbed attention of `segments` (their rows gathered into one batch, so decode steps of
+    /// many sequences share each product); writes their rows of `attn`.
+    fn attend_absorbed(&self, backend: &B, segments: &[&Segment], q: &[f32], attn: &mut [f32]) {
+        let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
+        let n: usize = segments.iter().map(|seg| seg.len).sum();
+        if n == 0 {
+            return;
+        }
+        let mut q_rows = Vec::with_capacity(n * h * qk);
+        for seg in segments {
+            q_rows.extend_from_slice(&q[seg.row * h * qk..(seg.row + seg.len) * h * qk]);
+        }
+
         // Absorbed queries: [n, h, lora + rope] = [W_UKᵀ q_nope | q_pe] per head.
         let mut q_abs = vec![0.0; n * h * width];
         let per_head = (self.nope + self.v) * self.lora;
@@ -183,7 +313,7 @@ impl<B: Backend> Attention<B> {
                 self.lora,
                 self.nope,
                 View {
-                    data: &q[head * qk..],
+                    data: &q_rows[head * qk..],
                     row_stride: h * qk,
                 },
                 View {
@@ -196,23 +326,23 @@ impl<B: Backend> Attention<B> {
         }
         for (abs_row, q_row) in q_abs
             .chunks_exact_mut(h * width)
-            .zip(q.chunks_exact(h * qk))
+            .zip(q_rows.chunks_exact(h * qk))
         {
             for (a, qh) in abs_row.chunks_exact_mut(width).zip(q_row.chunks_exact(qk)) {
                 a[self.lora..].copy_from_slice(&qh[self.nope..]);
             }
         }
 
-        // Per sequence: append to the cache, attend over it; latent outputs [n, h, lora].
+        // Per sequence, over its cache; latent outputs [n, h, lora].
         let mut o_lat = vec![0.0; n * h * self.lora];
-        for seg in segments.iter_mut() {
-            seg.cache
-                .extend_from_slice(&kv[seg.row * width..(seg.row + seg.len) * width]);
-            self.attend(backend, seg, &q_abs, &mut o_lat);
+        let mut first = 0;
+        for seg in segments {
+            self.attend(backend, seg, first, &q_abs, &mut o_lat);
+            first += seg.len;
         }
 
-        // Values: per head, W_UV · o_lat → [n, h, v]; then the output projection.
-        let mut attn = vec![0.0; n * h * self.v];
+        // Values: per head, W_UV · o_lat → [n, h, v], scattered to the segments' rows.
+        let mut values = vec![0.0; n * h * self.v];
         for head in 0..h {
             backend.matmul_nt(
                 n,
@@ -226,15 +356,22 @@ impl<B: Backend> Attention<B> {
                     data: &self.kv_b[head * per_head + self.nope * self.lora..],
                     row_stride: self.lora,
                 },
-                &mut attn[head * self.v..],
+                &mut values[head * self.v..],
                 h * self.v,
             );
         }
-        self.o_proj.forward(backend, &attn, n, out);
+        let row = h * self.v;
+        let mut first = 0;
+        for seg in segments {
+            attn[seg.row * row..(seg.row + seg.len) * row]
+                .copy_from_slice(&values[first * row..(first + seg.len) * row]);
+            first += seg.len;
+        }
     }
 
-    /// Causal attention of one sequence's new rows over its whole cache.
-    fn attend(&self, backend: &B, seg: &Segment, q_abs: &[f32], o_lat: &mut [f32]) {
+    /// Absorbed causal attention of one sequence's new rows over its whole cache; its rows
+    /// start at row `row` of `q_abs` and `o_lat`.
+    fn attend(&self, backend: &B, seg: &Segment, row: usize, q_abs: &[f32], o_lat: &mut [f32]) {
         let (h, width) = (self.heads, self.cache_width());
         let total = seg.position + seg.len;
         let block = (SCORE_BLOCK / (h * total).max(1)).clamp(1, QUERY_BLOCK);
@@ -242,7 +379,7 @@ impl<B: Backend> Attention<B> {
         let mut start = 0;
         while start < seg.len {
             let rows = block.min(seg.len - start);
-            let first = seg.row + start;
+            let first = row + start;
             // Keys needed by this block: positions up to the block's last query.
             let keys = seg.position + start + rows;
             scores.clear();
@@ -263,12 +400,8 @@ impl<B: Backend> Attention<B> {
                 keys,
             );
             for (i, row_scores) in scores.chunks_exact_mut(h * keys).enumerate() {
-                let visible = seg.position + start + i + 1;
                 for head_scores in row_scores.chunks_exact_mut(keys) {
-                    let (live, masked) = head_scores.split_at_mut(visible);
-                    live.iter_mut().for_each(|s| *s *= self.scale);
-                    softmax(live);
-                    masked.fill(0.0);
+                    causal_softmax(head_scores, seg.position + start + i + 1, self.scale);
                 }
             }
             backend.matmul_nn(
@@ -291,6 +424,15 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+/// Softmax of the first `visible` scores of `row`, scaled by `scale`; the rest (future
+/// positions) are set to zero.
+fn causal_softmax(row: &mut [f32], visible: usize, scale: f32) {
+    let (live, masked) = row.split_at_mut(visible);
+    live.iter_mut().for_each(|s| *s *= scale);
+    softmax(live);
+    masked.fill(0.0);
+}
+
 /// The position of every batch row, from the segments that cover them.
 fn row_positions(segments: &[Segment], n: usize) -> Vec<usize> {
     let mut positions = vec![0; n];
@@ -300,4 +442,83 @@ fn row_positions(segments: &[Segment], n: usize) -> Vec<usize> {
         }
     }
     positions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::checkpoint::Checkpoint;
+
+    /// Layer 0's attention of a fixture with q_lora (tiny-v3) and one without (tiny-v3-yarn).
+    fn layer(name: &str) -> (ModelConfig, Attention<CpuBackend>, CpuBackend) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures")
+            .join(name);
+        let config = ModelConfig::from_dir(&dir).expect("fixture config");
+        let checkpoint = Checkpoint::open(&dir).expect("fixture checkpoint");
+        let backend = CpuBackend::new(1);
+        let loader = Loader {
+            checkpoint: &checkpoint,
+            backend: &backend,
+        };
+        let attention =
+            Attention::load(&loader, "model.layers.0.self_attn", &config).expect("layer loads");
+        (config, attention, backend)
+    }
+
+    #[test]
+    fn expanded_and_absorbed_forms_agree_after_a_cached_prefix() {
+        for name in ["tiny-v3", "tiny-v3-yarn"] {
+            let (config, attention, backend) = layer(name);
+            let (h, qk, width) = (
+                attention.heads,
+                attention.nope + attention.rope,
+                attention.cache_width(),
+            );
+            let rope = RotaryEmbedding::new(&config);
+            // A cached prefix of 37 positions and 45 new rows (two query blocks and a bit),
+            // with queries and cache rows as the layer would make them (rotated keys).
+            let (position, len) = (37, 45);
+            let value = |i: usize| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0;
+            let mut cache: Vec<f32> = (0..(position + len) * width).map(value).collect();
+            for (t, row) in cache.chunks_exact_mut(width).enumerate() {
+                rope.rotate(&mut row[attention.lora..], t);
+            }
+            let q: Vec<f32> = (0..len * h * qk).map(|i| value(i + 13)).collect();
+            let seg = Segment {
+                row: 0,
+                len,
+                position,
+                cache: &mut cache,
+            };
+            let mut expanded = vec![f32::NAN; len * h * attention.v];
+            attention.attend_expanded(&backend, &seg, &q, &mut expanded);
+            let mut absorbed = vec![f32::NAN; len * h * attention.v];
+            attention.attend_absorbed(&backend, &[&seg], &q, &mut absorbed);
+            let worst = expanded
+                .iter()
+                .zip(&absorbed)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: the forms differ by {worst}");
+        }
+    }
+
+    #[test]
+    fn prefill_expands_and_decode_stays_absorbed() {
+        let (_, attention, _) = layer("tiny-v3");
+        let mut cache = Vec::new();
+        let mut expands = |position, len| {
+            attention.expands(&Segment {
+                row: 0,
+                len,
+                position,
+                cache: &mut cache,
+            })
+        };
+        assert!(expands(0, 128));
+        assert!(!expands(127, 1));
+        assert!(!expands(4000, 2));
+    }
 }
