@@ -44,11 +44,18 @@ impl PackedBf16 {
         );
         let pairs = cols.div_ceil(2);
         let panels = rows.div_ceil(PANEL);
-        let mut data = vec![0u16; panels * pairs * 2 * PANEL];
-        for (r, row) in bits.chunks_exact(cols.max(1)).enumerate().take(rows) {
-            let (p, lane) = (r / PANEL, r % PANEL);
-            for (c, v) in row.iter().enumerate() {
-                data[((p * pairs + c / 2) * PANEL + lane) * 2 + c % 2] = *v;
+        // Written in order, so that the new pages are touched once each and front to back.
+        let mut data = Vec::with_capacity(panels * pairs * 2 * PANEL);
+        for p in 0..panels {
+            let panel_rows: Vec<&[u16]> = (p * PANEL..rows.min((p + 1) * PANEL))
+                .map(|r| &bits[r * cols..(r + 1) * cols])
+                .collect();
+            for c in 0..pairs {
+                for row in &panel_rows {
+                    data.push(row[2 * c]);
+                    data.push(row.get(2 * c + 1).copied().unwrap_or(0));
+                }
+                data.resize(data.len() + 2 * (PANEL - panel_rows.len()), 0);
             }
         }
         Self {
