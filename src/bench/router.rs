@@ -42,6 +42,7 @@ pub fn run(args: RouterArgs) -> Result<()> {
             cluster: "bench",
             capacity: 1024,
             threads: 1,
+            bf16_activations: false,
             lease_ttl: std::time::Duration::from_secs(5),
         };
         let mut cluster = crate::cmd::up::start_local(&options, &shutdown).await?;

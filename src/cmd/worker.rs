@@ -52,6 +52,10 @@ pub struct WorkerArgs {
     /// CPU threads for large products (0: all cores).
     #[arg(long, env = "MOEBIUS_WORKER_THREADS", default_value_t = 0)]
     threads: usize,
+    /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16):
+    /// faster prefill, less precise than the default f32 activations.
+    #[arg(long, env = "MOEBIUS_WORKER_BF16_ACTIVATIONS")]
+    bf16_activations: bool,
     /// TTL of the registration lease in seconds; keep-alives go out at a third of it.
     #[arg(long, env = "MOEBIUS_WORKER_LEASE_TTL_SECS", default_value_t = 5)]
     lease_ttl_secs: u64,
@@ -71,6 +75,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         capacity: args.capacity,
         token_budget: args.token_budget,
         threads: args.threads,
+        bf16_activations: args.bf16_activations,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         ..WorkerConfig::default()
     };

@@ -183,3 +183,53 @@ fn each_rank_loads_about_its_share_of_the_experts() {
         }
     }
 }
+
+/// The opt-in bf16 activations round prefill activations as PyTorch's bf16 path does, so they
+/// cannot meet the f32 tolerance; this states what they do keep on the bf16 fixture: the first
+/// token of every golden continuation (the prefill's own output) with its logprob within 0.03
+/// of the f32 reference, and later logprobs within 0.25 until a continuation first departs.
+/// (Measured on an AVX512-BF16 machine: 0.014 and 0.10, one of five continuations departs.)
+#[test]
+fn bf16_activations_stay_near_transformers_in_prefill() {
+    use moebius_worker::backend::{packed, CpuBackend};
+    if !packed::bf16_available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16, so bf16 activations fall back to f32");
+        return;
+    }
+    let name = "tiny-v3";
+    let golden = golden(name);
+    let backend = CpuBackend::new(1).with_bf16_activations(true);
+    let model = LoadedModel::open_with(&fixture(name), backend).expect("fixture loads");
+    let outputs = run(&model, 1, Transport::Local, requests(&golden));
+    let (mut worst, mut worst_first, mut departed) = (0.0f32, 0.0f32, 0);
+    for (case, out) in golden.cases.iter().zip(&outputs) {
+        assert_eq!(
+            out.token_ids[0], case.new_token_ids[0],
+            "{name}/{}: first token differs",
+            case.name
+        );
+        let same = out
+            .token_ids
+            .iter()
+            .zip(&case.new_token_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        departed += usize::from(same < case.new_token_ids.len());
+        let d = max_diff(&out.logprobs[..same], &case.logprobs[..same]);
+        let first = (out.logprobs[0] - case.logprobs[0]).abs();
+        assert!(
+            first < 0.03,
+            "{name}/{}: first logprob differs by {first}",
+            case.name
+        );
+        assert!(d < 0.25, "{name}/{}: logprobs differ by {d}", case.name);
+        worst_first = worst_first.max(first);
+        worst = worst.max(d);
+    }
+    eprintln!(
+        "{name} with bf16 activations: worst logprob difference {worst_first:.2e} at the first \
+         token, {worst:.2e} before any departure; {departed} of {} continuations depart from the \
+         f32 reference",
+        outputs.len()
+    );
+}
