@@ -17,6 +17,7 @@
 //! product into tasks.
 
 use super::bf16_to_f32;
+use super::blocks::Block;
 
 /// Rows per panel: two 16-lane vectors.
 pub const PANEL: usize = 32;
@@ -116,19 +117,21 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], parallel: bo
     assert!(x.len() >= m * k, "packed matmul: x too small");
     assert!(out.len() >= m * n, "packed matmul: out too small");
     let fast = avx512();
-    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, part| {
+    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
         for_panels(j0, jn, |p, col, cols| {
             let panel = w.panel(p);
             let x = &x[i0 * k..(i0 + im) * k];
-            if fast {
-                // SAFETY: AVX-512F is present; `x` holds im rows of k values, the panel
-                // `pairs` pairs of 32 rows, and `part` im rows of jn values from `col` on.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    f32_rows(x, im, k, panel, w.pairs, &mut part[col..], jn, cols)
-                };
-            } else {
-                portable_rows(x, im, k, panel, &mut part[col..], jn, cols);
+            let out = block.offset(0, col);
+            // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32 rows;
+            // `out` has im rows of `cols` values that belong to this task alone (blocks::run);
+            // the AVX-512 kernel runs only where AVX-512F is present.
+            unsafe {
+                if fast {
+                    #[cfg(target_arch = "x86_64")]
+                    f32_rows(x, im, k, panel, w.pairs, out, cols);
+                } else {
+                    portable_rows(x, im, k, panel, out, cols);
+                }
             }
         });
     });
@@ -162,10 +165,11 @@ pub fn matmul_bf16(
             round_row(src, dst)
         };
     }
-    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, part| {
+    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
         for_panels(j0, jn, |p, col, cols| {
             // SAFETY: AVX512-BF16 is present; `xb` holds im rows of kp = 2 · pairs values from
-            // row i0, the panel `pairs` pairs of 32 rows, `part` im rows of jn from `col` on.
+            // row i0 and the panel `pairs` pairs of 32 rows; the block's im rows of `cols`
+            // values from `col` on belong to this task alone (blocks::run).
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 bf16_rows(
@@ -173,8 +177,7 @@ pub fn matmul_bf16(
                     im,
                     w.pairs,
                     w.panel(p),
-                    &mut part[col..],
-                    jn,
+                    block.offset(0, col),
                     cols,
                 )
             };
@@ -194,12 +197,13 @@ fn for_panels(j0: usize, jn: usize, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// All `m` rows of `x` against one panel, into `out` (row stride `stride`, first `cols`
-/// columns), in tiles of [`MR`] rows and then the remainder.
+/// All `m` rows of `x` against one panel, into the first `cols` columns of `m` rows of `out`,
+/// in tiles of [`MR`] rows and then the remainder.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `x.len() >= m * k`; `panel.len() >= pairs * 2 * PANEL` with
-/// `pairs == k.div_ceil(2)`; `out.len() >= (m - 1) * stride + cols`; `cols <= PANEL`.
+/// `pairs == k.div_ceil(2)`; `cols <= PANEL`; those `m × cols` values of `out` are writable and
+/// nothing else accesses them during the call.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -209,8 +213,7 @@ unsafe fn f32_rows(
     k: usize,
     panel: &[u16],
     pairs: usize,
-    out: &mut [f32],
-    stride: usize,
+    out: Block,
     cols: usize,
 ) {
     debug_assert!(panel.len() >= pairs * 2 * PANEL);
@@ -218,17 +221,17 @@ unsafe fn f32_rows(
     // SAFETY (every call): rows i..i + R of x exist and the tile writes rows i..i + R of out.
     unsafe {
         while m - i >= MR {
-            f32_tile::<MR, false>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols);
+            f32_tile::<MR, false>(&x[i * k..], k, panel, out.offset(i, 0), cols);
             i += MR;
         }
         while m - i >= 4 {
-            f32_tile::<4, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols);
+            f32_tile::<4, true>(&x[i * k..], k, panel, out.offset(i, 0), cols);
             i += 4;
         }
         match m - i {
-            3 => f32_tile::<3, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
-            2 => f32_tile::<2, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
-            1 => f32_tile::<1, true>(&x[i * k..], k, panel, &mut out[i * stride..], stride, cols),
+            3 => f32_tile::<3, true>(&x[i * k..], k, panel, out.offset(i, 0), cols),
+            2 => f32_tile::<2, true>(&x[i * k..], k, panel, out.offset(i, 0), cols),
+            1 => f32_tile::<1, true>(&x[i * k..], k, panel, out.offset(i, 0), cols),
             _ => {}
         }
     }
@@ -238,8 +241,7 @@ unsafe fn f32_rows(
 /// (four chains per row instead of two), which keeps the FMA units busy when `R` is small.
 ///
 /// # Safety
-/// As [`f32_rows`], for `R` rows: `x.len() >= (R - 1) * k + k`, `out.len() >= (R - 1) *
-/// stride + cols`.
+/// As [`f32_rows`], for `R` rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -247,15 +249,15 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
     x: &[f32],
     k: usize,
     panel: &[u16],
-    out: &mut [f32],
-    stride: usize,
+    out: Block,
     cols: usize,
 ) {
     use std::arch::x86_64::*;
     let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64..c * 64 + 64 <
     // pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of the panel, which exists
-    // when k is odd. Stores are masked to `cols` columns of each of the R rows.
+    // when k is odd. Stores are masked to `cols` columns of each of the R rows of `out`, which
+    // the caller lends this call alone.
     unsafe {
         let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -290,16 +292,13 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
             }
         }
         let (m0, m1) = lane_masks(cols);
-        for r in 0..R {
+        for (r, a) in acc.iter().enumerate() {
             let (lo, hi) = if SPLIT {
-                (
-                    _mm512_add_ps(acc[r][0], acc[r][2]),
-                    _mm512_add_ps(acc[r][1], acc[r][3]),
-                )
+                (_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]))
             } else {
-                (acc[r][0], acc[r][1])
+                (a[0], a[1])
             };
-            let o = out[r * stride..].as_mut_ptr();
+            let o = out.ptr().add(r * out.stride());
             _mm512_mask_storeu_ps(o, m0, lo);
             _mm512_mask_storeu_ps(o.add(16), m1, hi);
         }
@@ -317,69 +316,27 @@ fn lane_masks(cols: usize) -> (u16, u16) {
 ///
 /// # Safety
 /// The CPU must support AVX-512F and AVX512-BF16; `xb.len() >= m * 2 * pairs`;
-/// `panel.len() >= pairs * 2 * PANEL`; `out.len() >= (m - 1) * stride + cols`.
+/// `panel.len() >= pairs * 2 * PANEL`; `cols <= PANEL`; the first `cols` values of `m` rows of
+/// `out` are writable and nothing else accesses them during the call.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn bf16_rows(
-    xb: &[u16],
-    m: usize,
-    pairs: usize,
-    panel: &[u16],
-    out: &mut [f32],
-    stride: usize,
-    cols: usize,
-) {
+unsafe fn bf16_rows(xb: &[u16], m: usize, pairs: usize, panel: &[u16], out: Block, cols: usize) {
     let kp = 2 * pairs;
     let mut i = 0;
     // SAFETY (every call): rows i..i + R of xb exist and the tile writes rows i..i + R of out.
     unsafe {
         while m - i >= MR {
-            bf16_tile::<MR>(
-                &xb[i * kp..],
-                pairs,
-                panel,
-                &mut out[i * stride..],
-                stride,
-                cols,
-            );
+            bf16_tile::<MR>(&xb[i * kp..], pairs, panel, out.offset(i, 0), cols);
             i += MR;
         }
         while m - i >= 4 {
-            bf16_tile::<4>(
-                &xb[i * kp..],
-                pairs,
-                panel,
-                &mut out[i * stride..],
-                stride,
-                cols,
-            );
+            bf16_tile::<4>(&xb[i * kp..], pairs, panel, out.offset(i, 0), cols);
             i += 4;
         }
         match m - i {
-            3 => bf16_tile::<3>(
-                &xb[i * kp..],
-                pairs,
-                panel,
-                &mut out[i * stride..],
-                stride,
-                cols,
-            ),
-            2 => bf16_tile::<2>(
-                &xb[i * kp..],
-                pairs,
-                panel,
-                &mut out[i * stride..],
-                stride,
-                cols,
-            ),
-            1 => bf16_tile::<1>(
-                &xb[i * kp..],
-                pairs,
-                panel,
-                &mut out[i * stride..],
-                stride,
-                cols,
-            ),
+            3 => bf16_tile::<3>(&xb[i * kp..], pairs, panel, out.offset(i, 0), cols),
+            2 => bf16_tile::<2>(&xb[i * kp..], pairs, panel, out.offset(i, 0), cols),
+            1 => bf16_tile::<1>(&xb[i * kp..], pairs, panel, out.offset(i, 0), cols),
             _ => {}
         }
     }
@@ -396,15 +353,14 @@ unsafe fn bf16_tile<const R: usize>(
     xb: &[u16],
     pairs: usize,
     panel: &[u16],
-    out: &mut [f32],
-    stride: usize,
+    out: Block,
     cols: usize,
 ) {
     use std::arch::x86_64::*;
     let kp = 2 * pairs;
     let rows: [*const u16; R] = std::array::from_fn(|r| xb[r * kp..(r + 1) * kp].as_ptr());
     // SAFETY: pair c < pairs reads xb[r][2c..2c + 2] < kp and panel values c * 64..c * 64 + 64;
-    // stores are masked to `cols` columns of each of the R rows.
+    // stores are masked to `cols` columns of each of the R rows of `out`, lent to this call.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let p = panel.as_ptr();
@@ -420,10 +376,10 @@ unsafe fn bf16_tile<const R: usize>(
             }
         }
         let (m0, m1) = lane_masks(cols);
-        for r in 0..R {
-            let o = out[r * stride..].as_mut_ptr();
-            _mm512_mask_storeu_ps(o, m0, acc[r][0]);
-            _mm512_mask_storeu_ps(o.add(16), m1, acc[r][1]);
+        for (r, a) in acc.iter().enumerate() {
+            let o = out.ptr().add(r * out.stride());
+            _mm512_mask_storeu_ps(o, m0, a[0]);
+            _mm512_mask_storeu_ps(o.add(16), m1, a[1]);
         }
     }
 }
@@ -453,15 +409,11 @@ unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
 }
 
 /// The same product as [`f32_rows`] in portable code, for CPUs without AVX-512.
-fn portable_rows(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    panel: &[u16],
-    out: &mut [f32],
-    stride: usize,
-    cols: usize,
-) {
+///
+/// # Safety
+/// The first `cols` values of `m` rows of `out` are writable and nothing else accesses them
+/// during the call.
+unsafe fn portable_rows(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block, cols: usize) {
     for r in 0..m {
         let row = &x[r * k..(r + 1) * k];
         let mut acc = [0.0f32; PANEL];
@@ -476,7 +428,8 @@ fn portable_rows(
                 *a += xe * bf16_to_f32(w[0]) + xo * bf16_to_f32(w[1]);
             }
         }
-        out[r * stride..r * stride + cols].copy_from_slice(&acc[..cols]);
+        // SAFETY: the caller lends these `cols` values of row r to this call.
+        unsafe { out.row(r, cols) }.copy_from_slice(&acc[..cols]);
     }
 }
 
@@ -518,9 +471,13 @@ mod tests {
                 let mut out = vec![f32::NAN; m * n];
                 matmul(&x, m, &w, &mut out, parallel);
                 let mut portable = vec![f32::NAN; m * n];
+                let whole = Block::new(&mut portable, n);
                 for p in 0..n.div_ceil(PANEL) {
                     let cols = PANEL.min(n - p * PANEL);
-                    portable_rows(&x, m, k, w.panel(p), &mut portable[p * PANEL..], n, cols);
+                    // SAFETY: each panel's columns of the m rows lie inside `portable`.
+                    unsafe {
+                        portable_rows(&x, m, k, w.panel(p), whole.offset(0, p * PANEL), cols)
+                    };
                 }
                 for i in 0..m {
                     for j in 0..n {
