@@ -25,6 +25,12 @@ pub const PANEL: usize = 32;
 /// Rows of activations per full register tile.
 const MR: usize = 8;
 
+/// How far ahead of the pair being multiplied the kernels prefetch weights, in bf16 values
+/// (8 KiB; past a panel's end that is the next panel). With few activation rows a panel is
+/// multiplied faster than the hardware prefetcher brings it from memory: on experts of 8–16
+/// rows and cold weights this doubled the throughput (2 threads, 168 -> 430 GFLOP/s at 12 rows).
+const PREFETCH: usize = 4096;
+
 /// A bf16 matrix in panels.
 #[derive(Debug)]
 pub struct PackedBf16 {
@@ -263,6 +269,9 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let p = panel.as_ptr();
         for c in 0..k / 2 {
+            let ahead = p.wrapping_add(c * 64 + PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let v0 = _mm512_loadu_si512(p.add(c * 64) as *const _);
             let v1 = _mm512_loadu_si512(p.add(c * 64 + 32) as *const _);
             let e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
@@ -365,6 +374,9 @@ unsafe fn bf16_tile<const R: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let p = panel.as_ptr();
         for c in 0..pairs {
+            let ahead = p.wrapping_add(c * 64 + PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(c * 64) as *const _));
             let v1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(p.add(c * 64 + 32) as *const _));
