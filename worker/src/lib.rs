@@ -3,7 +3,8 @@
 //! - [`config`]: the model's `config.json` (DeepSeek-V3 and V2), validated.
 //! - [`checkpoint`]: Hugging Face checkpoint directories — memory-mapped safetensors, dtype
 //!   conversion, FP8 block dequantisation; reads only the tensors asked for.
-//! - [`backend`]: the compute backend trait and the CPU backend (`gemm`).
+//! - [`backend`]: the compute backend trait and the CPU backend (`gemm` for f32 weights, packed
+//!   AVX-512 kernels for bf16 weights).
 //! - [`model`]: MLA attention, the MoE block with its expert-parallel exchange, the KV cache.
 //! - [`engine`]: requests, sampling, the batched step loop and in-process EP groups.
 //! - [`comm`]: the expert-parallel communicator trait (all-to-all-v) and its `local` (threads)

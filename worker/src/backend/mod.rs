@@ -3,6 +3,12 @@
 //! The model is written against [`Backend`]; the CPU backend ([`cpu::CpuBackend`]) is the one
 //! built today. A CUDA backend (cudarc, cuBLAS) implements the same trait with device-resident
 //! [`Backend::Matrix`]es and leaves the model code as it is.
+//!
+//! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
+//!   bf16 weights;
+//! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
+//!   activations) with a portable fallback;
+//! - [`blocks`]: how those kernels split a product into tasks, and each task's output block.
 
 pub mod blocks;
 pub mod cpu;
