@@ -73,14 +73,6 @@ impl PackedBf16 {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Bytes held, padding included.
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
