@@ -111,6 +111,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         stop_token_ids: Vec::new(),
         top_logprobs: args.top_logprobs,
+        generated: Vec::new(),
     };
     let options = GroupOptions {
         ranks: args.ep,

@@ -1,25 +1,27 @@
 //! The coordinator's control loop: leader election, then epochs.
 //!
-//! Each *term* grants a lease and keeps it alive at a third of its TTL, concurrently with the
-//! work of the term, in the same task. The term campaigns for the leader key (create-if-absent
-//! under the lease), stands by watching the key while another coordinator holds it, and once
-//! it leads runs the [`leader`] loop. A lost lease (or a leader key taken away) ends the term at
-//! once, so the coordinator never acts without its lease; the next term campaigns again. On
-//! shutdown the lease is revoked, which hands leadership to a standby immediately.
+//! Each *term* grants a lease and keeps it alive ([`crate::lease::keep_alive`]) concurrently
+//! with the work of the term, in the same task. The term campaigns for the leader key
+//! (create-if-absent under the lease), stands by watching the key while another coordinator
+//! holds it, and once it leads runs the [`leader`] loop. A lost lease (or a leader key taken
+//! away) ends the term at once; the next term campaigns again. An unreachable store does not end
+//! a term: the leader keeps its view and retries, and every placement write is fenced by the
+//! leader key's lease, so a leader that lost its role meanwhile cannot overwrite its successor.
+//! On shutdown the lease is revoked, which hands leadership to a standby immediately.
 
 mod leader;
-mod watch;
+mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CoordinatorError;
 use crate::store::{LeaseId, StoreError, TopologyStore, WatchEvent};
 use crate::topology::Keys;
+use crate::watch::{Change, PrefixWatch};
 
 /// How a coordinator behaves; see [`run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +155,7 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
         // Biased: a shutdown or a lost lease wins over any further step of the leader.
         biased;
         _ = shutdown.cancelled() => Ok(()),
-        e = keep_lease(ctx, lease) => Err(e),
+        e = crate::lease::keep_alive(&*ctx.store, lease, ctx.config.lease_ttl) => Err(e.into()),
         r = campaign_and_lead(ctx, lease) => r,
     };
     // Best effort: after a loss the lease is gone already; an unreachable store lets it expire.
@@ -165,44 +167,29 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
     outcome
 }
 
-/// Refreshes the lease at a third of its TTL; returns when it is lost (expired, revoked, or no
-/// refresh succeeded for a whole TTL).
-async fn keep_lease(ctx: &Ctx, lease: LeaseId) -> CoordinatorError {
-    let ttl = ctx.config.lease_ttl;
-    let period = ttl / 3;
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::time::sleep(period).await;
-        let result = match tokio::time::timeout(period, ctx.store.keep_alive(lease)).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Other(format!(
-                "keep-alive had no answer within {period:?}"
-            ))),
-        };
-        match result {
-            Ok(()) => last_ok = Instant::now(),
-            Err(e @ StoreError::LeaseLost(_)) => return e.into(),
-            Err(e) if last_ok.elapsed() >= ttl => {
-                tracing::warn!(lease, error = %e, "no keep-alive for a whole TTL; lease lost");
-                return StoreError::LeaseLost(lease).into();
-            }
-            Err(e) => tracing::warn!(lease, error = %e, "keep-alive failed; retrying"),
-        }
-    }
-}
-
 /// Becomes the leader (waiting while another coordinator is), then leads until an error.
 async fn campaign_and_lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
     campaign(ctx, lease).await?;
     tracing::info!(id = %ctx.config.id, cluster = %ctx.config.cluster, "leading");
-    leader::lead(ctx).await
+    leader::lead(ctx, lease).await
 }
 
 /// Returns once this coordinator holds the leader key under `lease`.
 async fn campaign(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
     let key = ctx.keys.leader();
     let me = leader_value(&ctx.config.id);
-    let mut announced = None;
+    let mut announced: Option<Vec<u8>> = None;
+    let mut announce = |holder: &[u8]| {
+        if announced.as_deref() != Some(holder) {
+            tracing::info!(
+                id = %ctx.config.id,
+                leader = %String::from_utf8_lossy(holder),
+                "standing by"
+            );
+            announced = Some(holder.to_vec());
+        }
+    };
+    let mut watch = PrefixWatch::new(ctx.store.clone(), key.clone());
     loop {
         if ctx
             .store
@@ -211,34 +198,18 @@ async fn campaign(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
         {
             return Ok(());
         }
-        let Some(current) = ctx.store.get(&key).await? else {
-            continue; // The holder just left: try again.
-        };
-        if current.value == me && current.lease == Some(lease) {
-            return Ok(()); // Our own write, from a call whose answer was lost.
-        }
-        if announced.as_ref() != Some(&current.value) {
-            tracing::info!(
-                id = %ctx.config.id,
-                leader = %String::from_utf8_lossy(&current.value),
-                "standing by"
-            );
-            announced = Some(current.value.clone());
-        }
-        // Wait for the key to go away; any watch trouble just sends us back to the CAS.
-        let mut stream = ctx
-            .store
-            .watch_prefix(&key, current.mod_revision + 1)
-            .await?;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(WatchEvent::Delete { key: k, .. }) if k == key => break,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "leader watch failed; retrying");
-                    tokio::time::sleep(MIN_BACKOFF).await;
-                    break;
-                }
+        // Stand by until the key goes away, then try again.
+        loop {
+            match watch.next().await {
+                Change::Snapshot(kvs) => match kvs.into_iter().find(|kv| kv.key == key) {
+                    None => break,
+                    // Our own write, from a call whose answer was lost.
+                    Some(kv) if kv.value == me && kv.lease == Some(lease) => return Ok(()),
+                    Some(kv) => announce(&kv.value),
+                },
+                Change::Event(WatchEvent::Delete { key: k, .. }) if k == key => break,
+                Change::Event(WatchEvent::Put(kv)) if kv.key == key => announce(&kv.value),
+                Change::Event(_) => {}
             }
         }
     }

@@ -15,7 +15,7 @@ use etcd_client::{
 use futures::stream::{self, StreamExt};
 
 use crate::store::{
-    KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
+    Fence, KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
 };
 
 /// The etcd-backed store. Cheap to clone: clones share one connection.
@@ -204,6 +204,28 @@ impl TopologyStore for EtcdStore {
             .and_then([TxnOp::put(key, value, put_options(lease))]);
         let mut client = self.client.clone();
         let resp = self.call(lease, client.txn(txn)).await?;
+        Ok(resp.succeeded())
+    }
+
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let compare = if expected == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, expected)
+        };
+        // A missing fence key compares as lease 0, which no granted lease is.
+        let fenced = Compare::lease(fence.key.as_str(), CompareOp::Equal, fence.lease);
+        let txn = Txn::new()
+            .when([compare, fenced])
+            .and_then([TxnOp::put(key, value, None)]);
+        let mut client = self.client.clone();
+        let resp = self.call(None, client.txn(txn)).await?;
         Ok(resp.succeeded())
     }
 

@@ -4,7 +4,11 @@
 //!   split of the logical experts over N ranks.
 //! - [`topology`]: the cluster's keys in the store and the JSON values under them (workers,
 //!   epochs, acknowledgements).
-//! - [`store`]: the `TopologyStore` trait (leases, compare-and-swap, prefix watches).
+//! - [`store`]: the `TopologyStore` trait (leases, compare-and-swap, fenced writes, prefix
+//!   watches).
+//! - [`watch`]: `PrefixWatch`, the one get-watch-resume loop every part follows the topology
+//!   with; it rides through store outages.
+//! - [`lease`]: `keep_alive`, the one keep-alive loop of every part that holds a lease.
 //! - [`memory`]: `MemoryStore`, the in-process store with etcd's semantics (the single-process
 //!   cluster's default).
 //! - [`etcd`]: `EtcdStore`, the production store on etcd v3.
@@ -16,10 +20,12 @@ pub mod coordinator;
 pub mod error;
 pub mod etcd;
 pub mod etcd_server;
+pub mod lease;
 pub mod memory;
 pub mod placement;
 pub mod store;
 pub mod topology;
+pub mod watch;
 
 pub use coordinator::{run, CoordinatorConfig};
 pub use error::CoordinatorError;
@@ -27,5 +33,8 @@ pub use etcd::EtcdStore;
 pub use etcd_server::EtcdServer;
 pub use memory::MemoryStore;
 pub use placement::{Placement, PlacementError};
-pub use store::{KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream};
-pub use topology::{EpochRecord, EpochState, Keys, WorkerInfo};
+pub use store::{
+    Fence, KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
+};
+pub use topology::{EpochRecord, EpochState, Keys, SuspectReport, WorkerInfo};
+pub use watch::{Change, PrefixWatch};

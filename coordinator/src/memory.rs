@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::store::{
-    KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
+    Fence, KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
 };
 
 /// Events kept for watches that start in the past, unless told otherwise.
@@ -346,6 +346,26 @@ impl TopologyStore for MemoryStore {
                 return Ok(false);
             }
             s.put(key, value, lease).map(|_| true)
+        })
+    }
+
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        self.inner.with_state(|s| {
+            let current = s.kvs.get(key).map_or(0, |kv| kv.mod_revision);
+            let fenced = s
+                .kvs
+                .get(&fence.key)
+                .is_some_and(|kv| kv.lease == Some(fence.lease));
+            if current != expected || !fenced {
+                return Ok(false);
+            }
+            s.put(key, value, None).map(|_| true)
         })
     }
 

@@ -87,6 +87,14 @@ impl WatchEvent {
 /// store goes away; the caller resumes from the last revision it saw + 1.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent, StoreError>>;
 
+/// A fencing token: a write that carries it happens only while `key` exists under `lease`, so a
+/// leader proves that it still leads in the same transaction it writes with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease: LeaseId,
+}
+
 /// Cluster state: leases, keys, compare-and-swap and prefix watches.
 #[async_trait]
 pub trait TopologyStore: Send + Sync + 'static {
@@ -117,6 +125,15 @@ pub trait TopologyStore: Send + Sync + 'static {
         expected: Revision,
         value: Vec<u8>,
         lease: Option<LeaseId>,
+    ) -> Result<bool, StoreError>;
+    /// [`compare_and_swap`](Self::compare_and_swap) without a lease on `key`, and only while
+    /// `fence.key` exists under `fence.lease`. Returns whether the write happened.
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+        fence: &Fence,
     ) -> Result<bool, StoreError>;
     /// Deletes `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;

@@ -6,6 +6,7 @@
 //! /moebius/<cluster>/placement               EpochRecord, written by the leader only (CAS)
 //! /moebius/<cluster>/epochs/<n>/ready/<id>   a worker's acknowledgement of epoch n
 //! /moebius/<cluster>/stats/<id>              per-expert token counts
+//! /moebius/<cluster>/suspects/<id>           SuspectReport: worker <id>'s EP group failed
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,27 @@ impl Keys {
     pub fn stats(&self, id: &str) -> String {
         format!("{}stats/{id}", self.root)
     }
+
+    pub fn suspects(&self) -> String {
+        format!("{}suspects/", self.root)
+    }
+
+    /// Where worker `reporter` reports the failure of its EP group.
+    pub fn suspect(&self, reporter: &str) -> String {
+        format!("{}suspects/{reporter}", self.root)
+    }
+}
+
+/// A worker's report that its EP group failed in `epoch`, under the worker's lease: the leader
+/// re-forms the group at once instead of waiting for a lease to expire, without the workers it
+/// can confirm are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspectReport {
+    pub epoch: u64,
+    /// The worker ids the failure is blamed on (empty when no culprit could be told).
+    pub suspects: Vec<String>,
+    /// What the reporter saw, for people reading the key.
+    pub reason: String,
 }
 
 /// What a worker announces about itself, under its lease.
@@ -71,6 +93,11 @@ pub struct WorkerInfo {
     pub device: String,
     /// Most concurrent sequences it takes (its queue bound).
     pub capacity: u32,
+    /// Random for every registration of the worker, so that a record naming an earlier
+    /// incarnation of the same id (a restarted process, or one that re-registered after it
+    /// was excluded) is never mistaken for the current one.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// Whether the workers of an epoch may step yet.

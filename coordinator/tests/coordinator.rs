@@ -286,3 +286,82 @@ async fn a_leader_that_loses_its_lease_stops_and_campaigns_again() {
     assert_eq!(e1.epoch, 1);
     coordinator.stop().await;
 }
+
+/// A gRPC health service that answers, as a live worker's does; its `host:port`.
+async fn health_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_reporter, service) = tonic_health::server::health_reporter();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    (addr.to_string(), task)
+}
+
+/// On real time: the probe of a suspect talks to real sockets.
+#[tokio::test]
+async fn a_failure_report_reforms_the_group_without_the_suspects_that_are_gone() {
+    let store = memory();
+    let keys = Keys::new("test");
+    let long = Duration::from_secs(60);
+    let coordinator = start(&store, config("c1", 3, 6));
+    let (alive, _server) = health_server().await;
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string() // closed again: connections are refused
+    };
+    let w1 = FakeWorker::register(&store, &keys, "w1", long).await;
+    let w2 = FakeWorker::register_at(&store, &keys, "w2", long, &alive, 0).await;
+    let w3 = FakeWorker::register_at(&store, &keys, "w3", long, &gone, 7).await;
+    wait_record(&store, &keys, "epoch 1", |r| r.epoch == 1).await;
+    for w in [&w1, &w2, &w3] {
+        w.ack(&store, &keys, 1).await;
+    }
+    wait_record(&store, &keys, "epoch 1 active", |r| {
+        r.state == EpochState::Active
+    })
+    .await;
+
+    // w1's group failed; it blames w2 and w3. w2 answers its health check, w3 does not: epoch
+    // 2 is formed at once, long before w3's lease (60 s) could expire.
+    let reported = std::time::Instant::now();
+    w1.report(&store, &keys, 1, &["w2", "w3"]).await;
+    let e2 = wait_record(&store, &keys, "epoch 2", |r| r.epoch == 2).await;
+    assert_eq!(ids(&e2), ["w1", "w2"]);
+    assert_fully_placed(&e2, 6);
+    assert!(
+        reported.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        reported.elapsed()
+    );
+    w1.ack(&store, &keys, 2).await;
+    w2.ack(&store, &keys, 2).await;
+    wait_record(&store, &keys, "epoch 2 active", |r| {
+        r.epoch == 2 && r.state == EpochState::Active
+    })
+    .await;
+    // The old report is cleaned up, and the excluded w3 is not taken back while it is the
+    // same incarnation...
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let now = wait_record(&store, &keys, "epoch 2", |r| r.epoch >= 2).await;
+    assert_eq!(
+        now.epoch, 2,
+        "w3 must not rejoin as the incarnation that was lost"
+    );
+    assert!(store.get(&keys.suspect("w1")).await.unwrap().is_none());
+    // ...but it is once it registers anew.
+    drop(w3);
+    let _w3 = FakeWorker::register_at(&store, &keys, "w3", long, &gone, 8).await;
+    let e3 = wait_record(&store, &keys, "epoch 3", |r| r.epoch == 3).await;
+    assert_eq!(ids(&e3), ["w1", "w2", "w3"]);
+
+    // A report about an epoch that is over changes nothing.
+    w2.report(&store, &keys, 2, &["w1"]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let still = wait_record(&store, &keys, "epoch 3", |r| r.epoch >= 3).await;
+    assert_eq!(still.epoch, 3);
+    coordinator.stop().await;
+}

@@ -20,6 +20,7 @@ conformance!(
     put_get_prefix_and_revisions,
     cas_creates_if_absent_once,
     cas_on_a_stale_revision_fails,
+    fenced_cas_needs_the_fence_key_under_its_lease,
     lease_expiry_deletes_keys_and_watch_sees_it,
     keep_alive_on_an_expired_lease_is_lease_lost,
     revoke_deletes_keys_now,

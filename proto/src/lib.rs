@@ -15,3 +15,13 @@ pub mod v1 {
 
 /// The encoded descriptors of every `moebius.v1` file, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moebius_descriptor");
+
+impl From<v1::GenerateRequest> for v1::WorkerGenerateRequest {
+    /// A first attempt: nothing to resume.
+    fn from(request: v1::GenerateRequest) -> Self {
+        Self {
+            request: Some(request),
+            resume: None,
+        }
+    }
+}

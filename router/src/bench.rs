@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use moebius_proto::v1::generate_request::Prompt;
 use moebius_proto::v1::inference_client::InferenceClient;
 use moebius_proto::v1::worker_client::WorkerClient;
-use moebius_proto::v1::{GenerateRequest, TokenIds};
+use moebius_proto::v1::{GenerateRequest, TokenIds, WorkerGenerateRequest};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
@@ -112,7 +112,10 @@ async fn one_call(channel: &Channel, direct: bool) -> Result<(), tonic::Status> 
     };
     if direct {
         let mut stream = WorkerClient::new(channel.clone())
-            .generate(request)
+            .generate(WorkerGenerateRequest {
+                request: Some(request),
+                resume: None,
+            })
             .await?
             .into_inner();
         while stream.message().await?.is_some() {}

@@ -23,6 +23,9 @@ pub struct RouterConfig {
     pub epoch_wait: Duration,
     /// On shutdown, how long in-flight requests may run on before they are cut off.
     pub drain_timeout: Duration,
+    /// Most times one request is resubmitted to another worker after losing its worker; past
+    /// it the client gets `UNAVAILABLE`.
+    pub migration_limit: u32,
 }
 
 impl Default for RouterConfig {
@@ -34,6 +37,7 @@ impl Default for RouterConfig {
             request_timeout: None,
             epoch_wait: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            migration_limit: 3,
         }
     }
 }

@@ -15,8 +15,8 @@ pub enum RouterError {
     /// time.
     #[error("no active epoch: the cluster is re-forming (waited {waited:?}); retry shortly")]
     NoActiveEpoch { waited: Duration },
-    /// An epoch is active but none of its workers is still registered.
-    #[error("no live worker: every worker of epoch {epoch} lost its registration; retry shortly")]
+    /// An epoch is active but none of its workers is still registered and reachable.
+    #[error("no live worker: every worker of epoch {epoch} is gone or unreachable; retry shortly")]
     NoLiveWorkers { epoch: u64 },
     /// Admission control: every routable worker already has its maximum in flight.
     #[error("all {workers} workers are at capacity ({in_flight} requests in flight); retry later")]
@@ -28,6 +28,12 @@ pub enum RouterError {
         address: String,
         message: String,
     },
+    /// The request lost its worker more often than the router's migration limit allows.
+    #[error(
+        "the request was resubmitted {limit} times after losing its worker (the limit, \
+         --migration-limit) and lost it again: {last}"
+    )]
+    MigrationsExhausted { limit: u32, last: String },
     /// A status a worker answered on purpose (bad input for the model, its own queue full);
     /// passed to the client unchanged.
     #[error("{}", .0.message())]
@@ -69,6 +75,7 @@ impl RouterError {
             RouterError::NoLiveWorkers { .. } => "no_live_workers",
             RouterError::AtCapacity { .. } => "at_capacity",
             RouterError::WorkerFailed { .. } => "worker_failed",
+            RouterError::MigrationsExhausted { .. } => "migrations_exhausted",
             RouterError::Worker(_) => "worker_status",
             RouterError::Unreachable { .. } => "unreachable",
             RouterError::DeadlineExceeded(_) => "deadline_exceeded",
@@ -91,6 +98,7 @@ impl From<RouterError> for Status {
             RouterError::NoActiveEpoch { .. }
             | RouterError::NoLiveWorkers { .. }
             | RouterError::WorkerFailed { .. }
+            | RouterError::MigrationsExhausted { .. }
             | RouterError::Unreachable { .. }
             | RouterError::ShuttingDown => Code::Unavailable,
             RouterError::Config(_)

@@ -1,16 +1,13 @@
-//! Opening a request's stream on a worker: pick the least-loaded worker, call its `Generate`,
-//! wait for the first message, and try one other worker when the first refuses.
-
-use std::time::Duration;
+//! One attempt of a request on one worker: call its `Generate` (with what the client already
+//! has, for a resubmission), wait for the first message, then hand out the rest.
 
 use moebius_proto::v1::worker_client::WorkerClient;
-use moebius_proto::v1::{GenerateRequest, GenerateResponse};
+use moebius_proto::v1::{GenerateRequest, GenerateResponse, Resume, WorkerGenerateRequest};
 use tokio::time::Instant;
 use tonic::{Code, Status, Streaming};
-use tracing::debug;
 
 use crate::error::RouterError;
-use crate::pool::{InFlight, Pool, WorkerSlot};
+use crate::pool::{InFlight, WorkerSlot};
 
 /// A request running on a worker: its place in the worker's count, the worker's stream, and
 /// the stream's first message (`None` when the worker ended the stream at once). Dropping it
@@ -35,46 +32,19 @@ impl Upstream {
     }
 }
 
-/// Starts `request` on a worker. A worker that answers `RESOURCE_EXHAUSTED` or cannot be
-/// reached before its first message is replaced by the least-loaded other worker, once; after
-/// the first message nothing is retried, since the client may already hold tokens.
-pub(crate) async fn open(
-    pool: &Pool,
-    request: &GenerateRequest,
-    deadline: Option<Instant>,
-    epoch_wait: Duration,
-) -> Result<Upstream, RouterError> {
-    let guard = pool.acquire(epoch_wait).await?;
-    let (failed, err) = match try_open(guard, request, deadline).await {
-        Ok(upstream) => return Ok(upstream),
-        Err(failed) => failed,
-    };
-    let retry = match &err {
-        RouterError::Worker(status) => status.code() == Code::ResourceExhausted,
-        RouterError::WorkerFailed { .. } => true,
-        _ => false,
-    };
-    if !retry {
-        return Err(err);
-    }
-    let failed_id = failed.worker().id.clone();
-    drop(failed);
-    match pool.acquire_other(&failed_id) {
-        Ok(other) => {
-            debug!(request_id = %request.request_id, failed = %failed_id, retry = %other.worker().id, "retrying on another worker: {err}");
-            try_open(other, request, deadline).await.map_err(|(_, e)| e)
-        }
-        Err(_) => Err(err),
-    }
-}
-
-async fn try_open(
+/// Calls the worker of `guard` and waits for the first message; on failure hands the guard
+/// back with the error, so that the caller can tell which worker failed.
+pub(crate) async fn try_open(
     guard: InFlight,
     request: &GenerateRequest,
+    resume: Option<Resume>,
     deadline: Option<Instant>,
 ) -> Result<Upstream, (InFlight, RouterError)> {
     let mut client = WorkerClient::new(guard.worker().channel.clone());
-    let mut call = tonic::Request::new(request.clone());
+    let mut call = tonic::Request::new(WorkerGenerateRequest {
+        request: Some(request.clone()),
+        resume,
+    });
     if let Some(deadline) = deadline {
         // The worker learns the deadline too, so it can stop a sequence nobody waits for.
         call.set_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -99,9 +69,10 @@ async fn try_open(
     }
 }
 
-/// Sorts a worker's error status: transport failures (the worker died, reset the connection,
-/// or cannot be reached) become `WorkerFailed`, naming the worker; statuses the worker chose
-/// (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`, ...) pass through unchanged.
+/// Sorts a worker's error status: the worker died, reset the connection, cannot be reached, or
+/// says it cannot serve the request (UNAVAILABLE) — all `WorkerFailed`, naming the worker, and
+/// the request may go elsewhere; statuses about the request itself (`INVALID_ARGUMENT`,
+/// `RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED`, ...) pass through unchanged.
 pub(crate) fn worker_error(worker: &WorkerSlot, status: Status) -> RouterError {
     match status.code() {
         Code::Unknown | Code::Unavailable | Code::Internal | Code::Cancelled => {

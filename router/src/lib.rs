@@ -3,9 +3,12 @@
 //! - [`config`]: [`RouterConfig`], filled by `moebius router` from its flags.
 //! - [`server`]: [`run`], the gRPC server (`moebius.v1.Inference`, health, reflection) and its
 //!   shutdown in phases.
-//! - `service`: the `Inference` handlers: check, open on a worker, relay the stream.
-//! - `forward`: opening a request on a worker, with one retry elsewhere when it refuses.
-//! - `pool`: the routable workers, their in-flight counts, least-loaded pick, admission.
+//! - `service`: the `Inference` handlers: check, open a session, relay its messages.
+//! - `session`: one request across the workers that serve it: one retry elsewhere when a
+//!   worker is full, resubmission with what the client has when a worker is lost.
+//! - `forward`: one attempt of a request on one worker.
+//! - `pool`: the routable workers, the group's members, in-flight counts, least-loaded pick,
+//!   admission, workers marked down.
 //! - `watch`: follows the placement and the worker registrations in the `TopologyStore`.
 //! - `request`: what the router checks without the model, request ids, deadlines, merging a
 //!   stream into one response.
@@ -20,6 +23,7 @@ mod pool;
 mod request;
 pub mod server;
 mod service;
+mod session;
 mod watch;
 
 pub use bench::{bench_calls, BenchResult};

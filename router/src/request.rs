@@ -58,6 +58,13 @@ impl RequestIds {
         }
     }
 
+    /// A random number (seeds for sampled requests that came without one).
+    pub fn random(&self) -> u64 {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(self.next.fetch_add(1, Ordering::Relaxed));
+        hasher.finish()
+    }
+
     /// Fills `request_id` when the client left it empty.
     pub fn fill(&self, request: &mut GenerateRequest) {
         if request.request_id.is_empty() {

@@ -84,13 +84,7 @@ pub async fn run(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
-    let service = RouterService::new(
-        Arc::clone(&pool),
-        config.request_timeout,
-        config.epoch_wait,
-        drain.clone(),
-        relays.clone(),
-    );
+    let service = RouterService::new(Arc::clone(&pool), &config, drain.clone(), relays.clone());
 
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

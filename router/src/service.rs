@@ -1,5 +1,6 @@
-//! The public `moebius.v1.Inference` service: checks a request, opens it on a worker, and
-//! returns the worker's tokens whole (`Generate`) or as they come (`GenerateStream`).
+//! The public `moebius.v1.Inference` service: checks a request, opens a [`Session`] for it, and
+//! returns its tokens whole (`Generate`) or as they come (`GenerateStream`); the session moves
+//! the request to another worker when its worker is lost.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,10 +16,11 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use crate::config::RouterConfig;
 use crate::error::RouterError;
-use crate::forward::{self, Upstream};
 use crate::pool::Pool;
 use crate::request::{merge, time_limit, validate, RequestIds};
+use crate::session::{Session, SessionLimits};
 
 /// Messages buffered between a worker's stream and a slow client.
 const STREAM_BUFFER: usize = 16;
@@ -37,6 +39,7 @@ struct Shared {
     ids: RequestIds,
     request_timeout: Option<Duration>,
     epoch_wait: Duration,
+    migration_limit: u32,
     /// Cancelled when shutdown's drain period is over: in-flight requests end `UNAVAILABLE`.
     drain: CancellationToken,
     /// The relay tasks of open streams, so shutdown can wait for them.
@@ -46,8 +49,7 @@ struct Shared {
 impl RouterService {
     pub fn new(
         pool: Arc<Pool>,
-        request_timeout: Option<Duration>,
-        epoch_wait: Duration,
+        config: &RouterConfig,
         drain: CancellationToken,
         relays: TaskTracker,
     ) -> Self {
@@ -55,8 +57,9 @@ impl RouterService {
             inner: Arc::new(Shared {
                 pool,
                 ids: RequestIds::new(),
-                request_timeout,
-                epoch_wait,
+                request_timeout: config.request_timeout,
+                epoch_wait: config.epoch_wait,
+                migration_limit: config.migration_limit,
                 drain,
                 relays,
             }),
@@ -74,6 +77,13 @@ impl RouterService {
         let mut request = request.into_inner();
         validate(&request)?;
         self.inner.ids.fill(&mut request);
+        // Every sampled request gets a seed, so that it can be resumed on another worker with
+        // the tokens it would have had.
+        if let Some(sampling) = request.sampling.as_mut() {
+            if sampling.temperature > 0.0 && sampling.seed.is_none() {
+                sampling.seed = Some(self.inner.ids.random());
+            }
+        }
         let call = Call {
             started,
             deadline,
@@ -82,14 +92,14 @@ impl RouterService {
         Ok((request, call))
     }
 
-    async fn open(&self, request: &GenerateRequest, call: &Call) -> Result<Upstream, RouterError> {
-        call.bounded(forward::open(
-            &self.inner.pool,
-            request,
-            call.deadline,
-            self.inner.epoch_wait,
-        ))
-        .await
+    async fn open(&self, request: GenerateRequest, call: &Call) -> Result<Session, RouterError> {
+        let limits = SessionLimits {
+            deadline: call.deadline,
+            epoch_wait: self.inner.epoch_wait,
+            migration_limit: self.inner.migration_limit,
+        };
+        call.bounded(Session::open(Arc::clone(&self.inner.pool), request, limits))
+            .await
     }
 }
 
@@ -124,7 +134,9 @@ impl Call {
 
 fn report(request_id: &str, err: RouterError) -> Status {
     match &err {
-        RouterError::WorkerFailed { .. } | RouterError::ShuttingDown => {
+        RouterError::WorkerFailed { .. }
+        | RouterError::MigrationsExhausted { .. }
+        | RouterError::ShuttingDown => {
             warn!(request_id, kind = err.kind(), "request failed: {err}")
         }
         _ => debug!(request_id, kind = err.kind(), "request failed: {err}"),
@@ -141,9 +153,9 @@ impl Inference for RouterService {
         let (request, call) = self.admit(request).map_err(|e| report("", e))?;
         let request_id = request.request_id.clone();
         let work = async {
-            let mut upstream = self.open(&request, &call).await?;
+            let mut session = self.open(request, &call).await?;
             let mut whole = GenerateResponse::default();
-            while let Some(part) = upstream.next().await? {
+            while let Some(part) = session.next().await? {
                 merge(&mut whole, part);
             }
             whole.request_id = request_id.clone();
@@ -164,23 +176,24 @@ impl Inference for RouterService {
         let (request, call) = self.admit(request).map_err(|e| report("", e))?;
         // Opening happens before the response starts, so that refusals (bad input for the
         // model, capacity, no epoch) reach the client as a plain status, as for `Generate`.
-        let upstream = self
-            .open(&request, &call)
+        let request_id = request.request_id.clone();
+        let session = self
+            .open(request, &call)
             .await
-            .map_err(|e| report(&request.request_id, e))?;
+            .map_err(|e| report(&request_id, e))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         self.inner
             .relays
-            .spawn(relay(upstream, tx, request.request_id, call));
+            .spawn(relay(session, tx, request_id, call));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Forwards a worker's stream to the client until either ends. A client that went away (the
-/// channel closed) or a passed deadline drops the worker's stream, which cancels the sequence
-/// on the worker.
+/// Forwards a session's messages to the client until either ends. A client that went away (the
+/// channel closed) or a passed deadline drops the session and with it the worker's stream,
+/// which cancels the sequence on the worker.
 async fn relay(
-    mut upstream: Upstream,
+    mut session: Session,
     tx: mpsc::Sender<Result<GenerateResponse, Status>>,
     request_id: String,
     call: Call,
@@ -188,7 +201,7 @@ async fn relay(
     let end = loop {
         let next = tokio::select! {
             _ = tx.closed() => break None,
-            next = call.bounded(upstream.next()) => next,
+            next = call.bounded(session.next()) => next,
         };
         let mut message = match next {
             Ok(Some(message)) => message,
@@ -205,13 +218,14 @@ async fn relay(
         }
     };
     // Drop the worker's stream (and its place in the count) before telling the client.
-    let worker = upstream.guard.worker().id.clone();
-    drop(upstream);
+    let worker = session.worker().unwrap_or_default().to_string();
+    let migrations = session.migrations();
+    drop(session);
     match end {
         None if tx.is_closed() => {
             debug!(%request_id, %worker, "client went away; worker stream dropped")
         }
-        None => debug!(%request_id, %worker, "stream finished"),
+        None => debug!(%request_id, %worker, migrations, "stream finished"),
         Some(err) => {
             let status = report(&request_id, err);
             let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(status))).await;

@@ -1,25 +1,18 @@
 //! Follows the cluster's topology in the store and feeds the [`Pool`]: the `placement` key (the
-//! current epoch) and the `workers/` prefix (who still holds a lease).
-//!
-//! Each key range is read with a prefix get, then watched from that revision + 1; after a
-//! stream error the watch resumes from the last revision seen + 1, and after a compaction it
-//! starts over from a fresh get.
+//! current epoch) and the `workers/` prefix (who holds a lease, in which incarnation), each
+//! through the shared [`PrefixWatch`], which rides through store outages (the router keeps
+//! routing on its last view meanwhile).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use moebius_coordinator::{
-    EpochRecord, KeyValue, Keys, Revision, StoreError, TopologyStore, WatchEvent,
+    Change, EpochRecord, KeyValue, Keys, PrefixWatch, TopologyStore, WatchEvent, WorkerInfo,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::pool::Pool;
-
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Which key range a follower feeds into the pool.
 #[derive(Debug, Clone, Copy)]
@@ -36,13 +29,13 @@ pub(crate) async fn watch_topology(
     stop: CancellationToken,
 ) {
     tokio::join!(
-        follow(&*store, &keys, Feed::Placement, &pool, &stop),
-        follow(&*store, &keys, Feed::Workers, &pool, &stop),
+        follow(store.clone(), &keys, Feed::Placement, &pool, &stop),
+        follow(store, &keys, Feed::Workers, &pool, &stop),
     );
 }
 
 async fn follow(
-    store: &dyn TopologyStore,
+    store: Arc<dyn TopologyStore>,
     keys: &Keys,
     feed: Feed,
     pool: &Pool,
@@ -52,108 +45,57 @@ async fn follow(
         Feed::Placement => keys.placement(),
         Feed::Workers => keys.workers(),
     };
-    // The revision to watch from; `None` when a fresh get is needed first.
-    let mut next: Option<Revision> = None;
-    let mut backoff = MIN_BACKOFF;
-    while !stop.is_cancelled() {
-        let from = match next {
-            Some(from) => from,
-            None => match store.get_prefix(&prefix).await {
-                Ok((kvs, revision)) => {
-                    apply_snapshot(pool, keys, feed, &prefix, kvs);
-                    revision + 1
-                }
-                Err(err) => {
-                    warn!(%prefix, "reading the topology failed, retrying in {backoff:?}: {err}");
-                    backoff = pause(backoff, stop).await;
-                    continue;
-                }
-            },
+    let mut watch = PrefixWatch::new(store, prefix.clone());
+    loop {
+        let change = tokio::select! {
+            _ = stop.cancelled() => return,
+            change = watch.next() => change,
         };
-        next = Some(from);
-        let mut stream = match store.watch_prefix(&prefix, from).await {
-            Ok(stream) => stream,
-            Err(err) => {
-                if matches!(err, StoreError::Compacted(_)) {
-                    next = None;
-                }
-                warn!(%prefix, "watching the topology failed, retrying in {backoff:?}: {err}");
-                backoff = pause(backoff, stop).await;
-                continue;
+        match (feed, change) {
+            (Feed::Placement, Change::Snapshot(kvs)) => {
+                let record = kvs
+                    .iter()
+                    .find(|kv| kv.key == prefix)
+                    .and_then(|kv| decode_epoch(&kv.value));
+                pool.set_epoch(record);
             }
-        };
-        loop {
-            let item = tokio::select! {
-                _ = stop.cancelled() => return,
-                item = stream.next() => item,
-            };
-            match item {
-                Some(Ok(event)) => {
-                    next = Some(event.revision() + 1);
-                    backoff = MIN_BACKOFF;
-                    apply_event(pool, keys, feed, &prefix, event);
-                }
-                Some(Err(err)) => {
-                    if matches!(err, StoreError::Compacted(_)) {
-                        next = None;
-                    }
-                    warn!(%prefix, "topology watch broke, resuming in {backoff:?}: {err}");
-                    break;
-                }
-                None => {
-                    debug!(%prefix, "topology watch ended, resuming");
-                    break;
+            (Feed::Placement, Change::Event(WatchEvent::Put(kv))) if kv.key == prefix => {
+                // A record that does not decode leaves the last good one in place.
+                if let Some(record) = decode_epoch(&kv.value) {
+                    pool.set_epoch(Some(record));
                 }
             }
-        }
-        backoff = pause(backoff, stop).await;
-    }
-}
-
-/// Sleeps `backoff` (or until stopped) and returns the next, longer backoff.
-async fn pause(backoff: Duration, stop: &CancellationToken) -> Duration {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(backoff) => {}
-    }
-    (backoff * 2).min(MAX_BACKOFF)
-}
-
-fn apply_snapshot(pool: &Pool, keys: &Keys, feed: Feed, prefix: &str, kvs: Vec<KeyValue>) {
-    match feed {
-        Feed::Placement => {
-            let record = kvs
-                .iter()
-                .find(|kv| kv.key == prefix)
-                .and_then(|kv| decode_epoch(&kv.value));
-            pool.set_epoch(record);
-        }
-        Feed::Workers => {
-            let ids: HashSet<String> = kvs
-                .iter()
-                .filter_map(|kv| worker_id(keys, &kv.key))
-                .map(str::to_string)
-                .collect();
-            pool.set_registered(ids);
+            (Feed::Placement, Change::Event(WatchEvent::Delete { key, .. })) if key == prefix => {
+                pool.set_epoch(None)
+            }
+            (Feed::Placement, Change::Event(_)) => {}
+            (Feed::Workers, Change::Snapshot(kvs)) => {
+                let workers: HashMap<String, u64> =
+                    kvs.iter().filter_map(|kv| worker(keys, kv)).collect();
+                pool.set_registered(workers);
+            }
+            (Feed::Workers, Change::Event(WatchEvent::Put(kv))) => {
+                if let Some((id, incarnation)) = worker(keys, &kv) {
+                    pool.set_worker_registered(&id, Some(incarnation));
+                }
+            }
+            (Feed::Workers, Change::Event(WatchEvent::Delete { key, .. })) => {
+                if let Some(id) = worker_id(keys, &key) {
+                    pool.set_worker_registered(id, None);
+                }
+            }
         }
     }
 }
 
-fn apply_event(pool: &Pool, keys: &Keys, feed: Feed, prefix: &str, event: WatchEvent) {
-    match (feed, event) {
-        (Feed::Placement, WatchEvent::Put(kv)) if kv.key == prefix => {
-            // A record that does not decode leaves the last good one in place.
-            if let Some(record) = decode_epoch(&kv.value) {
-                pool.set_epoch(Some(record));
-            }
-        }
-        (Feed::Placement, WatchEvent::Delete { key, .. }) if key == prefix => pool.set_epoch(None),
-        (Feed::Placement, _) => {}
-        (Feed::Workers, event) => {
-            let registered = matches!(event, WatchEvent::Put(_));
-            if let Some(id) = worker_id(keys, event.key()) {
-                pool.set_worker_registered(id, registered);
-            }
+/// The id and incarnation of a registration.
+fn worker(keys: &Keys, kv: &KeyValue) -> Option<(String, u64)> {
+    let id = worker_id(keys, &kv.key)?;
+    match serde_json::from_slice::<WorkerInfo>(&kv.value) {
+        Ok(info) => Some((id.to_string(), info.incarnation)),
+        Err(err) => {
+            warn!(key = %kv.key, "ignoring a worker registration that does not decode: {err}");
+            None
         }
     }
 }

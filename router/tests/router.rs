@@ -14,7 +14,7 @@ use moebius_proto::v1::inference_client::InferenceClient;
 use moebius_proto::v1::worker_server::{Worker, WorkerServer};
 use moebius_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, SamplingParams, StatusRequest, StatusResponse,
-    TokenIds, Usage,
+    TokenIds, Usage, WorkerGenerateRequest,
 };
 use moebius_router::{RouterConfig, RouterError};
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +45,10 @@ struct FakeState {
     delay_ms: AtomicU64,
     /// Answer every request `RESOURCE_EXHAUSTED`.
     exhausted: AtomicBool,
+    /// For every request received, how many tokens its client already had.
+    resumed_at: std::sync::Mutex<Vec<u32>>,
+    /// Fail every attempt with UNAVAILABLE after this many tokens (0: never).
+    fail_after: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +63,7 @@ impl Worker for FakeService {
 
     async fn generate(
         &self,
-        request: Request<GenerateRequest>,
+        request: Request<WorkerGenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let state = Arc::clone(&self.state);
         state.received.fetch_add(1, Ordering::SeqCst);
@@ -69,7 +73,11 @@ impl Worker for FakeService {
                 self.id
             )));
         }
-        let request = request.into_inner();
+        let WorkerGenerateRequest { request, resume } = request.into_inner();
+        let request = request.expect("the router sends the request");
+        // A resubmitted request goes on after the tokens its client has.
+        let start = resume.map_or(0, |r| r.token_ids.len() as u32);
+        state.resumed_at.lock().expect("lock").push(start);
         if let Some(Prompt::TokenIds(ids)) = &request.prompt {
             if let Some(bad) = ids.ids.iter().find(|&&id| id >= 1000) {
                 return Err(Status::invalid_argument(format!(
@@ -82,8 +90,14 @@ impl Worker for FakeService {
             let now = state.active.fetch_add(1, Ordering::SeqCst) + 1;
             state.max_active.fetch_max(now, Ordering::SeqCst);
             let n = request.max_new_tokens;
+            let fail_after = state.fail_after.load(Ordering::SeqCst);
             let mut finished = true;
-            for i in 0..n {
+            for i in start..n {
+                if fail_after > 0 && u64::from(i - start) == fail_after {
+                    let _ = tx.send(Err(Status::unavailable("injected failure"))).await;
+                    finished = false;
+                    break;
+                }
                 let delay = Duration::from_millis(state.delay_ms.load(Ordering::SeqCst));
                 tokio::select! {
                     _ = tx.closed() => { finished = false; break; }
@@ -180,6 +194,7 @@ impl FakeWorker {
             data_address: "127.0.0.1:1".into(),
             device: "cpu".into(),
             capacity,
+            incarnation: 0,
         }
     }
 
@@ -621,48 +636,205 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     cluster.stop().await.expect("clean stop");
 }
 
+/// Reads a stream to its end: every token, and the finish reason and usage of the last message.
+async fn drain(
+    stream: &mut tonic::Streaming<GenerateResponse>,
+) -> Result<GenerateResponse, tonic::Status> {
+    let mut whole = GenerateResponse::default();
+    while let Some(message) = stream.message().await? {
+        whole.token_ids.extend(message.token_ids);
+        whole.text.push_str(&message.text);
+        if message.finish_reason != 0 {
+            whole.finish_reason = message.finish_reason;
+            whole.usage = message.usage;
+        }
+    }
+    Ok(whole)
+}
+
+fn tokens(n: u32) -> Vec<u32> {
+    (100..100 + n).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_dying_mid_stream_is_unavailable_promptly() {
-    let mut cluster = Cluster::start(1, 8, RouterConfig::default()).await;
-    cluster.workers[0].set_delay(Duration::from_millis(100));
+async fn a_worker_dying_mid_stream_loses_nothing() {
+    let mut cluster = Cluster::start(2, 8, RouterConfig::default()).await;
+    for w in &cluster.workers {
+        w.set_delay(Duration::from_millis(20));
+    }
+    let mut client = cluster.client();
+    // Both requests start on w0 (w1 is full for a moment).
+    cluster.workers[1]
+        .state
+        .exhausted
+        .store(true, Ordering::SeqCst);
+    let mut stream = client
+        .generate_stream(request(40))
+        .await
+        .expect("stream")
+        .into_inner();
+    let unary = {
+        let mut client = cluster.client();
+        tokio::spawn(async move { client.generate(request(40)).await })
+    };
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let message = stream.message().await.expect("tokens").expect("more");
+        got.extend(message.token_ids);
+    }
+    eventually("both requests on w0", || {
+        cluster.workers[0].state.active.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    cluster.workers[1]
+        .state
+        .exhausted
+        .store(false, Ordering::SeqCst);
+    cluster.workers[0].kill();
+
+    let rest = drain(&mut stream).await.expect("the stream goes on on w1");
+    got.extend(rest.token_ids.iter().copied());
+    assert_eq!(got, tokens(40), "no token lost or repeated");
+    assert_eq!(rest.finish_reason(), FinishReason::Length);
+    assert_eq!(rest.usage.map(|u| u.completion_tokens), Some(40));
+    let whole = unary
+        .await
+        .expect("joins")
+        .expect("the unary call completes on w1")
+        .into_inner();
+    assert_eq!(whole.token_ids, tokens(40));
+    assert_eq!(whole.text.matches('<').count(), 40);
+    // w1 was asked to resume after what each client already had.
+    let resumed = cluster.workers[1]
+        .state
+        .resumed_at
+        .lock()
+        .expect("lock")
+        .clone();
+    assert_eq!(resumed.len(), 2, "{resumed:?}");
+    assert!(resumed.iter().all(|&n| n > 0 && n < 40), "{resumed:?}");
+    cluster.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_leaves_the_group_hands_its_requests_over() {
+    let mut cluster = Cluster::start(2, 8, RouterConfig::default()).await;
+    for w in &cluster.workers {
+        w.set_delay(Duration::from_millis(20));
+    }
+    cluster.workers[1]
+        .state
+        .exhausted
+        .store(true, Ordering::SeqCst);
+    let mut client = cluster.client();
+    let mut stream = client
+        .generate_stream(request(30))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = stream.message().await.expect("tokens").expect("first");
+    cluster.workers[1]
+        .state
+        .exhausted
+        .store(false, Ordering::SeqCst);
+    // Epoch 2 leaves w0 out (the coordinator excluded it): its stream is given up at once,
+    // although w0 itself goes on.
+    let infos = vec![cluster.workers[1].info(8)];
+    write_epoch(
+        &*cluster.store,
+        &cluster.keys,
+        2,
+        EpochState::Active,
+        &infos,
+    )
+    .await;
+    let rest = drain(&mut stream).await.expect("continues on w1");
+    let mut got = first.token_ids;
+    got.extend(rest.token_ids);
+    assert_eq!(got, tokens(30));
+    let w0 = Arc::clone(&cluster.workers[0].state);
+    eventually("w0's stream dropped", || {
+        w0.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    cluster.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resubmissions_are_bounded_by_the_migration_limit() {
+    let config = RouterConfig {
+        migration_limit: 2,
+        ..RouterConfig::default()
+    };
+    let mut cluster = Cluster::start(2, 8, config).await;
+    for w in &cluster.workers {
+        // Every attempt fails with UNAVAILABLE after three tokens.
+        w.state.fail_after.store(3, Ordering::SeqCst);
+    }
+    let mut client = cluster.client();
+    let mut stream = client
+        .generate_stream(request(40))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = Vec::new();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(message)) => got.extend(message.token_ids),
+            Ok(None) => panic!("every attempt fails; the stream cannot finish"),
+            Err(status) => break status,
+        }
+    };
+    // Three attempts (the first and two resubmissions), three tokens each, in order.
+    assert_eq!(got, tokens(9));
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("--migration-limit"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("injected failure"),
+        "{}",
+        err.message()
+    );
+    cluster.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_worker_left_a_request_is_unavailable_saying_so() {
+    let config = RouterConfig {
+        epoch_wait: Duration::from_millis(500),
+        ..RouterConfig::default()
+    };
+    let mut cluster = Cluster::start(1, 8, config).await;
+    cluster.workers[0].set_delay(Duration::from_millis(50));
     let mut client = cluster.client();
     let mut stream = client
         .generate_stream(request(1000))
         .await
         .expect("stream")
         .into_inner();
-    let unary = {
-        let mut client = cluster.client();
-        tokio::spawn(async move { client.generate(request(1000)).await })
-    };
-    for _ in 0..2 {
-        stream
-            .message()
-            .await
-            .expect("tokens before the fault")
-            .expect("more");
-    }
+    stream.message().await.expect("tokens").expect("first");
     cluster.workers[0].kill();
-    let killed = Instant::now();
-    let err = loop {
-        match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
-            Ok(Ok(Some(_))) => continue,
-            Ok(Ok(None)) => panic!("the stream ended as if nothing happened"),
-            Ok(Err(status)) => break status,
-            Err(_) => panic!("no answer 2 s after the worker died"),
-        }
-    };
-    assert!(killed.elapsed() < Duration::from_secs(2));
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("worker w0"), "{}", err.message());
-
-    let err = tokio::time::timeout(Duration::from_secs(2), unary)
+    let err = tokio::time::timeout(Duration::from_secs(5), drain(&mut stream))
         .await
-        .expect("the unary call ends within 2 s")
-        .expect("joins")
-        .expect_err("the worker died");
+        .expect("an answer within the epoch wait")
+        .expect_err("no worker is left");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("worker w0"), "{}", err.message());
+    assert!(
+        err.message().contains("no live worker"),
+        "{}",
+        err.message()
+    );
+    // New requests are refused the same way, without dialling the dead worker every time.
+    let err = client.generate(request(3)).await.expect_err("no worker");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("no live worker"),
+        "{}",
+        err.message()
+    );
     cluster.stop().await.expect("clean stop");
 }
 

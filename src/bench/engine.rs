@@ -1,15 +1,19 @@
 //! `moebius bench engine`: prefill and decode throughput of one rank on a checkpoint, and how
-//! close decode comes to the memory-bandwidth limit of reading the weights once per step.
+//! close decode comes to the memory-bandwidth limit of reading the weights once per step. The
+//! rank is an engine thread running the loop every worker runs; step times are read off the
+//! arrival of the tokens each step makes.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use moebius_worker::backend::CpuBackend;
 use moebius_worker::comm::local_group;
-use moebius_worker::engine::{GenerateRequest, LoadedModel, RankEngine, Submission};
+use moebius_worker::engine::{
+    EngineHandle, EngineOptions, GenerateRequest, Installation, LoadedModel, OnGroupFailure, Tagged,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -66,13 +70,11 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let mut rows = Vec::new();
     warm_up(&model, args.prompt_len, &mut rng)?;
     for &batch in &args.batch {
-        let rank = model.rank_models(1)?.pop().expect("one rank");
-        let comm = local_group(1).pop().expect("one end");
-        let mut engine = RankEngine::new(rank, Box::new(comm), batch * args.prompt_len);
+        let engine = one_rank(&model, batch * args.prompt_len)?;
         let mut prefill = Vec::with_capacity(args.repeats);
         let mut decode = Vec::with_capacity(args.repeats);
         for _ in 0..args.repeats {
-            let (prefill_s, decode_s) = measure(&mut engine, &args, batch, &mut rng)?;
+            let (prefill_s, decode_s) = measure(&engine, &model, &args, batch, &mut rng)?;
             prefill.push((batch * args.prompt_len) as f64 / prefill_s);
             decode.push((batch * args.decode_tokens) as f64 / decode_s);
         }
@@ -122,50 +124,72 @@ pub fn run(args: EngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// An engine thread for a group of one rank holding every expert, stepping.
+fn one_rank(model: &LoadedModel, token_budget: usize) -> Result<EngineHandle> {
+    let rank = model.rank_models(1)?.pop().context("one rank")?;
+    let comm = local_group(1).pop().context("one end")?;
+    let engine = EngineHandle::spawn(EngineOptions {
+        token_budget,
+        on_group_failure: OnGroupFailure::Fail,
+    })?;
+    // Commands are handled in order: the requests that follow find the model installed.
+    drop(engine.install(Installation {
+        epoch: 1,
+        rank: 0,
+        model: rank,
+        comm: Box::new(comm),
+        expert_slots: Vec::new(),
+    }));
+    engine.resume(1)?;
+    Ok(engine)
+}
+
 /// One pass over `batch` fresh random prompts on an idle engine: the prefill step's seconds and
-/// the seconds of `decode_tokens` decode steps (after one untimed decode step). Runs the
-/// sequences to their end, so the engine is idle again afterwards.
+/// the seconds of `decode_tokens` decode steps (after one untimed decode step). Token `k` of
+/// every sequence comes out of step `k + 1`, so a step ends when its token of the last
+/// sequence arrives. Runs the sequences to their end, so the engine is idle again afterwards.
 fn measure(
-    engine: &mut RankEngine<CpuBackend>,
+    engine: &EngineHandle,
+    model: &LoadedModel,
     args: &EngineArgs,
     batch: usize,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<(f64, f64)> {
-    let vocab = engine.model().config().vocab_size as u32;
-    let mut streams = Vec::with_capacity(batch);
-    for _ in 0..batch {
+    let vocab = model.config.vocab_size as u32;
+    let tokens = args.decode_tokens + 2;
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    for index in 0..batch {
         let prompt = (0..args.prompt_len)
             .map(|_| rng.random_range(0..vocab))
             .collect();
-        let (tx, rx) = mpsc::channel();
         let request = GenerateRequest {
             ignore_eos: true,
-            ..GenerateRequest::greedy(prompt, args.decode_tokens + 2)
+            ..GenerateRequest::greedy(prompt, tokens)
         };
-        engine.submit(Submission {
-            request,
-            events: tx,
-        });
-        streams.push(rx);
+        let sink = Tagged {
+            index,
+            tx: tx.clone(),
+        };
+        engine.submit(request, Box::new(sink))?;
     }
-    let t = Instant::now();
-    engine.step()?;
-    let prefill_s = t.elapsed().as_secs_f64();
-    engine.step()?;
-    let t = Instant::now();
-    for _ in 0..args.decode_tokens {
-        engine.step()?;
-    }
-    let decode_s = t.elapsed().as_secs_f64();
-    while engine.active() > 0 {
-        engine.step()?;
-    }
-    for events in &streams {
-        if let Some(Err(e)) = events.try_iter().find(|e| e.is_err()) {
-            bail!("a benchmark sequence failed: {e}");
+    drop(tx);
+    let mut made = vec![0usize; batch];
+    let mut done_at = vec![0usize; tokens];
+    let mut step_end = vec![0.0f64; tokens];
+    for (index, event) in rx {
+        event.map_err(|e| anyhow!("a benchmark sequence failed: {e}"))?;
+        let k = made[index];
+        made[index] += 1;
+        done_at[k] += 1;
+        if done_at[k] == batch {
+            step_end[k] = started.elapsed().as_secs_f64();
         }
     }
-    Ok((prefill_s, decode_s))
+    if made.iter().any(|&m| m != tokens) {
+        bail!("a benchmark sequence ended early: {made:?} of {tokens} tokens");
+    }
+    Ok((step_end[0], step_end[tokens - 1] - step_end[1]))
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
@@ -181,19 +205,19 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// One untimed prefill and decode step, so page faults and thread-pool start-up are not timed.
 fn warm_up(model: &LoadedModel, prompt_len: usize, rng: &mut rand::rngs::StdRng) -> Result<()> {
-    let rank = model.rank_models(1)?.pop().expect("one rank");
-    let comm = local_group(1).pop().expect("one end");
-    let mut engine = RankEngine::new(rank, Box::new(comm), prompt_len);
+    let engine = one_rank(model, prompt_len)?;
     let prompt = (0..prompt_len)
         .map(|_| rng.random_range(0..model.config.vocab_size as u32))
         .collect();
-    let (tx, _rx) = mpsc::channel();
-    engine.submit(Submission {
-        request: GenerateRequest::greedy(prompt, 2),
-        events: tx,
-    });
-    engine.step()?;
-    engine.step()?;
+    let (tx, rx) = mpsc::channel();
+    engine.submit(
+        GenerateRequest::greedy(prompt, 2),
+        Box::new(Tagged { index: 0, tx }),
+    )?;
+    for (_, event) in rx {
+        event.map_err(|e| anyhow!("the warm-up sequence failed: {e}"))?;
+    }
+    engine.stop();
     Ok(())
 }
 

@@ -45,7 +45,7 @@ pub fn run(args: RouterArgs) -> Result<()> {
             bf16_activations: false,
             lease_ttl: std::time::Duration::from_secs(5),
         };
-        let mut cluster = crate::cmd::up::start_local(&options, &shutdown).await?;
+        let cluster = crate::cmd::up::start_local(&options, &shutdown).await?;
         let router_addr = cluster.router_addr.to_string();
         let worker_addr = cluster.epoch.workers[0].address.clone();
         let mut rows = Vec::new();
@@ -70,7 +70,7 @@ pub fn run(args: RouterArgs) -> Result<()> {
             }));
         }
         shutdown.cancel();
-        while cluster.tasks.join_next().await.is_some() {}
+        cluster.join().await;
         let report =
             json!({"model": model.display().to_string(), "calls": args.calls, "results": rows});
         if args.json {

@@ -32,6 +32,10 @@ pub struct RouterArgs {
     /// On shutdown, seconds that in-flight requests may take to finish.
     #[arg(long, env = "MOEBIUS_ROUTER_DRAIN_TIMEOUT_S", default_value_t = 30.0)]
     drain_timeout_s: f64,
+    /// Most times one request is resubmitted to another worker after losing its worker; past
+    /// it the client gets UNAVAILABLE.
+    #[arg(long, env = "MOEBIUS_ROUTER_MIGRATION_LIMIT", default_value_t = 3)]
+    migration_limit: u32,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -50,6 +54,7 @@ pub fn run(args: RouterArgs) -> Result<()> {
             .map(|s| seconds("--request-timeout-s", s))
             .transpose()?,
         drain_timeout: seconds("--drain-timeout-s", args.drain_timeout_s)?,
+        migration_limit: args.migration_limit,
         ..RouterConfig::default()
     };
     config.validate()?;

@@ -1,21 +1,31 @@
 //! `moebius up`: a whole cluster on this machine. Without `--etcd` everything runs in this
 //! process on the in-memory store; with `--etcd URL` the coordinator, the workers and the
 //! router are separate `moebius` processes registered in that etcd.
+//!
+//! Once the cluster is up, `up` supervises it: a part that stops (a worker killed with
+//! `kill -9`, a task that failed) is started again after a growing pause ([`Backoff`]) while
+//! the rest of the cluster serves, and the restarted worker rejoins in a new epoch. Only
+//! Ctrl-C (or SIGTERM) stops `up`. A part that stops while the cluster is starting stops `up`
+//! with its error, so that a broken model or a taken port is reported at once.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use futures::future::BoxFuture;
 use moebius_coordinator::{EpochRecord, EpochState, EtcdStore, Keys, MemoryStore, TopologyStore};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::supervise::Backoff;
 
 /// The checkpoint `up` serves when no `--model` is given (relative to the repository root).
 const BUNDLED_MODEL: &str = "fixtures/tiny-v3";
@@ -111,7 +121,17 @@ pub fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
 pub struct LocalCluster {
     pub router_addr: SocketAddr,
     pub epoch: EpochRecord,
-    pub tasks: JoinSet<Result<()>>,
+    parts: Vec<LocalPart>,
+    /// Each part's run, by its index in `parts`.
+    tasks: JoinSet<(usize, Result<()>)>,
+}
+
+/// One part of the in-process cluster, and how to start it (again).
+struct LocalPart {
+    name: String,
+    start: Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, Result<()>> + Send + Sync>,
+    backoff: Backoff,
+    started: Instant,
 }
 
 /// What an in-process cluster is made of.
@@ -127,6 +147,55 @@ pub struct LocalOptions<'a> {
     pub lease_ttl: Duration,
 }
 
+impl LocalCluster {
+    fn spawn(&mut self, index: usize, after: Duration, shutdown: &CancellationToken) {
+        self.parts[index].started = Instant::now() + after;
+        let start = Arc::clone(&self.parts[index].start);
+        let stop = shutdown.child_token();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => return (index, Ok(())),
+                () = tokio::time::sleep(after) => {}
+            }
+            (index, start(stop).await)
+        });
+    }
+
+    /// Serves until `shutdown`, starting again every part that stops.
+    pub async fn supervise(&mut self, shutdown: &CancellationToken) {
+        loop {
+            let ended = tokio::select! {
+                () = shutdown.cancelled() => return,
+                ended = self.tasks.join_next() => ended,
+            };
+            let Some(ended) = ended else { return };
+            let (index, why) = match ended {
+                Ok((index, Ok(()))) => (index, "stopped".to_string()),
+                Ok((index, Err(e))) => (index, format!("failed: {e:#}")),
+                Err(e) => {
+                    // A panicked part cannot be told apart here; stop rather than guess.
+                    eprintln!("[up] a part of the cluster panicked: {e}; stopping");
+                    shutdown.cancel();
+                    return;
+                }
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let part = &mut self.parts[index];
+            part.backoff.ran_for(part.started.elapsed());
+            let after = part.backoff.next();
+            println!("[up] {} {why}; starting it again in {after:?}", part.name);
+            self.spawn(index, after, shutdown);
+        }
+    }
+
+    /// Waits for every part to stop (after `shutdown` was cancelled).
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
 /// Starts coordinator, workers and router as tasks of this process and waits until the
 /// router serves and the first epoch is active. Every part stops when `shutdown` is cancelled.
 pub async fn start_local(
@@ -134,7 +203,7 @@ pub async fn start_local(
     shutdown: &CancellationToken,
 ) -> Result<LocalCluster> {
     let store: Arc<dyn TopologyStore> = Arc::new(MemoryStore::new());
-    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let mut parts = Vec::new();
     let coordinator = moebius_coordinator::CoordinatorConfig {
         id: "coordinator".into(),
         cluster: options.cluster.to_string(),
@@ -143,11 +212,19 @@ pub async fn start_local(
         lease_ttl: options.lease_ttl,
         ..Default::default()
     };
-    let (store_c, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move {
-        moebius_coordinator::run(coordinator, store_c, stop)
-            .await
-            .context("coordinator")
+    let store_c = store.clone();
+    parts.push(LocalPart {
+        name: "coordinator".into(),
+        start: Arc::new(move |stop| {
+            let (config, store) = (coordinator.clone(), store_c.clone());
+            Box::pin(async move {
+                moebius_coordinator::run(config, store, stop)
+                    .await
+                    .context("coordinator")
+            })
+        }),
+        backoff: Backoff::default(),
+        started: Instant::now(),
     });
     for i in 0..options.workers {
         let config = moebius_worker::service::WorkerConfig {
@@ -160,11 +237,19 @@ pub async fn start_local(
             lease_ttl: options.lease_ttl,
             ..Default::default()
         };
-        let (store_w, stop) = (store.clone(), shutdown.child_token());
-        tasks.spawn(async move {
-            moebius_worker::service::run(config, store_w, stop)
-                .await
-                .with_context(|| format!("worker-{i}"))
+        let store_w = store.clone();
+        parts.push(LocalPart {
+            name: format!("worker-{i}"),
+            start: Arc::new(move |stop| {
+                let (config, store) = (config.clone(), store_w.clone());
+                Box::pin(async move {
+                    moebius_worker::service::run(config, store, stop)
+                        .await
+                        .with_context(|| format!("worker-{i}"))
+                })
+            }),
+            backoff: Backoff::default(),
+            started: Instant::now(),
         });
     }
     let router = moebius_router::RouterConfig {
@@ -172,13 +257,56 @@ pub async fn start_local(
         listen: options.listen,
         ..Default::default()
     };
+    // The first start reports the router's address; a restart binds the same one.
     let (ready_tx, ready_rx) = oneshot::channel();
-    let (store_r, stop) = (store.clone(), shutdown.child_token());
-    tasks.spawn(async move {
-        moebius_router::run(router, store_r, stop, Some(ready_tx))
-            .await
-            .context("router")
+    let ready_tx = Arc::new(std::sync::Mutex::new(Some(ready_tx)));
+    let listen = Arc::new(std::sync::Mutex::new(options.listen));
+    let store_r = store.clone();
+    parts.push(LocalPart {
+        name: "router".into(),
+        start: Arc::new(move |stop| {
+            let (store, ready_tx, listen) = (store_r.clone(), ready_tx.clone(), listen.clone());
+            let config = moebius_router::RouterConfig {
+                listen: *listen.lock().unwrap_or_else(PoisonError::into_inner),
+                ..router.clone()
+            };
+            Box::pin(async move {
+                let (addr_tx, addr_rx) = oneshot::channel();
+                let serve = moebius_router::run(config, store, stop, Some(addr_tx));
+                tokio::pin!(serve);
+                tokio::select! {
+                    result = &mut serve => return result.context("router"),
+                    addr = addr_rx => if let Ok(addr) = addr {
+                        *listen.lock().unwrap_or_else(PoisonError::into_inner) = addr;
+                        let ready = ready_tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        if let Some(ready) = ready {
+                            let _ = ready.send(addr);
+                        }
+                    },
+                }
+                serve.await.context("router")
+            })
+        }),
+        backoff: Backoff::default(),
+        started: Instant::now(),
     });
+    let mut cluster = LocalCluster {
+        router_addr: options.listen,
+        epoch: EpochRecord {
+            epoch: 0,
+            state: EpochState::Pending,
+            workers: Vec::new(),
+            placement: moebius_coordinator::Placement {
+                num_experts: options.experts,
+                ranks: Vec::new(),
+            },
+        },
+        parts,
+        tasks: JoinSet::new(),
+    };
+    for i in 0..cluster.parts.len() {
+        cluster.spawn(i, Duration::ZERO, shutdown);
+    }
 
     let started = async {
         let addr = ready_rx
@@ -190,11 +318,13 @@ pub async fn start_local(
     tokio::select! {
         started = started => {
             let (router_addr, epoch) = started?;
-            Ok(LocalCluster { router_addr, epoch, tasks })
+            cluster.router_addr = router_addr;
+            cluster.epoch = epoch;
+            Ok(cluster)
         }
-        Some(done) = tasks.join_next() => {
+        Some(done) = cluster.tasks.join_next() => {
             shutdown.cancel();
-            Err(failed(done))
+            Err(failed(done.map(|(_, r)| r)))
         }
         _ = shutdown.cancelled() => bail!("stopped while starting"),
     }
@@ -217,35 +347,18 @@ async fn in_process(
         bf16_activations: args.bf16_activations,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
     };
-    let LocalCluster {
-        router_addr,
-        epoch,
-        mut tasks,
-    } = match start_local(&options, &shutdown).await {
+    let mut cluster = match start_local(&options, &shutdown).await {
         Ok(cluster) => cluster,
         Err(_) if shutdown.is_cancelled() => return Ok(()),
         Err(e) => return Err(e),
     };
-    banner(router_addr, model, &epoch);
-    // Serve until Ctrl-C or until a part fails; then stop every part.
-    let mut first_error = None;
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        Some(done) = tasks.join_next() => first_error = Some(failed(done)),
-    }
+    banner(cluster.router_addr, model, &cluster.epoch);
+    // Serve until Ctrl-C, starting again whatever stops; then stop every part.
+    cluster.supervise(&shutdown).await;
     shutdown.cancel();
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Err(e)) = done {
-            first_error.get_or_insert(e);
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => {
-            println!("moebius stopped");
-            Ok(())
-        }
-    }
+    cluster.join().await;
+    println!("moebius stopped");
+    Ok(())
 }
 
 /// Why a part of the in-process cluster ended before it was asked to.
@@ -297,10 +410,54 @@ fn banner(addr: SocketAddr, model: &Path, epoch: &EpochRecord) {
     println!("Ctrl-C stops the cluster.");
 }
 
-/// A `moebius` child process and its name.
+/// A `moebius` child process: how to start it, and the running child.
 struct Part {
     name: String,
-    child: Child,
+    args: Vec<String>,
+    child: Option<Child>,
+    started: Instant,
+    backoff: Backoff,
+    /// When a stopped part is started again.
+    restart_at: Option<Instant>,
+}
+
+impl Part {
+    /// Starts the child and relays its stdout (with the part's name) on `relays`; lines go to
+    /// `lines` too, for whoever waits for the router's address.
+    fn start(
+        &mut self,
+        exe: &Path,
+        relays: &mut JoinSet<()>,
+        lines: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<()> {
+        let mut child = Command::new(exe)
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        println!(
+            "[up] started {} (pid {})",
+            self.name,
+            child.id().map_or_else(|| "?".into(), |p| p.to_string())
+        );
+        if let Some(out) = child.stdout.take() {
+            let name = self.name.clone();
+            relays.spawn(async move {
+                let mut reader = BufReader::new(out).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if let Some(lines) = &lines {
+                        let _ = lines.send(line.clone());
+                    }
+                    println!("[{name}] {line}");
+                }
+            });
+        }
+        self.child = Some(child);
+        self.started = Instant::now();
+        self.restart_at = None;
+        Ok(())
+    }
 }
 
 async fn with_processes(
@@ -315,37 +472,36 @@ async fn with_processes(
         .ok_or_else(|| anyhow!("the model path is not UTF-8"))?
         .to_string();
     let ttl = args.lease_ttl_secs.to_string();
-    let common = [
-        "--etcd".to_string(),
-        etcd.to_string(),
-        "--cluster".into(),
-        args.cluster.clone(),
-    ];
-    let mut parts = Vec::new();
-    let spawn = |name: String, sub: &str, extra: Vec<String>| -> Result<Part> {
-        let child = Command::new(&exe)
-            .arg(sub)
-            .args(&common)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Part { name, child })
+    let part = |name: String, sub: &str, extra: Vec<String>| -> Part {
+        let mut all = vec![
+            sub.to_string(),
+            "--etcd".to_string(),
+            etcd.to_string(),
+            "--cluster".into(),
+            args.cluster.clone(),
+        ];
+        all.extend(extra);
+        Part {
+            name,
+            args: all,
+            child: None,
+            started: Instant::now(),
+            backoff: Backoff::default(),
+            restart_at: None,
+        }
     };
-    let workers = args.workers.to_string();
-    parts.push(spawn(
+    let mut parts = vec![part(
         "coordinator".into(),
         "coordinator",
         vec![
             "--model".into(),
             model.clone(),
             "--workers".into(),
-            workers,
+            args.workers.to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
         ],
-    )?);
+    )];
     for i in 0..args.workers {
         let mut extra = vec![
             "--model".into(),
@@ -362,68 +518,106 @@ async fn with_processes(
         if args.bf16_activations {
             extra.push("--bf16-activations".into());
         }
-        parts.push(spawn(format!("worker-{i}"), "worker", extra)?);
+        parts.push(part(format!("worker-{i}"), "worker", extra));
     }
-    parts.push(spawn(
+    parts.push(part(
         "router".into(),
         "router",
         vec!["--listen".into(), args.listen.to_string()],
-    )?);
+    ));
 
-    // Relay each child's stdout, and learn the router's address from it.
-    let (addr_tx, addr_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Start every part; learn the router's address from its stdout.
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
     let mut relays = JoinSet::new();
     for part in &mut parts {
-        if let Some(out) = part.child.stdout.take() {
-            let (name, addr_tx) = (part.name.clone(), addr_tx.clone());
-            relays.spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(addr) = line.strip_prefix("router serving on ") {
-                        let _ = addr_tx.send(addr.trim().to_string());
-                    }
-                    println!("[{name}] {line}");
-                }
-            });
-        }
+        let watch = (part.name == "router").then(|| lines_tx.clone());
+        part.start(&exe, &mut relays, watch)?;
     }
-    drop(addr_tx);
+    drop(lines_tx);
     let store = EtcdStore::connect(&[etcd.to_string()], Duration::from_secs(5)).await?;
     let started = async {
-        let mut addr_rx = addr_rx;
-        let addr: SocketAddr = addr_rx
-            .recv()
-            .await
-            .context("the router exited before serving")?
-            .parse()?;
+        let addr: SocketAddr = loop {
+            let line = lines
+                .recv()
+                .await
+                .context("the router exited before serving")?;
+            if let Some(addr) = line.strip_prefix("router serving on ") {
+                break addr.trim().parse()?;
+            }
+        };
         let epoch = wait_active(&store, &args.cluster).await?;
         Ok::<_, anyhow::Error>((addr, epoch))
     };
     let outcome = tokio::select! {
         started = started => started.map(|(addr, epoch)| banner(addr, Path::new(&model), &epoch)),
         _ = shutdown.cancelled() => Ok(()),
-        exited = first_exit(&mut parts) => Err(exited),
+        (i, status) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
     };
-    if outcome.is_ok() && !shutdown.is_cancelled() {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            exited = first_exit(&mut parts) => return stop_all(parts, relays, Err(exited)).await,
-        }
+    // The router's lines are not needed any more; its relay goes on printing them.
+    drop(lines);
+    if outcome.is_ok() {
+        supervise(&exe, &mut parts, &mut relays, &shutdown).await;
     }
     stop_all(parts, relays, outcome).await
 }
 
-/// Resolves when any part exits, naming it.
-async fn first_exit(parts: &mut [Part]) -> anyhow::Error {
-    let waits = parts.iter_mut().map(|p| {
-        let name = p.name.clone();
-        Box::pin(async move { (name, p.child.wait().await) })
-    });
-    let ((name, status), _, _) = futures::future::select_all(waits).await;
-    anyhow!(
-        "{name} exited ({})",
-        status.map_or_else(|e| e.to_string(), |s| s.to_string())
-    )
+/// Until `shutdown`: starts every part that exits again, after its backoff.
+async fn supervise(
+    exe: &Path,
+    parts: &mut [Part],
+    relays: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let restart_at = parts.iter().filter_map(|p| p.restart_at).min();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            (i, status) = next_exit(parts) => {
+                let part = &mut parts[i];
+                part.child = None;
+                part.backoff.ran_for(part.started.elapsed());
+                let after = part.backoff.next();
+                println!("[up] {} exited ({status}); starting it again in {after:?}", part.name);
+                part.restart_at = Some(Instant::now() + after);
+            }
+            () = sleep_until(restart_at) => {
+                let now = Instant::now();
+                for part in parts.iter_mut().filter(|p| p.restart_at.is_some_and(|at| at <= now)) {
+                    if let Err(e) = part.start(exe, relays, None) {
+                        let after = part.backoff.next();
+                        eprintln!("[up] {e:#}; trying again in {after:?}");
+                        part.restart_at = Some(Instant::now() + after);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a running part exits: its index and how it ended. Never, while none runs.
+async fn next_exit(parts: &mut [Part]) -> (usize, String) {
+    let waits: Vec<_> = parts
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, p)| p.child.as_mut().map(|c| (i, c)))
+        .map(|(i, child)| {
+            Box::pin(async move {
+                let status = child.wait().await;
+                (i, status.map_or_else(|e| e.to_string(), |s| s.to_string()))
+            })
+        })
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(waits).await.0
 }
 
 /// Asks every part to stop (SIGTERM), waits a little, then kills what is left.
@@ -433,7 +627,7 @@ async fn stop_all(
     outcome: Result<()>,
 ) -> Result<()> {
     for part in &parts {
-        if let Some(pid) = part.child.id() {
+        if let Some(pid) = part.child.as_ref().and_then(Child::id) {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(pid.to_string())
@@ -441,12 +635,12 @@ async fn stop_all(
                 .await;
         }
     }
-    for part in &mut parts {
-        if tokio::time::timeout(Duration::from_secs(10), part.child.wait())
+    for child in parts.iter_mut().filter_map(|p| p.child.as_mut()) {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .is_err()
         {
-            let _ = part.child.kill().await;
+            let _ = child.kill().await;
         }
     }
     relays.shutdown().await;

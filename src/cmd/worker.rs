@@ -59,12 +59,25 @@ pub struct WorkerArgs {
     /// TTL of the registration lease in seconds; keep-alives go out at a third of it.
     #[arg(long, env = "MOEBIUS_WORKER_LEASE_TTL_SECS", default_value_t = 5)]
     lease_ttl_secs: u64,
+    /// Seconds a collective waits for a peer before the group is declared failed: how fast a
+    /// hung peer is noticed. One layer of the slowest rank's step must fit in it.
+    #[arg(long, env = "MOEBIUS_WORKER_DATA_TIMEOUT_S", default_value_t = 5.0)]
+    data_timeout_s: f64,
 }
 
 /// How long connecting to etcd may take at start-up.
 const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(args: WorkerArgs) -> Result<()> {
+    let data_timeout = Duration::try_from_secs_f64(args.data_timeout_s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--data-timeout-s {}: give a number of seconds above 0",
+                args.data_timeout_s
+            )
+        })?;
     let config = WorkerConfig {
         id: args.id,
         cluster: args.cluster,
@@ -77,6 +90,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         threads: args.threads,
         bf16_activations: args.bf16_activations,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        data_timeout,
         ..WorkerConfig::default()
     };
     config.validate()?;

@@ -42,6 +42,10 @@ pub enum Error {
     Placement(#[from] moebius_coordinator::PlacementError),
     #[error("data plane: {0}")]
     Comm(String),
+    /// A collective failed because of its peers: `peers` are the ranks it is blamed on (dead,
+    /// hung, or sending garbage; empty when no culprit could be told).
+    #[error("data plane: {message}")]
+    PeerFailed { peers: Vec<usize>, message: String },
     /// This worker cannot serve now (not in the active epoch, its EP group failed, shutting
     /// down); the router retries elsewhere.
     #[error("unavailable: {0}")]
@@ -75,6 +79,7 @@ impl Error {
             Error::InvalidRequest(_) => "invalid_request",
             Error::Placement(_) => "placement",
             Error::Comm(_) => "comm",
+            Error::PeerFailed { .. } => "peer_failed",
             Error::Unavailable(_) => "unavailable",
             Error::Overloaded(_) => "overloaded",
             Error::DeadlineExceeded(_) => "deadline_exceeded",

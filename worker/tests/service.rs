@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moebius_coordinator::{
-    EpochRecord, EpochState, Keys, MemoryStore, Placement, TopologyStore, WorkerInfo,
+    EpochRecord, EpochState, Keys, MemoryStore, Placement, SuspectReport, TopologyStore, WorkerInfo,
 };
 use moebius_proto::v1 as pb;
 use moebius_proto::v1::generate_request::Prompt;
@@ -235,7 +235,10 @@ async fn generate(
     client: &mut WorkerClient<Channel>,
     request: pb::GenerateRequest,
 ) -> Result<Collected, tonic::Status> {
-    let mut stream = client.generate(request).await?.into_inner();
+    let mut stream = client
+        .generate(pb::WorkerGenerateRequest::from(request))
+        .await?
+        .into_inner();
     let mut out = Collected::default();
     while let Some(msg) = stream.message().await? {
         out.messages += 1;
@@ -529,12 +532,18 @@ async fn admission_cancellation_and_deadlines() {
 
     // Capacity 2: two long streams in flight, the third is refused.
     let mut a = client
-        .generate(ids_request(vec![0, 1, 2], 250))
+        .generate(pb::WorkerGenerateRequest::from(ids_request(
+            vec![0, 1, 2],
+            250,
+        )))
         .await
         .expect("first")
         .into_inner();
     let mut b = client
-        .generate(ids_request(vec![0, 3, 4], 250))
+        .generate(pb::WorkerGenerateRequest::from(ids_request(
+            vec![0, 3, 4],
+            250,
+        )))
         .await
         .expect("second")
         .into_inner();
@@ -554,7 +563,10 @@ async fn admission_cancellation_and_deadlines() {
         .expect("capacity is free again");
 
     // A deadline ends the stream with DEADLINE_EXCEEDED and frees the sequence.
-    let mut request = tonic::Request::new(ids_request(vec![0, 7, 8], 250));
+    let mut request = tonic::Request::new(pb::WorkerGenerateRequest::from(ids_request(
+        vec![0, 7, 8],
+        250,
+    )));
     request.set_timeout(Duration::from_millis(50));
     let started = Instant::now();
     let result = async {
@@ -596,7 +608,9 @@ async fn an_epoch_change_mid_generation_loses_nothing() {
 
     let mut client = cluster.client(0).await;
     let mut stream = client
-        .generate(ids_request(prompt, n as u32))
+        .generate(pb::WorkerGenerateRequest::from(ids_request(
+            prompt, n as u32,
+        )))
         .await
         .expect("generate")
         .into_inner();
@@ -664,7 +678,13 @@ async fn an_epoch_change_mid_generation_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_peer_fails_in_flight_requests_and_the_next_epoch_serves() {
+async fn a_survivor_keeps_its_sequence_through_a_dead_peer_and_reports_it() {
+    let prompt = vec![0, 1, 2];
+    let n = 250;
+    let want = reference(vec![GenerateRequest {
+        ignore_eos: true,
+        ..GenerateRequest::greedy(prompt.clone(), n)
+    }]);
     let cluster = Cluster::start(2, 64).await;
     cluster
         .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
@@ -672,44 +692,49 @@ async fn a_dead_peer_fails_in_flight_requests_and_the_next_epoch_serves() {
     cluster.wait_serving(0, 1).await;
     let mut client = cluster.client(0).await;
     let mut stream = client
-        .generate(ids_request(vec![0, 1, 2], 250))
+        .generate(pb::WorkerGenerateRequest::from(ids_request(
+            prompt, n as u32,
+        )))
         .await
         .expect("generate")
         .into_inner();
-    stream
+    let mut tokens = stream
         .message()
         .await
         .expect("stream")
-        .expect("first message");
+        .expect("first message")
+        .token_ids;
     cluster.kill(1);
-    // The stream ends with UNAVAILABLE (the router would resubmit), promptly: the data-plane
-    // timeout bounds the wait even if the dead peer's sockets stayed open.
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(m)) if m.finish_reason != 0 => return Ok(()),
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the stream does not hang");
-    let err = ended.expect_err("the generation cannot finish without its peer");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("EP group"), "{}", err.message());
-    wait_idle(&mut client, Duration::from_secs(1)).await;
-    let err = generate(&mut client, ids_request(vec![0, 5], 4))
-        .await
-        .expect_err("no group until the next epoch");
-    assert_eq!(err.code(), Code::Unavailable);
 
-    // The coordinator forms epoch 2 without the dead worker; w0 serves alone, correctly.
+    // The survivor reports its group's failure at once, blaming the dead worker.
+    let key = cluster.keys.suspect("w0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report: SuspectReport = loop {
+        if let Some(kv) = cluster.store.get(&key).await.expect("get") {
+            break serde_json::from_slice(&kv.value).expect("report JSON");
+        }
+        assert!(Instant::now() < deadline, "w0 reported nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((report.epoch, report.suspects), (1, vec!["w1".to_string()]));
+    let paused = client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(paused.active_sequences, 1, "the sequence is kept");
+
+    // Epoch 2 without the dead worker: the stream goes on as if nothing happened.
     cluster
         .epoch(2, &[0], Placement::even(EXPERTS, 1).expect("placement"))
         .await;
-    cluster.wait_serving(0, 2).await;
+    while let Some(msg) = stream.message().await.expect("no error reaches the client") {
+        tokens.extend(msg.token_ids);
+    }
+    assert_eq!(
+        tokens, want[0].token_ids,
+        "tokens differ from a run without the fault"
+    );
     let got = generate(&mut client, ids_request(vec![0, 17, 42, 99], 12))
         .await
         .expect("serves in epoch 2");
@@ -718,5 +743,74 @@ async fn a_dead_peer_fails_in_flight_requests_and_the_next_epoch_serves() {
         ..GenerateRequest::greedy(vec![0, 17, 42, 99], 12)
     }]);
     assert_eq!(got.tokens, want[0].token_ids);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_excluded_worker_ends_its_sequences_and_registers_anew() {
+    let cluster = Cluster::start(2, 64).await;
+    cluster
+        .epoch(1, &[0, 1], Placement::even(EXPERTS, 2).expect("placement"))
+        .await;
+    cluster.wait_serving(1, 1).await;
+    let mut client = cluster.client(1).await;
+    let mut stream = client
+        .generate(pb::WorkerGenerateRequest::from(ids_request(
+            vec![0, 1, 2],
+            250,
+        )))
+        .await
+        .expect("generate")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("first message");
+    let before = cluster
+        .store
+        .get(&cluster.keys.worker("w1"))
+        .await
+        .expect("get")
+        .expect("registered");
+
+    // Epoch 2 leaves w1 out (as a leader does after confirming a suspect).
+    cluster
+        .epoch(2, &[0], Placement::even(EXPERTS, 1).expect("placement"))
+        .await;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("an excluded worker must not finish the request"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("excluded"), "{}", err.message());
+    // It registers as a new member: a new key with a new incarnation.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = cluster
+            .store
+            .get(&cluster.keys.worker("w1"))
+            .await
+            .expect("get");
+        if let Some(kv) = now {
+            let (old, new): (WorkerInfo, WorkerInfo) = (
+                serde_json::from_slice(&before.value).expect("json"),
+                serde_json::from_slice(&kv.value).expect("json"),
+            );
+            if kv.create_revision > before.create_revision {
+                assert_ne!(old.incarnation, new.incarnation);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "w1 did not register anew");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = generate(&mut client, ids_request(vec![0, 5], 4))
+        .await
+        .expect_err("w1 is in no epoch");
+    assert_eq!(err.code(), Code::Unavailable);
     cluster.stop().await;
 }

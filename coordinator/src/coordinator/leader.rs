@@ -1,24 +1,55 @@
 //! What the leader does: follow the live workers, form epochs, activate them when every rank
-//! acknowledged.
+//! acknowledged, and re-form the group at once when a worker reports that it failed.
 //!
 //! A worker of the current epoch is *intact* while its key exists, its announced info equals the
 //! epoch's copy, and its key was created before the record was last written (a key created
 //! later belongs to a restarted worker that lost its slots and connections). The leader forms a
 //! new epoch when a member is no longer intact or a new worker can join (at most `num_experts`
-//! ranks), after `settle` without membership changes. Ranks are ordered by worker id. Every
+//! ranks), after `settle` without membership changes. Ranks are ordered by worker id.
+//!
+//! A worker whose EP group failed reports it under `suspects/<id>`, naming the workers it
+//! blames. A report for the current epoch makes the leader re-form the group (after
+//! `REFORM_SETTLE`, so that the reports of all survivors land in one epoch) without the
+//! suspects it can confirm are gone: a suspect whose gRPC health service does not answer
+//! within `PROBE_TIMEOUT` (dead or hung), or one that was blamed for the previous re-forming
+//! too. A suspect that answers stays. An excluded worker is not taken back until it registers
+//! anew (a new incarnation). Every
 //! write of the record is a compare-and-swap on the revision this leader last saw, so a stale
-//! leader cannot overwrite a newer epoch.
+//! leader cannot overwrite a newer epoch, and fenced by the leader key's lease, so a coordinator
+//! that lost the leadership cannot write at all. A store that cannot be reached does not end the
+//! leadership: the leader retries (with a growing pause) and re-reads the record when the store
+//! answers again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::watch::{Change, PrefixWatch};
+use super::probe;
+
 use super::{leader_value, Ctx};
 use crate::error::CoordinatorError;
 use crate::placement::Placement;
-use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
-use crate::topology::{EpochRecord, EpochState, WorkerInfo};
+use crate::store::{Fence, KeyValue, LeaseId, Revision, StoreError, WatchEvent};
+use crate::topology::{EpochRecord, EpochState, SuspectReport, WorkerInfo};
+use crate::watch::{Change, PrefixWatch};
+
+/// First pause after a failed store call while leading; doubles up to `MAX_RETRY`.
+const MIN_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
+/// Pause after the first failure report of an epoch before re-forming, for the other
+/// survivors' reports to arrive.
+const REFORM_SETTLE: Duration = Duration::from_millis(50);
+/// How long a suspect's health service has to answer to count as alive.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The group of the current epoch failed: re-form it.
+struct Reform {
+    /// When the first report came.
+    since: Instant,
+    /// The workers blamed, by any reporter.
+    suspects: BTreeSet<String>,
+}
 
 /// A registered worker as the leader sees it.
 struct Live {
@@ -29,6 +60,8 @@ struct Live {
 
 struct Leader<'a> {
     ctx: &'a Ctx,
+    /// Every placement write is fenced by the leader key under this coordinator's lease.
+    fence: Fence,
     workers: BTreeMap<String, Live>,
     workers_watch: PrefixWatch,
     leader_watch: PrefixWatch,
@@ -40,15 +73,29 @@ struct Leader<'a> {
     ready_watch: Option<PrefixWatch>,
     /// Last change of the worker set; epochs wait `settle` after it.
     last_change: Instant,
+    suspects_watch: PrefixWatch,
+    /// Set by a failure report for the current epoch; cleared by the next epoch.
+    reform: Option<Reform>,
+    /// The suspects of the last re-forming: blamed twice in a row, a suspect goes.
+    blamed_before: BTreeSet<String>,
+    /// Workers excluded as gone, by id and incarnation: not taken back until they register
+    /// anew.
+    excluded: BTreeMap<String, u64>,
 }
 
-/// Leads until the store fails or leadership is lost.
-pub(super) async fn lead(ctx: &Ctx) -> Result<(), CoordinatorError> {
-    let (workers_watch, kvs) = PrefixWatch::start(ctx.store.clone(), ctx.keys.workers()).await?;
-    let (leader_watch, leader_kvs) =
-        PrefixWatch::start(ctx.store.clone(), ctx.keys.leader()).await?;
+/// Leads until leadership is lost (or the placement record is corrupt).
+pub(super) async fn lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
+    let mut workers_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.workers());
+    let mut leader_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.leader());
+    let suspects_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.suspects());
+    let workers = workers_watch.next().await;
+    let leader_now = leader_watch.next().await;
     let mut leader = Leader {
         ctx,
+        fence: Fence {
+            key: ctx.keys.leader(),
+            lease,
+        },
         workers: BTreeMap::new(),
         workers_watch,
         leader_watch,
@@ -57,9 +104,13 @@ pub(super) async fn lead(ctx: &Ctx) -> Result<(), CoordinatorError> {
         ready: BTreeSet::new(),
         ready_watch: None,
         last_change: Instant::now(),
+        suspects_watch,
+        reform: None,
+        blamed_before: BTreeSet::new(),
+        excluded: BTreeMap::new(),
     };
-    leader.check_leader(Change::Snapshot(leader_kvs))?;
-    leader.apply_workers(Change::Snapshot(kvs));
+    leader.check_leader(leader_now)?;
+    leader.apply_workers(workers);
     leader.reload_record().await?;
     if let Some(record) = &leader.record {
         tracing::info!(
@@ -78,7 +129,7 @@ pub(super) async fn lead(ctx: &Ctx) -> Result<(), CoordinatorError> {
 }
 
 /// Waits on an optional watch; never resolves when there is none.
-async fn next_of(watch: &mut Option<PrefixWatch>) -> Result<Change, StoreError> {
+async fn next_of(watch: &mut Option<PrefixWatch>) -> Change {
     match watch {
         Some(w) => w.next().await,
         None => std::future::pending().await,
@@ -90,22 +141,118 @@ fn ids(workers: &[WorkerInfo]) -> Vec<&str> {
 }
 
 impl Leader<'_> {
+    /// Leads until leadership is lost; store failures are retried in place.
     async fn run(&mut self) -> Result<(), CoordinatorError> {
+        let mut retry = MIN_RETRY;
+        let mut stale = false;
         loop {
-            self.maybe_activate().await?;
-            let mut desired = self.desired();
-            let settle_at = self.last_change + self.ctx.config.settle;
-            tokio::select! {
-                change = self.workers_watch.next() => self.apply_workers(change?),
-                change = self.leader_watch.next() => self.check_leader(change?)?,
-                change = next_of(&mut self.ready_watch) => self.apply_ready(change?),
-                _ = tokio::time::sleep_until(settle_at), if desired.is_some() => {
-                    if let Some(workers) = desired.take() {
+            let step = async {
+                if stale {
+                    self.reload_record().await?;
+                }
+                self.step().await
+            };
+            match step.await {
+                Ok(()) => {
+                    retry = MIN_RETRY;
+                    stale = false;
+                }
+                Err(CoordinatorError::Store(e)) if !matches!(e, StoreError::LeaseLost(_)) => {
+                    tracing::warn!(error = %e, ?retry, "store call failed while leading; retrying");
+                    stale = true;
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Activates a fully acknowledged epoch, then handles one change (or forms an epoch).
+    async fn step(&mut self) -> Result<(), CoordinatorError> {
+        self.maybe_activate().await?;
+        let mut desired = self.desired();
+        let due = desired.as_ref().map_or_else(Instant::now, |(_, due)| *due);
+        tokio::select! {
+            change = self.workers_watch.next() => self.apply_workers(change),
+            change = self.leader_watch.next() => self.check_leader(change)?,
+            change = next_of(&mut self.ready_watch) => self.apply_ready(change),
+            change = self.suspects_watch.next() => self.apply_suspects(change),
+            _ = tokio::time::sleep_until(due), if desired.is_some() => {
+                if let Some((workers, _)) = desired.take() {
+                    let workers = self.without_the_gone(workers).await;
+                    if workers.is_empty() {
+                        tracing::warn!("every member of the failed group is gone; keeping the last record");
+                        self.reform = None;
+                    } else {
                         self.write_epoch(workers).await?;
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes failure reports: one for the current epoch asks for a re-forming.
+    fn apply_suspects(&mut self, change: Change) {
+        let reports: Vec<KeyValue> = match change {
+            Change::Snapshot(kvs) => kvs,
+            Change::Event(WatchEvent::Put(kv)) => vec![kv],
+            Change::Event(WatchEvent::Delete { .. }) => return,
+        };
+        let Some(record) = &self.record else { return };
+        for kv in reports {
+            let report: SuspectReport = match serde_json::from_slice(&kv.value) {
+                Ok(report) => report,
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "failure report is not valid JSON; ignored");
+                    continue;
+                }
+            };
+            if report.epoch != record.epoch {
+                continue; // About an epoch that is over.
+            }
+            tracing::info!(
+                epoch = report.epoch, reporter = %kv.key, suspects = ?report.suspects,
+                reason = %report.reason, "a worker reports that its group failed"
+            );
+            self.reform
+                .get_or_insert_with(|| Reform {
+                    since: Instant::now(),
+                    suspects: BTreeSet::new(),
+                })
+                .suspects
+                .extend(report.suspects);
+        }
+    }
+
+    /// `workers` without the suspects of a re-forming that are gone: their health service
+    /// does not answer, or they were blamed for the previous re-forming as well.
+    async fn without_the_gone(&mut self, workers: Vec<WorkerInfo>) -> Vec<WorkerInfo> {
+        let Some(reform) = &self.reform else {
+            return workers;
+        };
+        let blamed_before = &self.blamed_before;
+        let probes = workers
+            .iter()
+            .filter(|w| reform.suspects.contains(&w.id))
+            .map(|w| async move {
+                let gone = blamed_before.contains(&w.id)
+                    || !probe::answers(&w.address, PROBE_TIMEOUT).await;
+                (w.id.clone(), gone)
+            });
+        let gone: BTreeSet<String> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(id, gone)| gone.then_some(id))
+            .collect();
+        self.blamed_before = reform.suspects.clone();
+        let (out, keep): (Vec<_>, Vec<_>) = workers.into_iter().partition(|w| gone.contains(&w.id));
+        for w in out {
+            tracing::warn!(worker = %w.id, "excluding a worker its peers lost: it does not answer");
+            self.excluded.insert(w.id, w.incarnation);
+        }
+        keep
     }
 
     /// Fails when the leader key no longer holds this coordinator's id.
@@ -141,6 +288,9 @@ impl Leader<'_> {
                 }
                 let changed = !same_workers(&self.workers, &next);
                 self.workers = next;
+                let workers = &self.workers;
+                self.excluded
+                    .retain(|id, inc| workers.get(id).is_some_and(|l| l.info.incarnation == *inc));
                 changed
             }
             Change::Event(WatchEvent::Put(kv)) => match self.parse_worker(&kv) {
@@ -162,8 +312,10 @@ impl Leader<'_> {
 
     fn remove_worker_key(&mut self, key: &str) -> bool {
         let prefix = self.ctx.keys.workers();
-        key.strip_prefix(prefix.as_str())
-            .is_some_and(|id| self.workers.remove(id).is_some())
+        key.strip_prefix(prefix.as_str()).is_some_and(|id| {
+            self.excluded.remove(id);
+            self.workers.remove(id).is_some()
+        })
     }
 
     fn parse_worker(&self, kv: &KeyValue) -> Option<(String, Live)> {
@@ -207,20 +359,21 @@ impl Leader<'_> {
         }
     }
 
-    /// The ranks of the next epoch, when one is due.
-    fn desired(&self) -> Option<Vec<WorkerInfo>> {
+    /// The ranks of the next epoch, when one is due, and when to form it.
+    fn desired(&self) -> Option<(Vec<WorkerInfo>, Instant)> {
         let cap = self.ctx.config.num_experts;
+        let settled = self.last_change + self.ctx.config.settle;
         let Some(record) = &self.record else {
             if self.workers.len() < self.ctx.config.expected_workers {
                 return None;
             }
-            return Some(
-                self.workers
-                    .values()
-                    .take(cap)
-                    .map(|l| l.info.clone())
-                    .collect(),
-            );
+            let workers = self
+                .workers
+                .values()
+                .take(cap)
+                .map(|l| l.info.clone())
+                .collect();
+            return Some((workers, settled));
         };
         if self.workers.is_empty() {
             return None; // Keep the last record; an empty epoch serves nothing.
@@ -242,12 +395,18 @@ impl Leader<'_> {
             if chosen.len() >= cap {
                 break;
             }
+            if self.excluded.get(id) == Some(&live.info.incarnation) {
+                continue;
+            }
             chosen.entry(id.as_str()).or_insert(&live.info);
         }
-        if survivors == record.workers.len() && chosen.len() == survivors {
-            return None;
+        let workers: Vec<WorkerInfo> = chosen.into_values().cloned().collect();
+        if survivors != record.workers.len() || workers.len() != survivors {
+            return Some((workers, settled));
         }
-        Some(chosen.into_values().cloned().collect())
+        // Nobody came or went, but the group failed: re-form it, soon.
+        let reform = self.reform.as_ref()?;
+        Some((workers, settled.max(reform.since + REFORM_SETTLE)))
     }
 
     async fn write_epoch(&mut self, workers: Vec<WorkerInfo>) -> Result<(), CoordinatorError> {
@@ -264,11 +423,12 @@ impl Leader<'_> {
         } else {
             0
         };
-        if swap_record(self.ctx, expected, &record).await? {
+        if swap_record(self.ctx, &self.fence, expected, &record).await? {
             tracing::info!(
                 epoch, ranks = record.workers.len(), workers = ?ids(&record.workers),
                 "epoch formed (pending)"
             );
+            self.reform = None;
         } else {
             tracing::warn!(
                 epoch,
@@ -292,11 +452,12 @@ impl Leader<'_> {
             state: EpochState::Active,
             ..record.clone()
         };
-        if swap_record(self.ctx, self.record_revision, &active).await? {
+        if swap_record(self.ctx, &self.fence, self.record_revision, &active).await? {
             tracing::info!(
                 epoch = active.epoch, workers = ?ids(&active.workers), "epoch active"
             );
             remove_old_acks(self.ctx, active.epoch).await;
+            remove_old_reports(self.ctx, active.epoch).await;
         } else {
             tracing::warn!(
                 epoch = active.epoch,
@@ -327,10 +488,11 @@ impl Leader<'_> {
             EpochState::Pending if same_epoch && self.ready_watch.is_some() => {}
             EpochState::Pending => {
                 let prefix = self.ctx.keys.ready_prefix(record.epoch);
-                let (watch, kvs) = PrefixWatch::start(self.ctx.store.clone(), prefix).await?;
+                let mut watch = PrefixWatch::new(self.ctx.store.clone(), prefix);
+                let acks = watch.next().await;
                 self.ready_watch = Some(watch);
                 self.record = Some(record);
-                self.apply_ready(Change::Snapshot(kvs));
+                self.apply_ready(acks);
                 return Ok(());
             }
             EpochState::Active => {
@@ -343,9 +505,11 @@ impl Leader<'_> {
     }
 }
 
-/// Writes `record` to the placement key if its mod revision is still `expected`.
+/// Writes `record` to the placement key if its mod revision is still `expected` and this
+/// coordinator still holds the leader key.
 async fn swap_record(
     ctx: &Ctx,
+    fence: &Fence,
     expected: Revision,
     record: &EpochRecord,
 ) -> Result<bool, CoordinatorError> {
@@ -353,7 +517,7 @@ async fn swap_record(
         .map_err(|e| StoreError::Other(format!("cannot encode the epoch record: {e}")))?;
     Ok(ctx
         .store
-        .compare_and_swap(&ctx.keys.placement(), expected, value, None)
+        .compare_and_swap_fenced(&ctx.keys.placement(), expected, value, fence)
         .await?)
 }
 /// Deletes the acknowledgements of epochs before `epoch` (best effort).
@@ -377,6 +541,20 @@ async fn remove_old_acks(ctx: &Ctx, epoch: u64) {
             if let Err(e) = ctx.store.delete(&kv.key).await {
                 tracing::debug!(key = %kv.key, error = %e, "cannot delete an old acknowledgement");
             }
+        }
+    }
+}
+
+/// Deletes failure reports about epochs before `epoch` (best effort).
+async fn remove_old_reports(ctx: &Ctx, epoch: u64) {
+    let Ok((kvs, _)) = ctx.store.get_prefix(&ctx.keys.suspects()).await else {
+        return;
+    };
+    for kv in kvs {
+        let old =
+            serde_json::from_slice::<SuspectReport>(&kv.value).map_or(true, |r| r.epoch < epoch);
+        if old {
+            let _ = ctx.store.delete(&kv.key).await;
         }
     }
 }

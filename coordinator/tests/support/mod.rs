@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use moebius_coordinator::{
-    EpochRecord, EtcdServer, Keys, LeaseId, StoreError, TopologyStore, WatchEvent, WatchStream,
-    WorkerInfo,
+    EpochRecord, EtcdServer, Fence, Keys, LeaseId, StoreError, TopologyStore, WatchEvent,
+    WatchStream, WorkerInfo,
 };
 use tokio::task::JoinHandle;
 
@@ -120,6 +120,50 @@ pub async fn cas_on_a_stale_revision_fails(store: &dyn TopologyStore) {
         .compare_and_swap("/c/none", r2, b"x".to_vec(), None)
         .await
         .unwrap());
+}
+
+pub async fn fenced_cas_needs_the_fence_key_under_its_lease(store: &dyn TopologyStore) {
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let other = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let fence = Fence {
+        key: "/c/f/leader".into(),
+        lease,
+    };
+    // No fence key yet: no write, also not a create.
+    assert!(!store
+        .compare_and_swap_fenced("/c/f/data", 0, b"0".to_vec(), &fence)
+        .await
+        .unwrap());
+    store
+        .put("/c/f/leader", b"me".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    assert!(store
+        .compare_and_swap_fenced("/c/f/data", 0, b"1".to_vec(), &fence)
+        .await
+        .unwrap());
+    let data = store.get("/c/f/data").await.unwrap().unwrap();
+    assert_eq!((data.value.as_slice(), data.lease), (&b"1"[..], None));
+    // A stale revision fails even with the fence.
+    assert!(!store
+        .compare_and_swap_fenced("/c/f/data", data.mod_revision - 1, b"x".to_vec(), &fence)
+        .await
+        .unwrap());
+    // The fence key under another lease (a new leader) fences the old one out.
+    store
+        .put("/c/f/leader", b"other".to_vec(), Some(other))
+        .await
+        .unwrap();
+    assert!(!store
+        .compare_and_swap_fenced("/c/f/data", data.mod_revision, b"2".to_vec(), &fence)
+        .await
+        .unwrap());
+    store.revoke_lease(other).await.unwrap();
+    assert!(!store
+        .compare_and_swap_fenced("/c/f/data", data.mod_revision, b"2".to_vec(), &fence)
+        .await
+        .unwrap());
+    assert_eq!(store.get("/c/f/data").await.unwrap().unwrap().value, b"1");
 }
 
 pub async fn lease_expiry_deletes_keys_and_watch_sees_it(store: &dyn TopologyStore) {
@@ -251,12 +295,25 @@ impl FakeWorker {
         id: &str,
         ttl: Duration,
     ) -> Self {
+        Self::register_at(store, keys, id, ttl, &format!("127.0.0.1:1{id}"), 0).await
+    }
+
+    /// Registers with a gRPC `address` (where the leader probes it) and an incarnation.
+    pub async fn register_at(
+        store: &Arc<dyn TopologyStore>,
+        keys: &Keys,
+        id: &str,
+        ttl: Duration,
+        address: &str,
+        incarnation: u64,
+    ) -> Self {
         let info = WorkerInfo {
             id: id.to_owned(),
-            address: format!("127.0.0.1:1{id}"),
+            address: address.to_owned(),
             data_address: format!("127.0.0.1:2{id}"),
             device: "cpu".into(),
             capacity: 8,
+            incarnation,
         };
         let lease = store.grant_lease(ttl).await.unwrap();
         store
@@ -286,6 +343,29 @@ impl FakeWorker {
     /// Stops refreshing the lease: the worker "dies" and its key expires after the TTL.
     pub fn die(&self) {
         self.keeper.abort();
+    }
+
+    /// Reports that this worker's group failed in `epoch`, blaming `suspects`.
+    pub async fn report(
+        &self,
+        store: &Arc<dyn TopologyStore>,
+        keys: &Keys,
+        epoch: u64,
+        suspects: &[&str],
+    ) {
+        let report = moebius_coordinator::SuspectReport {
+            epoch,
+            suspects: suspects.iter().map(|s| s.to_string()).collect(),
+            reason: "test".into(),
+        };
+        store
+            .put(
+                &keys.suspect(&self.info.id),
+                serde_json::to_vec(&report).unwrap(),
+                Some(self.lease),
+            )
+            .await
+            .unwrap();
     }
 
     /// Writes this worker's acknowledgement of `epoch`, under its lease.

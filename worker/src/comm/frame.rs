@@ -1,20 +1,35 @@
 //! The tcp backend's wire format.
 //!
-//! Connection set-up: the dialer (the higher rank) sends a [`hello`](encode_hello) — magic, its
-//! rank, the world size it was given — and the acceptor answers with its own hello plus a
-//! [`Verdict`]. After that, each direction carries frames: a 12-byte header (payload length as
-//! u64 LE, the collective's sequence number as u32 LE) and the payload. The sequence number lets
-//! a receiver notice ranks that called the collectives in different orders.
+//! Connection set-up: the dialer (the higher rank) sends a [`Hello`] — magic, the epoch it
+//! forms, its rank, the world size and its worker id — and the acceptor answers with a reply
+//! that names its own epoch, rank and world and a [`Verdict`]. After that, each direction
+//! carries frames: a 12-byte header (payload length as u64 LE, the collective's sequence number
+//! as u32 LE) and the payload. The sequence number lets a receiver notice ranks that called the
+//! collectives in different orders. Sequence number [`ABORT_SEQ`] is reserved for the last frame
+//! a failing rank sends: an [abort](encode_abort) that names the ranks it blames.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 
 /// Magic and protocol version at the start of every hello; a change of the frame format bumps
 /// the last byte.
-pub(super) const MAGIC: [u8; 8] = *b"MOEBEP\x00\x01";
-pub(super) const HELLO_LEN: usize = 16;
-pub(super) const REPLY_LEN: usize = HELLO_LEN + 4;
+pub(super) const MAGIC: [u8; 8] = *b"MOEBEP\x00\x02";
+/// A hello up to its worker id: magic, epoch (u64), rank (u32), world (u32), id length (u8).
+pub(super) const HELLO_FIXED: usize = 25;
+pub(super) const REPLY_LEN: usize = 28;
 const HEADER_LEN: usize = 12;
+
+/// The sequence number of an abort frame; collectives never use it.
+pub(super) const ABORT_SEQ: u32 = u32::MAX;
+
+/// The sequence number of the collective after `seq`, skipping [`ABORT_SEQ`].
+pub(super) fn next_seq(seq: u32) -> u32 {
+    if seq.wrapping_add(1) == ABORT_SEQ {
+        0
+    } else {
+        seq.wrapping_add(1)
+    }
+}
 
 /// The largest payload a frame may carry. A header claiming more is corrupt (or not ours); the
 /// reader fails instead of allocating what it says.
@@ -24,68 +39,115 @@ pub(super) const MAX_FRAME_LEN: u64 = 4 << 30;
 /// that a small frame is one TCP segment (TCP_NODELAY is on).
 const COALESCE_LEN: usize = 64 << 10;
 
-pub(super) fn encode_hello(rank: u32, world: u32) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[..8].copy_from_slice(&MAGIC);
-    b[8..12].copy_from_slice(&rank.to_le_bytes());
-    b[12..16].copy_from_slice(&world.to_le_bytes());
-    b
+/// Who dials: the first bytes on every data-plane connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Hello {
+    pub epoch: u64,
+    pub rank: u32,
+    pub world: u32,
+    /// The dialer's worker id (at most 255 bytes of UTF-8), checked against the epoch's record.
+    pub id: String,
 }
 
-/// `(rank, world)` of a hello, or `None` if it does not start with our magic.
-pub(super) fn decode_hello(b: &[u8; HELLO_LEN]) -> Option<(u32, u32)> {
-    if b[..8] != MAGIC {
-        return None;
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let id = &self.id.as_bytes()[..self.id.len().min(u8::MAX as usize)];
+        let mut b = Vec::with_capacity(HELLO_FIXED + id.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.rank.to_le_bytes());
+        b.extend_from_slice(&self.world.to_le_bytes());
+        b.push(id.len() as u8);
+        b.extend_from_slice(id);
+        b
     }
-    let rank = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    let world = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
-    Some((rank, world))
+
+    /// The fixed part of a hello: `(epoch, rank, world, id length)`, or `None` if it does not
+    /// start with our magic.
+    pub fn decode_fixed(b: &[u8; HELLO_FIXED]) -> Option<(u64, u32, u32, usize)> {
+        if b[..8] != MAGIC {
+            return None;
+        }
+        let epoch = u64::from_le_bytes(b[8..16].try_into().ok()?);
+        let rank = u32::from_le_bytes(b[16..20].try_into().ok()?);
+        let world = u32::from_le_bytes(b[20..24].try_into().ok()?);
+        Some((epoch, rank, world, b[24] as usize))
+    }
 }
 
 /// The acceptor's answer to a hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {
     Accepted,
-    WorldMismatch,
-    BadRank,
-    Duplicate,
+    /// The acceptor has moved past the hello's epoch; the dialer waits for a newer record.
+    Stale,
+    /// The hello does not fit the epoch (wrong world size, rank or worker id).
+    Rejected,
 }
 
 impl Verdict {
     fn code(self) -> u32 {
         match self {
             Verdict::Accepted => 0,
-            Verdict::WorldMismatch => 1,
-            Verdict::BadRank => 2,
-            Verdict::Duplicate => 3,
+            Verdict::Stale => 1,
+            Verdict::Rejected => 2,
         }
     }
 
     fn from_code(code: u32) -> Option<Self> {
         Some(match code {
             0 => Verdict::Accepted,
-            1 => Verdict::WorldMismatch,
-            2 => Verdict::BadRank,
-            3 => Verdict::Duplicate,
+            1 => Verdict::Stale,
+            2 => Verdict::Rejected,
             _ => return None,
         })
     }
 }
 
-pub(super) fn encode_reply(rank: u32, world: u32, verdict: Verdict) -> [u8; REPLY_LEN] {
+/// The acceptor's reply: its epoch, rank and world, and the verdict on the hello.
+pub(super) fn encode_reply(epoch: u64, rank: u32, world: u32, verdict: Verdict) -> [u8; REPLY_LEN] {
     let mut b = [0u8; REPLY_LEN];
-    b[..HELLO_LEN].copy_from_slice(&encode_hello(rank, world));
-    b[HELLO_LEN..].copy_from_slice(&verdict.code().to_le_bytes());
+    b[..8].copy_from_slice(&MAGIC);
+    b[8..16].copy_from_slice(&epoch.to_le_bytes());
+    b[16..20].copy_from_slice(&rank.to_le_bytes());
+    b[20..24].copy_from_slice(&world.to_le_bytes());
+    b[24..28].copy_from_slice(&verdict.code().to_le_bytes());
     b
 }
 
-/// `(rank, world, verdict)` of a reply, or `None` if it is not one of ours.
-pub(super) fn decode_reply(b: &[u8; REPLY_LEN]) -> Option<(u32, u32, Verdict)> {
-    let mut hello = [0u8; HELLO_LEN];
-    hello.copy_from_slice(&b[..HELLO_LEN]);
-    let (rank, world) = decode_hello(&hello)?;
-    let code = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-    Some((rank, world, Verdict::from_code(code)?))
+/// `(epoch, rank, world, verdict)` of a reply, or `None` if it is not one of ours.
+pub(super) fn decode_reply(b: &[u8; REPLY_LEN]) -> Option<(u64, u32, u32, Verdict)> {
+    if b[..8] != MAGIC {
+        return None;
+    }
+    let epoch = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    let rank = u32::from_le_bytes(b[16..20].try_into().ok()?);
+    let world = u32::from_le_bytes(b[20..24].try_into().ok()?);
+    let code = u32::from_le_bytes(b[24..28].try_into().ok()?);
+    Some((epoch, rank, world, Verdict::from_code(code)?))
+}
+
+/// The payload of an abort frame: the ranks the failing rank blames, and why.
+pub(super) fn encode_abort(culprits: &[usize], message: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + 4 * culprits.len() + message.len());
+    b.extend_from_slice(&(culprits.len() as u32).to_le_bytes());
+    for &c in culprits {
+        b.extend_from_slice(&(c as u32).to_le_bytes());
+    }
+    b.extend_from_slice(message.as_bytes());
+    b
+}
+
+/// `(culprits, message)` of an abort payload; `None` when it is malformed.
+pub(super) fn decode_abort(b: &[u8]) -> Option<(Vec<usize>, String)> {
+    let count = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let ranks = b.get(4..4 + count.checked_mul(4)?)?;
+    let culprits = ranks
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    let message = String::from_utf8_lossy(&b[4 + 4 * count..]).into_owned();
+    Some((culprits, message))
 }
 
 /// Writes one frame. The caller has checked `payload.len() <= MAX_FRAME_LEN`.
@@ -239,12 +301,33 @@ mod tests {
     }
 
     #[test]
-    fn hello_and_reply_round_trip() {
-        assert_eq!(decode_hello(&encode_hello(3, 8)), Some((3, 8)));
-        let mut bad = encode_hello(3, 8);
+    fn hello_reply_and_abort_round_trip() {
+        let hello = Hello {
+            epoch: 9,
+            rank: 3,
+            world: 8,
+            id: "w3".into(),
+        };
+        let bytes = hello.encode();
+        let fixed: [u8; HELLO_FIXED] = bytes[..HELLO_FIXED].try_into().expect("fixed part");
+        assert_eq!(Hello::decode_fixed(&fixed), Some((9, 3, 8, 2)));
+        assert_eq!(&bytes[HELLO_FIXED..], b"w3");
+        let mut bad = fixed;
         bad[0] = b'X';
-        assert_eq!(decode_hello(&bad), None);
-        let reply = encode_reply(1, 4, Verdict::Duplicate);
-        assert_eq!(decode_reply(&reply), Some((1, 4, Verdict::Duplicate)));
+        assert_eq!(Hello::decode_fixed(&bad), None);
+        let reply = encode_reply(9, 1, 4, Verdict::Stale);
+        assert_eq!(decode_reply(&reply), Some((9, 1, 4, Verdict::Stale)));
+        let abort = encode_abort(&[2, 5], "rank 2 closed");
+        assert_eq!(
+            decode_abort(&abort),
+            Some((vec![2, 5], "rank 2 closed".into()))
+        );
+        assert_eq!(
+            decode_abort(&[9, 0, 0, 0, 1]),
+            None,
+            "claims 9 ranks, has none"
+        );
+        assert_eq!(next_seq(ABORT_SEQ - 1), 0);
+        assert_eq!(next_seq(7), 8);
     }
 }

@@ -1,94 +1,104 @@
-//! The `local` backend: the ranks are threads of one process, joined by one `mpsc` channel per
-//! ordered pair of ranks. Messages move between threads without being copied.
+//! The `local` backend: the ranks are threads of one process; each rank's messages go straight
+//! into the others' [`Inbox`] channels. Messages move between threads without being copied.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::Sender;
 
-use super::{check_send_len, send_order, unusable, Communicator};
+use super::inbox::{BellSlot, Delivery, Failure, Gone, Inbox, Incoming};
+use super::{check_send_len, send_order, unusable, Communicator, Doorbell};
 use crate::error::{Error, Result};
 
-/// A message: the collective's sequence number and the payload.
-type Msg = (u32, Vec<u8>);
-
 /// One rank's end of a `local` EP group; move each end to its rank's thread. Dropping an end
-/// makes the other ranks' next collective fail with [`Error::Comm`].
+/// makes the other ranks' next collective fail with [`Error::PeerFailed`] naming it.
 pub struct LocalComm {
     rank: usize,
     world: usize,
-    /// `to[p]` carries our messages to rank `p`; `None` at our own rank and after a failure
-    /// (dropping the senders is how the failure reaches the peers).
-    to: Vec<Option<Sender<Msg>>>,
-    /// `from[p]` carries rank `p`'s messages to us; `None` at our own rank.
-    from: Vec<Option<Receiver<Msg>>>,
+    /// `to[p]` delivers to rank `p`'s inbox; `None` at our own rank and after a failure.
+    to: Vec<Option<Sender<Incoming>>>,
+    /// `bells[p]` wakes rank `p` after a delivery.
+    bells: Vec<BellSlot>,
+    inbox: Inbox,
     /// Sequence number of the next collective; wraps around.
     seq: u32,
     /// Set by the first failed collective; all later calls fail with it.
-    failed: Option<String>,
+    failed: Option<Failure>,
 }
 
 /// Creates the `n` ends of a local group, in rank order; move each to its rank's thread.
 pub fn local_group(n: usize) -> Vec<LocalComm> {
-    let mut ends: Vec<LocalComm> = (0..n)
-        .map(|rank| LocalComm {
+    let (inboxes, senders): (Vec<_>, Vec<_>) = (0..n).map(|rank| Inbox::new(rank, n)).unzip();
+    let bells: Vec<BellSlot> = inboxes.iter().map(|i| i.bell.clone()).collect();
+    inboxes
+        .into_iter()
+        .enumerate()
+        .map(|(rank, inbox)| LocalComm {
             rank,
             world: n,
-            to: (0..n).map(|_| None).collect(),
-            from: (0..n).map(|_| None).collect(),
+            to: senders
+                .iter()
+                .enumerate()
+                .map(|(p, tx)| (p != rank).then(|| tx.clone()))
+                .collect(),
+            bells: bells.clone(),
+            inbox,
             seq: 0,
             failed: None,
         })
-        .collect();
-    for a in 0..n {
-        for b in 0..n {
-            if a != b {
-                let (tx, rx) = mpsc::channel();
-                ends[a].to[b] = Some(tx);
-                ends[b].from[a] = Some(rx);
-            }
-        }
-    }
-    ends
+        .collect()
 }
 
 impl LocalComm {
-    fn exchange(&mut self, mut send: Vec<Vec<u8>>) -> std::result::Result<Vec<Vec<u8>>, String> {
+    /// Delivers to rank `peer` and wakes it; false when the peer's end is gone.
+    fn deliver(&self, peer: usize, delivery: Delivery) -> bool {
+        let sent = self.to[peer].as_ref().is_some_and(|tx| {
+            tx.send(Incoming {
+                peer: self.rank,
+                delivery,
+            })
+            .is_ok()
+        });
+        self.bells[peer].ring();
+        sent
+    }
+
+    fn exchange(&mut self, mut send: Vec<Vec<u8>>) -> std::result::Result<Vec<Vec<u8>>, Failure> {
         let seq = self.seq;
-        self.seq = seq.wrapping_add(1);
-        let mut first_error = None;
+        self.seq = self.seq.wrapping_add(1);
+        let mut gone = Vec::new();
         for peer in send_order(self.rank, self.world) {
             let payload = std::mem::take(&mut send[peer]);
-            let sent = self.to[peer]
-                .as_ref()
-                .is_some_and(|tx| tx.send((seq, payload)).is_ok());
-            if !sent {
-                // Keep sending to the others, so that they report the real culprit.
-                first_error.get_or_insert(format!(
-                    "rank {peer} left the group (its end was dropped) before collective #{seq}"
-                ));
+            // Keep sending to the others, so that they report the real culprit.
+            if !self.deliver(peer, Delivery::Frame(seq, payload)) {
+                gone.push(peer);
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        if !gone.is_empty() {
+            let names: Vec<String> = gone.iter().map(|p| format!("rank {p}")).collect();
+            return Err(Failure {
+                message: format!(
+                    "{} left the group (its end was dropped) before collective #{seq}",
+                    names.join(", ")
+                ),
+                culprits: gone,
+            });
         }
-        let mut recv = vec![Vec::new(); self.world];
+        self.inbox.recv_all(seq, None, None)
+    }
+
+    /// Tells every peer not blamed which ranks this rank blames, and leaves the group.
+    fn fail(&mut self, failure: Failure) {
         for peer in send_order(self.rank, self.world) {
-            let got = self.from[peer].as_ref().and_then(|rx| rx.recv().ok());
-            match got {
-                Some((s, payload)) if s == seq => recv[peer] = payload,
-                Some((s, _)) => {
-                    return Err(format!(
-                        "out of step with rank {peer}: it sent collective #{s} while this rank \
-                         is in #{seq}; every rank must call the collectives in the same order"
-                    ))
-                }
-                None => {
-                    return Err(format!(
-                        "rank {peer} left the group (its end was dropped, or it failed) during \
-                         collective #{seq}"
-                    ))
-                }
+            if !failure.culprits.contains(&peer) {
+                self.deliver(
+                    peer,
+                    Delivery::Gone(Gone {
+                        why: format!("aborted the collective ({})", failure.message),
+                        relayed: Some(failure.culprits.clone()),
+                    }),
+                );
             }
         }
-        Ok(recv)
+        self.to.iter_mut().for_each(|tx| *tx = None);
+        self.failed = Some(failure);
     }
 }
 
@@ -102,8 +112,8 @@ impl Communicator for LocalComm {
     }
 
     fn all_to_all_v(&mut self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        if let Some(cause) = &self.failed {
-            return Err(unusable(self.rank, cause));
+        if let Some(first) = &self.failed {
+            return Err(unusable(self.rank, first));
         }
         check_send_len(self.rank, self.world, send.len())?;
         let own = std::mem::take(&mut send[self.rank]);
@@ -112,17 +122,47 @@ impl Communicator for LocalComm {
                 recv[self.rank] = own;
                 Ok(recv)
             }
-            Err(message) => {
-                let message = format!("rank {}: {message}", self.rank);
-                // Dropping our senders tells every peer that this rank is out.
-                self.to.iter_mut().for_each(|tx| *tx = None);
-                self.failed = Some(message.clone());
-                Err(Error::Comm(message))
+            Err(failure) => {
+                let failure = Failure {
+                    message: format!("rank {}: {}", self.rank, failure.message),
+                    culprits: failure.culprits,
+                };
+                let error = Error::PeerFailed {
+                    peers: failure.culprits.clone(),
+                    message: failure.message.clone(),
+                };
+                self.fail(failure);
+                Err(error)
             }
         }
     }
 
     fn backend(&self) -> &'static str {
         "local"
+    }
+
+    fn set_doorbell(&mut self, bell: Doorbell) {
+        self.inbox.bell.set(bell);
+    }
+
+    fn has_incoming(&mut self) -> bool {
+        self.inbox.has_incoming()
+    }
+}
+
+impl Drop for LocalComm {
+    fn drop(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        for peer in send_order(self.rank, self.world) {
+            self.deliver(
+                peer,
+                Delivery::Gone(Gone {
+                    why: "left the group (its end was dropped)".into(),
+                    relayed: None,
+                }),
+            );
+        }
     }
 }

@@ -3,22 +3,56 @@
 //!
 //! - [`local`]: ranks are threads of one process, joined by `std::sync::mpsc` channels;
 //! - [`tcp`]: a persistent full mesh of TCP connections carrying length-prefixed frames
-//!   ([`frame`] is the wire format, [`mesh`] sets the connections up).
+//!   ([`frame`] is the wire format, [`listener`] accepts connections for the life of a worker
+//!   and forms each epoch's mesh);
+//! - `inbox`: the receiving side both share, with the attribution of a failure to the ranks at
+//!   fault.
 //!
 //! All collectives are lock-step: every rank calls them the same number of times in the same
-//! order. A failed collective leaves a communicator unusable (later calls fail at once) and closes
-//! its links, so that the failure reaches every other rank promptly instead of leaving one
-//! waiting for a message that will never come.
+//! order. A failed collective leaves a communicator unusable (later calls fail at once with
+//! [`Error::PeerFailed`] naming the ranks it blames), tells every other rank which ranks it
+//! blames, and closes its links, so that the failure reaches every rank promptly and each can
+//! report the right culprit. An idle rank need not poll: [`Communicator::set_doorbell`] rings a
+//! [`Doorbell`] when a peer's message arrives.
 
 mod frame;
+mod inbox;
+pub mod listener;
 pub mod local;
-mod mesh;
 pub mod tcp;
 
+pub use listener::{DataListener, GroupSpec};
 pub use local::{local_group, LocalComm};
 pub use tcp::{tcp_group_localhost, TcpComm};
 
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
 use crate::error::{Error, Result};
+
+/// Wakes a thread that sleeps until there is work: rung by whoever hands it a command, and by
+/// the data plane when a peer's message (or the news of a peer's failure) arrives. A ring is
+/// never lost: one that comes before the wait ends the next wait at once.
+#[derive(Debug, Clone, Default)]
+pub struct Doorbell(Arc<(Mutex<bool>, Condvar)>);
+
+impl Doorbell {
+    pub fn ring(&self) {
+        let (rung, cv) = &*self.0;
+        *rung.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+
+    /// Waits until rung (since the last wait) or `timeout`; returns whether it was rung.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let (rung, cv) = &*self.0;
+        let guard = rung.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, timeout, |r| !*r)
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *guard, false)
+    }
+}
 
 /// One rank's end of an EP group's data plane. Every rank of the group calls the collective
 /// methods the same number of times in the same order (lock-step), also with empty messages.
@@ -48,6 +82,14 @@ pub trait Communicator: Send {
 
     /// Short backend name for logs and benchmarks: `"local"` or `"tcp"`.
     fn backend(&self) -> &'static str;
+
+    /// Rings `bell` whenever a peer's message or failure arrives, so that an idle rank can
+    /// sleep until a peer enters the next collective.
+    fn set_doorbell(&mut self, bell: Doorbell);
+
+    /// Whether a peer's message (or failure) is waiting to be consumed: a peer has entered the
+    /// next collective, or left.
+    fn has_incoming(&mut self) -> bool;
 }
 
 /// A boxed communicator is one too, so that code generic over `C: Communicator` also takes the
@@ -72,6 +114,14 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn backend(&self) -> &'static str {
         (**self).backend()
     }
+
+    fn set_doorbell(&mut self, bell: Doorbell) {
+        (**self).set_doorbell(bell)
+    }
+
+    fn has_incoming(&mut self) -> bool {
+        (**self).has_incoming()
+    }
 }
 
 /// The peers of `rank` in the order it sends to them: `rank + 1, rank + 2, …` wrapping around,
@@ -92,12 +142,16 @@ fn check_send_len(rank: usize, world: usize, len: usize) -> Result<()> {
     }
 }
 
-/// The message every later call of a failed communicator returns.
-fn unusable(rank: usize, cause: &str) -> Error {
-    Error::Comm(format!(
-        "rank {rank}: communicator unusable after an earlier failure ({cause}); \
-         the EP group must be restarted"
-    ))
+/// The error every later call of a failed communicator returns: the first failure again.
+fn unusable(rank: usize, first: &inbox::Failure) -> Error {
+    Error::PeerFailed {
+        peers: first.culprits.clone(),
+        message: format!(
+            "rank {rank}: communicator unusable after an earlier failure ({}); \
+             the EP group must be re-formed",
+            first.message
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -282,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_peer_fails_the_others_promptly() {
+    fn a_dropped_peer_fails_the_others_promptly_and_is_blamed() {
         for backend in ["local", "tcp"] {
             for n in 2..=4 {
                 let victim = n / 2;
@@ -307,6 +361,10 @@ mod tests {
                     let Some((first, again)) = result else {
                         continue;
                     };
+                    assert!(
+                        matches!(&first, Error::PeerFailed { peers, .. } if peers == &[victim]),
+                        "{backend} n={n} rank {rank}: {first}"
+                    );
                     let (first, again) = (first.to_string(), again.to_string());
                     assert!(
                         first.contains(&format!("rank {victim}")),

@@ -2,23 +2,29 @@
 //! length-prefixed [frames](super::frame).
 //!
 //! Threads: one persistent reader thread per peer reads whole frames off its socket and hands
-//! them to the calling thread over one shared channel; the calling thread writes its frames
-//! itself. Because every socket is always being drained by its reader, a write of any size
-//! completes even when both ends of a pair send megabytes at once, so writes need no threads of
-//! their own and a small exchange costs one thread wake-up per received frame. The shared channel
-//! means a peer that dies is noticed at once, whichever peer the caller is waiting for.
+//! them to the calling thread over one shared channel (the [`Inbox`]); the calling thread writes
+//! its frames itself. Because every socket is always being drained by its reader, a write of any
+//! size completes even when both ends of a pair send megabytes at once, so writes need no threads
+//! of their own and a small exchange costs one thread wake-up per received frame. The shared
+//! channel means a peer that dies is noticed at once, whichever peer the caller is waiting for.
+//! The mesh itself is formed by a [`DataListener`](super::DataListener).
 
-use std::collections::VecDeque;
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::frame::{self, MAX_FRAME_LEN};
-use super::{check_send_len, send_order, unusable, Communicator};
+use super::frame::{self, ABORT_SEQ, MAX_FRAME_LEN};
+use super::inbox::{BellSlot, Delivery, Failure, Gone, Inbox, Incoming};
+use super::listener::{DataListener, GroupSpec};
+use super::{check_send_len, send_order, unusable, Communicator, Doorbell};
 use crate::error::{Error, Result};
+
+/// How long the abort frame of a failing rank may take to write to one peer; a peer that does
+/// not read (a hung process) must not hold the failure up.
+const ABORT_WRITE: Duration = Duration::from_millis(200);
 
 /// One rank's end of a `tcp` EP group. Dropping it closes its connections (the peers' next
 /// collective fails) and joins its reader threads.
@@ -27,17 +33,14 @@ pub struct TcpComm {
     world: usize,
     /// `peers[p]` is the connection to rank `p`; `None` at our own rank.
     peers: Vec<Option<TcpStream>>,
-    /// Frames (or the error that ended a connection) from every reader thread.
-    incoming: Receiver<Incoming>,
-    /// Per peer, what its reader delivered and no collective has consumed yet, oldest first. A
-    /// peer is at most one collective ahead of us, so this stays short.
-    pending: Vec<VecDeque<Delivery>>,
+    /// Frames (or the news that a connection ended) from every reader thread.
+    inbox: Inbox,
     readers: Vec<JoinHandle<()>>,
-    /// Sequence number of the next collective; wraps around.
+    /// Sequence number of the next collective; wraps around, skipping [`ABORT_SEQ`].
     seq: u32,
     timeout: Option<Duration>,
     /// Set by the first failed collective; all later calls fail with it.
-    failed: Option<String>,
+    failed: Option<Failure>,
     /// Sent buffers, for the readers to receive the next frames into.
     recycler: Arc<Recycler>,
 }
@@ -102,41 +105,16 @@ impl Recycler {
     }
 }
 
-/// A frame `(seq, payload)`, or why the connection ended.
-type Delivery = std::result::Result<(u32, Vec<u8>), String>;
-
-struct Incoming {
-    peer: usize,
-    delivery: Delivery,
-}
-
 impl TcpComm {
-    /// Joins the mesh as `rank`, given the already-bound `listener` of this rank and the listen
-    /// addresses of all ranks (`addrs[rank]` is ours). Rank `r` dials every rank below it
-    /// (retrying until `timeout`, since peers start at different times) and accepts one
-    /// connection from every rank above it; a hello with a wrong world size or rank is rejected
-    /// with [`Error::Comm`] on both ends. Fails with [`Error::Comm`] naming the missing peers
-    /// after `timeout`.
-    pub fn connect(
-        rank: usize,
-        listener: TcpListener,
-        addrs: &[SocketAddr],
-        timeout: Duration,
-    ) -> Result<Self> {
-        let peers = super::mesh::connect(rank, &listener, addrs, timeout)?;
-        Self::from_streams(rank, peers)
-    }
-
     /// Wraps the connected mesh: `peers[p]` is the connection to rank `p`, `None` at `rank`.
     pub(super) fn from_streams(rank: usize, peers: Vec<Option<TcpStream>>) -> Result<Self> {
         let world = peers.len();
-        let (tx, incoming) = mpsc::channel();
+        let (inbox, tx) = Inbox::new(rank, world);
         let mut comm = TcpComm {
             rank,
             world,
             peers,
-            incoming,
-            pending: (0..world).map(|_| VecDeque::new()).collect(),
+            inbox,
             readers: Vec::with_capacity(world.saturating_sub(1)),
             seq: 0,
             timeout: None,
@@ -155,9 +133,10 @@ impl TcpComm {
                 ))
             })?;
             let (tx, recycler) = (tx.clone(), comm.recycler.clone());
+            let bell = comm.inbox.bell.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("moebius-comm-{rank}<-{peer}"))
-                .spawn(move || read_loop(peer, stream, tx, &recycler))
+                .spawn(move || read_loop(peer, stream, tx, &recycler, &bell))
                 .map_err(|e| {
                     Error::Comm(format!(
                         "rank {rank}: cannot start the reader thread for rank {peer}: {e}"
@@ -194,8 +173,8 @@ impl TcpComm {
     /// One collective: `bufs[p]` goes to every peer `p` (`bufs[self.rank]` is ignored); returns
     /// what each peer sent, empty at our own rank. Any failure makes the communicator unusable.
     fn exchange(&mut self, bufs: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
-        if let Some(cause) = &self.failed {
-            return Err(unusable(self.rank, cause));
+        if let Some(first) = &self.failed {
+            return Err(unusable(self.rank, first));
         }
         if let Some((p, b)) = bufs
             .iter()
@@ -209,22 +188,30 @@ impl TcpComm {
             )));
         }
         let seq = self.seq;
-        self.seq = seq.wrapping_add(1);
+        self.seq = frame::next_seq(seq);
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let result = self
             .send_all(seq, bufs)
-            .and_then(|()| self.recv_all(seq, deadline));
-        result.map_err(|message| {
-            let message = format!("rank {}: {message}", self.rank);
-            self.fail(message.clone());
-            Error::Comm(message)
+            .and_then(|()| self.inbox.recv_all(seq, deadline, self.timeout));
+        result.map_err(|failure| {
+            let failure = Failure {
+                message: format!("rank {}: {}", self.rank, failure.message),
+                culprits: failure.culprits,
+            };
+            let error = Error::PeerFailed {
+                peers: failure.culprits.clone(),
+                message: failure.message.clone(),
+            };
+            self.fail(failure);
+            error
         })
     }
 
     /// Writes to every peer, also after a failed write, so that the healthy peers get this
     /// collective's frames and report the real culprit; returns the first failure.
-    fn send_all(&mut self, seq: u32, bufs: &[&[u8]]) -> std::result::Result<(), String> {
+    fn send_all(&mut self, seq: u32, bufs: &[&[u8]]) -> std::result::Result<(), Failure> {
         let mut first_error = None;
+        let mut culprits = Vec::new();
         for peer in send_order(self.rank, self.world) {
             let Some(stream) = self.peers[peer].as_mut() else {
                 continue;
@@ -242,75 +229,30 @@ impl TcpComm {
                 first_error.get_or_insert(format!(
                     "sending to rank {peer} failed during collective #{seq}: {what}"
                 ));
+                culprits.push(peer);
             }
         }
-        first_error.map_or(Ok(()), Err)
+        match first_error {
+            None => Ok(()),
+            Some(message) => Err(Failure { message, culprits }),
+        }
     }
 
-    fn recv_all(
-        &mut self,
-        seq: u32,
-        deadline: Option<Instant>,
-    ) -> std::result::Result<Vec<Vec<u8>>, String> {
-        loop {
-            let mut missing = Vec::new();
-            for peer in send_order(self.rank, self.world) {
-                match self.pending[peer].front() {
-                    None => missing.push(peer),
-                    Some(Err(why)) => {
-                        return Err(format!("rank {peer} {why} during collective #{seq}"))
-                    }
-                    Some(Ok((got, _))) if *got != seq => {
-                        return Err(format!(
-                            "out of step with rank {peer}: it sent collective #{got} while this \
-                             rank is in #{seq}; every rank must call the collectives in the same \
-                             order"
-                        ))
-                    }
-                    Some(Ok(_)) => {}
-                }
+    /// Marks the communicator failed, tells every peer not blamed which ranks this rank blames
+    /// (an abort frame), and closes every connection, so that the peers fail fast too instead
+    /// of waiting for frames this rank will never send, and blame the same ranks.
+    fn fail(&mut self, failure: Failure) {
+        let abort = frame::encode_abort(&failure.culprits, &failure.message);
+        for (peer, stream) in self.peers.iter_mut().enumerate() {
+            let Some(stream) = stream else { continue };
+            if failure.culprits.contains(&peer) {
+                continue;
             }
-            if missing.is_empty() {
-                break;
-            }
-            let next = match deadline {
-                None => self
-                    .incoming
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => self
-                    .incoming
-                    .recv_timeout(d.saturating_duration_since(Instant::now())),
-            };
-            match next {
-                Ok(Incoming { peer, delivery }) => self.pending[peer].push_back(delivery),
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "timed out after {:?} in collective #{seq} waiting for rank(s) {missing:?}",
-                        self.timeout.unwrap_or_default()
-                    ))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!(
-                        "all reader threads stopped; waiting for rank(s) {missing:?} in \
-                         collective #{seq}"
-                    ))
-                }
-            }
+            // Best effort: a peer that cannot take it learns of the failure from the close.
+            let _ = stream.set_write_timeout(Some(ABORT_WRITE));
+            let _ = frame::write_frame(stream, ABORT_SEQ, &abort);
         }
-        let mut recv = vec![Vec::new(); self.world];
-        for peer in send_order(self.rank, self.world) {
-            if let Some(Ok((_, payload))) = self.pending[peer].pop_front() {
-                recv[peer] = payload;
-            }
-        }
-        Ok(recv)
-    }
-
-    /// Marks the communicator failed and closes every connection, so that the peers fail fast
-    /// too instead of waiting for frames this rank will never send.
-    fn fail(&mut self, message: String) {
-        self.failed = Some(message);
+        self.failed = Some(failure);
         self.shutdown();
     }
 
@@ -354,6 +296,14 @@ impl Communicator for TcpComm {
     fn backend(&self) -> &'static str {
         "tcp"
     }
+
+    fn set_doorbell(&mut self, bell: Doorbell) {
+        self.inbox.bell.set(bell);
+    }
+
+    fn has_incoming(&mut self) -> bool {
+        self.inbox.has_incoming()
+    }
 }
 
 impl Drop for TcpComm {
@@ -366,38 +316,63 @@ impl Drop for TcpComm {
     }
 }
 
-/// A reader thread: forwards frames from `peer` until the connection ends or the communicator
-/// is dropped.
-fn read_loop(peer: usize, mut stream: TcpStream, tx: Sender<Incoming>, recycler: &Recycler) {
+/// A reader thread: forwards frames from `peer` until the connection ends (or the peer aborts)
+/// or the communicator is dropped, ringing the owner's doorbell after each.
+fn read_loop(
+    peer: usize,
+    mut stream: TcpStream,
+    tx: Sender<Incoming>,
+    recycler: &Recycler,
+    bell: &BellSlot,
+) {
     loop {
-        let delivery = frame::read_frame_into(&mut stream, |len| recycler.take(len))
-            .map_err(|e| e.to_string());
-        let end = delivery.is_err();
-        if tx.send(Incoming { peer, delivery }).is_err() || end {
+        let delivery = match frame::read_frame_into(&mut stream, |len| recycler.take(len)) {
+            Ok((ABORT_SEQ, payload)) => Delivery::Gone(match frame::decode_abort(&payload) {
+                Some((culprits, message)) => Gone {
+                    why: format!("aborted the collective ({message})"),
+                    relayed: Some(culprits),
+                },
+                None => Gone {
+                    why: "sent a malformed abort frame".into(),
+                    relayed: None,
+                },
+            }),
+            Ok((seq, payload)) => Delivery::Frame(seq, payload),
+            Err(e) => Delivery::Gone(Gone {
+                why: e.to_string(),
+                relayed: None,
+            }),
+        };
+        let end = matches!(delivery, Delivery::Gone(_));
+        let sent = tx.send(Incoming { peer, delivery }).is_ok();
+        bell.ring();
+        if !sent || end {
             return;
         }
     }
 }
 
-/// For tests and `moebius generate --transport tcp`: binds `n` listeners on `127.0.0.1:0` and
-/// connects them into a full mesh (one thread per rank), returning the ends in rank order.
+/// For tests and `moebius generate --transport tcp`: binds `n` data-plane listeners on
+/// `127.0.0.1:0` and forms them into a full mesh (one thread per rank), returning the ends in
+/// rank order.
 pub fn tcp_group_localhost(n: usize) -> Result<Vec<TcpComm>> {
     let listeners = (0..n)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| Error::Comm(format!("cannot bind a listener on 127.0.0.1: {e}")))?;
-    let addrs = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| Error::Comm(format!("cannot read a listener's address: {e}")))?;
-    let addrs = &addrs;
+        .map(|_| DataListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .collect::<Result<Vec<_>>>()?;
+    let addrs: Vec<_> = listeners.iter().map(DataListener::local_addr).collect();
+    let ids: Vec<String> = (0..n).map(|r| format!("rank-{r}")).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(rank, listener)| {
-                s.spawn(move || TcpComm::connect(rank, listener, addrs, Duration::from_secs(10)))
+                let spec = GroupSpec {
+                    epoch: 1,
+                    rank,
+                    ids: ids.clone(),
+                    addrs: addrs.clone(),
+                };
+                s.spawn(move || listener.form(&spec, Duration::from_secs(10), &Default::default()))
             })
             .collect();
         handles
@@ -415,33 +390,53 @@ pub fn tcp_group_localhost(n: usize) -> Result<Vec<TcpComm>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::frame::{decode_reply, encode_hello, Verdict};
+    use crate::comm::frame::{decode_reply, Hello, Verdict};
     use std::io::{Read, Write};
+    use std::sync::atomic::AtomicBool;
+
+    /// Rank 0 is real; "rank 1" is the returned socket, speaking the protocol by hand.
+    fn with_fake_peer() -> (TcpComm, TcpStream, DataListener) {
+        let listener = DataListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr();
+        let fake = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).expect("dial");
+            let hello = Hello {
+                epoch: 1,
+                rank: 1,
+                world: 2,
+                id: "w1".into(),
+            };
+            s.write_all(&hello.encode()).expect("hello");
+            let mut reply = [0u8; frame::REPLY_LEN];
+            s.read_exact(&mut reply).expect("reply");
+            assert_eq!(decode_reply(&reply), Some((1, 0, 2, Verdict::Accepted)));
+            s
+        });
+        let spec = GroupSpec {
+            epoch: 1,
+            rank: 0,
+            ids: vec!["w0".into(), "w1".into()],
+            addrs: vec![addr, SocketAddr::from(([127, 0, 0, 1], 9))],
+        };
+        let comm = listener
+            .form(&spec, Duration::from_secs(10), &AtomicBool::new(false))
+            .expect("mesh");
+        (comm, fake.join().expect("fake peer"), listener)
+    }
 
     #[test]
     fn absurd_frame_length_is_an_error_not_an_allocation() {
-        // Rank 0 is real; "rank 1" is this test, speaking the protocol by hand.
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let fake = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).expect("dial");
-            s.write_all(&encode_hello(1, 2)).expect("hello");
-            let mut reply = [0u8; frame::REPLY_LEN];
-            s.read_exact(&mut reply).expect("reply");
-            assert_eq!(decode_reply(&reply), Some((0, 2, Verdict::Accepted)));
-            let mut header = u64::MAX.to_le_bytes().to_vec();
-            header.extend_from_slice(&0u32.to_le_bytes());
-            s.write_all(&header).expect("header");
-            s
-        });
-        let unused = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
-        let addrs = [addr, unused.local_addr().expect("addr")];
-        let mut comm =
-            TcpComm::connect(0, listener, &addrs, Duration::from_secs(10)).expect("mesh");
-        let _fake = fake.join().expect("fake peer");
+        let (mut comm, mut fake, _listener) = with_fake_peer();
+        let mut header = u64::MAX.to_le_bytes().to_vec();
+        header.extend_from_slice(&0u32.to_le_bytes());
+        fake.write_all(&header).expect("header");
         let err = comm.all_gather(vec![1]).expect_err("absurd frame");
         let msg = err.to_string();
         assert!(msg.contains("rank 1") && msg.contains("4 GiB"), "{msg}");
+        assert!(
+            matches!(err, Error::PeerFailed { ref peers, .. } if peers == &[1]),
+            "{err}"
+        );
         // The communicator stays failed.
         let err = comm.all_gather(vec![1]).expect_err("unusable");
         assert!(err.to_string().contains("unusable"), "{err}");
@@ -459,7 +454,54 @@ mod tests {
             .expect_err("peer never answers");
         let msg = err.to_string();
         assert!(msg.contains("timed out") && msg.contains("[1]"), "{msg}");
+        assert!(
+            matches!(err, Error::PeerFailed { ref peers, .. } if peers == &[1]),
+            "{err}"
+        );
         assert!(comm.set_timeout(Some(Duration::ZERO)).is_err());
+    }
+
+    #[test]
+    fn an_aborting_rank_tells_the_others_whom_it_blames() {
+        let mut comms = tcp_group_localhost(3).expect("mesh");
+        let c2 = comms.pop().expect("rank 2");
+        let mut c1 = comms.pop().expect("rank 1");
+        let mut c0 = comms.pop().expect("rank 0");
+        // Rank 2 dies; rank 0 sees it first and aborts, blaming it.
+        drop(c2);
+        let err = c0.all_gather(vec![0]).expect_err("rank 2 is gone");
+        assert!(
+            matches!(err, Error::PeerFailed { ref peers, .. } if peers == &[2]),
+            "{err}"
+        );
+        // Rank 1 blames rank 2 as well, not rank 0 whose connection closed too.
+        let err = c1.all_gather(vec![1]).expect_err("the group failed");
+        assert!(
+            matches!(err, Error::PeerFailed { ref peers, .. } if peers == &[2]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_doorbell_rings_when_a_peer_enters_a_collective() {
+        let mut comms = tcp_group_localhost(2).expect("mesh");
+        let mut c1 = comms.pop().expect("rank 1");
+        let mut c0 = comms.pop().expect("rank 0");
+        let bell = Doorbell::default();
+        c1.set_doorbell(bell.clone());
+        assert!(!c1.has_incoming());
+        assert!(
+            !bell.wait(Duration::from_millis(20)),
+            "nothing happened yet"
+        );
+        std::thread::scope(|s| {
+            let h = s.spawn(|| c0.all_gather(vec![7]).expect("gather"));
+            assert!(bell.wait(Duration::from_secs(10)), "rank 0's frame rings");
+            assert!(c1.has_incoming());
+            c1.all_gather(vec![8]).expect("gather");
+            assert_eq!(h.join().expect("rank 0"), vec![vec![7], vec![8]]);
+        });
+        assert!(!c1.has_incoming());
     }
 
     #[test]
@@ -483,23 +525,10 @@ mod tests {
 
     #[test]
     fn desync_is_detected() {
-        // Real ranks cannot get out of step through the API, so "rank 1" is this test, sending
-        // a frame of collective #5 when rank 0 is in #0.
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let fake = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).expect("dial");
-            s.write_all(&encode_hello(1, 2)).expect("hello");
-            let mut reply = [0u8; frame::REPLY_LEN];
-            s.read_exact(&mut reply).expect("reply");
-            frame::write_frame(&mut s, 5, b"x").expect("frame");
-            s
-        });
-        let unused = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
-        let addrs = [addr, unused.local_addr().expect("addr")];
-        let mut comm =
-            TcpComm::connect(0, listener, &addrs, Duration::from_secs(10)).expect("mesh");
-        let _fake = fake.join().expect("fake peer");
+        // Real ranks cannot get out of step through the API, so "rank 1" sends a frame of
+        // collective #5 when rank 0 is in #0.
+        let (mut comm, mut fake, _listener) = with_fake_peer();
+        frame::write_frame(&mut fake, 5, b"x").expect("frame");
         let err = comm.all_gather(vec![1]).expect_err("desync");
         assert!(err.to_string().contains("out of step with rank 1"), "{err}");
     }

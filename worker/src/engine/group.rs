@@ -1,10 +1,8 @@
-//! An EP group whose ranks are threads of this process, joined by the `local` or the `tcp`
-//! data plane: what `moebius generate --ep N` and the parity tests run.
+//! An EP group whose ranks are engine threads of this process, joined by the `local` or the
+//! `tcp` data plane: what `moebius generate --ep N` and the parity tests run.
 
 use std::path::Path;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread;
 
 use moebius_coordinator::Placement;
 
@@ -12,8 +10,9 @@ use crate::backend::CpuBackend;
 use crate::checkpoint::Checkpoint;
 use crate::comm::{local_group, tcp_group_localhost, Communicator};
 use crate::config::ModelConfig;
-use crate::engine::rank::{RankEngine, RankStats, RunUntil, Submission};
+use crate::engine::rank::{RankStats, Tagged};
 use crate::engine::request::{GenerateOutput, GenerateRequest, TokenEvent};
+use crate::engine::thread::{EngineHandle, EngineOptions, Installation, OnGroupFailure};
 use crate::error::{Error, Result};
 use crate::model::{Model, SharedWeights};
 
@@ -115,7 +114,8 @@ pub struct GroupReport {
 }
 
 /// Runs `requests` to completion on rank 0 of a fresh group; the other ranks only serve their
-/// experts. `on_token(request index, event)` sees every token as it is made.
+/// experts. Every rank is an engine thread running the same loop as a worker's.
+/// `on_token(request index, event)` sees every token as it is made.
 pub fn run_group(
     model: &LoadedModel,
     options: &GroupOptions,
@@ -150,84 +150,59 @@ pub fn run_group(
         .iter()
         .map(|m| m.experts.bytes(&*model.shared.backend))
         .collect();
-
-    let (inbox_tx, inbox_rx) = mpsc::channel();
-    let mut inbox_rx = Some(inbox_rx);
-    let mut streams = Vec::with_capacity(requests.len());
-    for request in &requests {
-        let (tx, rx) = mpsc::channel();
-        inbox_tx
-            .send(Submission {
-                request: request.clone(),
-                events: tx,
-            })
-            .map_err(|_| Error::Comm("rank 0 is gone".into()))?;
-        streams.push(rx);
+    let engine_options = EngineOptions {
+        token_budget: options.token_budget,
+        on_group_failure: OnGroupFailure::Fail,
+    };
+    let engines = (0..options.ranks)
+        .map(|_| EngineHandle::spawn(engine_options))
+        .collect::<Result<Vec<_>>>()?;
+    for (rank, ((engine, model), comm)) in engines.iter().zip(models).zip(comms).enumerate() {
+        // Commands are handled in order, so the requests below find the model installed.
+        drop(engine.install(Installation {
+            epoch: 1,
+            rank,
+            model,
+            comm,
+            expert_slots: Vec::new(),
+        }));
+        engine.resume(1)?;
     }
-    drop(inbox_tx);
-    let (events_tx, events_rx) = mpsc::channel();
 
-    let budget = options.token_budget;
-    let results = thread::scope(|scope| {
-        let handles: Vec<_> = models
-            .into_iter()
-            .zip(comms)
-            .enumerate()
-            .map(|(rank, (model, comm))| {
-                // Rank 0 takes the requests; the others get a closed inbox.
-                let inbox = if rank == 0 { inbox_rx.take() } else { None };
-                thread::Builder::new()
-                    .name(format!("rank-{rank}"))
-                    .spawn_scoped(scope, move || -> Result<RankStats> {
-                        let mut engine = RankEngine::new(model, comm, budget);
-                        let inbox = inbox.unwrap_or_else(|| mpsc::channel().1);
-                        engine.run(&inbox, RunUntil::GroupIdle)?;
-                        Ok(engine.stats().clone())
-                    })
-                    .map_err(|e| Error::Comm(format!("cannot start rank thread: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        // Fan the per-request streams into one channel, tagged by request index.
-        for (i, rx) in streams.into_iter().enumerate() {
-            let events_tx = events_tx.clone();
-            scope.spawn(move || {
-                for e in rx {
-                    if events_tx.send((i, e)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(events_tx);
-        let mut outputs = vec![GenerateOutput::default(); requests.len()];
-        for (i, r) in requests.iter().enumerate() {
-            outputs[i].prompt_tokens = r.prompt.len();
-        }
-        let mut failed = None;
-        for (i, event) in events_rx.iter() {
-            match event {
-                Ok(event) => {
-                    on_token(i, &event);
-                    outputs[i].push(event);
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut outputs = vec![GenerateOutput::default(); requests.len()];
+    for (index, request) in requests.into_iter().enumerate() {
+        outputs[index].prompt_tokens = request.prompt.len();
+        let sink = Tagged {
+            index,
+            tx: tx.clone(),
+        };
+        engines[0].submit(request, Box::new(sink))?;
+    }
+    drop(tx);
+    // Ends when every sequence has ended: the engine drops a sequence's sink with it.
+    let mut failed = None;
+    for (index, event) in rx {
+        match event {
+            Ok(event) => {
+                on_token(index, &event);
+                outputs[index].push(event);
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
             }
         }
-        let stats = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        Ok::<_, Error>((outputs, stats))
-    })?;
-    let (outputs, stats) = results;
+    }
+    let stats = engines
+        .iter()
+        .map(|engine| {
+            engine.stop();
+            engine.status().borrow().stats.clone()
+        })
+        .collect();
+    if let Some(e) = failed {
+        return Err(e);
+    }
     Ok((
         outputs,
         GroupReport {

@@ -2,16 +2,23 @@
 //!
 //! - [`request`]: a generation request, its validation, streamed tokens and the final output;
 //! - [`sampling`]: greedy/temperature/top-k/top-p sampling and log-probabilities;
-//! - [`rank`]: one rank's sequences, batched steps (decode tokens plus prefill chunks under a
-//!   token budget) and the lock-step loop every rank of a group runs;
-//! - [`group`]: an EP group of threads in this process over the `local` or `tcp` data plane.
+//! - [`rank`]: one rank's sequences and the batched step (decode tokens plus prefill chunks
+//!   under a token budget), with the sinks their tokens go to;
+//! - [`thread`]: the engine thread, the one lock-step loop every rank runs (agreement, step,
+//!   pause, epoch installation, surviving a failed group);
+//! - [`group`]: an EP group of engine threads in this process over the `local` or `tcp` data
+//!   plane.
 
 pub mod group;
 pub mod rank;
 pub mod request;
 pub mod sampling;
+pub mod thread;
 
 pub use group::{run_group, GroupOptions, GroupReport, LoadedModel, Transport};
-pub use rank::{Agreement, RankEngine, RankStats, RunUntil, SequenceEvent, Submission};
+pub use rank::{EventSink, RankEngine, RankStats, SequenceEvent, Submission, Tagged};
 pub use request::{FinishReason, GenerateOutput, GenerateRequest, TokenEvent};
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use thread::{
+    EngineHandle, EngineOptions, EngineStatus, GroupFailure, Installation, OnGroupFailure, Phase,
+};

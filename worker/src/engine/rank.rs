@@ -1,9 +1,5 @@
-//! One rank's engine: its sequences, the step that batches them, and the lock-step loop.
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Arc;
-use std::time::Duration;
+//! One rank's sequences and the step that batches them; the loop that drives the steps is
+//! [`super::thread`].
 
 use crate::backend::Backend;
 use crate::comm::Communicator;
@@ -12,45 +8,75 @@ use crate::engine::sampling::Sampler;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model, StepInput};
 
-/// What a sequence's channel carries: its tokens, or the error that ended it (then nothing
+/// What a sequence's sink receives: its tokens, or the error that ended it (then nothing
 /// follows).
 pub type SequenceEvent = Result<TokenEvent>;
 
-/// A request handed to a rank, with the channel its tokens go to. Dropping the receiver
-/// cancels the sequence at its next token; [`RankEngine::submit_cancellable`] also cancels
-/// one that is still prefilling.
-pub struct Submission {
-    pub request: GenerateRequest,
-    pub events: Sender<SequenceEvent>,
+/// Where one sequence's events go, straight from the engine thread to whoever reads them (a
+/// response stream, a benchmark, `run_group`): no thread or pump in between.
+pub trait EventSink: Send {
+    /// Delivers one event; `false` when nobody listens any more (the sequence is dropped).
+    fn send(&mut self, event: SequenceEvent) -> bool;
+    /// Whether the reader went away. Checked before every step, so that a client that leaves
+    /// in the middle of a long prefill frees its sequence at once.
+    fn is_closed(&self) -> bool;
 }
 
-struct Sequence {
-    request: GenerateRequest,
-    cache: KvCache,
-    sampler: Sampler,
-    /// Prompt tokens already in the cache.
-    fed: usize,
-    generated: Vec<u32>,
-    events: Sender<SequenceEvent>,
-    /// Set by whoever reads `events` when it no longer wants them; checked before every step.
-    cancel: Option<Arc<AtomicBool>>,
-}
+/// A response stream's sink: the receiver's end lives in the stream, so a client that goes
+/// away (the stream is dropped, or closes the receiver) cancels the sequence.
+impl EventSink for tokio::sync::mpsc::UnboundedSender<SequenceEvent> {
+    fn send(&mut self, event: SequenceEvent) -> bool {
+        tokio::sync::mpsc::UnboundedSender::send(self, event).is_ok()
+    }
 
-impl Sequence {
-    fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+    fn is_closed(&self) -> bool {
+        tokio::sync::mpsc::UnboundedSender::is_closed(self)
     }
 }
 
-/// What the ranks of a group agreed at one iteration of a serving loop ([`RankEngine::agree`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Agreement {
-    /// Some rank has a sequence: every rank steps.
-    pub busy: bool,
-    /// Some rank asked to pause: every rank stops stepping now, at the same step.
-    pub pause: bool,
+/// Many sequences into one channel, each event tagged with its sequence's index (one-shot
+/// generation and benchmarks read every sequence from one place).
+#[derive(Debug, Clone)]
+pub struct Tagged {
+    pub index: usize,
+    pub tx: std::sync::mpsc::Sender<(usize, SequenceEvent)>,
+}
+
+impl EventSink for Tagged {
+    fn send(&mut self, event: SequenceEvent) -> bool {
+        self.tx.send((self.index, event)).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// A request handed to a rank, with the sink its tokens go to.
+pub struct Submission {
+    pub request: GenerateRequest,
+    pub events: Box<dyn EventSink>,
+}
+
+struct Sequence {
+    /// The request, with its prompt and earlier tokens moved into `tokens`.
+    request: GenerateRequest,
+    /// The prompt, then every token generated for the request (also by earlier attempts).
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Leading positions of `tokens` in the cache.
+    fed: usize,
+    /// Whether this attempt has sampled a token yet; until then the sequence is prefilling.
+    sampled: bool,
+    events: Box<dyn EventSink>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
 }
 
 /// Counters a benchmark or a test reads after a run.
@@ -63,19 +89,19 @@ pub struct RankStats {
     pub decode_tokens: u64,
 }
 
-/// When [`RankEngine::run`] returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunUntil {
-    /// As soon as no rank of the group has a sequence (one-shot generation, benchmarks).
-    GroupIdle,
-    /// When the submission channel is closed and the group is idle (a serving worker).
-    InboxClosed,
+impl RankStats {
+    /// Adds `more` (the counters of an engine that came before).
+    pub fn add(&mut self, more: &RankStats) {
+        self.steps += more.steps;
+        self.max_batch = self.max_batch.max(more.max_batch);
+        self.prefill_tokens += more.prefill_tokens;
+        self.decode_tokens += more.decode_tokens;
+    }
 }
 
 /// The sequences of one rank and the model they run on.
 pub struct RankEngine<B: Backend> {
     model: Model<B>,
-    comm: Box<dyn Communicator>,
     sequences: Vec<Sequence>,
     /// Most prompt tokens prefilled in one step, over all sequences.
     token_budget: usize,
@@ -83,10 +109,9 @@ pub struct RankEngine<B: Backend> {
 }
 
 impl<B: Backend> RankEngine<B> {
-    pub fn new(model: Model<B>, comm: Box<dyn Communicator>, token_budget: usize) -> Self {
+    pub fn new(model: Model<B>, token_budget: usize) -> Self {
         Self {
             model,
-            comm,
             sequences: Vec::new(),
             token_budget: token_budget.max(1),
             stats: RankStats::default(),
@@ -106,39 +131,37 @@ impl<B: Backend> RankEngine<B> {
         self.sequences.len()
     }
 
-    pub fn comm(&self) -> &dyn Communicator {
-        &*self.comm
-    }
-
-    /// Adds a validated request; it joins at the next step.
+    /// Checks the request completely and, if it is valid, adds it: it joins at the next step.
+    /// An invalid request gets its error on its sink and never joins, so no request can fail
+    /// a step.
     pub fn submit(&mut self, submission: Submission) {
-        self.push(submission, None);
-    }
-
-    /// Like [`submit`](Self::submit), and the sequence is dropped before the next step once
-    /// `cancel` is set, also in the middle of a long prefill.
-    pub fn submit_cancellable(&mut self, submission: Submission, cancel: Arc<AtomicBool>) {
-        self.push(submission, Some(cancel));
-    }
-
-    fn push(&mut self, submission: Submission, cancel: Option<Arc<AtomicBool>>) {
-        let Submission { request, events } = submission;
+        let Submission {
+            mut request,
+            mut events,
+        } = submission;
+        if let Err(e) = request.validate(self.model.config()) {
+            events.send(Err(e));
+            return;
+        }
+        let mut tokens = std::mem::take(&mut request.prompt);
+        let prompt_len = tokens.len();
+        tokens.append(&mut request.generated);
         self.sequences.push(Sequence {
             cache: self.model.new_cache(),
             sampler: Sampler::new(request.sampling.clone()),
             fed: 0,
-            generated: Vec::new(),
+            sampled: false,
+            tokens,
+            prompt_len,
             request,
             events,
-            cancel,
         });
     }
 
-    /// Moves this rank to a new epoch: a new model (same shared weights, this rank's experts of
-    /// the new placement) and a new data plane. The sequences and their KV caches stay, since
-    /// attention is data parallel and the caches do not depend on the placement. Call only
-    /// between steps, when every rank of the old group has stopped stepping.
-    pub fn reconfigure(&mut self, model: Model<B>, comm: Box<dyn Communicator>) -> Result<()> {
+    /// Moves this rank to a new epoch's model (same shared weights, this rank's experts of the
+    /// new placement). The sequences and their KV caches stay, since attention is data
+    /// parallel and the caches do not depend on the placement.
+    pub fn reconfigure(&mut self, model: Model<B>) -> Result<()> {
         let (old, new) = (self.model.config(), model.config());
         if old.num_hidden_layers != new.num_hidden_layers || old.vocab_size != new.vocab_size {
             return Err(Error::Config(
@@ -146,93 +169,96 @@ impl<B: Backend> RankEngine<B> {
             ));
         }
         self.model = model;
-        self.comm = comm;
         Ok(())
     }
 
-    /// Ends every sequence with the error `why()` makes (e.g. the data plane failed), so that
-    /// no client waits for tokens that will not come.
+    /// Ends every sequence with the error `why()` makes, so that no client waits for tokens
+    /// that will not come.
     pub fn fail_all(&mut self, why: impl Fn() -> Error) {
-        for seq in self.sequences.drain(..) {
+        for mut seq in self.sequences.drain(..) {
             // A client that already left does not need the error.
-            let _ = seq.events.send(Err(why()));
+            seq.events.send(Err(why()));
         }
     }
 
-    /// Drops the sequences whose client went away.
+    /// Drops the sequences whose reader went away.
     pub fn drop_cancelled(&mut self) {
-        self.sequences.retain(|s| !s.cancelled());
-    }
-
-    /// One agreement of a serving loop: every rank of the group calls it the same number of
-    /// times (it is a collective), and all get the same answer.
-    pub fn agree(&mut self, pause: bool) -> Result<Agreement> {
-        let mine = [u8::from(!self.sequences.is_empty()), u8::from(pause)];
-        let all = self.comm.all_gather(mine.to_vec())?;
-        Ok(Agreement {
-            busy: all.iter().any(|f| f.first() == Some(&1)),
-            pause: all.iter().any(|f| f.get(1) == Some(&1)),
-        })
+        self.sequences.retain(|s| !s.events.is_closed());
     }
 
     /// One lock-step step of this rank: every live sequence advances by a decode token or a
-    /// prefill chunk. Must be called on every rank of the group, also with no sequences.
-    pub fn step(&mut self) -> Result<()> {
+    /// prefill chunk. Must be called on every rank of the group, also with no sequences. When
+    /// the step fails (a peer failed), whatever it appended to the KV caches is dropped and no
+    /// sequence has advanced, so the step can be redone in the next epoch.
+    pub fn step(&mut self, comm: &mut dyn Communicator) -> Result<()> {
         self.drop_cancelled();
         let mut budget = self.token_budget;
         let mut chosen = Vec::new();
         let mut inputs = Vec::new();
         for (i, seq) in self.sequences.iter_mut().enumerate() {
             let Sequence {
-                request,
+                tokens,
                 cache,
                 fed,
-                generated,
+                sampled,
                 ..
             } = seq;
-            let tokens: &[u32] = if *fed < request.prompt.len() {
+            // After a sample exactly one token waits: the one just sampled.
+            let take = if *sampled {
+                tokens.len() - *fed
+            } else {
                 if budget == 0 {
                     continue;
                 }
-                let end = (*fed + budget).min(request.prompt.len());
-                budget -= end - *fed;
-                &request.prompt[*fed..end]
-            } else {
-                match generated.last() {
-                    Some(t) => std::slice::from_ref(t),
-                    None => continue,
-                }
+                let take = (tokens.len() - *fed).min(budget);
+                budget -= take;
+                take
             };
-            chosen.push((i, tokens.len()));
-            inputs.push(StepInput { tokens, cache });
+            chosen.push((i, take));
+            inputs.push(StepInput {
+                tokens: &tokens[*fed..*fed + take],
+                cache,
+            });
         }
-        let logits = self.model.forward(&mut inputs, &mut *self.comm)?;
+        let result = self.model.forward(&mut inputs, comm);
         drop(inputs);
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                for &(i, _) in &chosen {
+                    self.sequences[i].cache.rollback();
+                }
+                return Err(e);
+            }
+        };
         self.stats.steps += 1;
         self.stats.max_batch = self.stats.max_batch.max(chosen.len());
 
         let vocab = self.model.config().vocab_size;
         let max_positions = self.model.config().max_position_embeddings;
-        let eos = self.model.config().eos_token_ids.clone();
+        let eos = &self.model.config().eos_token_ids;
         let mut finished = Vec::new();
         for (&(i, len), logits) in chosen.iter().zip(logits.chunks_exact(vocab)) {
             let seq = &mut self.sequences[i];
-            if seq.fed < seq.request.prompt.len() {
-                seq.fed += len;
-                self.stats.prefill_tokens += len as u64;
-                if seq.fed < seq.request.prompt.len() {
-                    continue;
-                }
-            } else {
+            seq.fed += len;
+            if seq.sampled {
                 self.stats.decode_tokens += 1;
+            } else {
+                self.stats.prefill_tokens += len as u64;
+                if seq.fed < seq.tokens.len() {
+                    continue; // A prefill chunk; the prompt goes on in the next step.
+                }
             }
-            let sampled = seq.sampler.sample(logits, seq.request.top_logprobs);
-            seq.generated.push(sampled.token);
+            let sampled = seq
+                .sampler
+                .sample(logits, seq.request.top_logprobs, seq.generated());
+            seq.tokens.push(sampled.token);
+            seq.sampled = true;
             let finish = if seq.request.stop_token_ids.contains(&sampled.token) {
                 Some(FinishReason::Stop)
             } else if !seq.request.ignore_eos && eos.contains(&sampled.token) {
                 Some(FinishReason::Eos)
-            } else if seq.generated.len() >= seq.request.max_new_tokens
+            } else if seq.generated() >= seq.request.max_new_tokens
                 || seq.cache.len() + 1 > max_positions
             {
                 Some(FinishReason::Length)
@@ -245,8 +271,8 @@ impl<B: Backend> RankEngine<B> {
                 top_logprobs: sampled.top,
                 finish,
             };
-            // A closed channel means the client went away: free the sequence now.
-            if seq.events.send(Ok(event)).is_err() || finish.is_some() {
+            // A closed sink means the reader went away: free the sequence now.
+            if !seq.events.send(Ok(event)) || finish.is_some() {
                 finished.push(i);
             }
         }
@@ -254,49 +280,5 @@ impl<B: Backend> RankEngine<B> {
             self.sequences.swap_remove(i);
         }
         Ok(())
-    }
-
-    /// The lock-step loop: takes submissions from `inbox`, and steps while any rank of the
-    /// group has work. Ranks agree each iteration, so they step the same number of times. On a
-    /// data-plane failure every sequence gets the error before it is returned.
-    pub fn run(&mut self, inbox: &Receiver<Submission>, until: RunUntil) -> Result<()> {
-        let result = self.run_inner(inbox, until);
-        if let Err(e) = &result {
-            let message = e.to_string();
-            self.fail_all(|| Error::Unavailable(message.clone()));
-        }
-        result
-    }
-
-    fn run_inner(&mut self, inbox: &Receiver<Submission>, until: RunUntil) -> Result<()> {
-        let mut inbox_open = true;
-        loop {
-            while inbox_open {
-                match inbox.try_recv() {
-                    Ok(s) => self.submit(s),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => inbox_open = false,
-                }
-            }
-            let mine = [u8::from(!self.sequences.is_empty()), u8::from(inbox_open)];
-            let all = self.comm.all_gather(mine.to_vec())?;
-            let busy = all.iter().any(|f| f.first() == Some(&1));
-            if !busy {
-                let open = all.iter().any(|f| f.get(1) == Some(&1));
-                if until == RunUntil::GroupIdle || !open {
-                    return Ok(());
-                }
-                // Idle but serving: wait a little for work before agreeing again.
-                if inbox_open {
-                    match inbox.recv_timeout(Duration::from_millis(2)) {
-                        Ok(s) => self.submit(s),
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => inbox_open = false,
-                    }
-                }
-                continue;
-            }
-            self.step()?;
-        }
     }
 }

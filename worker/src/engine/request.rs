@@ -16,6 +16,10 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// How many alternatives to report per generated token (0: none).
     pub top_logprobs: usize,
+    /// Tokens an earlier attempt already generated and delivered (a request resubmitted after
+    /// its worker was lost): they are fed after the prompt, count toward `max_new_tokens`, and
+    /// sampling goes on at draw number `generated.len()`; only new tokens are streamed.
+    pub generated: Vec<u32>,
 }
 
 impl GenerateRequest {
@@ -28,10 +32,12 @@ impl GenerateRequest {
             ignore_eos: false,
             stop_token_ids: Vec::new(),
             top_logprobs: 0,
+            generated: Vec::new(),
         }
     }
 
-    /// Checks the request against the model, naming the field that is wrong.
+    /// Checks the request against the model, naming the field that is wrong. A request that
+    /// passes cannot fail a step.
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if self.prompt.is_empty() {
@@ -56,6 +62,32 @@ impl GenerateRequest {
         }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
+        }
+        if let Some(&id) = self
+            .generated
+            .iter()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return bad(format!(
+                "generated token id {id} is outside the vocabulary (size {})",
+                config.vocab_size
+            ));
+        }
+        if self.generated.len() >= self.max_new_tokens {
+            return bad(format!(
+                "{} tokens were generated already, which leaves nothing of max_new_tokens {}",
+                self.generated.len(),
+                self.max_new_tokens
+            ));
+        }
+        if self.prompt.len() + self.generated.len() >= config.max_position_embeddings {
+            return bad(format!(
+                "prompt and generated tokens ({} + {}) leave no room within the model's maximum \
+                 of {} positions",
+                self.prompt.len(),
+                self.generated.len(),
+                config.max_position_embeddings
+            ));
         }
         if let Some(&id) = self
             .stop_token_ids

@@ -1,5 +1,10 @@
 //! Turning logits into the next token: greedy, temperature, top-k, top-p, seeded; and the
 //! log-probabilities a client asked for.
+//!
+//! Sampling is resumable: the random draw for the `i`-th generated token depends only on the
+//! seed and `i` (ChaCha8 keyed by the seed, stream `i`), never on how many draws came before in
+//! this process. So a request that is resubmitted with the tokens it already has produces
+//! exactly the tokens it would have produced without the interruption.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,7 +20,7 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep the `top_k` most likely tokens; 0 keeps all.
     pub top_k: usize,
-    /// Makes sampling reproducible; without it each request draws a fresh seed.
+    /// Makes sampling reproducible (and resumable); without it the sampler picks a random seed.
     pub seed: Option<u64>,
 }
 
@@ -59,29 +64,27 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// A request's sampler: its parameters and its random stream.
+/// A request's sampler: its parameters and its seed.
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    seed: u64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
-            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
-            None => ChaCha8Rng::from_os_rng(),
-        };
-        Self { params, rng }
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Self { params, seed }
     }
 
-    /// Picks the next token from `logits` and reports `top_logprobs` alternatives.
-    pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> Sampled {
+    /// Picks generated token number `index` (0 for the first) from `logits` and reports
+    /// `top_logprobs` alternatives.
+    pub fn sample(&self, logits: &[f32], top_logprobs: usize, index: usize) -> Sampled {
         let logprobs = log_softmax(logits);
         let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
-            self.draw(logits)
+            self.draw(logits, index)
         };
         let top = if top_logprobs == 0 {
             Vec::new()
@@ -98,7 +101,7 @@ impl Sampler {
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> usize {
+    fn draw(&self, logits: &[f32], index: usize) -> usize {
         let t = self.params.temperature;
         let k = if self.params.top_k == 0 {
             logits.len()
@@ -126,7 +129,9 @@ impl Sampler {
             }
         }
         let mass: f32 = probs[..keep].iter().sum();
-        let mut u = self.rng.random::<f32>() * mass;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(index as u64);
+        let mut u = rng.random::<f32>() * mass;
         for (i, p) in probs[..keep].iter().enumerate() {
             if u < *p {
                 return candidates[i];
@@ -161,8 +166,8 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_argmax_and_reports_log_softmax() {
-        let mut s = Sampler::new(SamplingParams::default());
-        let out = s.sample(&[1.0, 3.0, 2.0], 2);
+        let s = Sampler::new(SamplingParams::default());
+        let out = s.sample(&[1.0, 3.0, 2.0], 2, 0);
         assert_eq!(out.token, 1);
         let z = (1f32.exp() + 3f32.exp() + 2f32.exp()).ln();
         assert!((out.logprob - (3.0 - z)).abs() < 1e-6);
@@ -178,9 +183,9 @@ mod tests {
             ..Default::default()
         };
         let run = || {
-            let mut s = Sampler::new(params.clone());
+            let s = Sampler::new(params.clone());
             (0..20)
-                .map(|_| s.sample(&logits, 0).token)
+                .map(|i| s.sample(&logits, 0, i).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
@@ -188,6 +193,25 @@ mod tests {
             run().iter().any(|&t| t != run()[0]),
             "temperature 1 should not always pick one token"
         );
+    }
+
+    #[test]
+    fn a_draw_depends_only_on_the_seed_and_the_index() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: Some(11),
+            ..Default::default()
+        };
+        let first = Sampler::new(params.clone());
+        let all: Vec<u32> = (0..30).map(|i| first.sample(&logits, 0, i).token).collect();
+        // A fresh sampler that starts at token 17, as a resubmitted request does.
+        let resumed = Sampler::new(params);
+        let tail: Vec<u32> = (17..30)
+            .map(|i| resumed.sample(&logits, 0, i).token)
+            .collect();
+        assert_eq!(tail, all[17..]);
     }
 
     #[test]
@@ -207,8 +231,8 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            let mut s = Sampler::new(params);
-            assert!((0..20).all(|_| s.sample(&logits, 0).token == 2));
+            let s = Sampler::new(params);
+            assert!((0..20).all(|i| s.sample(&logits, 0, i).token == 2));
         }
     }
 

@@ -191,13 +191,26 @@ impl<B: Backend> RankExperts<B> {
 }
 
 /// A sequence's compressed KV cache: per layer, `[len, kv_lora_rank + qk_rope_head_dim]`.
+///
+/// A step appends its rows layer by layer and commits them (`len`) only when the whole forward
+/// pass succeeded; [`rollback`](Self::rollback) drops what a failed step appended.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Vec<f32>>,
     len: usize,
+    /// Floats per cached position in every layer.
+    width: usize,
 }
 
 impl KvCache {
+    /// Drops the rows of a step that did not complete, so that the step can be redone.
+    pub fn rollback(&mut self) {
+        let keep = self.len * self.width;
+        for layer in &mut self.layers {
+            layer.truncate(keep);
+        }
+    }
+
     /// Number of positions cached.
     pub fn len(&self) -> usize {
         self.len
@@ -269,9 +282,11 @@ impl<B: Backend> Model<B> {
 
     /// A new, empty cache for a sequence.
     pub fn new_cache(&self) -> KvCache {
+        let cfg = &self.shared.config;
         KvCache {
             layers: vec![Vec::new(); self.shared.layers.len()],
             len: 0,
+            width: cfg.kv_lora_rank + cfg.qk_rope_head_dim,
         }
     }
 

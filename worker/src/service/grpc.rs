@@ -5,15 +5,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use futures::stream::BoxStream;
 use moebius_proto::deadline::parse_grpc_timeout;
 use moebius_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::config::ModelConfig;
-use crate::engine::{GenerateRequest, SamplingParams};
+use crate::engine::thread::not_in_epoch;
+use crate::engine::{EngineHandle, GenerateRequest, Phase, SamplingParams};
 use crate::error::{Error, Result};
-use crate::service::engine_thread::{not_in_epoch, EngineHandle, Phase};
 use crate::service::stream::{response_stream, Admission, StreamSpec};
 use crate::tokenizer::Tokenizer;
 
@@ -24,7 +26,9 @@ pub fn status_from_error(error: Error) -> Status {
         Error::InvalidRequest(_) => Status::invalid_argument(message),
         Error::Overloaded(_) => Status::resource_exhausted(message),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-        Error::Unavailable(_) | Error::Comm(_) | Error::Store(_) => Status::unavailable(message),
+        Error::Unavailable(_) | Error::Comm(_) | Error::PeerFailed { .. } | Error::Store(_) => {
+            Status::unavailable(message)
+        }
         Error::Io { .. }
         | Error::MissingFile { .. }
         | Error::Safetensors { .. }
@@ -45,12 +49,16 @@ pub struct Prepared {
     pub request: GenerateRequest,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// The text a resubmitted request's client already has.
+    pub resumed_text: String,
 }
 
-/// Turns the public request into the engine's, tokenising text and checking every field
-/// against the model; errors are [`Error::InvalidRequest`] naming the field.
+/// Turns the public request (and, for a resubmitted one, what its client already has) into
+/// the engine's, tokenising text and checking every field against the model; errors are
+/// [`Error::InvalidRequest`] naming the field.
 pub fn prepare(
     proto: pb::GenerateRequest,
+    resume: Option<pb::Resume>,
     config: &ModelConfig,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Prepared> {
@@ -97,6 +105,10 @@ pub fn prepare(
         stop_token_ids: proto.stop_token_ids,
         top_logprobs: proto.top_logprobs as usize,
         prompt,
+        generated: resume
+            .as_ref()
+            .map(|r| r.token_ids.clone())
+            .unwrap_or_default(),
     };
     request.validate(config)?;
     let room = config.max_position_embeddings - request.prompt.len();
@@ -121,6 +133,7 @@ pub fn prepare(
         request,
         stop: proto.stop,
         logprobs: proto.logprobs,
+        resumed_text: resume.map(|r| r.text).unwrap_or_default(),
     })
 }
 
@@ -172,7 +185,7 @@ impl WorkerService {
         self.inner.in_flight.load(Ordering::Acquire)
     }
 
-    fn start(&self, request: Request<pb::GenerateRequest>) -> Result<GenerateStream> {
+    fn start(&self, request: Request<pb::WorkerGenerateRequest>) -> Result<GenerateStream> {
         let inner = &*self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::Unavailable("worker is shutting down".into()));
@@ -183,10 +196,11 @@ impl WorkerService {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
-        let proto = request.into_inner();
+        let pb::WorkerGenerateRequest { request, resume } = request.into_inner();
+        let proto = request.ok_or_else(|| Error::InvalidRequest("request is missing".into()))?;
         let request_id = proto.request_id.clone();
         let top_logprobs = proto.top_logprobs > 0;
-        let prepared = prepare(proto, &inner.config, inner.tokenizer.as_deref())?;
+        let prepared = prepare(proto, resume, &inner.config, inner.tokenizer.as_deref())?;
         if inner.engine.status().borrow().phase == Phase::Detached {
             return Err(not_in_epoch());
         }
@@ -197,11 +211,11 @@ impl WorkerService {
             ))
         })?;
         let prompt_tokens = prepared.request.prompt.len();
-        let events = inner
-            .engine
-            .submit(prepared.request, admission.cancel.clone())?;
+        let generated = prepared.request.generated.clone();
+        let (events, rx) = mpsc::unbounded_channel();
+        inner.engine.submit(prepared.request, Box::new(events))?;
         Ok(response_stream(
-            events,
+            rx,
             admission,
             StreamSpec {
                 request_id,
@@ -211,6 +225,8 @@ impl WorkerService {
                 stop: prepared.stop,
                 tokenizer: inner.tokenizer.clone(),
                 deadline,
+                generated,
+                sent_text: prepared.resumed_text,
             },
         ))
     }
@@ -224,7 +240,7 @@ impl pb::worker_server::Worker for WorkerService {
 
     async fn generate(
         &self,
-        request: Request<pb::GenerateRequest>,
+        request: Request<pb::WorkerGenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         self.start(request)
             .map(Response::new)

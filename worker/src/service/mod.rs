@@ -1,18 +1,20 @@
 //! One rank as a networked worker: `moebius worker`.
 //!
-//! - [`engine_thread`]: the std thread that owns the [`RankEngine`](crate::engine::RankEngine)
-//!   and steps in lock-step with the EP group, fed by commands;
+//! The rank's engine is an [`EngineHandle`](crate::engine::EngineHandle): the same lock-step
+//! loop `moebius generate` runs, fed by commands.
+//!
 //! - [`grpc`]: the internal `moebius.v1.Worker` service (validation, admission, error codes);
 //! - [`stream`]: one `Generate` response stream (detokenisation, stop strings, deadlines,
-//!   cancellation when the client leaves);
-//! - [`lifecycle`]: registration under a lease, keep-alive, the placement watch and the epoch
-//!   protocol.
+//!   cancellation when the client leaves, resumption of a resubmitted request);
+//! - [`registration`]: the worker's key under a lease, kept alive and made anew when lost;
+//! - [`epochs`]: the placement watch and the epoch protocol (joining, pausing, leaving, reporting
+//!   a failed group).
 //!
 //! [`start`] brings a worker up and returns a [`RunningWorker`]; [`run`] also waits for it.
 
-pub mod engine_thread;
+pub mod epochs;
 pub mod grpc;
-pub mod lifecycle;
+pub mod registration;
 pub mod stream;
 
 use std::net::SocketAddr;
@@ -20,21 +22,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moebius_coordinator::{Keys, LeaseId, TopologyStore, WorkerInfo};
+use moebius_coordinator::{Keys, TopologyStore, WorkerInfo};
 use moebius_proto::v1::worker_server::WorkerServer;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::CpuBackend;
-use crate::engine::LoadedModel;
+use crate::comm::DataListener;
+use crate::engine::{
+    EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
+};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-use engine_thread::{EngineHandle, Phase};
+use epochs::EpochFollower;
 use grpc::WorkerService;
-use lifecycle::EpochFollower;
+use registration::{Registered, Registration};
 
 /// How a worker runs. Defaults are what `moebius worker` uses without flags.
 #[derive(Debug, Clone)]
@@ -62,7 +67,8 @@ pub struct WorkerConfig {
     pub bf16_activations: bool,
     /// The registration lease's TTL; keep-alives go out at a third of it.
     pub lease_ttl: Duration,
-    /// Longest a collective waits for a peer before the group is declared failed.
+    /// Longest a collective waits for a peer before the group is declared failed (how fast a
+    /// hung peer is noticed; a step of the slowest rank must fit in it).
     pub data_timeout: Duration,
     /// Longest the data-plane mesh of a new epoch may take to connect.
     pub connect_timeout: Duration,
@@ -149,22 +155,24 @@ pub struct RunningWorker {
     data_addr: SocketAddr,
     id: String,
     store: Arc<dyn TopologyStore>,
-    lease: LeaseId,
+    registration: watch::Receiver<Option<Registered>>,
     service: WorkerService,
     engine: Arc<EngineHandle>,
     health: HealthReporter,
     shutdown: CancellationToken,
     drain_timeout: Duration,
     lease_ttl: Duration,
-    /// Stops the control tasks (watch, epochs, keep-alive).
+    /// Stops the registration task, so that a shutting-down worker does not register anew.
+    registration_stop: CancellationToken,
+    /// Stops the control tasks (placement watch, epochs).
     tasks_stop: CancellationToken,
     /// Stops the task that mirrors the engine's phase into the health service.
     health_stop: CancellationToken,
     /// Stops the gRPC server gracefully (no new connections, in-flight streams finish).
     server_stop: CancellationToken,
     server: AbortOnDropHandle<Result<()>>,
-    keep_alive: AbortOnDropHandle<Result<()>>,
-    watch: AbortOnDropHandle<Result<()>>,
+    registration_task: AbortOnDropHandle<()>,
+    watch: AbortOnDropHandle<()>,
     epochs: AbortOnDropHandle<Result<()>>,
     health_sync: AbortOnDropHandle<()>,
     /// Stops the engine thread when the worker is dropped, even while gRPC connections still
@@ -180,7 +188,8 @@ impl Drop for EngineStopGuard {
     }
 }
 
-/// Starts a worker and runs it until `shutdown` is cancelled or it fails (lease lost).
+/// Starts a worker and runs it until `shutdown` is cancelled (or its gRPC server fails). A
+/// lost lease or a failed EP group does not stop it: it rejoins.
 pub async fn run(
     config: WorkerConfig,
     store: Arc<dyn TopologyStore>,
@@ -210,12 +219,14 @@ pub async fn start(
         .await
         .map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
     let grpc_addr = local_addr(grpc_listener.local_addr(), config.listen)?;
-    let data_listener = std::net::TcpListener::bind(config.data_listen)
-        .map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", config.data_listen)))?;
-    let data_addr = local_addr(data_listener.local_addr(), config.data_listen)?;
+    let data = Arc::new(DataListener::bind(config.data_listen)?);
+    let data_addr = data.local_addr();
     tracing::info!(id = %config.id, %grpc_addr, %data_addr, "worker listening");
 
-    let engine = Arc::new(EngineHandle::spawn(config.token_budget)?);
+    let engine = Arc::new(EngineHandle::spawn(EngineOptions {
+        token_budget: config.token_budget,
+        on_group_failure: OnGroupFailure::Keep,
+    })?);
     let service = WorkerService::new(
         config.id.clone(),
         model.config.clone(),
@@ -231,19 +242,20 @@ pub async fn start(
         .map_err(|e| Error::Serve(format!("cannot build the reflection service: {e}")))?;
 
     let keys = Keys::new(&config.cluster);
-    let info = WorkerInfo {
-        id: config.id.clone(),
-        address: format!("{}:{}", config.advertise_host, grpc_addr.port()),
-        data_address: format!("{}:{}", config.advertise_host, data_addr.port()),
-        device: "cpu".into(),
-        capacity: config.capacity,
+    let registration = Registration {
+        store: store.clone(),
+        keys: keys.clone(),
+        info: WorkerInfo {
+            id: config.id.clone(),
+            address: format!("{}:{}", config.advertise_host, grpc_addr.port()),
+            data_address: format!("{}:{}", config.advertise_host, data_addr.port()),
+            device: "cpu".into(),
+            capacity: config.capacity,
+            incarnation: 0,
+        },
+        ttl: config.lease_ttl,
     };
-    let lease = store.grant_lease(config.lease_ttl).await?;
-    let value = serde_json::to_vec(&info)
-        .map_err(|e| Error::Serve(format!("cannot encode the worker info: {e}")))?;
-    store
-        .put(&keys.worker(&config.id), value, Some(lease))
-        .await?;
+    let first = registration.register().await?;
 
     let tasks_stop = CancellationToken::new();
     let server_stop = CancellationToken::new();
@@ -263,31 +275,29 @@ pub async fn start(
                 .map_err(|e| Error::Serve(format!("the gRPC server failed: {e}")))
         })
     };
-    let keep_alive = tokio::spawn(lifecycle::keep_alive(
-        store.clone(),
-        lease,
-        config.lease_ttl,
-        tasks_stop.clone(),
-    ));
+    let registration_stop = CancellationToken::new();
+    let (registered_tx, registered) = watch::channel(Some(first.clone()));
+    let (renew_tx, renew_rx) = mpsc::unbounded_channel();
+    let registration_task =
+        tokio::spawn(registration.hold(first, registered_tx, renew_rx, registration_stop.clone()));
     let (records_tx, records_rx) = watch::channel(None);
-    let watch = tokio::spawn(lifecycle::watch_placement(
+    let watch = tokio::spawn(epochs::watch_placement(
         store.clone(),
         keys.clone(),
         records_tx,
         tasks_stop.clone(),
     ));
     let follower = EpochFollower {
-        id: config.id.clone(),
         keys,
         store: store.clone(),
-        lease,
         model,
-        data_listener,
+        data,
         engine: engine.clone(),
         connect_timeout: config.connect_timeout,
         data_timeout: config.data_timeout,
+        renew: renew_tx,
     };
-    let epochs = tokio::spawn(follower.run(records_rx, tasks_stop.clone()));
+    let epochs = tokio::spawn(follower.run(records_rx, registered.clone(), tasks_stop.clone()));
     let health_stop = CancellationToken::new();
     let health_sync = tokio::spawn(sync_health(
         engine.status(),
@@ -300,18 +310,19 @@ pub async fn start(
         data_addr,
         id: config.id,
         store,
-        lease,
+        registration: registered,
         service,
         engine,
         health,
         shutdown,
         drain_timeout: config.drain_timeout,
         lease_ttl: config.lease_ttl,
+        registration_stop,
         tasks_stop,
         health_stop,
         server_stop,
         server: AbortOnDropHandle::new(server),
-        keep_alive: AbortOnDropHandle::new(keep_alive),
+        registration_task: AbortOnDropHandle::new(registration_task),
         watch: AbortOnDropHandle::new(watch),
         epochs: AbortOnDropHandle::new(epochs),
         health_sync: AbortOnDropHandle::new(health_sync),
@@ -331,20 +342,22 @@ impl RunningWorker {
     }
 
     /// Serves until the shutdown token is cancelled (then shuts down in phases and returns
-    /// `Ok`) or a critical task fails (the lease is lost, the server dies: in-flight requests
-    /// end with UNAVAILABLE and the error is returned).
+    /// `Ok`) or a critical task fails (the server dies: in-flight requests end with UNAVAILABLE
+    /// and the error is returned).
     pub async fn wait(mut self) -> Result<()> {
         let failure = tokio::select! {
             () = self.shutdown.cancelled() => None,
-            r = &mut self.keep_alive => Some(joined(r).err().unwrap_or_else(|| {
-                Error::Serve("the lease keep-alive stopped".into())
-            })),
             r = &mut self.server => Some(joined(r).err().unwrap_or_else(|| {
                 Error::Serve("the gRPC server stopped".into())
             })),
-            r = &mut self.watch => Some(joined(r).err().unwrap_or_else(|| {
-                Error::Serve("the placement watch stopped".into())
-            })),
+            r = &mut self.registration_task => Some(match r {
+                Ok(()) => Error::Serve("the registration task stopped".into()),
+                Err(e) => Error::Serve(format!("the registration task panicked: {e}")),
+            }),
+            r = &mut self.watch => Some(match r {
+                Ok(()) => Error::Serve("the placement watch stopped".into()),
+                Err(e) => Error::Serve(format!("the placement watch panicked: {e}")),
+            }),
             r = &mut self.epochs => Some(joined(r).err().unwrap_or_else(|| {
                 Error::Serve("the epoch follower stopped".into())
             })),
@@ -362,8 +375,8 @@ impl RunningWorker {
         }
     }
 
-    /// Phased shutdown: stop accepting, drain (bounded), revoke the lease, let the group pause
-    /// without this rank (bounded), stop the engine.
+    /// Phased shutdown: stop accepting, drain (bounded), revoke the lease, let the group form
+    /// an epoch without this rank (bounded), stop the engine.
     async fn shut_down(mut self) {
         tracing::info!(id = %self.id, in_flight = self.service.in_flight(), "shutting down");
         self.service.stop_accepting();
@@ -382,6 +395,7 @@ impl RunningWorker {
             let _ = self
                 .engine
                 .detach("the worker is shutting down".into())
+                .wait()
                 .await;
             if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
                 .await
@@ -390,11 +404,9 @@ impl RunningWorker {
                 self.server.abort();
             }
         }
-        if let Err(e) = self.store.revoke_lease(self.lease).await {
-            tracing::warn!(error = %e, "cannot revoke the lease; it expires on its own");
-        }
+        self.revoke().await;
         // Give the coordinator one TTL to form an epoch without this worker, so that the rest
-        // of the group pauses cleanly instead of failing on a vanished peer.
+        // of the group moves on cleanly instead of failing on a vanished peer.
         let mut status = self.engine.status();
         let _ = tokio::time::timeout(
             self.lease_ttl,
@@ -404,13 +416,24 @@ impl RunningWorker {
         self.finish().await;
     }
 
+    /// Stops registering and gives the lease up (its keys go with it).
+    async fn revoke(&self) {
+        self.registration_stop.cancel();
+        let lease = self.registration.borrow().as_ref().map(|r| r.lease);
+        if let Some(lease) = lease {
+            if let Err(e) = self.store.revoke_lease(lease).await {
+                tracing::warn!(error = %e, "cannot revoke the lease; it expires on its own");
+            }
+        }
+    }
+
     /// Stops serving after a critical failure.
     async fn fail(mut self, error: &Error) {
         self.service.stop_accepting();
         self.health_stop.cancel();
         set_health(&self.health, false).await;
         let reason = format!("worker stopped serving: {error}");
-        let _ = tokio::time::timeout(self.drain_timeout, self.engine.detach(reason)).await;
+        let _ = tokio::time::timeout(self.drain_timeout, self.engine.detach(reason).wait()).await;
         self.server_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
             .await
@@ -418,21 +441,23 @@ impl RunningWorker {
         {
             self.server.abort();
         }
-        let _ = self.store.revoke_lease(self.lease).await;
+        self.revoke().await;
         self.finish().await;
     }
 
     async fn finish(self) {
+        self.registration_stop.cancel();
         self.tasks_stop.cancel();
-        for (name, task) in [
-            ("keep-alive", self.keep_alive),
-            ("placement watch", self.watch),
-            ("epoch follower", self.epochs),
-        ] {
-            if !task.is_finished() {
-                if let Err(e) = joined(task.await) {
-                    tracing::warn!(task = name, error = %e, "task ended with an error");
-                }
+        // A task that ended already was awaited by `wait`; awaiting it again would panic.
+        if !self.registration_task.is_finished() {
+            let _ = self.registration_task.await;
+        }
+        if !self.watch.is_finished() {
+            let _ = self.watch.await;
+        }
+        if !self.epochs.is_finished() {
+            if let Err(e) = joined(self.epochs.await) {
+                tracing::warn!(error = %e, "the epoch follower ended with an error");
             }
         }
         let _ = self.health_sync.await;
@@ -455,7 +480,7 @@ fn local_addr(addr: std::io::Result<SocketAddr>, asked: SocketAddr) -> Result<So
 
 /// SERVING while the engine steps in an active epoch, NOT_SERVING otherwise.
 async fn sync_health(
-    mut status: watch::Receiver<engine_thread::EngineStatus>,
+    mut status: watch::Receiver<EngineStatus>,
     health: HealthReporter,
     stop: CancellationToken,
 ) {

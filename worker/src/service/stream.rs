@@ -1,8 +1,10 @@
 //! One `Worker.Generate` response stream: engine events in, `GenerateResponse` messages out,
 //! with incremental detokenisation, stop strings, the client's deadline, and cancellation of
-//! the sequence when the client goes away (the stream is dropped).
+//! the sequence when the client goes away (the stream, and with it the receiver the engine
+//! sends to, is dropped). A resubmitted request's stream starts from what its client already
+//! has: the earlier tokens count in the usage and in the text a stop string is looked for in.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream, StreamExt};
@@ -16,9 +18,8 @@ use crate::service::grpc::status_from_error;
 use crate::tokenizer::Tokenizer;
 
 /// Holds one admitted request's place: dropping it (the stream ended, or the client left)
-/// cancels the sequence and frees its admission slot.
+/// frees its admission slot.
 pub struct Admission {
-    pub cancel: Arc<AtomicBool>,
     in_flight: Arc<AtomicU32>,
 }
 
@@ -31,7 +32,6 @@ impl Admission {
             })
             .ok()?;
         Some(Self {
-            cancel: Arc::new(AtomicBool::new(false)),
             in_flight: in_flight.clone(),
         })
     }
@@ -39,7 +39,6 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -53,11 +52,16 @@ pub struct StreamSpec {
     pub stop: Vec<String>,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub deadline: Option<(Instant, std::time::Duration)>,
+    /// Tokens the client of a resubmitted request already has (empty for a new request).
+    pub generated: Vec<u32>,
+    /// Text the client of a resubmitted request already has.
+    pub sent_text: String,
 }
 
 struct State {
     events: UnboundedReceiver<SequenceEvent>,
-    admission: Admission,
+    /// Held for its `Drop`: the request's admission slot is free when the stream ends.
+    _admission: Admission,
     spec: StreamSpec,
     generated: Vec<u32>,
     /// Text already sent; always a prefix of the decoded text so far (when decoding is
@@ -70,14 +74,14 @@ struct State {
 pub fn response_stream(
     events: UnboundedReceiver<SequenceEvent>,
     admission: Admission,
-    spec: StreamSpec,
+    mut spec: StreamSpec,
 ) -> BoxStream<'static, Result<pb::GenerateResponse, tonic::Status>> {
     let state = State {
         events,
-        admission,
+        _admission: admission,
+        generated: std::mem::take(&mut spec.generated),
+        sent: std::mem::take(&mut spec.sent_text),
         spec,
-        generated: Vec::new(),
-        sent: String::new(),
         done: false,
     };
     stream::unfold(state, |mut state| async move {
@@ -97,7 +101,8 @@ impl State {
                 e = self.events.recv() => e,
                 () = tokio::time::sleep_until(at) => {
                     self.done = true;
-                    self.admission.cancel.store(true, Ordering::Relaxed);
+                    // The engine drops the sequence before its next step.
+                    self.events.close();
                     return Err(status_from_error(Error::DeadlineExceeded(after)));
                 }
             },
@@ -169,7 +174,7 @@ impl State {
         if let Some(finish) = finish {
             self.done = true;
             // The engine may still hold the sequence (a stop string): free it now.
-            self.admission.cancel.store(true, Ordering::Relaxed);
+            self.events.close();
             out.finish_reason = finish_reason(finish) as i32;
             out.usage = Some(pb::Usage {
                 prompt_tokens: self.spec.prompt_tokens as u32,
@@ -264,9 +269,7 @@ mod tests {
         let a = Admission::try_new(&n, 2).expect("first");
         let b = Admission::try_new(&n, 2).expect("second");
         assert!(Admission::try_new(&n, 2).is_none());
-        let cancel = a.cancel.clone();
         drop(a);
-        assert!(cancel.load(Ordering::Relaxed));
         assert!(Admission::try_new(&n, 2).is_some());
         drop(b);
         assert_eq!(n.load(Ordering::Relaxed), 0);

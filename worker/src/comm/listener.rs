@@ -1,0 +1,781 @@
+//! A worker's data-plane listener, and forming an epoch's full mesh with it.
+//!
+//! The listener accepts connections for as long as the worker lives. Each new connection gets a
+//! short-lived thread that reads its [`Hello`] (bounded in time and size; at most
+//! `MAX_HANDSHAKES` at once, more are closed at once) and then parks it in a *lobby*, by the
+//! epoch the hello names. Forming the mesh of epoch `n` as rank `r` dials every rank below `r`
+//! and claims the connections of the ranks above `r` from the lobby. So no connection can block
+//! or poison a formation: junk and silence are closed, a hello for an epoch this worker has left
+//! behind is answered `Stale`, one for an epoch it has not reached yet waits in the lobby for
+//! it, and one that does not fit the epoch (wrong world size, rank or worker id) is answered
+//! `Rejected` without disturbing the real peers. When two connections claim one rank, the later
+//! wins: a real peer that retries replaces its own dead attempt.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::frame::{self, Hello, Verdict, HELLO_FIXED, REPLY_LEN};
+use super::TcpComm;
+use crate::error::{Error, Result};
+
+/// How long an accepted connection may take to send its whole hello.
+const HELLO_WAIT: Duration = Duration::from_secs(2);
+/// Most connections whose hello is being read at once; more are closed on arrival.
+const MAX_HANDSHAKES: usize = 32;
+/// Most connections parked in the lobby; the oldest go first.
+const MAX_PARKED: usize = 64;
+/// A parked connection nobody claimed within this is closed.
+const PARK_LIMIT: Duration = Duration::from_secs(60);
+/// Pause between dial attempts.
+const DIAL_RETRY: Duration = Duration::from_millis(20);
+/// How long a reply to a refused hello may take to write.
+const REPLY_WRITE: Duration = Duration::from_millis(200);
+
+/// One rank's view of an epoch's group, enough to form its mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    pub epoch: u64,
+    pub rank: usize,
+    /// The worker id of every rank, in rank order; each dialer's hello must name its own.
+    pub ids: Vec<String>,
+    /// The data-plane address of every rank, in rank order.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A data-plane listener that accepts for the life of its worker; dropping it stops accepting.
+pub struct DataListener {
+    addr: SocketAddr,
+    lobby: Arc<Lobby>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DataListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataListener")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection whose hello was read, waiting to be claimed by a formation.
+struct Parked {
+    hello: Hello,
+    stream: TcpStream,
+    from: SocketAddr,
+    at: Instant,
+}
+
+struct Lobby {
+    state: Mutex<LobbyState>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct LobbyState {
+    /// Hellos for epochs below this are stale: this worker has formed, or given up on, a later
+    /// epoch.
+    floor: u64,
+    parked: VecDeque<Parked>,
+    /// Connections whose hello is being read now.
+    handshakes: usize,
+}
+
+impl Lobby {
+    fn lock(&self) -> MutexGuard<'_, LobbyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a new connection: reads its hello on a thread of its own, then parks it.
+    fn admit(self: &Arc<Self>, stream: TcpStream, from: SocketAddr) {
+        {
+            let mut state = self.lock();
+            if state.handshakes >= MAX_HANDSHAKES {
+                tracing::warn!(%from, "too many data-plane connections saying hello at once; closed one");
+                return;
+            }
+            state.handshakes += 1;
+        }
+        let lobby = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("moebius-hello".into())
+            .spawn(move || {
+                let hello = read_hello(&stream, Instant::now() + HELLO_WAIT);
+                lobby.park(hello, stream, from);
+            });
+        if spawned.is_err() {
+            self.lock().handshakes -= 1;
+        }
+    }
+
+    fn park(&self, hello: Option<Hello>, stream: TcpStream, from: SocketAddr) {
+        let mut refused = Vec::new();
+        {
+            let mut state = self.lock();
+            state.handshakes -= 1;
+            let Some(hello) = hello else {
+                tracing::warn!(%from, "closed a data-plane connection that sent no Moebius hello");
+                return;
+            };
+            if hello.epoch < state.floor {
+                refused.push((stream, hello, Verdict::Stale));
+            } else {
+                state.parked.push_back(Parked {
+                    hello,
+                    stream,
+                    from,
+                    at: Instant::now(),
+                });
+                while state.parked.len() > MAX_PARKED {
+                    state.parked.pop_front();
+                }
+                self.arrived.notify_all();
+            }
+        }
+        refuse(refused);
+    }
+
+    /// Marks every epoch below `epoch` stale, answering the connections parked for them.
+    fn raise_floor(&self, epoch: u64) {
+        let stale = {
+            let mut state = self.lock();
+            state.floor = state.floor.max(epoch);
+            let floor = state.floor;
+            let (stale, keep) = std::mem::take(&mut state.parked)
+                .into_iter()
+                .partition::<VecDeque<_>, _>(|p| p.hello.epoch < floor);
+            state.parked = keep;
+            stale
+        };
+        refuse(
+            stale
+                .into_iter()
+                .map(|p| (p.stream, p.hello, Verdict::Stale))
+                .collect(),
+        );
+    }
+
+    /// The parked connections for `epoch`, waiting up to `wait` for one to arrive.
+    fn take(&self, epoch: u64, wait: Duration) -> Vec<Parked> {
+        let mut state = self.lock();
+        if !state.parked.iter().any(|p| p.hello.epoch == epoch) {
+            state = self
+                .arrived
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let now = Instant::now();
+        state
+            .parked
+            .retain(|p| now.duration_since(p.at) < PARK_LIMIT);
+        let (mine, rest) = std::mem::take(&mut state.parked)
+            .into_iter()
+            .partition::<VecDeque<_>, _>(|p| p.hello.epoch == epoch);
+        state.parked = rest;
+        mine.into()
+    }
+}
+
+/// Answers refused hellos (outside the lobby's lock) and closes their connections.
+fn refuse(refused: Vec<(TcpStream, Hello, Verdict)>) {
+    for (mut stream, hello, verdict) in refused {
+        let _ = stream.set_write_timeout(Some(REPLY_WRITE));
+        let _ = stream.write_all(&frame::encode_reply(hello.epoch, 0, 0, verdict));
+    }
+}
+
+impl DataListener {
+    /// Binds `addr` (port 0: any free port) and starts accepting.
+    pub fn bind(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| Error::Serve(format!("cannot listen on {addr}: {e}")))?;
+        Self::from_listener(listener)
+    }
+
+    /// Starts accepting on a bound listener.
+    pub fn from_listener(listener: TcpListener) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Serve(format!("cannot read the data-plane address: {e}")))?;
+        let lobby = Arc::new(Lobby {
+            state: Mutex::new(LobbyState::default()),
+            arrived: Condvar::new(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let (lobby, stop) = (Arc::clone(&lobby), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("moebius-data-accept".into())
+                .spawn(move || accept_loop(&listener, &lobby, &stop))
+                .map_err(|e| Error::Serve(format!("cannot start the data-plane acceptor: {e}")))?
+        };
+        Ok(Self {
+            addr,
+            lobby,
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Forms this rank's full mesh of `spec.epoch`: dials every rank below `spec.rank` (retrying
+    /// while a peer is not there yet) and claims a connection from every rank above it, until
+    /// all are connected, `timeout` passes, or `abort` is set. A failure names the ranks that
+    /// could not be connected ([`Error::PeerFailed`]), or says that a peer has moved on to a
+    /// newer epoch ([`Error::Comm`]).
+    pub fn form(&self, spec: &GroupSpec, timeout: Duration, abort: &AtomicBool) -> Result<TcpComm> {
+        let world = spec.addrs.len();
+        if spec.rank >= world || spec.ids.len() != world {
+            return Err(Error::Comm(format!(
+                "rank {} is outside a group of {world} addresses and {} ids",
+                spec.rank,
+                spec.ids.len()
+            )));
+        }
+        let (Ok(rank32), Ok(world32)) = (u32::try_from(spec.rank), u32::try_from(world)) else {
+            return Err(Error::Comm(format!(
+                "a group of {world} ranks is too large"
+            )));
+        };
+        self.lobby.raise_floor(spec.epoch);
+        let hello = Hello {
+            epoch: spec.epoch,
+            rank: rank32,
+            world: world32,
+            id: spec.ids[spec.rank].clone(),
+        };
+        let deadline = Instant::now() + timeout;
+        let failed = AtomicBool::new(false);
+        let stop = || abort.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+        let (dialed, accepted) = std::thread::scope(|s| {
+            let dials: Vec<_> = (0..spec.rank)
+                .map(|peer| {
+                    let (hello, failed, stop) = (&hello, &failed, &stop);
+                    s.spawn(move || {
+                        let r = dial(hello, peer, spec.addrs[peer], deadline, stop);
+                        if matches!(r, Err(Dial::Fatal(_))) {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            let accepted = self.claim(spec, deadline, &stop);
+            let dialed: Vec<_> = dials
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Dial::Fatal("a dial thread panicked".into())))
+                })
+                .collect();
+            (dialed, accepted)
+        });
+
+        let rank = spec.rank;
+        let mut peers = accepted;
+        let mut missing = Vec::new();
+        let mut why = Vec::new();
+        for (peer, result) in dialed.into_iter().enumerate() {
+            match result {
+                Ok(stream) => peers[peer] = Some(stream),
+                Err(Dial::Fatal(msg)) => {
+                    return Err(Error::Comm(format!(
+                        "rank {rank} of epoch {}: {msg}",
+                        spec.epoch
+                    )))
+                }
+                Err(Dial::Missing(last)) => {
+                    missing.push(peer);
+                    why.push(format!("rank {peer} at {} ({last})", spec.addrs[peer]));
+                }
+            }
+        }
+        for (peer, stream) in peers.iter().enumerate().skip(rank + 1) {
+            if stream.is_none() {
+                missing.push(peer);
+                why.push(format!("rank {peer} (never connected to us)"));
+            }
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(Error::Comm(format!(
+                "forming epoch {} was abandoned",
+                spec.epoch
+            )));
+        }
+        if !missing.is_empty() {
+            return Err(Error::PeerFailed {
+                peers: missing,
+                message: format!(
+                    "rank {rank}: the mesh of epoch {} is incomplete after {timeout:?}; no \
+                     connection with {}",
+                    spec.epoch,
+                    why.join(", ")
+                ),
+            });
+        }
+        tracing::debug!(rank, world, epoch = spec.epoch, "tcp mesh connected");
+        TcpComm::from_streams(rank, peers)
+    }
+
+    /// Claims one connection from every rank above ours from the lobby; the result is indexed
+    /// by rank, `None` where none came.
+    fn claim(
+        &self,
+        spec: &GroupSpec,
+        deadline: Instant,
+        stop: &impl Fn() -> bool,
+    ) -> Vec<Option<TcpStream>> {
+        let world = spec.addrs.len();
+        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut waiting = world - spec.rank - 1;
+        while waiting > 0 && !stop() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            for parked in self
+                .lobby
+                .take(spec.epoch, left.min(Duration::from_millis(50)))
+            {
+                let Parked {
+                    hello,
+                    mut stream,
+                    from,
+                    ..
+                } = parked;
+                let peer = hello.rank as usize;
+                let problem = if hello.world as usize != world {
+                    Some(format!(
+                        "it says the group has {} ranks, but it has {world}",
+                        hello.world
+                    ))
+                } else if peer <= spec.rank || peer >= world {
+                    Some(format!(
+                        "it says it is rank {peer}, but only ranks above {} dial this one",
+                        spec.rank
+                    ))
+                } else if hello.id != spec.ids[peer] {
+                    Some(format!(
+                        "it says it is worker {:?}, but rank {peer} is {:?}",
+                        hello.id, spec.ids[peer]
+                    ))
+                } else {
+                    None
+                };
+                let verdict = if problem.is_some() {
+                    Verdict::Rejected
+                } else {
+                    Verdict::Accepted
+                };
+                let reply =
+                    frame::encode_reply(spec.epoch, spec.rank as u32, world as u32, verdict);
+                let _ = stream.set_write_timeout(Some(REPLY_WRITE));
+                let sent = stream
+                    .write_all(&reply)
+                    .and_then(|()| stream.set_write_timeout(None));
+                if let Some(problem) = problem {
+                    tracing::warn!(%from, epoch = spec.epoch, "rejected a data-plane connection: {problem}");
+                    continue;
+                }
+                if sent.is_err() || stream.set_nodelay(true).is_err() {
+                    continue; // The dialer is gone already; it retries if it is a real peer.
+                }
+                if peers[peer].replace(stream).is_none() {
+                    waiting -= 1;
+                }
+            }
+        }
+        peers
+    }
+}
+
+impl Drop for DataListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, lobby: &Arc<Lobby>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                lobby.admit(stream, from);
+            }
+            Err(e) => {
+                // Transient (a connection reset before accept, out of descriptors): pause and
+                // keep accepting.
+                tracing::warn!(error = %e, "data-plane accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads a whole hello by `deadline`; `None` for anything else.
+fn read_hello(stream: &TcpStream, deadline: Instant) -> Option<Hello> {
+    let mut fixed = [0u8; HELLO_FIXED];
+    if !read_full(stream, &mut fixed, deadline, &|| false).ok()? {
+        return None;
+    }
+    let (epoch, rank, world, id_len) = Hello::decode_fixed(&fixed)?;
+    let mut id = vec![0u8; id_len];
+    if !read_full(stream, &mut id, deadline, &|| false).ok()? {
+        return None;
+    }
+    Some(Hello {
+        epoch,
+        rank,
+        world,
+        id: String::from_utf8(id).ok()?,
+    })
+}
+
+/// How a dial ended without a connection.
+enum Dial {
+    /// The peer refused us for good (another epoch, another group): the formation fails now.
+    Fatal(String),
+    /// No connection before the deadline; the string says what was last seen.
+    Missing(String),
+}
+
+/// Dials `peer` until it accepts our hello, refuses it, or `deadline` passes.
+fn dial(
+    hello: &Hello,
+    peer: usize,
+    addr: SocketAddr,
+    deadline: Instant,
+    stop: &impl Fn() -> bool,
+) -> std::result::Result<TcpStream, Dial> {
+    let mut last = String::from("not tried");
+    loop {
+        if stop() {
+            return Err(Dial::Missing("formation stopped".into()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Dial::Missing(last));
+        }
+        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))) {
+            Ok(stream) => match handshake(&stream, hello, peer, deadline, stop) {
+                Ok(()) => return Ok(stream),
+                Err(Dial::Fatal(msg)) => return Err(Dial::Fatal(msg)),
+                Err(Dial::Missing(why)) => last = why,
+            },
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(DIAL_RETRY.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// The dialer's half of the hello exchange on a fresh connection to `peer`.
+fn handshake(
+    mut stream: &TcpStream,
+    hello: &Hello,
+    peer: usize,
+    deadline: Instant,
+    stop: &impl Fn() -> bool,
+) -> std::result::Result<(), Dial> {
+    let io_err = |e: io::Error| Dial::Missing(format!("hello failed: {e}"));
+    stream.set_nodelay(true).map_err(io_err)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    stream
+        .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(io_err)?;
+    stream.write_all(&hello.encode()).map_err(io_err)?;
+    let mut reply = [0u8; REPLY_LEN];
+    match read_full(stream, &mut reply, deadline, stop) {
+        Ok(true) => {}
+        Ok(false) => return Err(Dial::Missing("no answer to our hello".into())),
+        Err(e) => return Err(io_err(e)),
+    }
+    let Some((epoch, their_rank, their_world, verdict)) = frame::decode_reply(&reply) else {
+        return Err(Dial::Fatal(format!(
+            "the address of rank {peer} answered, but not as a Moebius rank \
+             (wrong address, or a different Moebius version)"
+        )));
+    };
+    match verdict {
+        Verdict::Accepted => {}
+        Verdict::Stale => {
+            return Err(Dial::Fatal(format!(
+                "rank {peer} has moved past epoch {}",
+                hello.epoch
+            )))
+        }
+        Verdict::Rejected => {
+            return Err(Dial::Fatal(format!(
+                "rank {peer} rejected our hello for epoch {} (rank {}, {} ranks, worker {:?}); \
+                 every rank must be given the same record",
+                hello.epoch, hello.rank, hello.world, hello.id
+            )))
+        }
+    }
+    if epoch != hello.epoch || their_rank as usize != peer || their_world != hello.world {
+        return Err(Dial::Fatal(format!(
+            "the address of rank {peer} is held by rank {their_rank} of {their_world} in epoch \
+             {epoch}; every rank must be given the same record"
+        )));
+    }
+    stream.set_write_timeout(None).map_err(io_err)?;
+    stream.set_read_timeout(None).map_err(io_err)?;
+    Ok(())
+}
+
+/// Fills `buf` from a blocking stream, polling so that `deadline` and `stop` are honoured.
+/// `Ok(false)` if the peer closed the connection, the deadline passed or `stop` said so.
+fn read_full(
+    mut stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    stop: &impl Fn() -> bool,
+) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop() {
+            return Ok(false);
+        }
+        stream.set_read_timeout(Some(left.min(Duration::from_millis(100))))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Ok(false),
+            Ok(k) => filled += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.set_read_timeout(None)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::Communicator;
+
+    fn spec(epoch: u64, rank: usize, listeners: &[&DataListener]) -> GroupSpec {
+        GroupSpec {
+            epoch,
+            rank,
+            ids: (0..listeners.len()).map(|r| format!("w{r}")).collect(),
+            addrs: listeners.iter().map(|l| l.local_addr()).collect(),
+        }
+    }
+
+    fn bind() -> DataListener {
+        DataListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind")
+    }
+
+    /// Forms `epoch` on every listener at once and checks the mesh with one all-gather.
+    fn form_all(
+        listeners: &[&DataListener],
+        epoch: u64,
+        timeout: Duration,
+    ) -> Vec<Result<TcpComm>> {
+        let no = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..listeners.len())
+                .map(|r| {
+                    let spec = spec(epoch, r, listeners);
+                    let (l, no) = (listeners[r], &no);
+                    s.spawn(move || {
+                        let mut comm = l.form(&spec, timeout, no)?;
+                        let all = comm.all_gather(vec![r as u8])?;
+                        assert_eq!(
+                            all,
+                            (0..listeners.len())
+                                .map(|p| vec![p as u8])
+                                .collect::<Vec<_>>()
+                        );
+                        Ok(comm)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect()
+        })
+    }
+
+    fn hello(epoch: u64, rank: u32, world: u32, id: &str) -> Vec<u8> {
+        Hello {
+            epoch,
+            rank,
+            world,
+            id: id.into(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn junk_and_impostors_never_block_a_formation() {
+        let (l0, l1, l2) = (bind(), bind(), bind());
+        let ls = [&l0, &l1, &l2];
+        let mut junk = Vec::new();
+        for l in ls {
+            let addr = l.local_addr();
+            let mut send = |bytes: &[u8]| {
+                let mut s = TcpStream::connect(addr).expect("junk connects");
+                s.write_all(bytes).expect("junk writes");
+                junk.push(s);
+            };
+            send(b"GET / HTTP/1.0\r\n\r\n");
+            send(&[0xff; 300]);
+            send(&hello(5, 2, 3, "w2")[..10]); // truncated
+            send(&hello(5, 1, 7, "w1")); // wrong world size
+            send(&hello(5, 0, 3, "w0")); // a rank that never dials
+            send(&hello(5, 2, 3, "intruder")); // wrong worker id
+            send(&hello(4, 2, 3, "w2")); // an older epoch
+            junk.push(TcpStream::connect(addr).expect("silent connects")); // silence
+        }
+        let comms = form_all(&ls, 5, Duration::from_secs(10));
+        for c in comms {
+            c.expect("the mesh forms despite the junk");
+        }
+        // The next epoch forms too, and the stale junk of epoch 4 got its answer.
+        for c in form_all(&ls, 6, Duration::from_secs(10)) {
+            c.expect("the next epoch forms");
+        }
+    }
+
+    #[test]
+    fn a_peer_ahead_waits_in_the_lobby_and_a_peer_behind_is_told_stale() {
+        let (l0, l1) = (bind(), bind());
+        let ls = [&l0, &l1];
+        let no = AtomicBool::new(false);
+        // Rank 1 forms epoch 3 before rank 0 has heard of it: its hello waits in the lobby.
+        std::thread::scope(|s| {
+            let early = s.spawn(|| l1.form(&spec(3, 1, &ls), Duration::from_secs(10), &no));
+            std::thread::sleep(Duration::from_millis(200));
+            let late = l0.form(&spec(3, 0, &ls), Duration::from_secs(10), &no);
+            late.expect("rank 0 claims the early hello");
+            early.join().expect("thread").expect("rank 1 is accepted");
+        });
+        // Rank 1 is still at epoch 3 while rank 0 moved to epoch 4: rank 1 hears `Stale`.
+        std::thread::scope(|s| {
+            let ahead = s.spawn(|| l0.form(&spec(4, 0, &ls), Duration::from_millis(800), &no));
+            std::thread::sleep(Duration::from_millis(100));
+            let err = l1
+                .form(&spec(3, 1, &ls), Duration::from_secs(10), &no)
+                .err()
+                .expect("rank 0 is past epoch 3")
+                .to_string();
+            assert!(err.contains("moved past epoch 3"), "{err}");
+            let err = ahead
+                .join()
+                .expect("thread")
+                .err()
+                .expect("nobody dials epoch 4");
+            assert!(
+                matches!(err, Error::PeerFailed { ref peers, .. } if peers == &[1]),
+                "{err}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_flood_of_silent_connections_only_delays_a_formation() {
+        let (l0, l1) = (bind(), bind());
+        let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES + 8)
+            .map(|_| TcpStream::connect(l0.local_addr()).expect("connects"))
+            .collect();
+        for c in form_all(&[&l0, &l1], 1, Duration::from_secs(15)) {
+            c.expect("the mesh forms once the silent connections time out");
+        }
+        drop(silent);
+    }
+
+    #[test]
+    fn missing_peers_are_named_after_the_timeout() {
+        let (l0, l1, l2) = (bind(), bind(), bind());
+        let ls = [&l0, &l1, &l2];
+        let err = l0
+            .form(
+                &spec(1, 0, &ls),
+                Duration::from_millis(300),
+                &AtomicBool::new(false),
+            )
+            .err()
+            .expect("nobody dials rank 0");
+        match err {
+            Error::PeerFailed { peers, message } => {
+                assert_eq!(peers, vec![1, 2]);
+                assert!(message.contains("rank 1 (never"), "{message}");
+            }
+            other => panic!("expected PeerFailed, got {other}"),
+        }
+        // A dialer whose lower peer's address refuses connections.
+        let dead = bind();
+        let addrs = vec![dead.local_addr(), l1.local_addr()];
+        drop(dead);
+        let spec = GroupSpec {
+            epoch: 1,
+            rank: 1,
+            ids: vec!["w0".into(), "w1".into()],
+            addrs: addrs.clone(),
+        };
+        let err = l1
+            .form(&spec, Duration::from_millis(300), &AtomicBool::new(false))
+            .err()
+            .expect("rank 0 is not there")
+            .to_string();
+        assert!(err.contains(&format!("rank 0 at {}", addrs[0])), "{err}");
+    }
+
+    #[test]
+    fn a_world_size_mismatch_is_refused() {
+        let (l0, l1, l2) = (bind(), bind(), bind());
+        let no = AtomicBool::new(false);
+        let two = GroupSpec {
+            epoch: 1,
+            rank: 0,
+            ids: vec!["w0".into(), "w1".into()],
+            addrs: vec![l0.local_addr(), l1.local_addr()],
+        };
+        let three = GroupSpec {
+            epoch: 1,
+            rank: 1,
+            ids: vec!["w0".into(), "w1".into(), "w2".into()],
+            addrs: vec![l0.local_addr(), l1.local_addr(), l2.local_addr()],
+        };
+        let (r0, r1) = std::thread::scope(|s| {
+            let h0 = s.spawn(|| l0.form(&two, Duration::from_millis(800), &no));
+            let h1 = s.spawn(|| l1.form(&three, Duration::from_secs(10), &no));
+            (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+        });
+        let e1 = r1.err().expect("rank 1 is rejected").to_string();
+        assert!(e1.contains("rejected our hello"), "{e1}");
+        assert!(r0.is_err(), "rank 0 never gets a valid rank 1");
+    }
+}

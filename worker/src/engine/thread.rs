@@ -1,0 +1,518 @@
+//! The engine thread: the one lock-step loop that every rank runs — in `moebius generate`, the
+//! engine benchmark, the parity tests and the worker's service alike. One std thread owns the
+//! rank's [`RankEngine`] and its communicator, fed by [`Command`]s through an [`EngineHandle`].
+//!
+//! States: *detached* (no model: not in an epoch), *paused* (a model and the sequences, not
+//! stepping: an epoch change is under way, or the group failed and the rank waits for the next
+//! epoch) and *running*. Each iteration of a running rank is one agreement of the group (a
+//! collective: is anyone busy, does anyone want to pause) and, when someone is busy, one step;
+//! so every rank steps the same number of times and stops after the same step. An idle rank
+//! does not poll: it sleeps on a [`Doorbell`] that its commands and its peers' messages ring,
+//! and enters the next agreement only when it has work or a peer has entered it.
+//!
+//! When a collective fails (a peer died, hung, or closed its connection) the rank leaves the
+//! group at once: it drops its communicator (which tells the peers whom it blames), keeps its
+//! sequences with their KV caches as they were before the failed step, publishes the failure,
+//! and waits for the next epoch ([`OnGroupFailure::Keep`]); or ends every sequence with the
+//! error, when nobody will form a next epoch ([`OnGroupFailure::Fail`]).
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::backend::CpuBackend;
+use crate::comm::{Communicator, Doorbell};
+use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
+use crate::engine::request::GenerateRequest;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// Longest an idle or paused rank sleeps before it looks at its cancelled sequences again.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// What the engine thread is doing, as the gRPC side and the health check see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// No model: requests are refused.
+    #[default]
+    Detached,
+    /// A model and sequences, not stepping (an epoch change is under way, or the group failed
+    /// and the next epoch is being formed); requests wait.
+    Paused,
+    /// Stepping in lock-step with the group.
+    Running,
+}
+
+/// The last failure of this rank's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFailure {
+    /// The epoch whose group failed.
+    pub epoch: u64,
+    /// The ranks the failure is blamed on (empty when no culprit could be told).
+    pub ranks: Vec<usize>,
+    pub message: String,
+    /// Failures of this engine so far, so that two failures in a row are told apart.
+    pub count: u64,
+}
+
+/// Counters and placement of the engine, published after every iteration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStatus {
+    pub phase: Phase,
+    /// Epoch of the installed model and data plane; 0 before the first.
+    pub epoch: u64,
+    pub rank: u32,
+    /// Sequences the rank holds (prefilling or decoding).
+    pub active: usize,
+    /// Summed over every engine this thread has had (a detach starts a new one).
+    pub stats: RankStats,
+    pub expert_slots: Vec<u32>,
+    pub expert_bytes: u64,
+    /// Set when the group failed, until the next installation.
+    pub failure: Option<GroupFailure>,
+}
+
+/// What the loop does to its sequences when its group fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnGroupFailure {
+    /// Keep them, with their caches, for the next epoch (a worker under a coordinator).
+    Keep,
+    /// End them with the error (a group nobody re-forms: `run_group`, benchmarks).
+    Fail,
+}
+
+/// How an engine thread runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Most prompt tokens prefilled per step.
+    pub token_budget: usize,
+    pub on_group_failure: OnGroupFailure,
+}
+
+/// One epoch's model and data plane for this rank.
+pub struct Installation {
+    pub epoch: u64,
+    pub rank: usize,
+    pub model: Model<CpuBackend>,
+    pub comm: Box<dyn Communicator>,
+    pub expert_slots: Vec<u32>,
+}
+
+/// Messages to the engine thread.
+enum Command {
+    Submit(Submission),
+    /// Swap in a new epoch's model and data plane; only while not running.
+    Install(Box<Installation>, oneshot::Sender<Result<()>>),
+    /// Step again in `epoch` (ignored unless that epoch is installed).
+    Resume(u64),
+    /// Stop stepping after the current step, agreed with the group; answered when paused.
+    Pause(oneshot::Sender<()>),
+    /// Leave the group now, without agreeing (the group lost a member); keep the sequences.
+    Abandon(oneshot::Sender<()>),
+    /// Leave the group now, end every sequence with UNAVAILABLE `reason`, drop the model.
+    Detach(String, oneshot::Sender<()>),
+    Stop,
+}
+
+/// An answer the engine thread will give.
+pub struct Reply<T>(oneshot::Receiver<T>);
+
+impl<T> Reply<T> {
+    /// Waits for the answer; fails when the engine thread stopped first.
+    pub async fn wait(self) -> Result<T> {
+        self.0.await.map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("the engine thread has stopped".into())
+}
+
+/// The handle the rest of the worker holds; the thread ends when [`EngineHandle::stop`] is
+/// called or the handle is dropped.
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    bell: Doorbell,
+    status: watch::Receiver<EngineStatus>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineHandle {
+    /// Starts the thread, detached (no epoch yet).
+    pub fn spawn(options: EngineOptions) -> Result<Self> {
+        let (commands, inbox) = mpsc::channel();
+        let (status_tx, status) = watch::channel(EngineStatus::default());
+        let bell = Doorbell::default();
+        let engine_loop = EngineLoop::new(inbox, bell.clone(), status_tx, options);
+        let thread = std::thread::Builder::new()
+            .name("moebius-engine".into())
+            .spawn(move || engine_loop.run())
+            .map_err(|e| Error::Serve(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            commands,
+            bell,
+            status,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The engine's published status.
+    pub fn status(&self) -> watch::Receiver<EngineStatus> {
+        self.status.clone()
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands.send(command).map_err(|_| stopped())?;
+        self.bell.ring();
+        Ok(())
+    }
+
+    fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Reply<T> {
+        let (tx, rx) = oneshot::channel();
+        // A thread that has stopped drops `tx`, and the reply says so.
+        let _ = self.send(command(tx));
+        Reply(rx)
+    }
+
+    /// Hands a request to the engine; it is checked there, and its tokens (or the error that
+    /// ends it) go to `events`.
+    pub fn submit(&self, request: GenerateRequest, events: Box<dyn EventSink>) -> Result<()> {
+        self.send(Command::Submit(Submission { request, events }))
+    }
+
+    /// Installs a new epoch's model and data plane (pause or abandon first); the sequences
+    /// stay.
+    pub fn install(&self, installation: Installation) -> Reply<Result<()>> {
+        self.ask(|tx| Command::Install(Box::new(installation), tx))
+    }
+
+    /// Lets the group step again in `epoch`.
+    pub fn resume(&self, epoch: u64) -> Result<()> {
+        self.send(Command::Resume(epoch))
+    }
+
+    /// Stops the group stepping after its current step; answered once this rank has stopped.
+    pub fn pause(&self) -> Reply<()> {
+        self.ask(Command::Pause)
+    }
+
+    /// Leaves the group without agreeing (it lost a member); the sequences stay.
+    pub fn abandon(&self) -> Reply<()> {
+        self.ask(Command::Abandon)
+    }
+
+    /// Leaves the group and ends every sequence with UNAVAILABLE `reason`.
+    pub fn detach(&self, reason: String) -> Reply<()> {
+        self.ask(|tx| Command::Detach(reason, tx))
+    }
+
+    /// Asks the thread to fail every sequence and end, without waiting for it.
+    pub fn request_stop(&self) {
+        // A thread that already ended has nothing to stop.
+        let _ = self.send(Command::Stop);
+    }
+
+    /// Fails every sequence and ends the thread; blocks until it has ended (at most one step
+    /// or one data-plane timeout), so call it from a blocking context.
+    pub fn stop(&self) {
+        self.request_stop();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.request_stop();
+    }
+}
+
+struct EngineLoop {
+    inbox: Receiver<Command>,
+    bell: Doorbell,
+    status: watch::Sender<EngineStatus>,
+    options: EngineOptions,
+    engine: Option<RankEngine<CpuBackend>>,
+    comm: Option<Box<dyn Communicator>>,
+    epoch: u64,
+    rank: usize,
+    expert_slots: Vec<u32>,
+    /// Bytes of the installed experts, counted once per installation.
+    expert_bytes: u64,
+    running: bool,
+    /// Stats of engines that were dropped (after a detach), so counters never go back.
+    past: RankStats,
+    /// Answered when the group has paused.
+    pause_waiters: Vec<oneshot::Sender<()>>,
+    failure: Option<GroupFailure>,
+    failures: u64,
+    stopping: bool,
+}
+
+impl EngineLoop {
+    fn new(
+        inbox: Receiver<Command>,
+        bell: Doorbell,
+        status: watch::Sender<EngineStatus>,
+        options: EngineOptions,
+    ) -> Self {
+        Self {
+            inbox,
+            bell,
+            status,
+            options,
+            engine: None,
+            comm: None,
+            epoch: 0,
+            rank: 0,
+            expert_slots: Vec::new(),
+            expert_bytes: 0,
+            running: false,
+            past: RankStats::default(),
+            pause_waiters: Vec::new(),
+            failure: None,
+            failures: 0,
+            stopping: false,
+        }
+    }
+
+    fn run(mut self) {
+        while !self.stopping {
+            self.drain_commands();
+            if self.stopping {
+                break;
+            }
+            if let Some(engine) = &mut self.engine {
+                engine.drop_cancelled();
+            }
+            if self.running {
+                self.iterate();
+            } else {
+                self.bell.wait(IDLE_WAIT);
+            }
+            self.publish();
+        }
+        let sequences = self.engine.as_ref().map_or(0, RankEngine::active);
+        self.comm = None;
+        self.drop_engine("the worker is shutting down");
+        self.running = false;
+        self.publish();
+        tracing::info!(sequences, "engine thread stopped");
+    }
+
+    /// One agreement of the group and, when anyone is busy, one step.
+    fn iterate(&mut self) {
+        let (Some(engine), Some(comm)) = (&mut self.engine, &mut self.comm) else {
+            self.running = false;
+            return;
+        };
+        let pause = !self.pause_waiters.is_empty();
+        let busy = engine.active() > 0;
+        if !busy && !pause && !comm.has_incoming() {
+            // Idle: sleep until there is work or a peer enters the next agreement.
+            self.bell.wait(IDLE_WAIT);
+            return;
+        }
+        let agreed = agree(&mut **comm, busy, pause).and_then(|(busy, pause)| {
+            if busy && !pause {
+                engine.step(&mut **comm)?;
+            }
+            Ok(pause)
+        });
+        match agreed {
+            Err(e) => self.group_failed(e),
+            Ok(true) => self.paused(),
+            Ok(false) => {}
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.inbox.try_recv() {
+                Ok(command) => self.handle(command),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(mut submission) => match &mut self.engine {
+                Some(engine) => engine.submit(submission),
+                None => {
+                    submission.events.send(Err(not_in_epoch()));
+                }
+            },
+            Command::Install(installation, ack) => {
+                let _ = ack.send(self.install(*installation));
+            }
+            Command::Resume(epoch) => {
+                if self.engine.is_some() && self.comm.is_some() && epoch == self.epoch {
+                    if !self.running {
+                        tracing::info!(epoch, rank = self.rank, "stepping in the epoch");
+                    }
+                    self.running = true;
+                } else {
+                    tracing::warn!(
+                        epoch,
+                        installed = self.epoch,
+                        "resume for an epoch that is not installed; ignored"
+                    );
+                }
+            }
+            Command::Pause(ack) => {
+                if self.running {
+                    self.pause_waiters.push(ack);
+                } else {
+                    let _ = ack.send(());
+                }
+            }
+            Command::Abandon(ack) => {
+                self.leave_group();
+                let _ = ack.send(());
+            }
+            Command::Detach(reason, ack) => {
+                self.leave_group();
+                self.drop_engine(&reason);
+                let _ = ack.send(());
+            }
+            Command::Stop => self.stopping = true,
+        }
+    }
+
+    fn install(&mut self, installation: Installation) -> Result<()> {
+        if self.running {
+            return Err(Error::Comm(
+                "cannot install a new epoch while the group is stepping; pause first".into(),
+            ));
+        }
+        let Installation {
+            epoch,
+            rank,
+            model,
+            mut comm,
+            expert_slots,
+        } = installation;
+        match &mut self.engine {
+            Some(engine) => engine.reconfigure(model)?,
+            None => self.engine = Some(RankEngine::new(model, self.options.token_budget)),
+        }
+        comm.set_doorbell(self.bell.clone());
+        self.expert_bytes = model_expert_bytes(self.engine.as_ref());
+        self.comm = Some(comm);
+        self.epoch = epoch;
+        self.rank = rank;
+        self.expert_slots = expert_slots;
+        self.failure = None;
+        self.publish();
+        Ok(())
+    }
+
+    /// Stops stepping and drops the data plane (the peers see it close); sequences stay.
+    fn leave_group(&mut self) {
+        self.comm = None;
+        self.paused();
+    }
+
+    /// The group stopped stepping: answer whoever asked for a pause.
+    fn paused(&mut self) {
+        self.running = false;
+        for ack in self.pause_waiters.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+
+    fn drop_engine(&mut self, reason: &str) {
+        if let Some(mut engine) = self.engine.take() {
+            engine.fail_all(|| Error::Unavailable(reason.to_string()));
+            self.past.add(engine.stats());
+        }
+        self.expert_slots.clear();
+        self.expert_bytes = 0;
+    }
+
+    /// A collective failed: leave the group, keep (or fail) the sequences, publish why.
+    fn group_failed(&mut self, error: Error) {
+        let ranks = match &error {
+            Error::PeerFailed { peers, .. } => peers.clone(),
+            _ => Vec::new(),
+        };
+        tracing::warn!(epoch = self.epoch, rank = self.rank, blamed = ?ranks, %error,
+            "EP group failed; leaving it");
+        self.failures += 1;
+        self.failure = Some(GroupFailure {
+            epoch: self.epoch,
+            ranks,
+            message: error.to_string(),
+            count: self.failures,
+        });
+        if self.options.on_group_failure == OnGroupFailure::Fail {
+            let reason = format!("the EP group of epoch {} failed ({error})", self.epoch);
+            if let Some(engine) = &mut self.engine {
+                engine.fail_all(|| Error::Unavailable(reason.clone()));
+            }
+        }
+        self.leave_group();
+    }
+
+    fn publish(&self) {
+        let mut stats = self.past.clone();
+        if let Some(engine) = &self.engine {
+            stats.add(engine.stats());
+        }
+        let next = EngineStatus {
+            phase: match (&self.engine, self.running) {
+                (None, _) => Phase::Detached,
+                (Some(_), false) => Phase::Paused,
+                (Some(_), true) => Phase::Running,
+            },
+            epoch: self.epoch,
+            rank: self.rank as u32,
+            active: self.engine.as_ref().map_or(0, RankEngine::active),
+            stats,
+            expert_slots: self.expert_slots.clone(),
+            expert_bytes: self.expert_bytes,
+            failure: self.failure.clone(),
+        };
+        self.status.send_if_modified(|s| {
+            if *s == next {
+                false
+            } else {
+                *s = next;
+                true
+            }
+        });
+    }
+}
+
+fn model_expert_bytes(engine: Option<&RankEngine<CpuBackend>>) -> u64 {
+    engine.map_or(0, |e| {
+        let model = e.model();
+        model.experts.bytes(&*model.shared.backend) as u64
+    })
+}
+
+/// One agreement of the group: `(anyone busy, anyone wants to pause)`. A collective: every
+/// rank of the group calls it the same number of times and all get the same answer.
+fn agree(comm: &mut dyn Communicator, busy: bool, pause: bool) -> Result<(bool, bool)> {
+    let all = comm.all_gather(vec![u8::from(busy), u8::from(pause)])?;
+    Ok((
+        all.iter().any(|f| f.first() == Some(&1)),
+        all.iter().any(|f| f.get(1) == Some(&1)),
+    ))
+}
+
+/// The error of a request that reaches a worker outside any epoch.
+pub fn not_in_epoch() -> Error {
+    Error::Unavailable("worker is not in the active epoch".into())
+}
