@@ -18,7 +18,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Child,
+    binary: PathBuf,
     client_addr: SocketAddr,
+    peer_addr: SocketAddr,
     endpoint: String,
     log: PathBuf,
     /// Removed on drop, after the process is gone.
@@ -52,54 +54,41 @@ impl EtcdServer {
         let dir = tempfile::Builder::new().prefix("moebius-etcd-").tempdir()?;
         let client_addr = free_port()?;
         let peer_addr = free_port()?;
-        let endpoint = format!("http://{client_addr}");
-        let peer = format!("http://{peer_addr}");
         let log = dir.path().join("etcd.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(binary)
-            .arg("--name")
-            .arg("moebius-test")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&endpoint)
-            .arg("--advertise-client-urls")
-            .arg(&endpoint)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("moebius-test={peer}"))
-            .arg("--initial-cluster-state")
-            .arg("new")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!(
-                            "cannot run `{}`: not found. Install etcd (on Debian/Ubuntu: \
-                             `apt-get install etcd-server etcd-client`) or put it on PATH",
-                            binary.display()
-                        ),
-                    )
-                } else {
-                    io::Error::new(e.kind(), format!("cannot run `{}`: {e}", binary.display()))
-                }
-            })?;
+        let child = spawn(binary, dir.path(), client_addr, peer_addr, &log, "new")?;
         let mut server = Self {
             child,
+            binary: binary.to_path_buf(),
             client_addr,
-            endpoint,
+            peer_addr,
+            endpoint: format!("http://{client_addr}"),
             log,
             _dir: dir,
         };
         server.wait_healthy()?;
         Ok(server)
+    }
+
+    /// Kills the process (as a crash would), keeping its data directory and ports.
+    pub fn kill(&mut self) {
+        // Ignore errors: the process may already be gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on the same data directory and ports (killing it first if it still
+    /// runs): the keys and leases are still there. Blocks until it answers its health check.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.child = spawn(
+            &self.binary,
+            self._dir.path(),
+            self.client_addr,
+            self.peer_addr,
+            &self.log,
+            "existing",
+        )?;
+        self.wait_healthy()
     }
 
     /// The client URL, `http://127.0.0.1:<port>`.
@@ -167,10 +156,61 @@ impl EtcdServer {
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        // Ignore errors: the process may already be gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
+}
+
+/// Starts a one-member etcd in `dir` on the given ports, logging to `log` (appending, so that
+/// a restart keeps the earlier log).
+fn spawn(
+    binary: &Path,
+    dir: &Path,
+    client_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    log: &Path,
+    state: &str,
+) -> io::Result<Child> {
+    let endpoint = format!("http://{client_addr}");
+    let peer = format!("http://{peer_addr}");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(binary)
+        .arg("--name")
+        .arg("moebius-test")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen-client-urls")
+        .arg(&endpoint)
+        .arg("--advertise-client-urls")
+        .arg(&endpoint)
+        .arg("--listen-peer-urls")
+        .arg(&peer)
+        .arg("--initial-advertise-peer-urls")
+        .arg(&peer)
+        .arg("--initial-cluster")
+        .arg(format!("moebius-test={peer}"))
+        .arg("--initial-cluster-state")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "cannot run `{}`: not found. Install etcd (on Debian/Ubuntu: \
+                         `apt-get install etcd-server etcd-client`) or put it on PATH",
+                        binary.display()
+                    ),
+                )
+            } else {
+                io::Error::new(e.kind(), format!("cannot run `{}`: {e}", binary.display()))
+            }
+        })
 }
 
 fn free_port() -> io::Result<SocketAddr> {

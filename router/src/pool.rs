@@ -149,6 +149,8 @@ impl Routable {
 
     fn unavailable(&self, waited: Duration) -> RouterError {
         match self.epoch {
+            // Every worker of the record is gone (its registration expired): none is left.
+            Some((epoch, _)) if self.members.is_empty() => RouterError::NoLiveWorkers { epoch },
             Some((epoch, EpochState::Active)) => RouterError::NoLiveWorkers { epoch },
             _ => RouterError::NoActiveEpoch { waited },
         }

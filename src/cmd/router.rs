@@ -32,6 +32,10 @@ pub struct RouterArgs {
     /// On shutdown, seconds that in-flight requests may take to finish.
     #[arg(long, env = "MOEBIUS_ROUTER_DRAIN_TIMEOUT_S", default_value_t = 30.0)]
     drain_timeout_s: f64,
+    /// Seconds a request waits for a worker to route to while the cluster is starting or
+    /// re-forming (or every worker is gone) before it fails with UNAVAILABLE.
+    #[arg(long, env = "MOEBIUS_ROUTER_EPOCH_WAIT_S", default_value_t = 10.0)]
+    epoch_wait_s: f64,
     /// Most times one request is resubmitted to another worker after losing its worker; past
     /// it the client gets UNAVAILABLE.
     #[arg(long, env = "MOEBIUS_ROUTER_MIGRATION_LIMIT", default_value_t = 3)]
@@ -54,8 +58,8 @@ pub fn run(args: RouterArgs) -> Result<()> {
             .map(|s| seconds("--request-timeout-s", s))
             .transpose()?,
         drain_timeout: seconds("--drain-timeout-s", args.drain_timeout_s)?,
+        epoch_wait: seconds("--epoch-wait-s", args.epoch_wait_s)?,
         migration_limit: args.migration_limit,
-        ..RouterConfig::default()
     };
     config.validate()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;

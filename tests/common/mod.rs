@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,9 +72,46 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.child.id(), signal);
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory of the process, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.child.id())
+    }
+}
+
+/// Sends `signal` to `pid` with the `kill` command.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Resident memory of process `pid`, from `/proc/<pid>/status`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status");
+    kib * 1024
 }
 
 impl Drop for Process {
@@ -81,9 +120,33 @@ impl Drop for Process {
     }
 }
 
-/// etcd, one coordinator, `workers` workers and a router on the `model` checkpoint.
+/// What a test cluster is made of, beyond the model.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub workers: usize,
+    pub capacity: u32,
+    /// Coordinators `coord-a`, `coord-b`, ...: the first started leads.
+    pub coordinators: usize,
+    /// Extra flags of `moebius router`.
+    pub router_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workers: 3,
+            capacity: 64,
+            coordinators: 1,
+            router_args: Vec::new(),
+        }
+    }
+}
+
+/// etcd, coordinators, workers and a router on the `model` checkpoint.
 pub struct Cluster {
     pub coordinator: Process,
+    /// Coordinators after the first (standbys).
+    pub standbys: Vec<Process>,
     pub workers: Vec<Process>,
     /// gRPC address of each worker's internal service, by worker index.
     pub worker_addrs: Vec<String>,
@@ -96,6 +159,23 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(model: &Path, workers: usize, capacity: u32) -> Self {
+        Self::start_with(
+            model,
+            Options {
+                workers,
+                capacity,
+                ..Options::default()
+            },
+        )
+    }
+
+    pub fn start_with(model: &Path, options: Options) -> Self {
+        let Options {
+            workers,
+            capacity,
+            coordinators,
+            router_args,
+        } = options;
         let etcd = EtcdServer::start()
             .expect("etcd starts (install Debian's etcd-server: scripts/test.sh does)");
         let endpoint = etcd.endpoint().to_string();
@@ -113,24 +193,30 @@ impl Cluster {
         };
         let ttl = LEASE_TTL_SECS.to_string();
         let n = workers.to_string();
-        let (coordinator, _) = Process::start(
-            "coordinator",
-            &[
-                vec!["coordinator".to_string()],
-                common(&[
-                    "--model",
-                    &model,
-                    "--workers",
-                    &n,
-                    "--lease-ttl-secs",
-                    &ttl,
-                    "--id",
-                    "coord-a",
-                ]),
-            ]
-            .concat(),
-            "coordinator",
-        );
+        let mut coords = (0..coordinators.max(1)).map(|i| {
+            let id = format!("coord-{}", (b'a' + i as u8) as char);
+            let (p, _) = Process::start(
+                &id,
+                &[
+                    vec!["coordinator".to_string()],
+                    common(&[
+                        "--model",
+                        &model,
+                        "--workers",
+                        &n,
+                        "--lease-ttl-secs",
+                        &ttl,
+                        "--id",
+                        &id,
+                    ]),
+                ]
+                .concat(),
+                "coordinator",
+            );
+            p
+        });
+        let coordinator = coords.next().expect("one coordinator");
+        let standbys: Vec<Process> = coords.collect();
         let mut procs = Vec::new();
         let mut worker_addrs = Vec::new();
         let cap = capacity.to_string();
@@ -159,18 +245,17 @@ impl Cluster {
             procs.push(p);
             worker_addrs.push(rest);
         }
+        let mut router_flags = vec!["--listen", "127.0.0.1:0"];
+        router_flags.extend(router_args.iter().map(String::as_str));
         let (router, router_addr) = Process::start(
             "router",
-            &[
-                vec!["router".to_string()],
-                common(&["--listen", "127.0.0.1:0"]),
-            ]
-            .concat(),
+            &[vec!["router".to_string()], common(&router_flags)].concat(),
             "router serving on ",
         );
         Self {
             etcd,
             coordinator,
+            standbys,
             workers: procs,
             worker_addrs,
             router,
@@ -215,6 +300,27 @@ impl Cluster {
         let text = self.etcdctl_get(&format!("/moebius/{}/placement", self.cluster), false);
         let json = text.lines().nth(1).unwrap_or("null");
         serde_json::from_str(json).expect("placement is JSON")
+    }
+
+    /// The etcd key of `what` (e.g. `placement`, `workers/`) in this cluster.
+    pub fn key(&self, what: &str) -> String {
+        format!("/moebius/{}/{what}", self.cluster)
+    }
+
+    /// The value of one key, parsed (`null` when it is missing).
+    pub fn get_json(&self, key: &str) -> serde_json::Value {
+        let text = self.etcdctl_get(key, false);
+        serde_json::from_str(text.lines().nth(1).unwrap_or("null")).expect("a JSON value")
+    }
+
+    /// The values under a prefix, parsed.
+    pub fn get_prefix_json(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let text = self.etcdctl_get(prefix, true);
+        text.lines()
+            .skip(1)
+            .step_by(2)
+            .map(|v| serde_json::from_str(v).expect("a JSON value"))
+            .collect()
     }
 
     /// Waits until the placement is active with `ranks` ranks.

@@ -4,7 +4,7 @@
 //! collective to the ranks at fault.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,8 @@ pub(super) struct Inbox {
     rank: usize,
     world: usize,
     rx: Receiver<Incoming>,
+    /// Our own sender, for an [`Interrupt`](super::Interrupt) from another thread.
+    tx: Sender<Incoming>,
     /// Per peer, what arrived and no collective has consumed yet, oldest first. A peer is at
     /// most one collective ahead of us, so this stays short.
     pending: Vec<VecDeque<Delivery>>,
@@ -75,6 +77,7 @@ impl Inbox {
             rank,
             world,
             rx,
+            tx: tx.clone(),
             pending: (0..world).map(|_| VecDeque::new()).collect(),
             bell: BellSlot::default(),
         };
@@ -87,16 +90,24 @@ impl Inbox {
         }
     }
 
+    /// Ends the collective this rank waits in (and every later one), from another thread.
+    pub fn interrupt(&self) -> super::Interrupt {
+        let (tx, rank, bell) = (self.tx.clone(), self.rank, self.bell.clone());
+        super::Interrupt(std::sync::Arc::new(move || {
+            let _ = tx.send(Incoming {
+                peer: rank,
+                delivery: Delivery::Gone(Gone {
+                    why: "this rank left the group".into(),
+                    relayed: Some(Vec::new()),
+                }),
+            });
+            bell.ring();
+        }))
+    }
+
     /// Whether anything from a peer is waiting: the peer entered the next collective, or left.
     pub fn has_incoming(&mut self) -> bool {
-        loop {
-            match self.rx.try_recv() {
-                Ok(Incoming { peer, delivery }) => self.pending[peer].push_back(delivery),
-                Err(TryRecvError::Empty) => break,
-                // Every deliverer is gone: the next collective fails at once.
-                Err(TryRecvError::Disconnected) => return self.world > 1,
-            }
-        }
+        self.drain();
         self.pending.iter().any(|p| !p.is_empty())
     }
 
@@ -110,6 +121,12 @@ impl Inbox {
         timeout: Option<Duration>,
     ) -> Result<Vec<Vec<u8>>, Failure> {
         loop {
+            if !self.pending[self.rank].is_empty() {
+                return Err(Failure {
+                    message: format!("this rank left the group during collective #{seq}"),
+                    culprits: Vec::new(),
+                });
+            }
             let mut missing = Vec::new();
             for peer in send_order(self.rank, self.world) {
                 match self.pending[peer].front() {

@@ -4,7 +4,7 @@
 use std::sync::mpsc::Sender;
 
 use super::inbox::{BellSlot, Delivery, Failure, Gone, Inbox, Incoming};
-use super::{check_send_len, send_order, unusable, Communicator, Doorbell};
+use super::{check_send_len, send_order, unusable, Communicator, Doorbell, Interrupt};
 use crate::error::{Error, Result};
 
 /// One rank's end of a `local` EP group; move each end to its rank's thread. Dropping an end
@@ -147,6 +147,10 @@ impl Communicator for LocalComm {
 
     fn has_incoming(&mut self) -> bool {
         self.inbox.has_incoming()
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        self.inbox.interrupt()
     }
 }
 

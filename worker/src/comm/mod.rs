@@ -30,6 +30,23 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// Ends the collective a rank is waiting in, and every later one, from another thread: the rank
+/// leaves its group now instead of waiting for peers that will not come.
+#[derive(Clone)]
+pub struct Interrupt(Arc<dyn Fn() + Send + Sync>);
+
+impl Interrupt {
+    pub fn fire(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Interrupt")
+    }
+}
+
 /// Wakes a thread that sleeps until there is work: rung by whoever hands it a command, and by
 /// the data plane when a peer's message (or the news of a peer's failure) arrives. A ring is
 /// never lost: one that comes before the wait ends the next wait at once.
@@ -90,6 +107,9 @@ pub trait Communicator: Send {
     /// Whether a peer's message (or failure) is waiting to be consumed: a peer has entered the
     /// next collective, or left.
     fn has_incoming(&mut self) -> bool;
+
+    /// A handle that makes this end's current (or next) collective fail at once.
+    fn interrupt(&self) -> Interrupt;
 }
 
 /// A boxed communicator is one too, so that code generic over `C: Communicator` also takes the
@@ -121,6 +141,10 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
 
     fn has_incoming(&mut self) -> bool {
         (**self).has_incoming()
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        (**self).interrupt()
     }
 }
 

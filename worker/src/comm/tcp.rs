@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::frame::{self, ABORT_SEQ, MAX_FRAME_LEN};
 use super::inbox::{BellSlot, Delivery, Failure, Gone, Inbox, Incoming};
 use super::listener::{DataListener, GroupSpec};
-use super::{check_send_len, send_order, unusable, Communicator, Doorbell};
+use super::{check_send_len, send_order, unusable, Communicator, Doorbell, Interrupt};
 use crate::error::{Error, Result};
 
 /// How long the abort frame of a failing rank may take to write to one peer; a peer that does
@@ -303,6 +303,10 @@ impl Communicator for TcpComm {
 
     fn has_incoming(&mut self) -> bool {
         self.inbox.has_incoming()
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        self.inbox.interrupt()
     }
 }
 

@@ -16,14 +16,16 @@
 //! and waits for the next epoch ([`OnGroupFailure::Keep`]); or ends every sequence with the
 //! error, when nobody will form a next epoch ([`OnGroupFailure::Fail`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::CpuBackend;
-use crate::comm::{Communicator, Doorbell};
+use crate::comm::{Communicator, Doorbell, Interrupt};
 use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
 use crate::engine::request::GenerateRequest;
 use crate::error::{Error, Result};
@@ -130,10 +132,36 @@ fn stopped() -> Error {
     Error::Unavailable("the engine thread has stopped".into())
 }
 
+/// What the handle and the thread share to leave a group at once.
+#[derive(Default)]
+struct Leaving {
+    /// Ends the collective the thread may be blocked in, for the installed data plane.
+    interrupt: Mutex<Option<Interrupt>>,
+    /// Set while the rank leaves its group on purpose: the failure that causes is not the
+    /// group's and is not reported.
+    now: AtomicBool,
+}
+
+impl Leaving {
+    /// Makes a collective in progress fail now, so that a command to leave is taken at once.
+    fn start(&self) {
+        self.now.store(true, Ordering::SeqCst);
+        if let Some(interrupt) = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            interrupt.fire();
+        }
+    }
+}
+
 /// The handle the rest of the worker holds; the thread ends when [`EngineHandle::stop`] is
 /// called or the handle is dropped.
 pub struct EngineHandle {
     commands: Sender<Command>,
+    leaving: Arc<Leaving>,
     bell: Doorbell,
     status: watch::Receiver<EngineStatus>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -145,13 +173,15 @@ impl EngineHandle {
         let (commands, inbox) = mpsc::channel();
         let (status_tx, status) = watch::channel(EngineStatus::default());
         let bell = Doorbell::default();
-        let engine_loop = EngineLoop::new(inbox, bell.clone(), status_tx, options);
+        let leaving = Arc::new(Leaving::default());
+        let engine_loop = EngineLoop::new(inbox, bell.clone(), status_tx, options, leaving.clone());
         let thread = std::thread::Builder::new()
             .name("moebius-engine".into())
             .spawn(move || engine_loop.run())
             .map_err(|e| Error::Serve(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             commands,
+            leaving,
             bell,
             status,
             thread: std::sync::Mutex::new(Some(thread)),
@@ -198,13 +228,16 @@ impl EngineHandle {
         self.ask(Command::Pause)
     }
 
-    /// Leaves the group without agreeing (it lost a member); the sequences stay.
+    /// Leaves the group now, without agreeing (it lost a member), also from the middle of a
+    /// collective that waits for a peer that will not come; the sequences stay.
     pub fn abandon(&self) -> Reply<()> {
+        self.leaving.start();
         self.ask(Command::Abandon)
     }
 
-    /// Leaves the group and ends every sequence with UNAVAILABLE `reason`.
+    /// Leaves the group now and ends every sequence with UNAVAILABLE `reason`.
     pub fn detach(&self, reason: String) -> Reply<()> {
+        self.leaving.start();
         self.ask(|tx| Command::Detach(reason, tx))
     }
 
@@ -235,6 +268,7 @@ impl Drop for EngineHandle {
 
 struct EngineLoop {
     inbox: Receiver<Command>,
+    leaving: Arc<Leaving>,
     bell: Doorbell,
     status: watch::Sender<EngineStatus>,
     options: EngineOptions,
@@ -261,9 +295,11 @@ impl EngineLoop {
         bell: Doorbell,
         status: watch::Sender<EngineStatus>,
         options: EngineOptions,
+        leaving: Arc<Leaving>,
     ) -> Self {
         Self {
             inbox,
+            leaving,
             bell,
             status,
             options,
@@ -408,6 +444,11 @@ impl EngineLoop {
             None => self.engine = Some(RankEngine::new(model, self.options.token_budget)),
         }
         comm.set_doorbell(self.bell.clone());
+        *self
+            .leaving
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(comm.interrupt());
         self.expert_bytes = model_expert_bytes(self.engine.as_ref());
         self.comm = Some(comm);
         self.epoch = epoch;
@@ -421,6 +462,7 @@ impl EngineLoop {
     /// Stops stepping and drops the data plane (the peers see it close); sequences stay.
     fn leave_group(&mut self) {
         self.comm = None;
+        self.leaving.now.store(false, Ordering::SeqCst);
         self.paused();
     }
 
@@ -443,6 +485,16 @@ impl EngineLoop {
 
     /// A collective failed: leave the group, keep (or fail) the sequences, publish why.
     fn group_failed(&mut self, error: Error) {
+        if self.leaving.now.load(Ordering::SeqCst) {
+            // This rank is leaving on purpose (the command follows); its group did not fail.
+            tracing::info!(
+                epoch = self.epoch,
+                rank = self.rank,
+                "left the group mid-collective"
+            );
+            self.leave_group();
+            return;
+        }
         let ranks = match &error {
             Error::PeerFailed { peers, .. } => peers.clone(),
             _ => Vec::new(),
