@@ -319,3 +319,41 @@ fn bench_router_tiny() {
         assert_eq!(row["errors"], 0, "{row}");
     }
 }
+
+#[test]
+fn bench_failover_kills_a_worker_of_moebius_up_and_loses_nothing() {
+    let v = bench_json(&[
+        "bench",
+        "failover",
+        "--model",
+        fixture("tiny-v3").to_str().expect("utf-8"),
+        "--workers",
+        "2",
+        "--streams",
+        "6",
+        "--output-len",
+        "48",
+        "--kill-after-ms",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["streams"], 6, "{v}");
+    assert_eq!(v["fault"], "kill", "{v}");
+    for k in ["p50", "p99", "max"] {
+        assert!(v["stall_ms"][k].is_number(), "stall_ms.{k} missing in {v}");
+    }
+    assert!(v["kill_to_next_epoch_ms"].is_number(), "{v}");
+    assert!(v["migrated"].is_number(), "{v}");
+}
+
+#[test]
+fn bench_failover_refuses_a_single_worker() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moebius"))
+        .args(["bench", "failover", "--workers", "1"])
+        .output()
+        .expect("moebius runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--workers must be at least 2"), "{stderr}");
+}

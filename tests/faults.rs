@@ -98,7 +98,9 @@ async fn a_hung_worker_loses_nothing_and_rejoins_without_stepping_in_a_stale_epo
         .expect("epoch");
     cluster.workers[1].signal("CONT");
     // From its first answer on, worker 1 never steps in an epoch it is no longer part of: its
-    // step count stays put until it reports a newer epoch than the one it was stopped in.
+    // step count stays put until it reports a newer epoch than the one it was stopped in. The
+    // one step SIGSTOP may have frozen after its last collective (in the LM head or the
+    // sampler) may still finish: it began in a live epoch, and needs no peer to end.
     let mut first: Option<(u64, u64)> = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -112,9 +114,9 @@ async fn a_hung_worker_loses_nothing_and_rejoins_without_stepping_in_a_stale_epo
         let (epoch, steps) = (status.epoch, status.steps);
         let (first_epoch, first_steps) = *first.get_or_insert((epoch, steps));
         if epoch == first_epoch && epoch < stale {
-            assert_eq!(
-                steps, first_steps,
-                "worker 1 stepped in stale epoch {epoch}"
+            assert!(
+                steps <= first_steps + 1,
+                "worker 1 stepped in stale epoch {epoch}: {first_steps} steps at its first answer, {steps} now"
             );
         }
         if epoch > stale {

@@ -3,10 +3,12 @@
 //! - [`engine`]: prefill and decode tokens/s of one rank, against the memory-bandwidth limit;
 //! - [`router`]: what the router's hop costs against calls sent straight to a worker;
 //! - [`serve`]: a load generator against a running router (throughput, TTFT, TPOT, ITL);
-//! - [`alltoall`]: the communicator's dispatch and combine against raw TCP.
+//! - [`alltoall`]: the communicator's dispatch and combine against raw TCP;
+//! - [`failover`]: what streams see when a worker process is killed under load.
 
 mod alltoall;
 mod engine;
+mod failover;
 mod router;
 mod serve;
 
@@ -27,6 +29,10 @@ pub enum BenchCommand {
     /// latency and algorithm bandwidth (bytes a rank sends to other ranks per exchange / exchange
     /// latency, as DeepEP reports it), against a raw TCP baseline of the same bytes.
     Alltoall(alltoall::AlltoallArgs),
+    /// Recovery from a worker failure: `moebius up --etcd` under a steady load of streams, one
+    /// worker killed with `kill -9`; reports lost requests, the stall each stream saw, the
+    /// time to the next epoch and the migrated requests.
+    Failover(failover::FailoverArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -35,5 +41,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Router(args) => router::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Alltoall(args) => alltoall::run(args),
+        BenchCommand::Failover(args) => failover::run(args),
     }
 }
