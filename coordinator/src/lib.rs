@@ -2,6 +2,8 @@
 //!
 //! - [`placement`]: the physical expert slots of each rank of an EP group, and the default even
 //!   split of the logical experts over N ranks.
+//! - [`eplb`]: DeepSeek's expert-parallel load balancer: placements with redundant experts from
+//!   measured load, and rebalancing that moves few experts.
 //! - [`topology`]: the cluster's keys in the store and the JSON values under them (workers,
 //!   epochs, acknowledgements).
 //! - [`store`]: the `TopologyStore` trait (leases, compare-and-swap, fenced writes, prefix
@@ -17,6 +19,7 @@
 //!   workers come and go (`run`, `CoordinatorConfig`).
 //! - [`error`]: `CoordinatorError`, the control loop's error.
 pub mod coordinator;
+pub mod eplb;
 pub mod error;
 pub mod etcd;
 pub mod etcd_server;
