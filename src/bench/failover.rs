@@ -184,7 +184,8 @@ async fn measure(args: &FailoverArgs, model: PathBuf) -> Result<Value> {
     ))
 }
 
-/// `moebius up --etcd`, run as a child process as a user would.
+/// `moebius up --etcd`, run as a child process as a user would. Dropped without [`Up::stop`]
+/// (on an error), it is sent SIGTERM so that it stops its own children too.
 struct Up {
     child: Child,
     router: String,
@@ -208,7 +209,6 @@ impl Up {
             } else {
                 Stdio::null()
             })
-            .kill_on_drop(true)
             .spawn()
             .context("cannot start moebius up")?;
         let stdout = child.stdout.take().context("up's stdout")?;
@@ -253,6 +253,17 @@ impl Up {
             .is_err()
         {
             let _ = self.child.kill().await;
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
     }
 }
