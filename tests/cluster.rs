@@ -307,19 +307,7 @@ async fn a_three_worker_cluster_serves_rejects_bad_input_and_survives_a_kill() {
     // ...and within the lease TTL plus a few seconds, the placement covers every expert on the
     // two survivors and new calls succeed there at once.
     let placement = cluster.wait_active(2, Duration::from_secs(LEASE_TTL_SECS + 15));
-    let mut placed: Vec<u64> = placement["placement"]["ranks"]
-        .as_array()
-        .expect("ranks")
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .expect("slots")
-                .iter()
-                .map(|e| e.as_u64().expect("id"))
-        })
-        .collect();
-    placed.sort_unstable();
-    placed.dedup();
+    let placed = common::placed_experts(&placement);
     assert_eq!(
         placed,
         (0..10).collect::<Vec<u64>>(),

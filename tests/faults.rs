@@ -67,19 +67,7 @@ async fn kill_9_of_a_worker_loses_no_greedy_stream() {
     let cluster = fault_under_load(false, |c| c.workers[1].kill()).await;
     // The group went on without it, every expert placed on the two survivors.
     let placement = cluster.wait_active(2, Duration::from_secs(30));
-    let mut placed: Vec<u64> = placement["placement"]["ranks"]
-        .as_array()
-        .expect("ranks")
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .expect("slots")
-                .iter()
-                .map(|e| e.as_u64().expect("id"))
-        })
-        .collect();
-    placed.sort_unstable();
-    placed.dedup();
+    let placed = common::placed_experts(&placement);
     assert_eq!(placed, (0..10).collect::<Vec<u64>>());
 }
 

@@ -127,13 +127,6 @@ pub fn imbalance(plan: &LayerPlan, load: &[f64]) -> f64 {
     per_rank.iter().copied().fold(0.0, f64::max) / mean
 }
 
-/// The even placement with no redundant experts: rank r holds a contiguous run of experts.
-pub fn even(experts: usize, ranks: usize) -> LayerPlan {
-    (0..ranks)
-        .map(|r| (r * experts / ranks..(r + 1) * experts / ranks).collect())
-        .collect()
-}
-
 fn check(load: &[Vec<f64>], shape: Shape) -> Result<usize, BalanceError> {
     let experts = load.first().map_or(0, Vec::len);
     if experts == 0 || shape.ranks == 0 || shape.nodes == 0 || shape.groups == 0 {
@@ -300,8 +293,24 @@ fn align(old: &LayerPlan, new: LayerPlan, per_node: usize) -> LayerPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Placement;
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
+
+    /// 64 experts with 8 redundant slots on 4 ranks of one node: the example.
+    const FOUR_RANKS: Shape = Shape {
+        slots: 72,
+        groups: 1,
+        nodes: 1,
+        ranks: 4,
+    };
+
+    /// The even placement with no redundant experts.
+    fn even(experts: usize, ranks: usize) -> LayerPlan {
+        Placement::even(experts, ranks)
+            .expect("even placement")
+            .ranks
+    }
 
     /// Zipf(s) loads over `experts` experts, the hot ones at random positions, per layer.
     fn zipf(layers: usize, experts: usize, s: f64, seed: u64) -> Vec<Vec<f64>> {
@@ -347,12 +356,7 @@ mod tests {
 
     #[test]
     fn global_policy_on_zipf_loads_is_within_ten_percent_of_perfect() {
-        let shape = Shape {
-            slots: 72,
-            groups: 1,
-            nodes: 1,
-            ranks: 4,
-        };
+        let shape = FOUR_RANKS;
         let load = zipf(8, 64, 1.0, 1);
         let plan = balance(&load, shape).expect("plan");
         assert_valid(&plan, 64, shape);
@@ -409,12 +413,7 @@ mod tests {
 
     #[test]
     fn a_small_gain_keeps_the_current_plan_and_a_large_one_moves_few_experts() {
-        let shape = Shape {
-            slots: 72,
-            groups: 1,
-            nodes: 1,
-            ranks: 4,
-        };
+        let shape = FOUR_RANKS;
         let load = zipf(2, 64, 1.0, 4);
         let current = balance(&load, shape).expect("plan");
         // The same load again: nothing to gain, nothing changes.

@@ -25,10 +25,9 @@ use clap::Args;
 use moebius_coordinator::{
     EpochRecord, EpochState, EtcdServer, EtcdStore, Keys, TopologyStore, WorkerInfo,
 };
-use moebius_proto::v1::generate_request::Prompt;
 use moebius_proto::v1::inference_client::InferenceClient;
 use moebius_proto::v1::worker_client::WorkerClient;
-use moebius_proto::v1::{GenerateRequest, SamplingParams, StatusRequest, TokenIds};
+use moebius_proto::v1::{GenerateRequest, StatusRequest};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -327,21 +326,11 @@ async fn held_sequences(store: &EtcdStore, keys: &Keys) -> Result<u32> {
 fn requests(args: &FailoverArgs) -> Vec<GenerateRequest> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     (0..args.streams)
-        .map(|_| GenerateRequest {
-            prompt: Some(Prompt::TokenIds(TokenIds {
-                ids: (0..args.input_len)
-                    .map(|_| rng.random_range(2..args.vocab))
-                    .collect(),
-            })),
-            max_new_tokens: args.output_len,
-            ignore_eos: true,
-            sampling: Some(SamplingParams {
-                temperature: 0.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: None,
-            }),
-            ..Default::default()
+        .map(|_| {
+            let prompt = (0..args.input_len)
+                .map(|_| rng.random_range(2..args.vocab))
+                .collect();
+            super::serve::request(prompt, args.output_len)
         })
         .collect()
 }

@@ -225,7 +225,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
+/// A greedy streaming request for exactly `max_new_tokens` tokens (`ignore_eos`).
+pub(super) fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
         max_new_tokens,

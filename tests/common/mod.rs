@@ -157,6 +157,24 @@ pub struct Cluster {
     pub etcd: EtcdServer,
 }
 
+/// The logical experts a placement record gives a slot to, sorted, each once.
+pub fn placed_experts(placement: &serde_json::Value) -> Vec<u64> {
+    let mut placed: Vec<u64> = placement["placement"]["ranks"]
+        .as_array()
+        .expect("ranks")
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .expect("slots")
+                .iter()
+                .map(|e| e.as_u64().expect("id"))
+        })
+        .collect();
+    placed.sort_unstable();
+    placed.dedup();
+    placed
+}
+
 impl Cluster {
     pub fn start(model: &Path, workers: usize, capacity: u32) -> Self {
         Self::start_with(
@@ -297,9 +315,7 @@ impl Cluster {
 
     /// The current placement record, parsed.
     pub fn placement(&self) -> serde_json::Value {
-        let text = self.etcdctl_get(&format!("/moebius/{}/placement", self.cluster), false);
-        let json = text.lines().nth(1).unwrap_or("null");
-        serde_json::from_str(json).expect("placement is JSON")
+        self.get_json(&self.key("placement"))
     }
 
     /// The etcd key of `what` (e.g. `placement`, `workers/`) in this cluster.
