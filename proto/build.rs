@@ -10,7 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("moebius_descriptor.bin"))
         .compile_protos(
-            &["moebius/v1/inference.proto", "moebius/v1/worker.proto"],
+            &[
+                "moebius/v1/inference.proto",
+                "moebius/v1/worker.proto",
+                "moebius/v1/admin.proto",
+            ],
             &["."],
         )?;
     println!("cargo:rerun-if-changed=moebius");

@@ -29,6 +29,9 @@ enum Command {
     Coordinator(cmd::coordinator::CoordinatorArgs),
     /// Run the router: the public gRPC API.
     Router(cmd::router::RouterArgs),
+    /// Operator commands against the leading coordinator: topology, rebalance, drain,
+    /// redundant experts.
+    Admin(cmd::admin::AdminArgs),
     /// Benchmarks (numbers for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => cmd::worker::run(args),
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Router(args) => cmd::router::run(args),
+        Command::Admin(args) => cmd::admin::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,7 +65,8 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             let usage = err
                 .downcast_ref::<moebius_worker::Error>()
-                .is_some_and(|e| matches!(e, moebius_worker::Error::InvalidRequest(_)));
+                .is_some_and(|e| matches!(e, moebius_worker::Error::InvalidRequest(_)))
+                || err.is::<cmd::UsageError>();
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
         }
     }

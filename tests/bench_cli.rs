@@ -133,6 +133,8 @@ impl Up {
                 "up",
                 "--listen",
                 "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
                 "--workers",
                 "2",
                 "--threads",

@@ -10,10 +10,10 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::load::{self, assert_nothing_lost, Load};
+use common::up::{pid_of, Up};
 use common::{fixture, send_signal, Cluster, Options, LEASE_TTL_SECS};
 use moebius_proto::v1::StatusRequest;
 use tonic::Code;
@@ -328,88 +328,25 @@ async fn only_with_no_worker_left_is_a_request_unavailable() {
     );
 }
 
-/// `moebius up --etcd` as a user runs it, with its output read line by line.
-struct Up {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Up {
-    fn next_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("moebius up printed no {what} within 60 s"));
-            if pred(&line) {
-                return line;
-            }
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn pid_of(line: &str) -> u32 {
-    line.rsplit("(pid ")
-        .next()
-        .and_then(|s| s.trim_end_matches(')').parse().ok())
-        .expect("a pid")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moebius_up_restarts_a_killed_worker_and_serves_meanwhile() {
     let _serial = SERIAL.lock().await;
     let etcd = moebius_coordinator::EtcdServer::start().expect("etcd starts");
     let cluster = format!("up{}", std::process::id());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moebius"))
-        .args([
-            "up",
-            "--etcd",
-            etcd.endpoint(),
+    let mut up = Up::start(
+        etcd.endpoint(),
+        &cluster,
+        &fixture(MODEL),
+        &[
             "--workers",
             "3",
-            "--threads",
-            "1",
-        ])
-        .args(["--listen", "127.0.0.1:0", "--cluster", &cluster])
-        .args(["--lease-ttl-secs", &LEASE_TTL_SECS.to_string()])
-        .arg("--model")
-        .arg(fixture(MODEL))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("moebius up starts");
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut up = Up { child, lines };
+            "--lease-ttl-secs",
+            &LEASE_TTL_SECS.to_string(),
+        ],
+    );
     let first = up.next_line("worker-1 start", |l| l.starts_with("[up] started worker-1"));
     let victim = pid_of(&first);
-    let ready = up.next_line("banner", |l| l.starts_with("moebius is up: router on "));
-    let addr = ready
-        .trim_start_matches("moebius is up: router on ")
-        .split([',', ' '])
-        .next()
-        .expect("address")
-        .to_string();
+    let addr = up.router_addr();
 
     let requests = load::requests(STREAMS, TOKENS, false);
     let reference = load::reference(&addr, requests.clone()).await;

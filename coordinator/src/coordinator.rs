@@ -10,7 +10,7 @@
 //! On shutdown the lease is revoked, which hands leadership to a standby immediately.
 
 mod leader;
-mod probe;
+pub(crate) mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +18,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{AdminLink, AdminRequest, Role};
 use crate::error::CoordinatorError;
 use crate::store::{LeaseId, StoreError, TopologyStore, WatchEvent};
 use crate::topology::Keys;
 use crate::watch::{Change, PrefixWatch};
 
 /// How a coordinator behaves; see [`run`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
     /// This coordinator's name in the leader key; unique among the cluster's coordinators.
     pub id: String,
@@ -40,6 +43,19 @@ pub struct CoordinatorConfig {
     /// Quiet time after the last membership change before an epoch is formed, so that workers
     /// starting (or dying) together land in one epoch.
     pub settle: Duration,
+    /// Expert groups of the model (`n_group`): EPLB packs whole groups together.
+    pub expert_groups: usize,
+    /// Redundant expert slots over the group, until an operator sets another count (which is
+    /// kept in the store and wins over this one).
+    pub redundant_experts: usize,
+    /// The leader rebalances on its own when the mean imbalance (max over mean rows per rank,
+    /// per MoE layer) under the measured load passes this; 0 turns it off.
+    pub rebalance_threshold: f64,
+    /// How often the leader looks at the load for a rebalance.
+    pub rebalance_interval: Duration,
+    /// The address of this coordinator's admin service, announced under its lease so that
+    /// `moebius admin --etcd` finds the leader's.
+    pub admin_address: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -52,6 +68,11 @@ impl Default for CoordinatorConfig {
             num_experts: 256,
             lease_ttl: Duration::from_secs(5),
             settle: Duration::from_millis(300),
+            expert_groups: 1,
+            redundant_experts: 0,
+            rebalance_threshold: 1.3,
+            rebalance_interval: Duration::from_secs(60),
+            admin_address: None,
         }
     }
 }
@@ -77,6 +98,21 @@ impl CoordinatorConfig {
                 self.expected_workers, self.num_experts
             ));
         }
+        if self.expert_groups == 0 || !self.num_experts.is_multiple_of(self.expert_groups) {
+            return bad(format!(
+                "expert_groups {} must divide the {} experts",
+                self.expert_groups, self.num_experts
+            ));
+        }
+        if !(self.rebalance_threshold == 0.0 || self.rebalance_threshold >= 1.0) {
+            return bad(format!(
+                "rebalance_threshold {} must be 0 (off) or at least 1.0 (max over mean load)",
+                self.rebalance_threshold
+            ));
+        }
+        if self.rebalance_interval.is_zero() {
+            return bad("rebalance_interval must be more than zero".into());
+        }
         if self.lease_ttl < Duration::from_millis(30) {
             return bad(format!(
                 "lease_ttl {:?} is too short to keep alive",
@@ -92,6 +128,9 @@ struct Ctx {
     config: CoordinatorConfig,
     keys: Keys,
     store: Arc<dyn TopologyStore>,
+    /// The admin requests, taken by whichever term leads.
+    admin: Option<Arc<tokio::sync::Mutex<mpsc::Receiver<AdminRequest>>>>,
+    role: Arc<watch::Sender<Role>>,
 }
 
 /// Pause between terms after a failure, growing to `MAX_BACKOFF`.
@@ -111,11 +150,27 @@ pub async fn run(
     store: Arc<dyn TopologyStore>,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
+    run_with_admin(config, store, shutdown, None).await
+}
+
+/// [`run`], answering the admin requests of `admin` while it leads (see [`crate::admin`]).
+pub async fn run_with_admin(
+    config: CoordinatorConfig,
+    store: Arc<dyn TopologyStore>,
+    shutdown: CancellationToken,
+    admin: Option<AdminLink>,
+) -> Result<(), CoordinatorError> {
     config.validate()?;
+    let (admin, role) = match admin {
+        Some(link) => (Some(link.requests), link.role),
+        None => (None, Arc::new(watch::channel(Role::default()).0)),
+    };
     let ctx = Ctx {
         keys: Keys::new(&config.cluster),
         config,
         store,
+        admin,
+        role,
     };
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -150,7 +205,14 @@ pub async fn run(
 
 /// One lease's life: campaign, then stand by or lead. `Ok` only on shutdown.
 async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), CoordinatorError> {
+    ctx.role.send_replace(Role::Campaigning);
     let lease = ctx.store.grant_lease(ctx.config.lease_ttl).await?;
+    if let Some(address) = &ctx.config.admin_address {
+        let key = ctx.keys.admin(&ctx.config.id);
+        ctx.store
+            .put(&key, address.clone().into_bytes(), Some(lease))
+            .await?;
+    }
     let outcome = tokio::select! {
         // Biased: a shutdown or a lost lease wins over any further step of the leader.
         biased;
@@ -158,6 +220,7 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
         e = crate::lease::keep_alive(&*ctx.store, lease, ctx.config.lease_ttl) => Err(e.into()),
         r = campaign_and_lead(ctx, lease) => r,
     };
+    ctx.role.send_replace(Role::Campaigning);
     // Best effort: after a loss the lease is gone already; an unreachable store lets it expire.
     match tokio::time::timeout(REVOKE_TIMEOUT, ctx.store.revoke_lease(lease)).await {
         Ok(Ok(())) | Ok(Err(StoreError::LeaseLost(_))) => {}
@@ -171,6 +234,7 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
 async fn campaign_and_lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
     campaign(ctx, lease).await?;
     tracing::info!(id = %ctx.config.id, cluster = %ctx.config.cluster, "leading");
+    ctx.role.send_replace(Role::Leading);
     leader::lead(ctx, lease).await
 }
 
@@ -181,6 +245,9 @@ async fn campaign(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
     let mut announced: Option<Vec<u8>> = None;
     let mut announce = |holder: &[u8]| {
         if announced.as_deref() != Some(holder) {
+            let leader = serde_json::from_slice::<String>(holder)
+                .unwrap_or_else(|_| String::from_utf8_lossy(holder).into_owned());
+            ctx.role.send_replace(Role::Standby { leader });
             tracing::info!(
                 id = %ctx.config.id,
                 leader = %String::from_utf8_lossy(holder),
@@ -250,6 +317,15 @@ mod tests {
             CoordinatorConfig {
                 num_experts: 4,
                 expected_workers: 5,
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                num_experts: 6,
+                expert_groups: 4,
+                ..base.clone()
+            },
+            CoordinatorConfig {
+                rebalance_threshold: 0.5,
                 ..base.clone()
             },
             CoordinatorConfig {

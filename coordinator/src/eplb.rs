@@ -52,8 +52,7 @@ pub enum BalanceError {
     Empty,
 }
 
-/// One layer's slots: `plan[rank]` lists the logical experts that rank holds.
-pub type LayerPlan = Vec<Vec<usize>>;
+pub use crate::placement::LayerPlan;
 
 /// DeepSeek's EPLB for every layer: hierarchical when the groups divide over the nodes, global
 /// otherwise.
@@ -99,6 +98,25 @@ pub fn rebalance(
         })
         .collect();
     Ok((plan, changed))
+}
+
+/// The EPLB plan for every layer, with its ranks relabelled to keep what `held[layer][rank]`
+/// already holds (an empty list for a rank new to the group): the plan of a group whose
+/// members changed.
+pub fn realign(
+    load: &[Vec<f64>],
+    shape: Shape,
+    held: &[LayerPlan],
+) -> Result<Vec<LayerPlan>, BalanceError> {
+    let per_node = shape.ranks / shape.nodes.max(1);
+    Ok(balance(load, shape)?
+        .into_iter()
+        .enumerate()
+        .map(|(layer, new)| match held.get(layer) {
+            Some(old) if old.len() == shape.ranks => align(old, new, per_node),
+            _ => new,
+        })
+        .collect())
 }
 
 /// Max over mean of the load per rank, each expert's load split evenly over its replicas: 1.0 is
@@ -309,7 +327,8 @@ mod tests {
     fn even(experts: usize, ranks: usize) -> LayerPlan {
         Placement::even(experts, ranks)
             .expect("even placement")
-            .ranks
+            .layers
+            .swap_remove(0)
     }
 
     /// Zipf(s) loads over `experts` experts, the hot ones at random positions, per layer.

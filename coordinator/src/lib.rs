@@ -4,6 +4,8 @@
 //!   split of the logical experts over N ranks.
 //! - [`eplb`]: DeepSeek's expert-parallel load balancer: placements with redundant experts from
 //!   measured load, and rebalancing that moves few experts.
+//! - [`planner`]: the placement of each new epoch (a changed group, a rebalance, another count
+//!   of redundant experts) from the load the workers measured.
 //! - [`topology`]: the cluster's keys in the store and the JSON values under them (workers,
 //!   epochs, acknowledgements).
 //! - [`store`]: the `TopologyStore` trait (leases, compare-and-swap, fenced writes, prefix
@@ -15,9 +17,11 @@
 //!   cluster's default).
 //! - [`etcd`]: `EtcdStore`, the production store on etcd v3.
 //! - [`etcd_server`]: `EtcdServer`, a throwaway etcd process for tests and local development.
+//! - [`admin`]: the operator's `moebius.v1.Admin` service, answered by the leader.
 //! - [`coordinator`]: the control loop: leader election, then forming and activating epochs as
 //!   workers come and go (`run`, `CoordinatorConfig`).
 //! - [`error`]: `CoordinatorError`, the control loop's error.
+pub mod admin;
 pub mod coordinator;
 pub mod eplb;
 pub mod error;
@@ -26,18 +30,22 @@ pub mod etcd_server;
 pub mod lease;
 pub mod memory;
 pub mod placement;
+pub mod planner;
 pub mod store;
 pub mod topology;
 pub mod watch;
 
-pub use coordinator::{run, CoordinatorConfig};
+pub use coordinator::{run, run_with_admin, CoordinatorConfig};
 pub use error::CoordinatorError;
 pub use etcd::EtcdStore;
 pub use etcd_server::EtcdServer;
 pub use memory::MemoryStore;
-pub use placement::{Placement, PlacementError};
+pub use placement::{LayerPlan, Placement, PlacementError};
 pub use store::{
     Fence, KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
 };
-pub use topology::{EpochRecord, EpochState, Keys, SuspectReport, WorkerInfo};
+pub use topology::{
+    ClusterSettings, DrainOrder, EpochRecord, EpochState, Keys, LoadStats, SuspectReport,
+    WorkerInfo,
+};
 pub use watch::{Change, PrefixWatch};

@@ -5,8 +5,12 @@
 //! /moebius/<cluster>/coordinator/leader      the acting coordinator's id, under its lease
 //! /moebius/<cluster>/placement               EpochRecord, written by the leader only (CAS)
 //! /moebius/<cluster>/epochs/<n>/ready/<id>   a worker's acknowledgement of epoch n
-//! /moebius/<cluster>/stats/<id>              per-expert token counts
+//! /moebius/<cluster>/stats/<id>              LoadStats: tokens per (MoE layer, expert), under
+//!                                            the worker's lease
 //! /moebius/<cluster>/suspects/<id>           SuspectReport: worker <id>'s EP group failed
+//! /moebius/<cluster>/settings                ClusterSettings, written by the leader (admin)
+//! /moebius/<cluster>/drain/<id>              DrainOrder: worker <id> is to leave and exit
+//! /moebius/<cluster>/coordinator/admin/<id>  a coordinator's admin gRPC address, under its lease
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +61,27 @@ impl Keys {
 
     pub fn stats(&self, id: &str) -> String {
         format!("{}stats/{id}", self.root)
+    }
+
+    pub fn stats_prefix(&self) -> String {
+        format!("{}stats/", self.root)
+    }
+
+    pub fn settings(&self) -> String {
+        format!("{}settings", self.root)
+    }
+
+    pub fn drains(&self) -> String {
+        format!("{}drain/", self.root)
+    }
+
+    pub fn drain(&self, id: &str) -> String {
+        format!("{}drain/{id}", self.root)
+    }
+
+    /// Where coordinator `id` announces the address of its admin service.
+    pub fn admin(&self, id: &str) -> String {
+        format!("{}coordinator/admin/{id}", self.root)
     }
 
     pub fn suspects(&self) -> String {
@@ -126,4 +151,36 @@ impl EpochRecord {
     pub fn rank_of(&self, id: &str) -> Option<usize> {
         self.workers.iter().position(|w| w.id == id)
     }
+}
+
+/// The tokens a worker's own sequences routed to each expert over a recent window: what the
+/// balancer plans from. Published every few seconds under `stats/<id>`, under the worker's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadStats {
+    pub id: String,
+    /// The epoch the worker was in when it published.
+    pub epoch: u64,
+    /// Seconds the counts cover.
+    pub window_s: f64,
+    /// `tokens[layer][expert]`: tokens routed to logical expert `expert` in the `layer`-th MoE
+    /// layer.
+    pub tokens: Vec<Vec<u64>>,
+    /// Bytes of one expert of one layer in the worker's memory (what moving a slot costs).
+    #[serde(default)]
+    pub slot_bytes: u64,
+}
+
+/// Settings of the cluster an operator changes at run time (through the admin API); they
+/// outlive any coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Physical expert slots beyond one per logical expert, over the whole EP group.
+    pub redundant_experts: usize,
+}
+
+/// An operator's order that a worker leave the cluster: it stops taking requests, finishes
+/// its sequences, leaves its group and exits. The worker deletes the order when it is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainOrder {
+    pub id: String,
 }

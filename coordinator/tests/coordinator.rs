@@ -26,6 +26,7 @@ fn config(id: &str, expected_workers: usize, num_experts: usize) -> CoordinatorC
         num_experts,
         lease_ttl: TTL,
         settle: Duration::from_millis(300),
+        ..CoordinatorConfig::default()
     }
 }
 
@@ -68,7 +69,7 @@ async fn epochs_follow_workers_joining_and_dying() {
     assert_eq!(e1.state, EpochState::Pending);
     assert_eq!(ids(&e1), ["w1", "w2", "w3"]);
     assert_fully_placed(&e1, 8);
-    let sizes: Vec<usize> = e1.placement.ranks.iter().map(Vec::len).collect();
+    let sizes: Vec<usize> = e1.placement.layer(0).iter().map(Vec::len).collect();
     assert_eq!(sizes, [3, 3, 2]);
 
     // Two acknowledgements are not enough.
@@ -124,7 +125,7 @@ async fn a_worker_dying_before_acknowledging_is_dropped_from_the_pending_epoch()
     w2.die();
     let e2 = wait_record(&store, &keys, "epoch 2", |r| r.epoch == 2).await;
     assert_eq!(ids(&e2), ["w1"]);
-    assert_eq!(e2.placement.ranks, [vec![0, 1, 2, 3]]);
+    assert_eq!(e2.placement.layer(0), [vec![0, 1, 2, 3]]);
     w1.ack(&store, &keys, 2).await;
     wait_record(&store, &keys, "epoch 2 active", |r| {
         r.state == EpochState::Active

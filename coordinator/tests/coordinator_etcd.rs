@@ -23,6 +23,7 @@ fn config(id: &str) -> CoordinatorConfig {
         num_experts: 6,
         lease_ttl: TTL,
         settle: Duration::from_millis(100),
+        ..CoordinatorConfig::default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Protocol buffers of Moebius, package `moebius.v1`, and their generated gRPC code:
 //! - `moebius/v1/inference.proto`: the public `Inference` service of the router;
-//! - `moebius/v1/worker.proto`: the internal `Worker` service the router calls.
+//! - `moebius/v1/worker.proto`: the internal `Worker` service the router calls;
+//! - `moebius/v1/admin.proto`: the operator's `Admin` service of the leading coordinator.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds server reflection; [`deadline`] reads the `grpc-timeout`
 //! header of the gRPC wire format, shared by both servers.

@@ -398,10 +398,7 @@ mod tests {
                     incarnation: 0,
                 })
                 .collect(),
-            placement: Placement {
-                num_experts: ids.len(),
-                ranks: (0..ids.len()).map(|r| vec![r]).collect(),
-            },
+            placement: Placement::uniform(ids.len(), (0..ids.len()).map(|r| vec![r]).collect()),
         }
     }
 

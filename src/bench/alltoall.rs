@@ -112,7 +112,7 @@ pub fn run(args: AlltoallArgs) -> Result<()> {
         .map_err(|e| anyhow!("cannot place the experts: {e}"))?;
     // owner[e] = (rank, slot) of logical expert e.
     let mut owner = vec![(0, 0); args.experts];
-    for (rank, slots) in placement.ranks.iter().enumerate() {
+    for (rank, slots) in placement.layer(0).iter().enumerate() {
         for (slot, &e) in slots.iter().enumerate() {
             owner[e] = (rank, slot);
         }
@@ -554,7 +554,7 @@ mod tests {
         };
         let placement = Placement::even(8, 2).expect("placement");
         let mut owner = vec![(0, 0); 8];
-        for (rank, slots) in placement.ranks.iter().enumerate() {
+        for (rank, slots) in placement.layer(0).iter().enumerate() {
             for (slot, &e) in slots.iter().enumerate() {
                 owner[e] = (rank, slot);
             }

@@ -138,7 +138,7 @@ fn one_rank(model: &LoadedModel, token_budget: usize) -> Result<EngineHandle> {
         rank: 0,
         model: rank,
         comm: Box::new(comm),
-        expert_slots: Vec::new(),
+        reload: Default::default(),
     }));
     engine.resume(1)?;
     Ok(engine)

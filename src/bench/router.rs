@@ -28,22 +28,18 @@ pub fn run(args: RouterArgs) -> Result<()> {
         bail!("--calls and every --concurrency must be at least 1");
     }
     let model = crate::cmd::up::resolve_model(args.model.as_deref())?;
-    let experts = moebius_worker::config::ModelConfig::from_dir(&model)?.n_routed_experts;
+    let config = moebius_worker::config::ModelConfig::from_dir(&model)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let options = crate::cmd::up::LocalOptions {
-            model: &model,
-            experts,
             workers: 1,
-            listen: "127.0.0.1:0".parse()?,
             cluster: "bench",
             capacity: 1024,
             threads: 1,
-            bf16_activations: false,
-            lease_ttl: std::time::Duration::from_secs(5),
+            ..crate::cmd::up::LocalOptions::new(&model, &config)
         };
         let cluster = crate::cmd::up::start_local(&options, &shutdown).await?;
         let router_addr = cluster.router_addr.to_string();

@@ -1,4 +1,5 @@
 //! One module per cluster subcommand: flags into config structs, then the crate's `run`.
+pub mod admin;
 pub mod coordinator;
 pub mod router;
 pub mod supervise;
@@ -6,6 +7,11 @@ pub mod up;
 pub mod worker;
 
 use tokio_util::sync::CancellationToken;
+
+/// A command refused for input the user can fix: the binary exits 2 with its line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// Cancels `token` on Ctrl-C or SIGTERM.
 pub(crate) async fn cancel_on_signal(token: CancellationToken) {

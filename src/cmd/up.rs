@@ -25,6 +25,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use moebius_worker::config::ModelConfig;
+
+use super::coordinator::BalanceArgs;
 use super::supervise::Backoff;
 
 /// The checkpoint `up` serves when no `--model` is given (relative to the repository root).
@@ -65,6 +68,15 @@ pub struct UpArgs {
     /// Lease TTL of workers and coordinator, in seconds (how fast a dead worker is noticed).
     #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
+    /// Address of the coordinator's admin service (`moebius admin`); port 0 picks a free one.
+    #[arg(long, env = "MOEBIUS_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
+    pub admin_listen: SocketAddr,
+    /// Seconds between the workers' samples of their expert load (published for the
+    /// balancer).
+    #[arg(long, default_value_t = 5.0)]
+    pub stats_interval_s: f64,
+    #[command(flatten)]
+    pub balance: BalanceArgs,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -74,9 +86,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         );
     }
     let model = resolve_model(args.model.as_deref())?;
-    let experts = moebius_worker::config::ModelConfig::from_dir(&model)
-        .with_context(|| format!("cannot read the model at {}", model.display()))?
-        .n_routed_experts;
+    let config = ModelConfig::from_dir(&model)
+        .with_context(|| format!("cannot read the model at {}", model.display()))?;
+    let experts = config.n_routed_experts;
     if args.workers > experts {
         return Err(moebius_worker::Error::InvalidRequest(format!(
             "--workers {} is more than the model's {experts} routed experts",
@@ -84,6 +96,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         ))
         .into());
     }
+    args.balance.interval()?;
+    stats_interval(args.stats_interval_s)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,13 +106,21 @@ pub fn run(args: UpArgs) -> Result<()> {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(super::cancel_on_signal(shutdown.clone()));
         let result = match &args.etcd {
-            None => in_process(&args, &model, experts, shutdown.clone()).await,
+            None => in_process(&args, &model, &config, shutdown.clone()).await,
             Some(etcd) => with_processes(&args, &model, etcd, shutdown.clone()).await,
         };
         shutdown.cancel();
         signals.abort();
         result
     })
+}
+
+/// `--stats-interval-s` as a duration, or a one-line error naming the flag.
+pub fn stats_interval(seconds: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--stats-interval-s {seconds}: give a number of seconds above 0"))
 }
 
 /// The bundled checkpoint is found from the working directory (a clone's root) or, for a
@@ -120,6 +142,8 @@ pub fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
 /// A cluster running inside this process on the in-memory store.
 pub struct LocalCluster {
     pub router_addr: SocketAddr,
+    /// The coordinator's admin service.
+    pub admin_addr: SocketAddr,
     pub epoch: EpochRecord,
     parts: Vec<LocalPart>,
     /// Each part's run, by its index in `parts`.
@@ -132,12 +156,15 @@ struct LocalPart {
     start: Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, Result<()>> + Send + Sync>,
     backoff: Backoff,
     started: Instant,
+    /// A worker that stops without an error was drained: it is not started again.
+    worker: bool,
 }
 
 /// What an in-process cluster is made of.
 pub struct LocalOptions<'a> {
     pub model: &'a Path,
     pub experts: usize,
+    pub expert_groups: usize,
     pub workers: usize,
     pub listen: SocketAddr,
     pub cluster: &'a str,
@@ -145,6 +172,36 @@ pub struct LocalOptions<'a> {
     pub threads: usize,
     pub bf16_activations: bool,
     pub lease_ttl: Duration,
+    pub admin_listen: SocketAddr,
+    pub stats_interval: Duration,
+    pub redundant_experts: usize,
+    pub rebalance_threshold: f64,
+    pub rebalance_interval: Duration,
+}
+
+impl<'a> LocalOptions<'a> {
+    /// Two workers of `model` on free ports, the flags' defaults otherwise.
+    pub fn new(model: &'a Path, config: &ModelConfig) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let coordinator = moebius_coordinator::CoordinatorConfig::default();
+        Self {
+            model,
+            experts: config.n_routed_experts,
+            expert_groups: config.n_group.max(1),
+            workers: 2,
+            listen: any,
+            cluster: "default",
+            capacity: 64,
+            threads: 0,
+            bf16_activations: false,
+            lease_ttl: Duration::from_secs(5),
+            admin_listen: any,
+            stats_interval: moebius_worker::service::WorkerConfig::default().stats_interval,
+            redundant_experts: 0,
+            rebalance_threshold: coordinator.rebalance_threshold,
+            rebalance_interval: coordinator.rebalance_interval,
+        }
+    }
 }
 
 impl LocalCluster {
@@ -183,6 +240,10 @@ impl LocalCluster {
                 return;
             }
             let part = &mut self.parts[index];
+            if part.worker && why == "stopped" {
+                println!("[up] {} drained and stopped; not started again", part.name);
+                continue;
+            }
             part.backoff.ran_for(part.started.elapsed());
             let after = part.backoff.next();
             println!("[up] {} {why}; starting it again in {after:?}", part.name);
@@ -204,27 +265,43 @@ pub async fn start_local(
 ) -> Result<LocalCluster> {
     let store: Arc<dyn TopologyStore> = Arc::new(MemoryStore::new());
     let mut parts = Vec::new();
+    let admin_listener = tokio::net::TcpListener::bind(options.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on --admin-listen {}", options.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let (admin, link) = moebius_coordinator::admin::channel();
+    tokio::spawn(moebius_coordinator::admin::service::serve(
+        admin_listener,
+        admin,
+        shutdown.clone(),
+    ));
     let coordinator = moebius_coordinator::CoordinatorConfig {
         id: "coordinator".into(),
         cluster: options.cluster.to_string(),
         expected_workers: options.workers,
         num_experts: options.experts,
+        expert_groups: options.expert_groups,
         lease_ttl: options.lease_ttl,
+        redundant_experts: options.redundant_experts,
+        rebalance_threshold: options.rebalance_threshold,
+        rebalance_interval: options.rebalance_interval,
+        admin_address: Some(admin_addr.to_string()),
         ..Default::default()
     };
     let store_c = store.clone();
     parts.push(LocalPart {
         name: "coordinator".into(),
         start: Arc::new(move |stop| {
-            let (config, store) = (coordinator.clone(), store_c.clone());
+            let (config, store, link) = (coordinator.clone(), store_c.clone(), link.clone());
             Box::pin(async move {
-                moebius_coordinator::run(config, store, stop)
+                moebius_coordinator::run_with_admin(config, store, stop, Some(link))
                     .await
                     .context("coordinator")
             })
         }),
         backoff: Backoff::default(),
         started: Instant::now(),
+        worker: false,
     });
     for i in 0..options.workers {
         let config = moebius_worker::service::WorkerConfig {
@@ -235,6 +312,7 @@ pub async fn start_local(
             threads: options.threads,
             bf16_activations: options.bf16_activations,
             lease_ttl: options.lease_ttl,
+            stats_interval: options.stats_interval,
             ..Default::default()
         };
         let store_w = store.clone();
@@ -250,6 +328,7 @@ pub async fn start_local(
             }),
             backoff: Backoff::default(),
             started: Instant::now(),
+            worker: true,
         });
     }
     let router = moebius_router::RouterConfig {
@@ -289,17 +368,16 @@ pub async fn start_local(
         }),
         backoff: Backoff::default(),
         started: Instant::now(),
+        worker: false,
     });
     let mut cluster = LocalCluster {
         router_addr: options.listen,
+        admin_addr,
         epoch: EpochRecord {
             epoch: 0,
             state: EpochState::Pending,
             workers: Vec::new(),
-            placement: moebius_coordinator::Placement {
-                num_experts: options.experts,
-                ranks: Vec::new(),
-            },
+            placement: moebius_coordinator::Placement::uniform(options.experts, Vec::new()),
         },
         parts,
         tasks: JoinSet::new(),
@@ -333,12 +411,10 @@ pub async fn start_local(
 async fn in_process(
     args: &UpArgs,
     model: &Path,
-    experts: usize,
+    config: &ModelConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let options = LocalOptions {
-        model,
-        experts,
         workers: args.workers,
         listen: args.listen,
         cluster: &args.cluster,
@@ -346,13 +422,20 @@ async fn in_process(
         threads: args.threads,
         bf16_activations: args.bf16_activations,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        admin_listen: args.admin_listen,
+        stats_interval: stats_interval(args.stats_interval_s)?,
+        redundant_experts: args.balance.redundant_experts,
+        rebalance_threshold: args.balance.rebalance_threshold,
+        rebalance_interval: args.balance.interval()?,
+        ..LocalOptions::new(model, config)
     };
     let mut cluster = match start_local(&options, &shutdown).await {
         Ok(cluster) => cluster,
         Err(_) if shutdown.is_cancelled() => return Ok(()),
         Err(e) => return Err(e),
     };
-    banner(cluster.router_addr, model, &cluster.epoch);
+    let admin = cluster.admin_addr.to_string();
+    banner(cluster.router_addr, Some(&admin), model, &cluster.epoch);
     // Serve until Ctrl-C, starting again whatever stops; then stop every part.
     cluster.supervise(&shutdown).await;
     shutdown.cancel();
@@ -389,12 +472,21 @@ async fn wait_active(store: &dyn TopologyStore, cluster: &str) -> Result<EpochRe
     }
 }
 
-fn banner(addr: SocketAddr, model: &Path, epoch: &EpochRecord) {
+/// The admin address the leading coordinator announced, if any.
+async fn announced_admin(store: &dyn TopologyStore, cluster: &str) -> Option<String> {
+    let keys = Keys::new(cluster);
+    let leader = store.get(&keys.leader()).await.ok()??;
+    let id: String = serde_json::from_slice(&leader.value).ok()?;
+    let admin = store.get(&keys.admin(&id)).await.ok()??;
+    String::from_utf8(admin.value).ok()
+}
+
+fn banner(addr: SocketAddr, admin: Option<&str>, model: &Path, epoch: &EpochRecord) {
     let ranks: Vec<String> = epoch
         .workers
         .iter()
-        .zip(&epoch.placement.ranks)
-        .map(|(w, s)| format!("{} ({} experts)", w.id, s.len()))
+        .enumerate()
+        .map(|(r, w)| format!("{} ({} experts)", w.id, epoch.placement.slots(0, r).len()))
         .collect();
     println!("moebius is up: router on {addr}, model {}", model.display());
     println!(
@@ -407,6 +499,9 @@ fn banner(addr: SocketAddr, model: &Path, epoch: &EpochRecord) {
     println!(
         "  grpcurl -plaintext -d '{{\"text\": \"The river\", \"max_new_tokens\": 16, \"ignore_eos\": true}}' {addr} moebius.v1.Inference/Generate"
     );
+    if let Some(admin) = admin {
+        println!("operate it: moebius admin topology --coordinator {admin}");
+    }
     println!("Ctrl-C stops the cluster.");
 }
 
@@ -419,6 +514,8 @@ struct Part {
     backoff: Backoff,
     /// When a stopped part is started again.
     restart_at: Option<Instant>,
+    /// A worker that exits 0 was drained: it is not started again.
+    worker: bool,
 }
 
 impl Part {
@@ -430,10 +527,23 @@ impl Part {
         relays: &mut JoinSet<()>,
         lines: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<()> {
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(&self.args)
             .stdout(Stdio::piped())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe.
+        unsafe {
+            // A part outlives no `up` that is killed outright (SIGKILL runs no destructors):
+            // the kernel sends it SIGTERM when `up` dies, and it shuts down as after Ctrl-C.
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {}", self.name))?;
         println!(
@@ -488,6 +598,7 @@ async fn with_processes(
             started: Instant::now(),
             backoff: Backoff::default(),
             restart_at: None,
+            worker: sub == "worker",
         }
     };
     let mut parts = vec![part(
@@ -500,6 +611,14 @@ async fn with_processes(
             args.workers.to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
+            "--admin-listen".into(),
+            args.admin_listen.to_string(),
+            "--redundant-experts".into(),
+            args.balance.redundant_experts.to_string(),
+            "--rebalance-threshold".into(),
+            args.balance.rebalance_threshold.to_string(),
+            "--rebalance-interval-s".into(),
+            args.balance.rebalance_interval_s.to_string(),
         ],
     )];
     for i in 0..args.workers {
@@ -514,6 +633,8 @@ async fn with_processes(
             args.threads.to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
+            "--stats-interval-s".into(),
+            args.stats_interval_s.to_string(),
         ];
         if args.bf16_activations {
             extra.push("--bf16-activations".into());
@@ -546,12 +667,13 @@ async fn with_processes(
             }
         };
         let epoch = wait_active(&store, &args.cluster).await?;
-        Ok::<_, anyhow::Error>((addr, epoch))
+        let admin = announced_admin(&store, &args.cluster).await;
+        Ok::<_, anyhow::Error>((addr, admin, epoch))
     };
     let outcome = tokio::select! {
-        started = started => started.map(|(addr, epoch)| banner(addr, Path::new(&model), &epoch)),
+        started = started => started.map(|(addr, admin, epoch)| banner(addr, admin.as_deref(), Path::new(&model), &epoch)),
         _ = shutdown.cancelled() => Ok(()),
-        (i, status) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
+        (i, status, _) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
     };
     // The router's lines are not needed any more; its relay goes on printing them.
     drop(lines);
@@ -572,9 +694,13 @@ async fn supervise(
         let restart_at = parts.iter().filter_map(|p| p.restart_at).min();
         tokio::select! {
             () = shutdown.cancelled() => return,
-            (i, status) = next_exit(parts) => {
+            (i, status, success) = next_exit(parts) => {
                 let part = &mut parts[i];
                 part.child = None;
+                if part.worker && success {
+                    println!("[up] {} exited ({status}) after a drain; not started again", part.name);
+                    continue;
+                }
                 part.backoff.ran_for(part.started.elapsed());
                 let after = part.backoff.next();
                 println!("[up] {} exited ({status}); starting it again in {after:?}", part.name);
@@ -601,16 +727,19 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Resolves when a running part exits: its index and how it ended. Never, while none runs.
-async fn next_exit(parts: &mut [Part]) -> (usize, String) {
+/// Resolves when a running part exits: its index, how it ended, and whether it exited 0.
+/// Never, while none runs.
+async fn next_exit(parts: &mut [Part]) -> (usize, String, bool) {
     let waits: Vec<_> = parts
         .iter_mut()
         .enumerate()
         .filter_map(|(i, p)| p.child.as_mut().map(|c| (i, c)))
         .map(|(i, child)| {
             Box::pin(async move {
-                let status = child.wait().await;
-                (i, status.map_or_else(|e| e.to_string(), |s| s.to_string()))
+                match child.wait().await {
+                    Ok(s) => (i, s.to_string(), s.success()),
+                    Err(e) => (i, e.to_string(), false),
+                }
             })
         })
         .collect();

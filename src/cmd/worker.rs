@@ -63,6 +63,10 @@ pub struct WorkerArgs {
     /// hung peer is noticed. One layer of the slowest rank's step must fit in it.
     #[arg(long, env = "MOEBIUS_WORKER_DATA_TIMEOUT_S", default_value_t = 5.0)]
     data_timeout_s: f64,
+    /// Seconds between samples of the expert load, published under stats/<id> for the
+    /// balancer and shown in the Status RPC.
+    #[arg(long, env = "MOEBIUS_WORKER_STATS_INTERVAL_S", default_value_t = 5.0)]
+    stats_interval_s: f64,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -91,6 +95,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         bf16_activations: args.bf16_activations,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         data_timeout,
+        stats_interval: super::up::stats_interval(args.stats_interval_s)?,
         ..WorkerConfig::default()
     };
     config.validate()?;

@@ -35,6 +35,21 @@ pub fn requests(n: u32, max_new_tokens: u32, sampled: bool) -> Vec<GenerateReque
         .collect()
 }
 
+/// `n` greedy requests whose prompts repeat a few tokens (a skewed mix: most rows go to the
+/// same experts), each still distinct in its last token.
+pub fn skewed_requests(n: u32, max_new_tokens: u32) -> Vec<GenerateRequest> {
+    (0..n)
+        .map(|i| GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds {
+                ids: vec![0, 5 + i % 2, 5 + i % 2, 9 + i],
+            })),
+            max_new_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// What one client received.
 #[derive(Debug, Clone, Default)]
 pub struct Received {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod up;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ pub struct Process {
 impl Process {
     /// Starts `moebius <args>` and waits for a stdout line starting with `ready_prefix`;
     /// returns the process and the rest of that line.
-    fn start(name: &str, args: &[String], ready_prefix: &str) -> (Self, String) {
+    pub fn start(name: &str, args: &[String], ready_prefix: &str) -> (Self, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moebius"))
             .args(args)
             .env("MOEBIUS_LOG", "info")
@@ -157,22 +158,16 @@ pub struct Cluster {
     pub etcd: EtcdServer,
 }
 
-/// The logical experts a placement record gives a slot to, sorted, each once.
-pub fn placed_experts(placement: &serde_json::Value) -> Vec<u64> {
-    let mut placed: Vec<u64> = placement["placement"]["ranks"]
-        .as_array()
-        .expect("ranks")
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .expect("slots")
-                .iter()
-                .map(|e| e.as_u64().expect("id"))
-        })
-        .collect();
-    placed.sort_unstable();
-    placed.dedup();
-    placed
+/// The logical experts a placement record gives a slot to in every MoE layer, sorted, each once.
+pub fn placed_experts(record: &serde_json::Value) -> Vec<u64> {
+    let record: moebius_coordinator::EpochRecord =
+        serde_json::from_value(record.clone()).expect("an epoch record");
+    let p = &record.placement;
+    let layers = p.layers.len().max(1);
+    (0..p.num_experts)
+        .filter(|e| (0..layers).all(|l| p.layer(l).iter().flatten().any(|x| x == e)))
+        .map(|e| e as u64)
+        .collect()
 }
 
 impl Cluster {
@@ -226,6 +221,8 @@ impl Cluster {
                         &ttl,
                         "--id",
                         &id,
+                        "--admin-listen",
+                        "127.0.0.1:0",
                     ]),
                 ]
                 .concat(),

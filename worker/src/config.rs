@@ -312,7 +312,14 @@ impl ModelConfig {
 
     /// Whether any layer is a MoE layer.
     pub fn has_moe_layers(&self) -> bool {
-        (0..self.num_hidden_layers).any(|l| self.is_moe_layer(l))
+        self.moe_layer_count() > 0
+    }
+
+    /// Number of MoE layers (what a placement and the expert load count layers among).
+    pub fn moe_layer_count(&self) -> usize {
+        (0..self.num_hidden_layers)
+            .filter(|&l| self.is_moe_layer(l))
+            .count()
     }
 
     /// Query/key head width: the no-position part plus the rotary part.

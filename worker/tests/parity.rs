@@ -6,9 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
+use moebius_coordinator::Placement;
 use moebius_worker::engine::{
     run_group, GenerateOutput, GenerateRequest, GroupOptions, LoadedModel, Transport,
 };
+use moebius_worker::model::{Model, RankSpec};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -68,6 +70,7 @@ fn run(
         transport,
         threads: 1,
         token_budget: 16,
+        placement: None,
     };
     run_group(model, &options, requests, |_, _| {})
         .expect("generation succeeds")
@@ -232,4 +235,115 @@ fn bf16_activations_stay_near_transformers_in_prefill() {
          f32 reference",
         outputs.len()
     );
+}
+
+/// A per-layer placement with redundant experts, the shape the balancer writes: every MoE layer
+/// its own slots, hot experts in two or three slots on different ranks, and ranks with more
+/// slots than others.
+fn skewed_placement(experts: usize, moe_layers: usize, ranks: usize) -> Placement {
+    let layers = (0..moe_layers)
+        .map(|l| {
+            let mut plan = vec![Vec::new(); ranks];
+            for e in 0..experts {
+                // Rotate the layout per layer; each layer replicates other experts.
+                let home = (e + l) % ranks;
+                plan[home].push(e);
+                if (e + l) % 3 == 0 {
+                    plan[(home + 1) % ranks].push(e);
+                }
+                if (e + 2 * l) % 5 == 0 {
+                    plan[(home + 2) % ranks].push(e);
+                }
+            }
+            plan
+        })
+        .collect();
+    Placement {
+        num_experts: experts,
+        layers,
+    }
+}
+
+#[test]
+fn per_layer_placements_with_redundant_experts_give_identical_results() {
+    for name in ["tiny-v3", "tiny-v2"] {
+        let golden = golden(name);
+        let model = LoadedModel::open(&fixture(name), 1).expect("fixture loads");
+        let reference = run(&model, 1, Transport::Local, requests(&golden));
+        let experts = model.config.n_routed_experts;
+        let moe_layers = model.config.moe_layer_count();
+        for ranks in [2, 3] {
+            let placement = skewed_placement(experts, moe_layers, ranks);
+            placement
+                .validate_for(moe_layers)
+                .expect("a valid placement");
+            let options = GroupOptions {
+                ranks,
+                transport: Transport::Tcp,
+                threads: 1,
+                token_budget: 16,
+                placement: Some(placement.clone()),
+            };
+            let (outputs, report) = run_group(&model, &options, requests(&golden), |_, _| {})
+                .expect("generation succeeds");
+            let slots: usize = (0..moe_layers)
+                .map(|l| placement.layer(l).iter().map(Vec::len).sum::<usize>())
+                .sum();
+            assert!(
+                slots > experts * moe_layers,
+                "the placement must have redundant slots"
+            );
+            eprintln!(
+                "{name} ep={ranks}: {slots} slots for {} experts; expert bytes {:?}",
+                experts * moe_layers,
+                report.expert_bytes
+            );
+            for ((ours, theirs), case) in outputs.iter().zip(&reference).zip(&golden.cases) {
+                let tag = format!("{name}/{} ep={ranks} per-layer", case.name);
+                assert_eq!(ours.token_ids, theirs.token_ids, "{tag}: tokens differ");
+                let d = max_diff(&ours.logprobs, &theirs.logprobs);
+                assert!(d < 1e-4, "{tag}: logprobs differ by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_new_placement_reads_only_the_slots_that_moved() {
+    let model = LoadedModel::open(&fixture("tiny-v3"), 1).expect("fixture loads");
+    let experts = model.config.n_routed_experts;
+    let moe_layers = model.config.moe_layer_count();
+    let before = Placement::even(experts, 2).expect("even");
+    let first = Model::new(model.shared.clone(), &model.checkpoint, &before, 0).expect("rank 0");
+    // Layer 0: rank 0 gives up its last expert and takes expert `experts - 1` twice as well as
+    // keeping the rest; the other layers do not change.
+    let mut after = before.expanded(moe_layers);
+    let half = experts / 2;
+    after[0][0] = (0..half - 1).chain([experts - 1, experts - 1]).collect();
+    after[0][1] = (half - 1..experts).collect();
+    let after = Placement {
+        num_experts: experts,
+        layers: after,
+    };
+    let spec = RankSpec {
+        placement: &after,
+        rank: 0,
+        previous: Some(&first.experts),
+        load: Some(first.load().clone()),
+    };
+    let (second, reload) =
+        Model::build(model.shared.clone(), &model.checkpoint, spec).expect("rank 0 again");
+    let layer0 = (0..model.config.num_hidden_layers)
+        .find(|&l| model.config.is_moe_layer(l))
+        .expect("a MoE layer");
+    // Only the new expert is read, once for its two slots; everything else is taken over.
+    assert_eq!(reload.loaded, 1, "{reload:?}");
+    assert_eq!(reload.reused, half * moe_layers, "{reload:?}");
+    assert!(second.experts.shares_slot(&first.experts, layer0, 0));
+    assert!(!second.experts.shares_slot(&first.experts, layer0, half - 1));
+    assert_eq!(second.experts.slots()[0], after.slots(0, 0));
+    let last = model.config.num_hidden_layers - 1;
+    assert!(model.config.is_moe_layer(last));
+    assert!(second.experts.shares_slot(&first.experts, last, half - 1));
+    assert!(std::sync::Arc::ptr_eq(first.load(), second.load()));
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moebius_coordinator::{
-    EpochRecord, EpochState, Keys, MemoryStore, Placement, SuspectReport, TopologyStore, WorkerInfo,
+    EpochRecord, EpochState, Keys, LoadStats, MemoryStore, Placement, SuspectReport, TopologyStore,
+    WorkerInfo,
 };
 use moebius_proto::v1 as pb;
 use moebius_proto::v1::generate_request::Prompt;
@@ -22,6 +23,8 @@ use tonic::Code;
 
 const FIXTURE: &str = "tiny-v3-yarn";
 const EXPERTS: usize = 10;
+/// MoE layers of the fixture.
+const MOE_LAYERS: usize = 2;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,6 +61,7 @@ impl Cluster {
                 threads: 1,
                 lease_ttl: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(2),
+                stats_interval: Duration::from_millis(100),
                 ..WorkerConfig::default()
             };
             config.validate().expect("test config is valid");
@@ -268,6 +272,32 @@ fn reference(requests: Vec<GenerateRequest>) -> Vec<moebius_worker::engine::Gene
         .0
 }
 
+/// Waits until worker `i`'s status counts `rows` routed rows in every MoE layer.
+async fn wait_load(cluster: &Cluster, i: usize, rows: u64) -> pb::StatusResponse {
+    let mut client = cluster.client(i).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let sums: Vec<u64> = status
+            .expert_load
+            .iter()
+            .map(|l| l.tokens.iter().sum())
+            .collect();
+        if !sums.is_empty() && sums.iter().all(|&s| s == rows) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {i} counts {sums:?} rows per layer, not {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn prompts() -> Vec<Vec<u32>> {
     vec![
         vec![0, 17, 42, 99],
@@ -442,6 +472,36 @@ async fn concurrent_streams_all_finish_in_shared_batches() {
     assert_eq!(status.expert_slots, vec![0, 1, 2, 3, 4]);
     assert!(status.expert_bytes > 0);
     assert_eq!(status.active_sequences, 0);
+
+    // Every row of w0's own sequences was counted once per expert it went to, in each MoE
+    // layer: 16 streams × (4 prompt tokens + 19 fed-back tokens) × top-3. w1 routed nothing
+    // of its own.
+    let rows = 16 * (4 + 19) * 3;
+    let load = wait_load(&cluster, 0, rows).await;
+    assert_eq!(load.expert_load.len(), MOE_LAYERS);
+    assert!(load.load_window_seconds > 0.0);
+    let w1 = wait_load(&cluster, 1, 0).await;
+    assert_eq!(w1.expert_load.len(), MOE_LAYERS);
+    // ...and the same counts are published under stats/w0 for the balancer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = cluster
+            .store
+            .get(&cluster.keys.stats("w0"))
+            .await
+            .expect("get");
+        let stats: Option<LoadStats> =
+            stats.map(|kv| serde_json::from_slice(&kv.value).expect("LoadStats"));
+        if let Some(s) = stats.filter(|s| s.tokens.iter().all(|l| l.iter().sum::<u64>() == rows)) {
+            assert_eq!(
+                (s.id.as_str(), s.epoch, s.tokens.len()),
+                ("w0", 1, MOE_LAYERS)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "stats/w0 never showed the load");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.stop().await;
 }
 
@@ -623,9 +683,20 @@ async fn an_epoch_change_mid_generation_loses_nothing() {
     tokens.extend(first.token_ids);
     // Epoch 2: three ranks, each with a different (strided) set of slots, and a redundant
     // copy of expert 0 on the new rank.
+    // The first MoE layer differs from the others.
+    let strided = vec![vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8, 0]];
+    let shifted = vec![vec![0, 1, 2, 3], vec![4, 5, 6, 9], vec![7, 8, 9]];
     let placement = Placement {
         num_experts: EXPERTS,
-        ranks: vec![vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8, 0]],
+        layers: (0..MOE_LAYERS)
+            .map(|l| {
+                if l == 0 {
+                    strided.clone()
+                } else {
+                    shifted.clone()
+                }
+            })
+            .collect(),
     };
     let record = cluster.propose(2, &[0, 1, 2], placement).await;
     // Every member acknowledged, so every rank has paused and installed epoch 2; the sequence
@@ -664,6 +735,19 @@ async fn an_epoch_change_mid_generation_loses_nothing() {
         .into_inner();
     assert_eq!((status.epoch, status.rank), (2, 0));
     assert_eq!(status.expert_slots, vec![0, 3, 6, 9]);
+    let layers: Vec<Vec<u32>> = status
+        .layer_slots
+        .iter()
+        .map(|l| l.experts.clone())
+        .collect();
+    assert_eq!(layers[0], [0, 3, 6, 9]);
+    assert_eq!(layers[1..], vec![vec![0, 1, 2, 3]; MOE_LAYERS - 1]);
+    // w0 held experts 0-4 in every layer: of its new slots, only 6 and 9 in the first layer
+    // were read; 0 and 3 there, and 0-3 everywhere else, were kept.
+    assert_eq!(
+        (status.slots_loaded, status.slots_kept),
+        (2, 2 + 4 * (MOE_LAYERS as u32 - 1))
+    );
     // The new rank serves too, with the same results.
     let mut c2 = cluster.client(2).await;
     let got = generate(&mut c2, ids_request(vec![0, 17, 42, 99], 12))

@@ -19,19 +19,32 @@
 //! that lost the leadership cannot write at all. A store that cannot be reached does not end the
 //! leadership: the leader retries (with a growing pause) and re-reads the record when the store
 //! answers again.
+//!
+//! Placements come from the [`planner`]: a changed group is planned from the load the workers
+//! publish under `stats/`, keeping each worker's experts where it can; every
+//! `rebalance_interval` the leader rebalances an unchanged group when the measured imbalance
+//! passes `rebalance_threshold`. The admin requests ([`crate::admin`]) are answered here, between
+//! the other work: the topology, a rebalance (or its dry run), a new count of redundant experts,
+//! and drain orders (`drain/<id>`; a draining worker shuts itself down, and the order is deleted
+//! when its key is gone).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, MutexGuard};
 use tokio::time::Instant;
 
 use super::probe;
 
 use super::{leader_value, Ctx};
+use crate::admin::{AdminError, AdminRequest, PlanReport, TopologyView};
 use crate::error::CoordinatorError;
-use crate::placement::Placement;
+use crate::placement::{LayerPlan, Placement};
+use crate::planner::{self, Experts, Load, Plan, PlanError};
 use crate::store::{Fence, KeyValue, LeaseId, Revision, StoreError, WatchEvent};
-use crate::topology::{EpochRecord, EpochState, SuspectReport, WorkerInfo};
+use crate::topology::{
+    ClusterSettings, DrainOrder, EpochRecord, EpochState, LoadStats, SuspectReport, WorkerInfo,
+};
 use crate::watch::{Change, PrefixWatch};
 
 /// First pause after a failed store call while leading; doubles up to `MAX_RETRY`.
@@ -42,6 +55,9 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 const REFORM_SETTLE: Duration = Duration::from_millis(50);
 /// How long a suspect's health service has to answer to count as alive.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A rebalance keeps a layer's slots unless EPLB's plan lowers its imbalance by more than this
+/// fraction, so that a rebalance moves few weights.
+const MIN_GAIN: f64 = 0.05;
 
 /// The group of the current epoch failed: re-form it.
 struct Reform {
@@ -81,6 +97,17 @@ struct Leader<'a> {
     /// Workers excluded as gone, by id and incarnation: not taken back until they register
     /// anew.
     excluded: BTreeMap<String, u64>,
+    /// The load each worker published.
+    stats: BTreeMap<String, LoadStats>,
+    stats_watch: PrefixWatch,
+    /// Workers an operator asked to drain.
+    draining: BTreeSet<String>,
+    drains_watch: PrefixWatch,
+    settings: ClusterSettings,
+    /// When the load is next looked at for a rebalance.
+    next_rebalance: Instant,
+    /// The admin requests, held while this term leads.
+    admin: Option<MutexGuard<'a, mpsc::Receiver<AdminRequest>>>,
 }
 
 /// Leads until leadership is lost (or the placement record is corrupt).
@@ -88,8 +115,32 @@ pub(super) async fn lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorErr
     let mut workers_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.workers());
     let mut leader_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.leader());
     let suspects_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.suspects());
+    let stats_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.stats_prefix());
+    let drains_watch = PrefixWatch::new(ctx.store.clone(), ctx.keys.drains());
     let workers = workers_watch.next().await;
     let leader_now = leader_watch.next().await;
+    let settings = match ctx.store.get(&ctx.keys.settings()).await? {
+        Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the cluster settings are not valid JSON; using the flags");
+            ClusterSettings {
+                redundant_experts: ctx.config.redundant_experts,
+            }
+        }),
+        None => ClusterSettings {
+            redundant_experts: ctx.config.redundant_experts,
+        },
+    };
+    if settings.redundant_experts != ctx.config.redundant_experts {
+        tracing::info!(
+            stored = settings.redundant_experts,
+            flag = ctx.config.redundant_experts,
+            "an operator set the redundant experts; the stored count wins"
+        );
+    }
+    let admin = match &ctx.admin {
+        Some(requests) => Some(requests.lock().await),
+        None => None,
+    };
     let mut leader = Leader {
         ctx,
         fence: Fence {
@@ -108,6 +159,13 @@ pub(super) async fn lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorErr
         reform: None,
         blamed_before: BTreeSet::new(),
         excluded: BTreeMap::new(),
+        stats: BTreeMap::new(),
+        stats_watch,
+        draining: BTreeSet::new(),
+        drains_watch,
+        settings,
+        next_rebalance: Instant::now() + ctx.config.rebalance_interval,
+        admin,
     };
     leader.check_leader(leader_now)?;
     leader.apply_workers(workers);
@@ -126,6 +184,19 @@ pub(super) async fn lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorErr
         }
     }
     leader.run().await
+}
+
+/// The next admin request; never resolves without an admin channel (or once it closed).
+async fn next_request(
+    admin: &mut Option<MutexGuard<'_, mpsc::Receiver<AdminRequest>>>,
+) -> AdminRequest {
+    match admin {
+        Some(rx) => match rx.recv().await {
+            Some(request) => request,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits on an optional watch; never resolves when there is none.
@@ -171,6 +242,7 @@ impl Leader<'_> {
     /// Activates a fully acknowledged epoch, then handles one change (or forms an epoch).
     async fn step(&mut self) -> Result<(), CoordinatorError> {
         self.maybe_activate().await?;
+        self.clear_finished_drains().await?;
         let mut desired = self.desired();
         let due = desired.as_ref().map_or_else(Instant::now, |(_, due)| *due);
         tokio::select! {
@@ -178,6 +250,15 @@ impl Leader<'_> {
             change = self.leader_watch.next() => self.check_leader(change)?,
             change = next_of(&mut self.ready_watch) => self.apply_ready(change),
             change = self.suspects_watch.next() => self.apply_suspects(change),
+            change = self.stats_watch.next() => self.apply_stats(change),
+            change = self.drains_watch.next() => self.apply_drains(change),
+            request = next_request(&mut self.admin) => self.answer(request).await?,
+            () = tokio::time::sleep_until(self.next_rebalance) => {
+                self.next_rebalance = Instant::now() + self.ctx.config.rebalance_interval;
+                if desired.is_none() {
+                    self.auto_rebalance().await?;
+                }
+            }
             _ = tokio::time::sleep_until(due), if desired.is_some() => {
                 if let Some((workers, _)) = desired.take() {
                     let workers = self.without_the_gone(workers).await;
@@ -395,7 +476,7 @@ impl Leader<'_> {
             if chosen.len() >= cap {
                 break;
             }
-            if self.excluded.get(id) == Some(&live.info.incarnation) {
+            if self.excluded.get(id) == Some(&live.info.incarnation) || self.draining.contains(id) {
                 continue;
             }
             chosen.entry(id.as_str()).or_insert(&live.info);
@@ -410,8 +491,17 @@ impl Leader<'_> {
     }
 
     async fn write_epoch(&mut self, workers: Vec<WorkerInfo>) -> Result<(), CoordinatorError> {
+        let placement = self.plan_for(&workers)?;
+        self.write_record(workers, placement).await.map(drop)
+    }
+
+    /// Writes the next epoch with `workers` and `placement`; returns its number when written.
+    async fn write_record(
+        &mut self,
+        workers: Vec<WorkerInfo>,
+        placement: Placement,
+    ) -> Result<Option<u64>, CoordinatorError> {
         let epoch = self.record.as_ref().map_or(1, |r| r.epoch + 1);
-        let placement = Placement::even(self.ctx.config.num_experts, workers.len())?;
         let record = EpochRecord {
             epoch,
             state: EpochState::Pending,
@@ -423,9 +513,11 @@ impl Leader<'_> {
         } else {
             0
         };
-        if swap_record(self.ctx, &self.fence, expected, &record).await? {
+        let written = swap_record(self.ctx, &self.fence, expected, &record).await?;
+        if written {
             tracing::info!(
                 epoch, ranks = record.workers.len(), workers = ?ids(&record.workers),
+                per_layer = !record.placement.is_uniform(),
                 "epoch formed (pending)"
             );
             self.reform = None;
@@ -435,7 +527,374 @@ impl Leader<'_> {
                 "the placement changed under this leader; re-reading it"
             );
         }
-        self.reload_record().await
+        self.reload_record().await?;
+        Ok(written.then_some(epoch))
+    }
+
+    /// The expert model for a group of `ranks`: the redundant slots asked for, or as many as
+    /// fit (a group that shrank may hold fewer).
+    fn experts_for(&self, ranks: usize) -> Experts {
+        let logical = self.ctx.config.num_experts;
+        let asked = self.settings.redundant_experts;
+        let fit = ranks.saturating_sub(1) * logical;
+        if asked > fit {
+            tracing::warn!(
+                asked,
+                fit,
+                ranks,
+                "the redundant experts do not fit this group; using fewer"
+            );
+        }
+        Experts {
+            logical,
+            groups: self.ctx.config.expert_groups,
+            redundant: asked.min(fit),
+        }
+    }
+
+    /// What each of `workers` holds now, per MoE layer: `held[layer][rank]` (empty for a
+    /// worker that is not in the current epoch).
+    fn held_by(&self, workers: &[WorkerInfo], layers: usize) -> Vec<LayerPlan> {
+        let Some(record) = &self.record else {
+            return Vec::new();
+        };
+        (0..layers)
+            .map(|l| {
+                workers
+                    .iter()
+                    .map(|w| {
+                        record
+                            .workers
+                            .iter()
+                            .position(|m| m == w)
+                            .map(|r| record.placement.slots(l, r).to_vec())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The placement of a new group of `workers`, from the load they measured.
+    fn plan_for(&self, workers: &[WorkerInfo]) -> Result<Placement, CoordinatorError> {
+        let experts = self.experts_for(workers.len());
+        let load = Load::of(&self.stats, workers, experts.logical);
+        let held = self.held_by(workers, load.as_ref().map_or(1, Load::layers));
+        match planner::for_group(experts, workers.len(), load.as_ref(), &held) {
+            Ok(placement) => Ok(placement),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot plan from the load; placing the experts evenly");
+                Ok(Placement::even(experts.logical, workers.len())?)
+            }
+        }
+    }
+
+    /// The current epoch, when it is active and nothing else is under way.
+    fn settled_record(&self) -> Result<&EpochRecord, AdminError> {
+        match &self.record {
+            None => Err(AdminError::FailedPrecondition(
+                "no epoch has been formed yet; wait for the workers to register".into(),
+            )),
+            Some(r) if r.state != EpochState::Active || self.reform.is_some() => {
+                Err(AdminError::FailedPrecondition(format!(
+                    "epoch {} is still forming; try again when it is active",
+                    r.epoch
+                )))
+            }
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// A rebalance of the current group with `experts` under the measured load.
+    fn rebalance_plan(&self, experts: Experts) -> Result<Plan, AdminError> {
+        let record = self.settled_record()?;
+        let Some(load) = Load::of(&self.stats, &record.workers, experts.logical) else {
+            return Err(AdminError::FailedPrecondition(
+                "no expert load has been measured yet: workers publish it every few seconds \
+                 while they serve requests"
+                    .into(),
+            ));
+        };
+        planner::rebalance(experts, &record.placement, &load, MIN_GAIN)
+            .map_err(|e| AdminError::FailedPrecondition(e.to_string()))
+    }
+
+    /// Applies `plan` to the current group unless `dry_run` or it changes nothing.
+    async fn apply(
+        &mut self,
+        plan: Plan,
+        dry_run: bool,
+    ) -> Result<Result<PlanReport, AdminError>, CoordinatorError> {
+        let slot_bytes = self
+            .record
+            .as_ref()
+            .and_then(|r| Load::of(&self.stats, &r.workers, self.ctx.config.num_experts))
+            .map_or(0, |l| l.slot_bytes);
+        let mut report = PlanReport {
+            bytes_to_load: plan.slots_to_load as u64 * slot_bytes,
+            epoch: None,
+            note: String::new(),
+            plan,
+        };
+        let unchanged = self
+            .record
+            .as_ref()
+            .is_none_or(|r| r.placement == report.plan.placement);
+        if unchanged || report.plan.changed_layers.is_empty() {
+            report.note = format!(
+                "no layer's imbalance improves by more than {:.0}%; nothing moves",
+                MIN_GAIN * 100.0
+            );
+            return Ok(Ok(report));
+        }
+        if dry_run {
+            return Ok(Ok(report));
+        }
+        let workers = self.record.as_ref().map(|r| r.workers.clone());
+        let Some(workers) = workers else {
+            return Ok(Err(AdminError::FailedPrecondition("no epoch yet".into())));
+        };
+        report.epoch = self
+            .write_record(workers, report.plan.placement.clone())
+            .await?;
+        if report.epoch.is_none() {
+            return Ok(Err(AdminError::Unavailable(
+                "the placement changed meanwhile; look again and retry".into(),
+            )));
+        }
+        Ok(Ok(report))
+    }
+
+    /// Rebalances on its own when the measured imbalance passes the threshold.
+    async fn auto_rebalance(&mut self) -> Result<(), CoordinatorError> {
+        let threshold = self.ctx.config.rebalance_threshold;
+        if threshold == 0.0 {
+            return Ok(());
+        }
+        let Some(ranks) = self.record.as_ref().map(|r| r.workers.len()) else {
+            return Ok(());
+        };
+        let Ok(plan) = self.rebalance_plan(self.experts_for(ranks)) else {
+            return Ok(());
+        };
+        if plan.imbalance_before <= threshold || plan.changed_layers.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            before = plan.imbalance_before,
+            after = plan.imbalance_after,
+            layers = ?plan.changed_layers,
+            slots = plan.slots_to_load,
+            "the expert load is imbalanced; rebalancing"
+        );
+        self.apply(plan, false).await.map(drop)
+    }
+
+    /// Answers one admin request.
+    async fn answer(&mut self, request: AdminRequest) -> Result<(), CoordinatorError> {
+        match request {
+            AdminRequest::Topology(reply) => {
+                let _ = reply.send(Ok(self.view()));
+            }
+            AdminRequest::Rebalance { dry_run, reply } => {
+                let ranks = self.record.as_ref().map_or(1, |r| r.workers.len());
+                let answer = match self.rebalance_plan(self.experts_for(ranks)) {
+                    Ok(plan) => self.apply(plan, dry_run).await?,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(answer);
+            }
+            AdminRequest::SetRedundant {
+                count,
+                dry_run,
+                reply,
+            } => {
+                let answer = self.set_redundant(count, dry_run).await?;
+                let _ = reply.send(answer);
+            }
+            AdminRequest::Drain { id, reply } => {
+                let answer = self.drain(id).await?;
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_redundant(
+        &mut self,
+        count: usize,
+        dry_run: bool,
+    ) -> Result<Result<PlanReport, AdminError>, CoordinatorError> {
+        let record = match self.settled_record() {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let ranks = record.workers.len();
+        let experts = Experts {
+            redundant: count,
+            ..self.experts_for(ranks)
+        };
+        if let Err(e) = planner::slots_per_rank(experts, ranks) {
+            return Ok(Err(AdminError::InvalidArgument(e.to_string())));
+        }
+        let plan = match Load::of(&self.stats, &record.workers, experts.logical) {
+            Some(load) => planner::rebalance(experts, &record.placement, &load, MIN_GAIN),
+            None => {
+                let held = self.held_by(&record.workers, 1);
+                planner::for_group(experts, ranks, None, &held).map(|placement| Plan {
+                    changed_layers: if placement == record.placement {
+                        Vec::new()
+                    } else {
+                        (0..placement.layers.len()).collect()
+                    },
+                    slots_to_load: placement.new_slots(&record.placement, 1, Some),
+                    imbalance_before: 0.0,
+                    imbalance_after: 0.0,
+                    placement,
+                })
+            }
+        };
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e @ PlanError::TooManySlots { .. }) => {
+                return Ok(Err(AdminError::InvalidArgument(e.to_string())))
+            }
+            Err(e) => return Ok(Err(AdminError::FailedPrecondition(e.to_string()))),
+        };
+        if !dry_run {
+            let settings = ClusterSettings {
+                redundant_experts: count,
+            };
+            let value = serde_json::to_vec(&settings)
+                .map_err(|e| StoreError::Other(format!("cannot encode the settings: {e}")))?;
+            self.ctx
+                .store
+                .put(&self.ctx.keys.settings(), value, None)
+                .await?;
+            self.settings = settings;
+            tracing::info!(count, "redundant experts set");
+        }
+        self.apply(plan, dry_run).await
+    }
+
+    async fn drain(&mut self, id: String) -> Result<Result<String, AdminError>, CoordinatorError> {
+        if !self.workers.contains_key(&id) {
+            return Ok(Err(AdminError::InvalidArgument(format!(
+                "no worker named {id:?} is registered; `moebius admin topology` lists them"
+            ))));
+        }
+        if self.draining.contains(&id) {
+            return Ok(Ok(format!("{id} is draining already")));
+        }
+        let others = self
+            .workers
+            .keys()
+            .filter(|w| **w != id && !self.draining.contains(*w))
+            .count();
+        if others == 0 {
+            return Ok(Err(AdminError::FailedPrecondition(format!(
+                "{id} is the last worker; draining it would leave nothing to serve requests"
+            ))));
+        }
+        let order = serde_json::to_vec(&DrainOrder { id: id.clone() })
+            .map_err(|e| StoreError::Other(format!("cannot encode the drain order: {e}")))?;
+        self.ctx
+            .store
+            .put(&self.ctx.keys.drain(&id), order, None)
+            .await?;
+        self.draining.insert(id.clone());
+        tracing::info!(worker = %id, "draining");
+        Ok(Ok(format!(
+            "{id} stops taking requests, finishes its sequences, leaves the group and exits; \
+             the next epoch places its experts on the other workers"
+        )))
+    }
+
+    fn view(&self) -> TopologyView {
+        let load = self
+            .record
+            .as_ref()
+            .and_then(|r| Load::of(&self.stats, &r.workers, self.ctx.config.num_experts));
+        TopologyView {
+            leader: self.ctx.config.id.clone(),
+            record: self.record.clone(),
+            workers: self.workers.values().map(|l| l.info.clone()).collect(),
+            draining: self.draining.clone(),
+            settings: self.settings,
+            num_experts: self.ctx.config.num_experts,
+            load,
+            routed: self
+                .stats
+                .iter()
+                .map(|(id, s)| (id.clone(), s.tokens.iter().flatten().sum()))
+                .collect(),
+        }
+    }
+
+    fn apply_stats(&mut self, change: Change) {
+        let prefix = self.ctx.keys.stats_prefix();
+        let put = |kv: KeyValue, stats: &mut BTreeMap<String, LoadStats>| {
+            let Some(id) = kv.key.strip_prefix(prefix.as_str()) else {
+                return;
+            };
+            match serde_json::from_slice::<LoadStats>(&kv.value) {
+                Ok(s) if s.id == id => {
+                    stats.insert(id.to_owned(), s);
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %kv.key, "load statistics under another id's key; ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "load statistics are not valid JSON; ignored")
+                }
+            }
+        };
+        match change {
+            Change::Snapshot(kvs) => {
+                self.stats.clear();
+                for kv in kvs {
+                    put(kv, &mut self.stats);
+                }
+            }
+            Change::Event(WatchEvent::Put(kv)) => put(kv, &mut self.stats),
+            Change::Event(WatchEvent::Delete { key, .. }) => {
+                if let Some(id) = key.strip_prefix(prefix.as_str()) {
+                    self.stats.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Deletes the drain orders of workers that are gone.
+    async fn clear_finished_drains(&mut self) -> Result<(), CoordinatorError> {
+        let gone: Vec<String> = self
+            .draining
+            .iter()
+            .filter(|id| !self.workers.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.ctx.store.delete(&self.ctx.keys.drain(&id)).await?;
+            self.draining.remove(&id);
+            tracing::info!(worker = %id, "drained");
+        }
+        Ok(())
+    }
+
+    fn apply_drains(&mut self, change: Change) {
+        let prefix = self.ctx.keys.drains();
+        let id_of = |key: &str| key.strip_prefix(prefix.as_str()).map(str::to_owned);
+        match change {
+            Change::Snapshot(kvs) => {
+                self.draining = kvs.iter().filter_map(|kv| id_of(&kv.key)).collect();
+            }
+            Change::Event(WatchEvent::Put(kv)) => self.draining.extend(id_of(&kv.key)),
+            Change::Event(WatchEvent::Delete { key, .. }) => {
+                if let Some(id) = id_of(&key) {
+                    self.draining.remove(&id);
+                }
+            }
+        }
     }
 
     /// Marks the pending epoch active once every rank acknowledged it.

@@ -5,19 +5,19 @@
 use std::time::Duration;
 
 use tonic::transport::Endpoint;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// Whether the worker at `address` (`host:port`) answers a health check within `timeout`.
-pub(super) async fn answers(address: &str, timeout: Duration) -> bool {
+/// The status the health service of the worker at `address` (`host:port`) answers within
+/// `timeout`; `None` when it does not answer.
+async fn check(address: &str, timeout: Duration) -> Option<i32> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {
         format!("http://{address}")
     };
-    let Ok(endpoint) = Endpoint::from_shared(uri) else {
-        return false;
-    };
+    let endpoint = Endpoint::from_shared(uri).ok()?;
     let check = async {
         let channel = endpoint.connect_timeout(timeout).connect().await.ok()?;
         HealthClient::new(channel)
@@ -27,5 +27,16 @@ pub(super) async fn answers(address: &str, timeout: Duration) -> bool {
             .await
             .ok()
     };
-    matches!(tokio::time::timeout(timeout, check).await, Ok(Some(_)))
+    let response = tokio::time::timeout(timeout, check).await.ok()??;
+    Some(response.into_inner().status)
+}
+
+/// Whether the worker at `address` answers a health check within `timeout`.
+pub(crate) async fn answers(address: &str, timeout: Duration) -> bool {
+    check(address, timeout).await.is_some()
+}
+
+/// Whether the worker at `address` answers SERVING within `timeout`.
+pub(crate) async fn serving(address: &str, timeout: Duration) -> bool {
+    check(address, timeout).await == Some(ServingStatus::Serving as i32)
 }

@@ -46,6 +46,8 @@ pub struct GroupOptions {
     pub threads: usize,
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
+    /// The expert slots of each rank; the even placement over `ranks` when `None`.
+    pub placement: Option<Placement>,
 }
 
 impl Default for GroupOptions {
@@ -55,6 +57,7 @@ impl Default for GroupOptions {
             transport: Transport::Local,
             threads: 0,
             token_budget: 512,
+            placement: None,
         }
     }
 }
@@ -99,8 +102,13 @@ impl LoadedModel {
     /// Builds the `ranks` models of an even placement, each with its own experts.
     pub fn rank_models(&self, ranks: usize) -> Result<Vec<Model<CpuBackend>>> {
         let placement = Placement::even(self.config.n_routed_experts.max(1), ranks)?;
-        (0..ranks)
-            .map(|r| Model::new(self.shared.clone(), &self.checkpoint, &placement, r))
+        self.models_of(&placement)
+    }
+
+    /// Builds one model per rank of `placement`, each with its own experts.
+    pub fn models_of(&self, placement: &Placement) -> Result<Vec<Model<CpuBackend>>> {
+        (0..placement.num_ranks())
+            .map(|r| Model::new(self.shared.clone(), &self.checkpoint, placement, r))
             .collect()
     }
 }
@@ -145,7 +153,17 @@ pub fn run_group(
             .map(|c| Box::new(c) as _)
             .collect(),
     };
-    let models = model.rank_models(options.ranks)?;
+    let models = match &options.placement {
+        Some(p) if p.num_ranks() != options.ranks => {
+            return Err(Error::InvalidRequest(format!(
+                "the placement has {} ranks, the group {}",
+                p.num_ranks(),
+                options.ranks
+            )))
+        }
+        Some(p) => model.models_of(p)?,
+        None => model.rank_models(options.ranks)?,
+    };
     let expert_bytes = models
         .iter()
         .map(|m| m.experts.bytes(&*model.shared.backend))
@@ -164,7 +182,7 @@ pub fn run_group(
             rank,
             model,
             comm,
-            expert_slots: Vec::new(),
+            reload: Default::default(),
         }));
         engine.resume(1)?;
     }

@@ -29,7 +29,7 @@ use crate::comm::{Communicator, Doorbell, Interrupt};
 use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
 use crate::engine::request::GenerateRequest;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{ExpertReload, Model};
 
 /// Longest an idle or paused rank sleeps before it looks at its cancelled sequences again.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
@@ -70,8 +70,11 @@ pub struct EngineStatus {
     pub active: usize,
     /// Summed over every engine this thread has had (a detach starts a new one).
     pub stats: RankStats,
-    pub expert_slots: Vec<u32>,
+    /// The logical expert of each slot, per MoE layer.
+    pub expert_slots: Arc<Vec<Vec<u32>>>,
     pub expert_bytes: u64,
+    /// How the installed epoch's experts were obtained (read, or kept from the epoch before).
+    pub reload: ExpertReload,
     /// Set when the group failed, until the next installation.
     pub failure: Option<GroupFailure>,
 }
@@ -99,7 +102,7 @@ pub struct Installation {
     pub rank: usize,
     pub model: Model<CpuBackend>,
     pub comm: Box<dyn Communicator>,
-    pub expert_slots: Vec<u32>,
+    pub reload: ExpertReload,
 }
 
 /// Messages to the engine thread.
@@ -276,9 +279,10 @@ struct EngineLoop {
     comm: Option<Box<dyn Communicator>>,
     epoch: u64,
     rank: usize,
-    expert_slots: Vec<u32>,
+    expert_slots: Arc<Vec<Vec<u32>>>,
     /// Bytes of the installed experts, counted once per installation.
     expert_bytes: u64,
+    reload: ExpertReload,
     running: bool,
     /// Stats of engines that were dropped (after a detach), so counters never go back.
     past: RankStats,
@@ -307,8 +311,9 @@ impl EngineLoop {
             comm: None,
             epoch: 0,
             rank: 0,
-            expert_slots: Vec::new(),
+            expert_slots: Arc::default(),
             expert_bytes: 0,
+            reload: ExpertReload::default(),
             running: false,
             past: RankStats::default(),
             pause_waiters: Vec::new(),
@@ -437,8 +442,14 @@ impl EngineLoop {
             rank,
             model,
             mut comm,
-            expert_slots,
+            reload,
         } = installation;
+        let expert_slots = model
+            .experts
+            .slots()
+            .into_iter()
+            .map(|l| l.into_iter().map(|e| e as u32).collect())
+            .collect();
         match &mut self.engine {
             Some(engine) => engine.reconfigure(model)?,
             None => self.engine = Some(RankEngine::new(model, self.options.token_budget)),
@@ -453,7 +464,8 @@ impl EngineLoop {
         self.comm = Some(comm);
         self.epoch = epoch;
         self.rank = rank;
-        self.expert_slots = expert_slots;
+        self.expert_slots = Arc::new(expert_slots);
+        self.reload = reload;
         self.failure = None;
         self.publish();
         Ok(())
@@ -479,7 +491,7 @@ impl EngineLoop {
             engine.fail_all(|| Error::Unavailable(reason.to_string()));
             self.past.add(engine.stats());
         }
-        self.expert_slots.clear();
+        self.expert_slots = Arc::default();
         self.expert_bytes = 0;
     }
 
@@ -534,6 +546,7 @@ impl EngineLoop {
             stats,
             expert_slots: self.expert_slots.clone(),
             expert_bytes: self.expert_bytes,
+            reload: self.reload,
             failure: self.failure.clone(),
         };
         self.status.send_if_modified(|s| {

@@ -4,6 +4,7 @@
 //! - [`rope`]: rotary embeddings (default and YaRN);
 //! - [`attention`]: MLA over the compressed per-sequence cache;
 //! - [`moe`]: the gate, routed experts and the expert-parallel exchange;
+//! - [`load`]: the tokens routed to each expert, counted for the balancer;
 //! - [`exchange`]: the wire format of that exchange, written once and read in place.
 //!
 //! The weights are split the way ranks share them: [`SharedWeights`] (embeddings, attention,
@@ -13,6 +14,7 @@
 pub mod attention;
 pub mod exchange;
 pub mod linear;
+pub mod load;
 pub mod moe;
 pub mod rope;
 
@@ -27,6 +29,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use attention::{Attention, Segment};
 use linear::{Linear, Loader, Mlp};
+pub use load::{ExpertLoad, LoadWindow};
 use moe::{Gate, MoeLayer};
 use rope::RotaryEmbedding;
 
@@ -143,50 +146,106 @@ impl<B: Backend> SharedWeights<B> {
     }
 }
 
-/// One rank's routed experts: for every MoE layer, one MLP per physical slot.
+/// One rank's routed experts: for every layer, one MLP per physical slot with the logical
+/// expert it holds. The MLPs are shared (`Arc`), so that the experts of a new epoch that this
+/// rank already holds are taken over instead of read again.
+#[derive(Clone)]
 pub struct RankExperts<B: Backend> {
     /// `layers[l]` is empty for dense layers.
-    layers: Vec<Vec<Mlp<B>>>,
+    layers: Vec<Vec<(usize, Arc<Mlp<B>>)>>,
+}
+
+/// How a rank's experts were obtained for an epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertReload {
+    /// Slots read from the checkpoint.
+    pub loaded: usize,
+    /// Slots whose weights were in memory already: kept from the previous epoch of this rank,
+    /// or a second slot of the same expert.
+    pub reused: usize,
 }
 
 impl<B: Backend> RankExperts<B> {
-    /// Reads the experts of `slots` (logical ids, in slot order) for every MoE layer.
+    /// Reads the experts of `rank` in `placement` for every MoE layer, taking over the ones
+    /// `previous` already holds.
     pub fn load(
         checkpoint: &Checkpoint,
         config: &ModelConfig,
         backend: &B,
-        slots: &[usize],
-    ) -> Result<Self> {
+        placement: &Placement,
+        rank: usize,
+        previous: Option<&RankExperts<B>>,
+    ) -> Result<(Self, ExpertReload)> {
         let loader = Loader {
             checkpoint,
             backend,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                if !config.is_moe_layer(l) {
-                    return Ok(Vec::new());
-                }
-                slots
+        let mut reload = ExpertReload::default();
+        let mut moe = 0;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            if !config.is_moe_layer(l) {
+                layers.push(Vec::new());
+                continue;
+            }
+            let held = previous.and_then(|p| p.layers.get(l));
+            let mut slots: Vec<(usize, Arc<Mlp<B>>)> = Vec::new();
+            for &e in placement.slots(moe, rank) {
+                let in_memory = slots
                     .iter()
-                    .map(|e| {
-                        let prefix = format!("model.layers.{l}.mlp.experts.{e}");
-                        Mlp::load(
-                            &loader,
-                            &prefix,
-                            config.hidden_size,
-                            config.moe_intermediate_size,
-                            config.mlp_bias,
-                        )
-                    })
-                    .collect()
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { layers })
+                    .chain(held.into_iter().flatten())
+                    .find(|(x, _)| *x == e);
+                if let Some((_, mlp)) = in_memory {
+                    reload.reused += 1;
+                    let mlp = mlp.clone();
+                    slots.push((e, mlp));
+                    continue;
+                }
+                let prefix = format!("model.layers.{l}.mlp.experts.{e}");
+                let mlp = Mlp::load(
+                    &loader,
+                    &prefix,
+                    config.hidden_size,
+                    config.moe_intermediate_size,
+                    config.mlp_bias,
+                )?;
+                reload.loaded += 1;
+                slots.push((e, Arc::new(mlp)));
+            }
+            layers.push(slots);
+            moe += 1;
+        }
+        Ok((Self { layers }, reload))
     }
 
     /// Bytes of this rank's expert weights.
     pub fn bytes(&self, backend: &B) -> usize {
-        self.layers.iter().flatten().map(|m| m.bytes(backend)).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(_, m)| m.bytes(backend))
+            .sum()
+    }
+
+    /// The logical expert of each slot, for every MoE layer.
+    pub fn slots(&self) -> Vec<Vec<usize>> {
+        self.layers
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.iter().map(|(e, _)| *e).collect())
+            .collect()
+    }
+
+    /// Whether slot `slot` of layer `layer` shares its weights with `other`'s (a test of
+    /// reuse).
+    pub fn shares_slot(&self, other: &Self, layer: usize, slot: usize) -> bool {
+        match (
+            self.layers.get(layer).and_then(|l| l.get(slot)),
+            other.layers.get(layer).and_then(|l| l.get(slot)),
+        ) {
+            (Some((_, a)), Some((_, b))) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
@@ -236,9 +295,23 @@ pub struct StepInput<'a> {
 pub struct Model<B: Backend> {
     pub shared: Arc<SharedWeights<B>>,
     pub experts: RankExperts<B>,
-    /// For every logical expert, its `(rank, slot)` replicas.
-    replicas: Vec<Vec<(usize, usize)>>,
+    /// For every layer (empty for dense ones), each logical expert's `(rank, slot)` replicas.
+    replicas: Vec<Vec<Vec<(usize, usize)>>>,
+    /// For every layer, its index among the MoE layers.
+    moe_index: Vec<Option<usize>>,
+    /// Where the tokens routed by this rank's own sequences are counted.
+    load: Arc<ExpertLoad>,
     rank: usize,
+}
+
+/// What [`Model::build`] takes besides the shared weights and the checkpoint.
+pub struct RankSpec<'a, B: Backend> {
+    pub placement: &'a Placement,
+    pub rank: usize,
+    /// The experts this rank held in the previous epoch, to take over where they stay.
+    pub previous: Option<&'a RankExperts<B>>,
+    /// Load counters that outlive the epoch; fresh ones when `None`.
+    pub load: Option<Arc<ExpertLoad>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -249,27 +322,87 @@ impl<B: Backend> Model<B> {
         placement: &Placement,
         rank: usize,
     ) -> Result<Self> {
-        placement.validate()?;
+        let spec = RankSpec {
+            placement,
+            rank,
+            previous: None,
+            load: None,
+        };
+        Ok(Self::build(shared, checkpoint, spec)?.0)
+    }
+
+    /// Builds a rank as [`new`](Self::new) does, taking over the experts `spec.previous`
+    /// holds, and says how many were read and how many taken over.
+    pub fn build(
+        shared: Arc<SharedWeights<B>>,
+        checkpoint: &Checkpoint,
+        spec: RankSpec<B>,
+    ) -> Result<(Self, ExpertReload)> {
+        let RankSpec {
+            placement,
+            rank,
+            previous,
+            load,
+        } = spec;
         let config = &shared.config;
+        let moe_layers = config.moe_layer_count();
+        placement.validate_for(moe_layers)?;
         if placement.num_experts != config.n_routed_experts {
             return Err(Error::Config(format!(
                 "the placement is for {} experts, the model has {}",
                 placement.num_experts, config.n_routed_experts
             )));
         }
-        let slots = placement.ranks.get(rank).ok_or_else(|| {
-            Error::Config(format!(
+        if rank >= placement.num_ranks() {
+            return Err(Error::Config(format!(
                 "rank {rank} is not in a placement of {} ranks",
                 placement.num_ranks()
-            ))
-        })?;
-        let experts = RankExperts::load(checkpoint, config, &*shared.backend, slots)?;
-        Ok(Self {
-            replicas: placement.replicas(),
+            )));
+        }
+        let load = match load {
+            Some(l) if l.layers() == moe_layers && l.experts() == config.n_routed_experts => l,
+            Some(_) => {
+                return Err(Error::Config(
+                    "the load counters were made for another model".into(),
+                ))
+            }
+            None => Arc::new(ExpertLoad::new(moe_layers, config.n_routed_experts)),
+        };
+        let (experts, reload) = RankExperts::load(
+            checkpoint,
+            config,
+            &*shared.backend,
+            placement,
+            rank,
+            previous,
+        )?;
+        let mut moe_index = Vec::with_capacity(config.num_hidden_layers);
+        let mut replicas = Vec::with_capacity(config.num_hidden_layers);
+        let mut next = 0;
+        for l in 0..config.num_hidden_layers {
+            if config.is_moe_layer(l) {
+                moe_index.push(Some(next));
+                replicas.push(placement.replicas(next));
+                next += 1;
+            } else {
+                moe_index.push(None);
+                replicas.push(Vec::new());
+            }
+        }
+        let model = Self {
+            replicas,
+            moe_index,
+            load,
             rank,
             shared,
             experts,
-        })
+        };
+        Ok((model, reload))
+    }
+
+    /// The counters of the tokens this rank's sequences route to each expert.
+    pub fn load(&self) -> &Arc<ExpertLoad> {
+        &self.load
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -366,8 +499,9 @@ impl<B: Backend> Model<B> {
                         gate,
                         shared: shared.as_ref(),
                         slots: &self.experts.layers[l],
+                        load: self.moe_index[l].map(|m| (&*self.load, m)),
                     };
-                    moe.forward(b, comm, &self.replicas, &normed, n, &mut x)?;
+                    moe.forward(b, comm, &self.replicas[l], &normed, n, &mut x)?;
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! does not depend on the placement or the number of ranks beyond float rounding.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::backend::{softmax, top_k, Backend};
 use crate::comm::Communicator;
@@ -13,6 +14,7 @@ use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
 use crate::model::exchange::{self, Dispatch};
 use crate::model::linear::{Linear, Loader, Mlp};
+use crate::model::load::ExpertLoad;
 
 /// The gate of one MoE layer (replicated on every rank).
 pub struct Gate<B: Backend> {
@@ -143,8 +145,11 @@ fn mask_groups(scores: &mut [f32], group_scores: &[f32], keep: usize, per_group:
 pub struct MoeLayer<'a, B: Backend> {
     pub gate: &'a Gate<B>,
     pub shared: Option<&'a Mlp<B>>,
-    /// This rank's routed experts, one per physical slot.
-    pub slots: &'a [Mlp<B>],
+    /// This rank's routed experts, one per physical slot, with the logical expert each holds.
+    pub slots: &'a [(usize, Arc<Mlp<B>>)],
+    /// Where to count the tokens routed to each logical expert, and this layer's index among
+    /// the MoE layers.
+    pub load: Option<(&'a ExpertLoad, usize)>,
 }
 
 /// Where each logical expert lives: `(rank, slot)` replicas, from the placement.
@@ -165,6 +170,13 @@ impl<B: Backend> MoeLayer<'_, B> {
         let hidden = self.gate.hidden;
         let world = comm.world_size();
         let routes = self.gate.route(backend, x, n);
+        if let Some((load, layer)) = self.load {
+            let mut tokens = vec![0u32; self.gate.experts];
+            for &e in routes.iter().flat_map(|r| &r.experts) {
+                tokens[e] += 1;
+            }
+            load.add(layer, &tokens);
+        }
 
         // Dispatch: per destination rank, the (slot, row) pairs it must compute.
         let mut outgoing: Vec<Vec<(u32, usize)>> = vec![Vec::new(); world];
@@ -215,7 +227,9 @@ impl<B: Backend> MoeLayer<'_, B> {
                 rows.extend_from_slice(incoming[src].row(i));
             }
             let mut out = vec![0.0; members.len() * hidden];
-            self.slots[active[a]].forward(backend, &rows, members.len(), &mut out);
+            self.slots[active[a]]
+                .1
+                .forward(backend, &rows, members.len(), &mut out);
             out
         });
         let mut replies: Vec<Vec<u8>> = incoming

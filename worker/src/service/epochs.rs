@@ -34,7 +34,7 @@ use crate::backend::CpuBackend;
 use crate::comm::{DataListener, GroupSpec, TcpComm};
 use crate::engine::{EngineHandle, GroupFailure, Installation, LoadedModel};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{ExpertLoad, ExpertReload, Model, RankExperts, RankSpec};
 use crate::service::registration::Registered;
 
 /// First pause before retrying a failed formation, acknowledgement or report; doubles up to
@@ -47,6 +47,8 @@ pub struct EpochFollower {
     pub keys: Keys,
     pub store: Arc<dyn TopologyStore>,
     pub model: Arc<LoadedModel>,
+    /// The tokens this worker's sequences route to each expert, across epochs.
+    pub load: Arc<ExpertLoad>,
     /// The data-plane listener, accepting for the life of the worker.
     pub data: Arc<DataListener>,
     pub engine: Arc<EngineHandle>,
@@ -68,6 +70,7 @@ struct Formed {
     record: EpochRecord,
     rank: usize,
     model: Model<CpuBackend>,
+    reload: ExpertReload,
     comm: TcpComm,
 }
 
@@ -79,6 +82,8 @@ struct State {
     /// The record whose model and data plane are installed; `None` when detached.
     installed: Option<EpochRecord>,
     forming: Option<Formation>,
+    /// The experts of the last formed epoch: a new epoch takes over those it keeps.
+    held: Option<RankExperts<CpuBackend>>,
     /// The epoch whose formation failed, and when to try it again.
     failed_formation: Option<(u64, Instant)>,
     /// An epoch installed but not yet acknowledged.
@@ -242,11 +247,13 @@ impl EpochFollower {
             let _ = self.engine.abandon().wait().await;
         }
         let pause_first = st.installed.is_some() && !lost_member;
-        tracing::info!(epoch, rank, slots = ?record.placement.ranks.get(rank), "joining epoch");
+        tracing::info!(epoch, rank, slots = ?record.placement.slots(0, rank), "joining epoch");
         let abort = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(form(
             Forming {
                 model: self.model.clone(),
+                load: self.load.clone(),
+                previous: st.held.clone(),
                 data: self.data.clone(),
                 engine: self.engine.clone(),
                 connect_timeout: self.connect_timeout,
@@ -285,14 +292,10 @@ impl EpochFollower {
             record,
             rank,
             model,
+            reload,
             comm,
         } = formed;
-        let expert_slots = record
-            .placement
-            .ranks
-            .get(rank)
-            .map(|s| s.iter().map(|&e| e as u32).collect())
-            .unwrap_or_default();
+        st.held = Some(model.experts.clone());
         let installed = self
             .engine
             .install(Installation {
@@ -300,7 +303,7 @@ impl EpochFollower {
                 rank,
                 model,
                 comm: Box::new(comm),
-                expert_slots,
+                reload,
             })
             .wait()
             .await
@@ -456,6 +459,8 @@ fn report(record: &EpochRecord, ranks: &[usize], reason: &str) -> SuspectReport 
 /// What a formation task takes along.
 struct Forming {
     model: Arc<LoadedModel>,
+    load: Arc<ExpertLoad>,
+    previous: Option<RankExperts<CpuBackend>>,
     data: Arc<DataListener>,
     engine: Arc<EngineHandle>,
     connect_timeout: Duration,
@@ -466,12 +471,26 @@ struct Forming {
 /// Builds the rank's model, stops the old group (by agreement, when `pause_first`), and forms
 /// the new epoch's mesh.
 async fn form(f: Forming, record: EpochRecord, rank: usize, pause_first: bool) -> Result<Formed> {
-    let model = {
-        let loaded = f.model.clone();
+    let (model, reload) = {
+        let (loaded, load, previous) = (f.model.clone(), f.load.clone(), f.previous);
         let placement = record.placement.clone();
-        blocking(move || Model::new(loaded.shared.clone(), &loaded.checkpoint, &placement, rank))
-            .await?
+        blocking(move || {
+            let spec = RankSpec {
+                placement: &placement,
+                rank,
+                previous: previous.as_ref(),
+                load: Some(load),
+            };
+            Model::build(loaded.shared.clone(), &loaded.checkpoint, spec)
+        })
+        .await?
     };
+    tracing::info!(
+        epoch = record.epoch,
+        loaded = reload.loaded,
+        kept = reload.reused,
+        "expert slots ready"
+    );
     if pause_first {
         // The whole old group stops after the same step.
         f.engine.pause().wait().await?;
@@ -494,6 +513,7 @@ async fn form(f: Forming, record: EpochRecord, rank: usize, pause_first: bool) -
         record,
         rank,
         model,
+        reload,
         comm,
     })
 }

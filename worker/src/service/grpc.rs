@@ -3,7 +3,7 @@
 //! `tonic::Status`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
@@ -16,6 +16,7 @@ use crate::config::ModelConfig;
 use crate::engine::thread::not_in_epoch;
 use crate::engine::{EngineHandle, GenerateRequest, Phase, SamplingParams};
 use crate::error::{Error, Result};
+use crate::model::LoadWindow;
 use crate::service::stream::{response_stream, Admission, StreamSpec};
 use crate::tokenizer::Tokenizer;
 
@@ -152,6 +153,8 @@ struct Inner {
     in_flight: Arc<AtomicU32>,
     /// Cleared at shutdown: new requests are refused while in-flight ones drain.
     accepting: AtomicBool,
+    /// The recent expert load, as last sampled.
+    load: Arc<Mutex<LoadWindow>>,
 }
 
 impl WorkerService {
@@ -161,6 +164,7 @@ impl WorkerService {
         tokenizer: Option<Arc<Tokenizer>>,
         engine: Arc<EngineHandle>,
         capacity: u32,
+        load: Arc<Mutex<LoadWindow>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -171,6 +175,7 @@ impl WorkerService {
                 capacity,
                 in_flight: Arc::new(AtomicU32::new(0)),
                 accepting: AtomicBool::new(true),
+                load,
             }),
         }
     }
@@ -254,6 +259,11 @@ impl pb::worker_server::Worker for WorkerService {
         let inner = &*self.inner;
         let s = inner.engine.status().borrow().clone();
         let in_flight = inner.in_flight.load(Ordering::Acquire) as usize;
+        let (load, window) = inner
+            .load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .counts();
         Ok(Response::new(pb::StatusResponse {
             worker_id: inner.id.clone(),
             epoch: s.epoch,
@@ -262,8 +272,20 @@ impl pb::worker_server::Worker for WorkerService {
             queued_requests: in_flight.saturating_sub(s.active) as u32,
             steps: s.stats.steps,
             max_batch: s.stats.max_batch as u32,
-            expert_slots: s.expert_slots,
+            expert_slots: s.expert_slots.first().cloned().unwrap_or_default(),
             expert_bytes: s.expert_bytes,
+            layer_slots: s
+                .expert_slots
+                .iter()
+                .map(|l| pb::LayerExperts { experts: l.clone() })
+                .collect(),
+            expert_load: load
+                .into_iter()
+                .map(|tokens| pb::LayerLoad { tokens })
+                .collect(),
+            load_window_seconds: window.as_secs_f64(),
+            slots_loaded: s.reload.loaded as u32,
+            slots_kept: s.reload.reused as u32,
         }))
     }
 }

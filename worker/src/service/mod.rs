@@ -7,19 +7,24 @@
 //! - [`stream`]: one `Generate` response stream (detokenisation, stop strings, deadlines,
 //!   cancellation when the client leaves, resumption of a resubmitted request);
 //! - [`registration`]: the worker's key under a lease, kept alive and made anew when lost;
+//! - [`stats`]: the expert load over a sliding window, sampled for `Status` and published
+//!   under `stats/<id>` for the balancer;
+//! - [`drain`]: an operator's drain order, which shuts the worker down as SIGTERM does;
 //! - [`epochs`]: the placement watch and the epoch protocol (joining, pausing, leaving, reporting
 //!   a failed group).
 //!
 //! [`start`] brings a worker up and returns a [`RunningWorker`]; [`run`] also waits for it.
 
+pub mod drain;
 pub mod epochs;
 pub mod grpc;
 pub mod registration;
+pub mod stats;
 pub mod stream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moebius_coordinator::{Keys, TopologyStore, WorkerInfo};
@@ -36,10 +41,12 @@ use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
 };
 use crate::error::{Error, Result};
+use crate::model::{ExpertLoad, LoadWindow};
 use crate::tokenizer::Tokenizer;
 use epochs::EpochFollower;
 use grpc::WorkerService;
 use registration::{Registered, Registration};
+use stats::StatsPublisher;
 
 /// How a worker runs. Defaults are what `moebius worker` uses without flags.
 #[derive(Debug, Clone)]
@@ -74,6 +81,10 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
     /// Longest shutdown waits for in-flight requests before failing them.
     pub drain_timeout: Duration,
+    /// How often the expert load is sampled and published under `stats/<id>`.
+    pub stats_interval: Duration,
+    /// The span of the load window the statistics count over.
+    pub stats_window: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -94,6 +105,8 @@ impl Default for WorkerConfig {
             data_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(5),
+            stats_window: Duration::from_secs(60),
         }
     }
 }
@@ -138,6 +151,8 @@ impl WorkerConfig {
             ("data_timeout", self.data_timeout),
             ("connect_timeout", self.connect_timeout),
             ("drain_timeout", self.drain_timeout),
+            ("stats_interval", self.stats_interval),
+            ("stats_window", self.stats_window),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be more than zero"));
@@ -175,6 +190,8 @@ pub struct RunningWorker {
     watch: AbortOnDropHandle<()>,
     epochs: AbortOnDropHandle<Result<()>>,
     health_sync: AbortOnDropHandle<()>,
+    _stats: AbortOnDropHandle<()>,
+    _drain: AbortOnDropHandle<()>,
     /// Stops the engine thread when the worker is dropped, even while gRPC connections still
     /// hold the service (and with it the engine handle).
     _engine_guard: EngineStopGuard,
@@ -227,12 +244,18 @@ pub async fn start(
         token_budget: config.token_budget,
         on_group_failure: OnGroupFailure::Keep,
     })?);
+    let load = Arc::new(ExpertLoad::new(
+        model.config.moe_layer_count(),
+        model.config.n_routed_experts,
+    ));
+    let load_window = Arc::new(Mutex::new(LoadWindow::new(config.stats_window)));
     let service = WorkerService::new(
         config.id.clone(),
         model.config.clone(),
         tokenizer,
         engine.clone(),
         config.capacity,
+        load_window.clone(),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, false).await;
@@ -287,10 +310,29 @@ pub async fn start(
         records_tx,
         tasks_stop.clone(),
     ));
+    let stats = tokio::spawn(
+        StatsPublisher {
+            store: store.clone(),
+            keys: keys.clone(),
+            load: load.clone(),
+            window: load_window,
+            engine: engine.clone(),
+            interval: config.stats_interval,
+        }
+        .run(registered.clone(), tasks_stop.clone()),
+    );
+    let drain = tokio::spawn(drain::follow_drain_order(
+        store.clone(),
+        keys.clone(),
+        config.id.clone(),
+        shutdown.clone(),
+        tasks_stop.clone(),
+    ));
     let follower = EpochFollower {
         keys,
         store: store.clone(),
         model,
+        load,
         data,
         engine: engine.clone(),
         connect_timeout: config.connect_timeout,
@@ -326,6 +368,8 @@ pub async fn start(
         watch: AbortOnDropHandle::new(watch),
         epochs: AbortOnDropHandle::new(epochs),
         health_sync: AbortOnDropHandle::new(health_sync),
+        _stats: AbortOnDropHandle::new(stats),
+        _drain: AbortOnDropHandle::new(drain),
         _engine_guard: EngineStopGuard(engine_guard),
     })
 }
