@@ -36,6 +36,7 @@ serve 1 >/dev/null   # warm-up, and the load the balancer plans from
 sleep 3
 echo "{\"phase\": \"before\", \"serve\": $(serve 2), \"imbalance_epoch\": \"$(imbalance)\"}"
 serve 3 >"$log.during" &
+during=$!
 sleep 1
 t0=$(date +%s.%N)
 plan=$($bin admin rebalance --json --coordinator "$admin")
@@ -44,7 +45,7 @@ until [ "$($bin admin topology --json --coordinator "$admin" | python3 -c 'impor
   sleep 0.005
 done
 t1=$(date +%s.%N)
-wait %1 2>/dev/null || wait
+wait "$during"
 echo "{\"phase\": \"during\", \"serve\": $(cat "$log.during"), \"plan\": $(echo "$plan" | python3 -c 'import json,sys; p=json.load(sys.stdin); p.pop("placement"); print(json.dumps(p))'), \"decision_to_active_s\": $(python3 -c "print(round($t1 - $t0, 4))")}"
 rm -f "$log.during"
 sleep 3
