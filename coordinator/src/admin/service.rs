@@ -125,10 +125,9 @@ async fn topology(view: TopologyView) -> pb::Topology {
         ),
         _ => (Vec::new(), 0.0, Vec::new()),
     };
-    let imbalance = if layer_imbalance.is_empty() {
-        0.0
-    } else {
-        layer_imbalance.iter().sum::<f64>() / layer_imbalance.len() as f64
+    let imbalance = match (&view.load, record) {
+        (Some(load), Some(rec)) => planner::mean_imbalance(&rec.placement, &load.tokens),
+        _ => 0.0,
     };
     pb::Topology {
         leader: view.leader,
