@@ -8,6 +8,7 @@
 //! with a fresh read (another snapshot). Store failures are retried with a growing pause, never
 //! returned: a part that follows the topology keeps its last view while the store is away.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,27 @@ pub enum Change {
     Event(WatchEvent),
     /// The watch (re)started from a fresh read: this is the whole prefix now.
     Snapshot(Vec<KeyValue>),
+}
+
+impl Change {
+    /// Follows a set of ids kept as keys `<prefix><id>` (drain orders, ready acknowledgements):
+    /// a snapshot replaces the set, a put adds its id, a delete removes it.
+    pub fn apply_ids(self, ids: &mut BTreeSet<String>, prefix: &str) {
+        let id_of = |key: &str| {
+            key.strip_prefix(prefix)
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+        };
+        match self {
+            Change::Snapshot(kvs) => *ids = kvs.iter().filter_map(|kv| id_of(&kv.key)).collect(),
+            Change::Event(WatchEvent::Put(kv)) => ids.extend(id_of(&kv.key)),
+            Change::Event(WatchEvent::Delete { key, .. }) => {
+                if let Some(id) = id_of(&key) {
+                    ids.remove(&id);
+                }
+            }
+        }
+    }
 }
 
 /// A prefix watch that survives stream errors and store outages.

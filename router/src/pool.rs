@@ -9,7 +9,7 @@
 //! next epoch), so that a dead worker is not dialled again and again before the coordinator has
 //! excluded it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -132,8 +132,8 @@ impl Drop for InFlight {
 pub(crate) struct Routable {
     /// The epoch of the current placement record and its state; `None` before the first.
     pub epoch: Option<(u64, EpochState)>,
-    /// The workers of the current epoch when it is active and they are still registered, in
-    /// rank order; empty otherwise.
+    /// The workers of the current epoch when it is active and they are still registered and
+    /// not being drained, in rank order; empty otherwise.
     pub workers: Vec<Arc<WorkerSlot>>,
     /// `(id, incarnation)` of every worker of the current record, pending or active, that is
     /// still registered: the workers whose requests are alive. A request on any other worker
@@ -163,6 +163,8 @@ struct Topology {
     epoch: Option<EpochRecord>,
     /// Registered workers: id to incarnation.
     registered: HashMap<String, u64>,
+    /// Workers being drained: they finish what they run, but get no new requests.
+    draining: BTreeSet<String>,
     /// Slots by (id, address, incarnation), kept across epochs so that a worker's connection
     /// and in-flight count survive a rebalance.
     slots: HashMap<(String, String, u64), Arc<WorkerSlot>>,
@@ -228,6 +230,16 @@ impl Pool {
                     info!(worker = id, "worker registration gone: no longer routed to");
                 }
             }
+        });
+    }
+
+    /// Replaces the set of workers being drained.
+    pub fn set_draining(&self, draining: BTreeSet<String>) {
+        self.update(|topology| {
+            for id in draining.difference(&topology.draining) {
+                info!(worker = %id, "worker draining: no new requests");
+            }
+            topology.draining = draining;
         });
     }
 
@@ -301,7 +313,9 @@ impl Pool {
                         }
                     },
                 };
-                routable.workers.push(Arc::clone(&slot));
+                if !topology.draining.contains(&info.id) {
+                    routable.workers.push(Arc::clone(&slot));
+                }
                 slots.insert(key, slot);
             }
         }
@@ -485,6 +499,28 @@ mod tests {
         // A new epoch clears the mark.
         only.set_epoch(Some(record(2, EpochState::Active, &["a"], 4)));
         assert!(only.acquire(Duration::ZERO, None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_draining_worker_gets_no_new_requests_and_keeps_its_own() {
+        let pool = pool(&["a", "b"], 4);
+        let on_a = pool.acquire(Duration::ZERO, Some("b")).await.expect("room");
+        pool.set_draining(BTreeSet::from(["a".to_string()]));
+        for _ in 0..4 {
+            let guard = pool
+                .acquire(Duration::ZERO, None)
+                .await
+                .expect("b has room");
+            assert_eq!(guard.worker().id, "b");
+        }
+        let lost = tokio::time::timeout(Duration::from_millis(20), pool.lost(on_a.worker()));
+        assert!(lost.await.is_err(), "a's requests run to their end");
+        pool.set_draining(BTreeSet::new());
+        let guard = pool
+            .acquire(Duration::ZERO, Some("b"))
+            .await
+            .expect("a is back");
+        assert_eq!(guard.worker().id, "a");
     }
 
     #[tokio::test]

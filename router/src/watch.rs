@@ -1,9 +1,10 @@
 //! Follows the cluster's topology in the store and feeds the [`Pool`]: the `placement` key (the
-//! current epoch) and the `workers/` prefix (who holds a lease, in which incarnation), each
-//! through the shared [`PrefixWatch`], which rides through store outages (the router keeps
+//! current epoch), the `workers/` prefix (who holds a lease, in which incarnation) and the
+//! `drain/` prefix (workers an operator is scaling down: no new requests), each through the
+//! shared [`PrefixWatch`], which rides through store outages (the router keeps
 //! routing on its last view meanwhile).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use moebius_coordinator::{
@@ -19,6 +20,7 @@ use crate::pool::Pool;
 enum Feed {
     Placement,
     Workers,
+    Drains,
 }
 
 /// Follows placement and registrations until `stop` is cancelled.
@@ -30,7 +32,8 @@ pub(crate) async fn watch_topology(
 ) {
     tokio::join!(
         follow(store.clone(), &keys, Feed::Placement, &pool, &stop),
-        follow(store, &keys, Feed::Workers, &pool, &stop),
+        follow(store.clone(), &keys, Feed::Workers, &pool, &stop),
+        follow(store, &keys, Feed::Drains, &pool, &stop),
     );
 }
 
@@ -44,7 +47,9 @@ async fn follow(
     let prefix = match feed {
         Feed::Placement => keys.placement(),
         Feed::Workers => keys.workers(),
+        Feed::Drains => keys.drains(),
     };
+    let mut draining = BTreeSet::new();
     let mut watch = PrefixWatch::new(store, prefix.clone());
     loop {
         let change = tokio::select! {
@@ -83,6 +88,10 @@ async fn follow(
                 if let Some(id) = worker_id(keys, &key) {
                     pool.set_worker_registered(id, None);
                 }
+            }
+            (Feed::Drains, change) => {
+                change.apply_ids(&mut draining, &prefix);
+                pool.set_draining(draining.clone());
             }
         }
     }

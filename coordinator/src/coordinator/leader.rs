@@ -426,7 +426,7 @@ impl Leader<'_> {
             return;
         };
         let prefix = self.ctx.keys.ready_prefix(record.epoch);
-        apply_ids(&mut self.ready, &prefix, change);
+        change.apply_ids(&mut self.ready, &prefix);
     }
 
     /// The ranks of the next epoch, when one is due, and when to form it.
@@ -871,7 +871,7 @@ impl Leader<'_> {
     }
 
     fn apply_drains(&mut self, change: Change) {
-        apply_ids(&mut self.draining, &self.ctx.keys.drains(), change);
+        change.apply_ids(&mut self.draining, &self.ctx.keys.drains());
     }
 
     /// Marks the pending epoch active once every rank acknowledged it.
@@ -991,20 +991,6 @@ async fn remove_old_reports(ctx: &Ctx, epoch: u64) {
             serde_json::from_slice::<SuspectReport>(&kv.value).map_or(true, |r| r.epoch < epoch);
         if old {
             let _ = ctx.store.delete(&kv.key).await;
-        }
-    }
-}
-
-/// Follows the set of ids named by the keys under `prefix` (`<prefix><id>`).
-fn apply_ids(ids: &mut BTreeSet<String>, prefix: &str, change: Change) {
-    let id_of = |key: &str| key.strip_prefix(prefix).map(str::to_owned);
-    match change {
-        Change::Snapshot(kvs) => *ids = kvs.iter().filter_map(|kv| id_of(&kv.key)).collect(),
-        Change::Event(WatchEvent::Put(kv)) => ids.extend(id_of(&kv.key)),
-        Change::Event(WatchEvent::Delete { key, .. }) => {
-            if let Some(id) = id_of(&key) {
-                ids.remove(&id);
-            }
         }
     }
 }
