@@ -13,8 +13,18 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "moebius", version, about)]
 struct Cli {
+    /// How log lines (stderr) are written: `text` for people, `json` (one object per line,
+    /// with the fields of the request's span, e.g. its `request_id`) for log pipelines.
+    #[arg(long, global = true, env = "MOEBIUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,13 +53,19 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     allocator::retain_freed_memory();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOEBIUS_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOEBIUS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),

@@ -39,14 +39,14 @@ fn bench_json(args: &[&str]) -> Value {
     v
 }
 
-/// Asserts that `v` has every key, each a number (or, for `dists`, an object of mean/p50/p90/p99
+/// Asserts that `v` has every key, each a number (or, for `dists`, an object of mean/p50/p90/p99/max
 /// numbers).
 fn assert_fields(v: &Value, numbers: &[&str], dists: &[&str]) {
     for k in numbers {
         assert!(v[k].is_number(), "field {k} missing or not a number in {v}");
     }
     for k in dists {
-        for p in ["mean", "p50", "p90", "p99"] {
+        for p in ["mean", "p50", "p90", "p99", "max"] {
             assert!(v[k][p].is_number(), "field {k}.{p} missing in {v}");
         }
     }
@@ -134,6 +134,8 @@ impl Up {
                 "--listen",
                 "127.0.0.1:0",
                 "--admin-listen",
+                "127.0.0.1:0",
+                "--http-listen",
                 "127.0.0.1:0",
                 "--workers",
                 "2",

@@ -10,6 +10,7 @@
 //! On shutdown the lease is revoked, which hands leadership to a standby immediately.
 
 mod leader;
+pub mod metrics;
 pub(crate) mod probe;
 
 use std::sync::Arc;
@@ -25,9 +26,10 @@ use crate::error::CoordinatorError;
 use crate::store::{LeaseId, StoreError, TopologyStore, WatchEvent};
 use crate::topology::Keys;
 use crate::watch::{Change, PrefixWatch};
+pub use metrics::CoordinatorMetrics;
 
 /// How a coordinator behaves; see [`run`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     /// This coordinator's name in the leader key; unique among the cluster's coordinators.
     pub id: String,
@@ -56,6 +58,8 @@ pub struct CoordinatorConfig {
     /// The address of this coordinator's admin service, announced under its lease so that
     /// `moebius admin --etcd` finds the leader's.
     pub admin_address: Option<String>,
+    /// Where the coordinator counts what it does (registered by the caller, or unseen).
+    pub metrics: CoordinatorMetrics,
 }
 
 impl Default for CoordinatorConfig {
@@ -73,6 +77,7 @@ impl Default for CoordinatorConfig {
             rebalance_threshold: 1.3,
             rebalance_interval: Duration::from_secs(60),
             admin_address: None,
+            metrics: CoordinatorMetrics::default(),
         }
     }
 }
@@ -131,6 +136,17 @@ struct Ctx {
     /// The admin requests, taken by whichever term leads.
     admin: Option<Arc<tokio::sync::Mutex<mpsc::Receiver<AdminRequest>>>>,
     role: Arc<watch::Sender<Role>>,
+}
+
+impl Ctx {
+    /// Tells the admin service and the metrics what this coordinator is now.
+    fn set_role(&self, role: Role) {
+        self.config
+            .metrics
+            .leader
+            .set(i64::from(matches!(role, Role::Leading)));
+        self.role.send_replace(role);
+    }
 }
 
 /// Pause between terms after a failure, growing to `MAX_BACKOFF`.
@@ -205,7 +221,7 @@ pub async fn run_with_admin(
 
 /// One lease's life: campaign, then stand by or lead. `Ok` only on shutdown.
 async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), CoordinatorError> {
-    ctx.role.send_replace(Role::Campaigning);
+    ctx.set_role(Role::Campaigning);
     let lease = ctx.store.grant_lease(ctx.config.lease_ttl).await?;
     if let Some(address) = &ctx.config.admin_address {
         let key = ctx.keys.admin(&ctx.config.id);
@@ -220,7 +236,7 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
         e = crate::lease::keep_alive(&*ctx.store, lease, ctx.config.lease_ttl) => Err(e.into()),
         r = campaign_and_lead(ctx, lease) => r,
     };
-    ctx.role.send_replace(Role::Campaigning);
+    ctx.set_role(Role::Campaigning);
     // Best effort: after a loss the lease is gone already; an unreachable store lets it expire.
     match tokio::time::timeout(REVOKE_TIMEOUT, ctx.store.revoke_lease(lease)).await {
         Ok(Ok(())) | Ok(Err(StoreError::LeaseLost(_))) => {}
@@ -234,7 +250,7 @@ async fn term(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Coordinator
 async fn campaign_and_lead(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
     campaign(ctx, lease).await?;
     tracing::info!(id = %ctx.config.id, cluster = %ctx.config.cluster, "leading");
-    ctx.role.send_replace(Role::Leading);
+    ctx.set_role(Role::Leading);
     leader::lead(ctx, lease).await
 }
 
@@ -247,7 +263,7 @@ async fn campaign(ctx: &Ctx, lease: LeaseId) -> Result<(), CoordinatorError> {
         if announced.as_deref() != Some(holder) {
             let leader = serde_json::from_slice::<String>(holder)
                 .unwrap_or_else(|_| String::from_utf8_lossy(holder).into_owned());
-            ctx.role.send_replace(Role::Standby { leader });
+            ctx.set_role(Role::Standby { leader });
             tracing::info!(
                 id = %ctx.config.id,
                 leader = %String::from_utf8_lossy(holder),

@@ -21,6 +21,7 @@
 //! - [`coordinator`]: the control loop: leader election, then forming and activating epochs as
 //!   workers come and go (`run`, `CoordinatorConfig`).
 //! - [`error`]: `CoordinatorError`, the control loop's error.
+//! - [`telemetry`]: the Prometheus registry every part fills, and its HTTP `/metrics` server.
 pub mod admin;
 pub mod coordinator;
 pub mod eplb;
@@ -32,10 +33,11 @@ pub mod memory;
 pub mod placement;
 pub mod planner;
 pub mod store;
+pub mod telemetry;
 pub mod topology;
 pub mod watch;
 
-pub use coordinator::{run, run_with_admin, CoordinatorConfig};
+pub use coordinator::{run, run_with_admin, CoordinatorConfig, CoordinatorMetrics};
 pub use error::CoordinatorError;
 pub use etcd::EtcdStore;
 pub use etcd_server::EtcdServer;

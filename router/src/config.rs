@@ -1,12 +1,16 @@
 //! The router's configuration: a plain struct that the binary fills from flags.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use moebius_coordinator::telemetry::Registry;
+
 use crate::error::RouterError;
+use crate::metrics::RouterMetrics;
 
 /// How one router serves one cluster.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RouterConfig {
     /// The cluster's name: its keys live under `/moebius/<cluster>/`.
     pub cluster: String,
@@ -26,6 +30,23 @@ pub struct RouterConfig {
     /// Most times one request is resubmitted to another worker after losing its worker; past
     /// it the client gets `UNAVAILABLE`.
     pub migration_limit: u32,
+    /// Where the HTTP port listens (`/metrics`, `/dashboard`); `None`: no HTTP port.
+    pub http_listen: Option<SocketAddr>,
+    /// What `/metrics` serves: the router's own metrics and whatever else the caller
+    /// registered (a single-process cluster serves every part's here).
+    pub registry: Arc<Registry>,
+    /// Where the router counts requests; registered into `registry` by the caller.
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl RouterConfig {
+    /// Metrics registered into a fresh registry that only the router fills.
+    pub fn with_own_metrics(mut self) -> Self {
+        let mut registry = moebius_coordinator::telemetry::registry();
+        self.metrics = Arc::new(RouterMetrics::register(&mut registry));
+        self.registry = Arc::new(registry);
+        self
+    }
 }
 
 impl Default for RouterConfig {
@@ -38,6 +59,9 @@ impl Default for RouterConfig {
             epoch_wait: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             migration_limit: 3,
+            http_listen: None,
+            registry: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 }

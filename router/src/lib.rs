@@ -3,6 +3,8 @@
 //! - [`config`]: [`RouterConfig`], filled by `moebius router` from its flags.
 //! - [`server`]: [`run`], the gRPC server (`moebius.v1.Inference`, health, reflection) and its
 //!   shutdown in phases.
+//! - `http`: the HTTP port: `/metrics` and the live built-in dashboard (`/dashboard`).
+//! - [`metrics`]: [`RouterMetrics`], the router's Prometheus metrics, and one request's meter.
 //! - `service`: the `Inference` handlers: check, open a session, relay its messages.
 //! - `session`: one request across the workers that serve it: one retry elsewhere when a
 //!   worker is full, resubmission with what the client has when a worker is lost.
@@ -19,6 +21,8 @@ pub mod bench;
 pub mod config;
 pub mod error;
 mod forward;
+mod http;
+pub mod metrics;
 mod pool;
 mod request;
 pub mod server;
@@ -29,4 +33,5 @@ mod watch;
 pub use bench::{bench_calls, BenchResult};
 pub use config::RouterConfig;
 pub use error::RouterError;
-pub use server::run;
+pub use metrics::RouterMetrics;
+pub use server::{run, Bound};

@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
 use crate::error::RouterError;
+use crate::metrics::RouterMetrics;
 
 /// HTTP/2 pings on a worker connection while requests are open, so that a worker whose
 /// machine vanished (no TCP reset) fails its requests within a few seconds instead of hanging.
@@ -157,6 +158,22 @@ impl Routable {
     }
 }
 
+/// One worker as [`Pool::view`] shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolWorker {
+    pub id: String,
+    pub in_flight: u32,
+    pub capacity: u32,
+    pub routable: bool,
+}
+
+/// The pool's workers and the ids of those being drained.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PoolView {
+    pub workers: Vec<PoolWorker>,
+    pub draining: BTreeSet<String>,
+}
+
 /// What the watch has seen of the topology; the pool derives [`Routable`] from it.
 #[derive(Debug, Default)]
 struct Topology {
@@ -174,6 +191,7 @@ struct Topology {
 #[derive(Debug)]
 pub(crate) struct Pool {
     limit_override: Option<u32>,
+    metrics: Arc<RouterMetrics>,
     topology: Mutex<Topology>,
     routable: watch::Sender<Arc<Routable>>,
     /// Rotates the starting point of the least-loaded scan so that ties spread round-robin.
@@ -181,12 +199,44 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
+    #[cfg(test)]
     pub fn new(limit_override: Option<u32>) -> Self {
+        Self::with_metrics(limit_override, Arc::default())
+    }
+
+    /// A pool that counts its routable workers, retries and migrations in `metrics`.
+    pub fn with_metrics(limit_override: Option<u32>, metrics: Arc<RouterMetrics>) -> Self {
         Self {
             limit_override,
+            metrics,
             topology: Mutex::new(Topology::default()),
             routable: watch::channel(Arc::new(Routable::default())).0,
             cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<RouterMetrics> {
+        &self.metrics
+    }
+
+    /// What the dashboard shows of the workers: the requests each has in flight, and whether
+    /// new requests go to it.
+    pub fn view(&self) -> PoolView {
+        let routable = Arc::clone(&self.routable.borrow());
+        let topology = self.topology.lock().unwrap_or_else(PoisonError::into_inner);
+        let workers = topology
+            .slots
+            .values()
+            .map(|slot| PoolWorker {
+                id: slot.id.clone(),
+                in_flight: slot.in_flight(),
+                capacity: slot.limit.load(Ordering::Acquire),
+                routable: !slot.down() && routable.workers.iter().any(|w| Arc::ptr_eq(w, slot)),
+            })
+            .collect();
+        PoolView {
+            workers,
+            draining: topology.draining.clone(),
         }
     }
 
@@ -320,6 +370,9 @@ impl Pool {
             }
         }
         topology.slots = slots;
+        self.metrics
+            .routable_workers
+            .set(routable.workers.len() as i64);
         self.routable.send_replace(Arc::new(routable));
     }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use moebius_coordinator::telemetry::serve_http;
 use moebius_coordinator::{Keys, TopologyStore};
 use moebius_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::RouterConfig;
 use crate::error::RouterError;
+use crate::http::{self, Dashboard};
 use crate::pool::Pool;
 use crate::service::RouterService;
 use crate::watch::watch_topology;
@@ -30,16 +32,26 @@ const CUT_OFF_GRACE: Duration = Duration::from_secs(2);
 /// The service name that health checks of the router's API ask about.
 const INFERENCE_SERVICE: &str = "moebius.v1.Inference";
 
-/// Serves the public API of `config.cluster` on `config.listen` until `shutdown` is cancelled.
+/// Where a router listens, once bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The public gRPC API.
+    pub grpc: SocketAddr,
+    /// The HTTP port (`/metrics`, `/dashboard`), when configured.
+    pub http: Option<SocketAddr>,
+}
+
+/// Serves the public API of `config.cluster` on `config.listen` until `shutdown` is cancelled,
+/// and `/metrics` and `/dashboard` on `config.http_listen` when it is set.
 ///
-/// Reports the bound address through `ready` (useful with port 0). On shutdown: stops
+/// Reports the bound addresses through `ready` (useful with port 0). On shutdown: stops
 /// accepting calls and reports `NOT_SERVING`, lets in-flight calls finish for up to
 /// `config.drain_timeout`, cuts off the rest with `UNAVAILABLE`, then stops its tasks.
 pub async fn run(
     config: RouterConfig,
     store: Arc<dyn TopologyStore>,
     shutdown: CancellationToken,
-    ready: Option<oneshot::Sender<SocketAddr>>,
+    ready: Option<oneshot::Sender<Bound>>,
 ) -> Result<(), RouterError> {
     config.validate()?;
     let listener = TcpListener::bind(config.listen)
@@ -53,17 +65,51 @@ pub async fn run(
         source,
     })?;
 
-    let pool = Arc::new(Pool::new(config.max_in_flight_per_worker));
+    let http_listener = match config.http_listen {
+        Some(http) => Some(
+            TcpListener::bind(http)
+                .await
+                .map_err(|source| RouterError::Bind { addr: http, source })?,
+        ),
+        None => None,
+    };
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| RouterError::Bind {
+            addr: config.listen,
+            source,
+        })?),
+        None => None,
+    };
+
+    let pool = Arc::new(Pool::with_metrics(
+        config.max_in_flight_per_worker,
+        Arc::clone(&config.metrics),
+    ));
     let background_stop = CancellationToken::new();
     let drain = CancellationToken::new();
     let relays = TaskTracker::new();
     let mut background = JoinSet::new();
     background.spawn(watch_topology(
-        store,
+        store.clone(),
         Keys::new(&config.cluster),
         Arc::clone(&pool),
         background_stop.clone(),
     ));
+    if let Some(listener) = http_listener {
+        let dashboard = Dashboard {
+            cluster: config.cluster.clone(),
+            store,
+            keys: Keys::new(&config.cluster),
+            pool: Arc::clone(&pool),
+        };
+        let app = http::app(dashboard, Arc::clone(&config.registry));
+        let stop = background_stop.clone();
+        background.spawn(async move {
+            if let Err(e) = serve_http(listener, app, stop).await {
+                warn!("the router's HTTP port failed: {e}");
+            }
+        });
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     let health_stop = shutdown.child_token();
     background.spawn(report_health(
@@ -99,9 +145,12 @@ pub async fn run(
             shutdown.clone().cancelled_owned(),
         );
     tokio::pin!(serve);
-    info!(%addr, cluster = %config.cluster, "router serving");
+    info!(%addr, http = ?http_addr, cluster = %config.cluster, "router serving");
     if let Some(ready) = ready {
-        let _ = ready.send(addr);
+        let _ = ready.send(Bound {
+            grpc: addr,
+            http: http_addr,
+        });
     }
 
     // Phase 1: serve until shutdown.

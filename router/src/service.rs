@@ -13,11 +13,12 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tonic::{Code, Request, Response, Status};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::config::RouterConfig;
 use crate::error::RouterError;
+use crate::metrics::{Meter, RouterMetrics};
 use crate::pool::Pool;
 use crate::request::{merge, time_limit, validate, RequestIds};
 use crate::session::{Session, SessionLimits};
@@ -36,6 +37,7 @@ pub(crate) struct RouterService {
 #[derive(Debug)]
 struct Shared {
     pool: Arc<Pool>,
+    metrics: Arc<RouterMetrics>,
     ids: RequestIds,
     request_timeout: Option<Duration>,
     epoch_wait: Duration,
@@ -55,6 +57,7 @@ impl RouterService {
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
+                metrics: Arc::clone(pool.metrics()),
                 pool,
                 ids: RequestIds::new(),
                 request_timeout: config.request_timeout,
@@ -150,20 +153,29 @@ impl Inference for RouterService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let (request, call) = self.admit(request).map_err(|e| report("", e))?;
+        let mut meter = self.inner.metrics.meter(Instant::now());
+        let (request, call) = match self.admit(request) {
+            Ok(admitted) => admitted,
+            Err(e) => return Err(meter.fail(report("", e))),
+        };
         let request_id = request.request_id.clone();
         let work = async {
             let mut session = self.open(request, &call).await?;
             let mut whole = GenerateResponse::default();
             while let Some(part) = session.next().await? {
+                meter.message(&part);
                 merge(&mut whole, part);
             }
             whole.request_id = request_id.clone();
             Ok(whole)
         };
-        match call.bounded(work).await {
-            Ok(whole) => Ok(Response::new(whole)),
-            Err(err) => Err(report(&request_id, err)),
+        let span = info_span!("request", request_id = %request_id);
+        match call.bounded(work).instrument(span).await {
+            Ok(whole) => {
+                meter.finish(Code::Ok);
+                Ok(Response::new(whole))
+            }
+            Err(err) => Err(meter.fail(report(&request_id, err))),
         }
     }
 
@@ -173,18 +185,23 @@ impl Inference for RouterService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (request, call) = self.admit(request).map_err(|e| report("", e))?;
+        let meter = self.inner.metrics.meter(Instant::now());
+        let (request, call) = match self.admit(request) {
+            Ok(admitted) => admitted,
+            Err(e) => return Err(meter.fail(report("", e))),
+        };
         // Opening happens before the response starts, so that refusals (bad input for the
         // model, capacity, no epoch) reach the client as a plain status, as for `Generate`.
         let request_id = request.request_id.clone();
-        let session = self
-            .open(request, &call)
-            .await
-            .map_err(|e| report(&request_id, e))?;
+        let session = match self.open(request, &call).await {
+            Ok(session) => session,
+            Err(e) => return Err(meter.fail(report(&request_id, e))),
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let span = info_span!("request", request_id = %request_id);
         self.inner
             .relays
-            .spawn(relay(session, tx, request_id, call));
+            .spawn(relay(session, tx, request_id, call, meter).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -197,6 +214,7 @@ async fn relay(
     tx: mpsc::Sender<Result<GenerateResponse, Status>>,
     request_id: String,
     call: Call,
+    mut meter: Meter,
 ) {
     let end = loop {
         let next = tokio::select! {
@@ -209,6 +227,7 @@ async fn relay(
             Err(err) => break Some(err),
         };
         message.request_id.clone_from(&request_id);
+        meter.message(&message);
         // `Ok(false)`: the client went away.
         let sent = call.bounded(async { Ok(tx.send(Ok(message)).await.is_ok()) });
         match sent.await {
@@ -223,11 +242,15 @@ async fn relay(
     drop(session);
     match end {
         None if tx.is_closed() => {
+            // The meter, dropped, counts the request as cancelled.
             debug!(%request_id, %worker, "client went away; worker stream dropped")
         }
-        None => debug!(%request_id, %worker, migrations, "stream finished"),
+        None => {
+            meter.finish(Code::Ok);
+            debug!(%request_id, %worker, migrations, "stream finished")
+        }
         Some(err) => {
-            let status = report(&request_id, err);
+            let status = meter.fail(report(&request_id, err));
             let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(status))).await;
         }
     }

@@ -103,6 +103,7 @@ impl Session {
                         if status.code() == Code::ResourceExhausted && !retried_full =>
                     {
                         retried_full = true;
+                        self.pool.metrics().retries.inc();
                         self.avoid = Some(failed.worker().id.clone());
                     }
                     RouterError::WorkerFailed { .. } => self.lost(failed.worker(), err)?,
@@ -123,6 +124,7 @@ impl Session {
                 last: err.to_string(),
             });
         }
+        self.pool.metrics().migrations.inc();
         info!(
             request_id = %self.request.request_id, worker = %slot.id,
             migrations = self.migrations, tokens_sent = self.sent_tokens.len(),

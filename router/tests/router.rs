@@ -259,7 +259,7 @@ impl Cluster {
             shutdown.clone(),
             Some(ready_tx),
         ));
-        let addr = ready_rx.await.expect("router reports its address");
+        let addr = ready_rx.await.expect("router reports its address").grpc;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect()

@@ -131,6 +131,7 @@ fn one_rank(model: &LoadedModel, token_budget: usize) -> Result<EngineHandle> {
     let engine = EngineHandle::spawn(EngineOptions {
         token_budget,
         on_group_failure: OnGroupFailure::Fail,
+        metrics: None,
     })?;
     // Commands are handled in order: the requests that follow find the model installed.
     drop(engine.install(Installation {

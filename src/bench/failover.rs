@@ -197,6 +197,7 @@ impl Up {
         let mut child = Command::new(exe)
             .args(["up", "--etcd", etcd, "--cluster", CLUSTER])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--workers", &args.workers.to_string()])
             .args(["--threads", &args.threads.to_string()])
             .args(["--lease-ttl-secs", &args.lease_ttl_secs.to_string()])

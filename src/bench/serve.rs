@@ -390,8 +390,8 @@ fn print_report(r: &Value) {
     println!("input tokens: {:>14.1} tok/s", f("input_tokens_per_s"));
     println!("output tokens: {:>13.1} tok/s", f("output_tokens_per_s"));
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10}",
-        "ms", "mean", "p50", "p90", "p99"
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "ms", "mean", "p50", "p90", "p99", "max"
     );
     for (name, key) in [
         ("TTFT", "ttft_ms"),
@@ -402,11 +402,12 @@ fn print_report(r: &Value) {
         let d = &r[key];
         let g = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+            "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
             g("mean"),
             g("p50"),
             g("p90"),
-            g("p99")
+            g("p99"),
+            g("max")
         );
     }
     if let Some(e) = r["first_error"].as_str() {
@@ -422,6 +423,8 @@ pub(super) struct Dist {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    /// The largest value: a stall (an epoch switch) shows as one long inter-token gap.
+    pub max: f64,
 }
 
 impl Dist {
@@ -441,6 +444,7 @@ impl Dist {
             p50: pct(50.0),
             p90: pct(90.0),
             p99: pct(99.0),
+            max: sorted[sorted.len() - 1],
         }
     }
 
@@ -450,11 +454,12 @@ impl Dist {
             p50: self.p50 * k,
             p90: self.p90 * k,
             p99: self.p99 * k,
+            max: self.max * k,
         }
     }
 
     pub(super) fn json(&self) -> Value {
-        json!({"mean": self.mean, "p50": self.p50, "p90": self.p90, "p99": self.p99})
+        json!({"mean": self.mean, "p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max})
     }
 }
 
@@ -470,6 +475,7 @@ mod tests {
         assert!((d.p50 - 2.5).abs() < 1e-12);
         assert!((d.p90 - 3.7).abs() < 1e-12);
         assert!((d.p99 - 3.97).abs() < 1e-12);
+        assert_eq!(d.max, 4.0);
         assert_eq!(Dist::of(&[]), Dist::default());
         assert_eq!(Dist::of(&[7.0]).p99, 7.0);
     }

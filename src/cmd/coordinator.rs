@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use moebius_coordinator::{CoordinatorConfig, EtcdStore};
+use moebius_coordinator::{CoordinatorConfig, CoordinatorMetrics, EtcdStore};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `moebius coordinator`.
@@ -38,6 +38,10 @@ pub struct CoordinatorArgs {
     /// Host others dial for the admin service: announced as <host>:<bound port>.
     #[arg(long, env = "MOEBIUS_ADVERTISE_HOST", default_value = "127.0.0.1")]
     pub advertise_host: String,
+    /// Address of the Prometheus metrics port (`GET /metrics`); port 0 picks a free one.
+    /// Without it no metrics are served.
+    #[arg(long, env = "MOEBIUS_COORDINATOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub balance: BalanceArgs,
 }
@@ -75,8 +79,11 @@ impl BalanceArgs {
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     let (num_experts, expert_groups) = routed_experts(&args.model)?;
+    let id = args.id.unwrap_or_else(default_id);
+    let mut registry = moebius_coordinator::telemetry::registry();
     let config = CoordinatorConfig {
-        id: args.id.unwrap_or_else(default_id),
+        metrics: CoordinatorMetrics::register(&mut registry, &id),
+        id,
         cluster: args.cluster,
         expected_workers: args.workers,
         num_experts,
@@ -96,6 +103,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         let store = EtcdStore::connect(&args.etcd, Duration::from_secs(5)).await?;
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+        if let Some(addr) = args.metrics_listen {
+            super::metrics::serve(addr, registry, shutdown.clone()).await?;
+        }
         let listener = tokio::net::TcpListener::bind(args.admin_listen)
             .await
             .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;

@@ -1,6 +1,7 @@
 //! One module per cluster subcommand: flags into config structs, then the crate's `run`.
 pub mod admin;
 pub mod coordinator;
+pub mod metrics;
 pub mod router;
 pub mod supervise;
 pub mod up;

@@ -40,6 +40,10 @@ pub struct RouterArgs {
     /// it the client gets UNAVAILABLE.
     #[arg(long, env = "MOEBIUS_ROUTER_MIGRATION_LIMIT", default_value_t = 3)]
     migration_limit: u32,
+    /// Address of the HTTP port: Prometheus metrics (`GET /metrics`) and the live dashboard
+    /// (`GET /dashboard`); port 0 picks a free one. Without it there is no HTTP port.
+    #[arg(long, env = "MOEBIUS_ROUTER_HTTP_LISTEN", alias = "metrics-listen")]
+    http_listen: Option<SocketAddr>,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -60,7 +64,10 @@ pub fn run(args: RouterArgs) -> Result<()> {
         drain_timeout: seconds("--drain-timeout-s", args.drain_timeout_s)?,
         epoch_wait: seconds("--epoch-wait-s", args.epoch_wait_s)?,
         migration_limit: args.migration_limit,
-    };
+        http_listen: args.http_listen,
+        ..RouterConfig::default()
+    }
+    .with_own_metrics();
     config.validate()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
     runtime.block_on(serve(config, args.etcd))
@@ -76,9 +83,12 @@ async fn serve(config: RouterConfig, etcd: Vec<String>) -> Result<()> {
     tokio::pin!(router);
     tokio::select! {
         result = &mut router => return Ok(result?),
-        addr = ready_rx => {
-            if let Ok(addr) = addr {
-                println!("router serving on {addr}");
+        bound = ready_rx => {
+            if let Ok(bound) = bound {
+                println!("router serving on {}", bound.grpc);
+                if let Some(http) = bound.http {
+                    println!("dashboard on http://{http}/dashboard, metrics on http://{http}/metrics");
+                }
             }
         }
     }

@@ -75,6 +75,18 @@ pub struct UpArgs {
     /// balancer).
     #[arg(long, default_value_t = 5.0)]
     pub stats_interval_s: f64,
+    /// Address of the router's HTTP port: the live dashboard (`/dashboard`) and the
+    /// Prometheus metrics (`/metrics`; of every part, in one process); port 0 picks a free one.
+    #[arg(
+        long,
+        env = "MOEBIUS_ROUTER_HTTP_LISTEN",
+        alias = "metrics-listen",
+        default_value = "127.0.0.1:8000"
+    )]
+    pub http_listen: SocketAddr,
+    /// Also export the routed tokens per (MoE layer, expert), not only per expert.
+    #[arg(long)]
+    pub metrics_expert_layers: bool,
     #[command(flatten)]
     pub balance: BalanceArgs,
 }
@@ -142,6 +154,8 @@ pub fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
 /// A cluster running inside this process on the in-memory store.
 pub struct LocalCluster {
     pub router_addr: SocketAddr,
+    /// The router's HTTP port: `/dashboard`, and `/metrics` of every part.
+    pub http_addr: Option<SocketAddr>,
     /// The coordinator's admin service.
     pub admin_addr: SocketAddr,
     pub epoch: EpochRecord,
@@ -177,6 +191,9 @@ pub struct LocalOptions<'a> {
     pub redundant_experts: usize,
     pub rebalance_threshold: f64,
     pub rebalance_interval: Duration,
+    /// The router's HTTP port (dashboard and metrics); `None`: none.
+    pub http_listen: Option<SocketAddr>,
+    pub metrics_expert_layers: bool,
 }
 
 impl<'a> LocalOptions<'a> {
@@ -200,6 +217,8 @@ impl<'a> LocalOptions<'a> {
             redundant_experts: 0,
             rebalance_threshold: coordinator.rebalance_threshold,
             rebalance_interval: coordinator.rebalance_interval,
+            http_listen: None,
+            metrics_expert_layers: false,
         }
     }
 }
@@ -264,6 +283,9 @@ pub async fn start_local(
     shutdown: &CancellationToken,
 ) -> Result<LocalCluster> {
     let store: Arc<dyn TopologyStore> = Arc::new(MemoryStore::new());
+    // One registry for every part: the router's HTTP port serves it, each worker's series
+    // labelled with its id.
+    let mut registry = moebius_coordinator::telemetry::registry();
     let mut parts = Vec::new();
     let admin_listener = tokio::net::TcpListener::bind(options.admin_listen)
         .await
@@ -286,6 +308,7 @@ pub async fn start_local(
         rebalance_threshold: options.rebalance_threshold,
         rebalance_interval: options.rebalance_interval,
         admin_address: Some(admin_addr.to_string()),
+        metrics: moebius_coordinator::CoordinatorMetrics::register(&mut registry, "coordinator"),
         ..Default::default()
     };
     let store_c = store.clone();
@@ -313,6 +336,11 @@ pub async fn start_local(
             bf16_activations: options.bf16_activations,
             lease_ttl: options.lease_ttl,
             stats_interval: options.stats_interval,
+            metrics: moebius_worker::metrics::WorkerMetrics::register(
+                &mut registry,
+                &format!("worker-{i}"),
+                options.metrics_expert_layers,
+            ),
             ..Default::default()
         };
         let store_w = store.clone();
@@ -331,22 +359,31 @@ pub async fn start_local(
             worker: true,
         });
     }
+    let metrics = Arc::new(moebius_router::RouterMetrics::register(&mut registry));
     let router = moebius_router::RouterConfig {
         cluster: options.cluster.to_string(),
         listen: options.listen,
+        http_listen: options.http_listen,
+        registry: Arc::new(registry),
+        metrics,
         ..Default::default()
     };
-    // The first start reports the router's address; a restart binds the same one.
+    // The first start reports the router's addresses; a restart binds the same ones.
     let (ready_tx, ready_rx) = oneshot::channel();
     let ready_tx = Arc::new(std::sync::Mutex::new(Some(ready_tx)));
-    let listen = Arc::new(std::sync::Mutex::new(options.listen));
+    let listen = Arc::new(std::sync::Mutex::new(moebius_router::Bound {
+        grpc: options.listen,
+        http: options.http_listen,
+    }));
     let store_r = store.clone();
     parts.push(LocalPart {
         name: "router".into(),
         start: Arc::new(move |stop| {
             let (store, ready_tx, listen) = (store_r.clone(), ready_tx.clone(), listen.clone());
+            let bound = *listen.lock().unwrap_or_else(PoisonError::into_inner);
             let config = moebius_router::RouterConfig {
-                listen: *listen.lock().unwrap_or_else(PoisonError::into_inner),
+                listen: bound.grpc,
+                http_listen: bound.http,
                 ..router.clone()
             };
             Box::pin(async move {
@@ -372,6 +409,7 @@ pub async fn start_local(
     });
     let mut cluster = LocalCluster {
         router_addr: options.listen,
+        http_addr: options.http_listen,
         admin_addr,
         epoch: EpochRecord {
             epoch: 0,
@@ -395,8 +433,9 @@ pub async fn start_local(
     };
     tokio::select! {
         started = started => {
-            let (router_addr, epoch) = started?;
-            cluster.router_addr = router_addr;
+            let (bound, epoch) = started?;
+            cluster.router_addr = bound.grpc;
+            cluster.http_addr = bound.http;
             cluster.epoch = epoch;
             Ok(cluster)
         }
@@ -427,6 +466,8 @@ async fn in_process(
         redundant_experts: args.balance.redundant_experts,
         rebalance_threshold: args.balance.rebalance_threshold,
         rebalance_interval: args.balance.interval()?,
+        http_listen: Some(args.http_listen),
+        metrics_expert_layers: args.metrics_expert_layers,
         ..LocalOptions::new(model, config)
     };
     let mut cluster = match start_local(&options, &shutdown).await {
@@ -435,7 +476,14 @@ async fn in_process(
         Err(e) => return Err(e),
     };
     let admin = cluster.admin_addr.to_string();
-    banner(cluster.router_addr, Some(&admin), model, &cluster.epoch);
+    let watch = cluster.http_addr.map(|http| (http, Vec::new()));
+    banner(
+        cluster.router_addr,
+        Some(&admin),
+        model,
+        &cluster.epoch,
+        watch,
+    );
     // Serve until Ctrl-C, starting again whatever stops; then stop every part.
     cluster.supervise(&shutdown).await;
     shutdown.cancel();
@@ -481,7 +529,17 @@ async fn announced_admin(store: &dyn TopologyStore, cluster: &str) -> Option<Str
     String::from_utf8(admin.value).ok()
 }
 
-fn banner(addr: SocketAddr, admin: Option<&str>, model: &Path, epoch: &EpochRecord) {
+/// The router's HTTP port, and the metrics port of each other part (`(name, address)`; none
+/// when the router's port serves every part).
+type Watch = (SocketAddr, Vec<(String, String)>);
+
+fn banner(
+    addr: SocketAddr,
+    admin: Option<&str>,
+    model: &Path,
+    epoch: &EpochRecord,
+    watch: Option<Watch>,
+) {
     let ranks: Vec<String> = epoch
         .workers
         .iter()
@@ -502,6 +560,12 @@ fn banner(addr: SocketAddr, admin: Option<&str>, model: &Path, epoch: &EpochReco
     if let Some(admin) = admin {
         println!("operate it: moebius admin topology --coordinator {admin}");
     }
+    if let Some((http, others)) = watch {
+        println!("watch it: dashboard http://{http}/dashboard, metrics http://{http}/metrics");
+        for (name, addr) in others {
+            println!("  metrics of {name}: {addr}");
+        }
+    }
     println!("Ctrl-C stops the cluster.");
 }
 
@@ -520,12 +584,12 @@ struct Part {
 
 impl Part {
     /// Starts the child and relays its stdout (with the part's name) on `relays`; lines go to
-    /// `lines` too, for whoever waits for the router's address.
+    /// `lines` too, with the given name, for whoever waits for the addresses.
     fn start(
         &mut self,
         exe: &Path,
         relays: &mut JoinSet<()>,
-        lines: Option<mpsc::UnboundedSender<String>>,
+        lines: Option<(String, mpsc::UnboundedSender<(String, String)>)>,
     ) -> Result<()> {
         let mut command = Command::new(exe);
         command
@@ -556,8 +620,8 @@ impl Part {
             relays.spawn(async move {
                 let mut reader = BufReader::new(out).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
-                    if let Some(lines) = &lines {
-                        let _ = lines.send(line.clone());
+                    if let Some((name, lines)) = &lines {
+                        let _ = lines.send((name.clone(), line.clone()));
                     }
                     println!("[{name}] {line}");
                 }
@@ -619,6 +683,8 @@ async fn with_processes(
             args.balance.rebalance_threshold.to_string(),
             "--rebalance-interval-s".into(),
             args.balance.rebalance_interval_s.to_string(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ],
     )];
     for i in 0..args.workers {
@@ -635,7 +701,12 @@ async fn with_processes(
             ttl.clone(),
             "--stats-interval-s".into(),
             args.stats_interval_s.to_string(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ];
+        if args.metrics_expert_layers {
+            extra.push("--metrics-expert-layers".into());
+        }
         if args.bf16_activations {
             extra.push("--bf16-activations".into());
         }
@@ -644,34 +715,56 @@ async fn with_processes(
     parts.push(part(
         "router".into(),
         "router",
-        vec!["--listen".into(), args.listen.to_string()],
+        vec![
+            "--listen".into(),
+            args.listen.to_string(),
+            "--http-listen".into(),
+            args.http_listen.to_string(),
+        ],
     ));
 
-    // Start every part; learn the router's address from its stdout.
+    // Start every part; learn the router's addresses and every metrics port from stdout.
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
     let mut relays = JoinSet::new();
     for part in &mut parts {
-        let watch = (part.name == "router").then(|| lines_tx.clone());
-        part.start(&exe, &mut relays, watch)?;
+        part.start(
+            &exe,
+            &mut relays,
+            Some((part.name.clone(), lines_tx.clone())),
+        )?;
     }
     drop(lines_tx);
     let store = EtcdStore::connect(&[etcd.to_string()], Duration::from_secs(5)).await?;
     let started = async {
-        let addr: SocketAddr = loop {
-            let line = lines
+        let (mut addr, mut http) = (None, None);
+        let mut metrics = Vec::new();
+        // The router's lines come after the others' start-up lines: each part prints its
+        // metrics port before it serves.
+        while addr.is_none() || http.is_none() || metrics.len() < args.workers + 1 {
+            let (name, line): (String, String) = lines
                 .recv()
                 .await
-                .context("the router exited before serving")?;
-            if let Some(addr) = line.strip_prefix("router serving on ") {
-                break addr.trim().parse()?;
+                .context("the parts exited before serving")?;
+            if let Some(a) = line.strip_prefix("router serving on ") {
+                addr = Some(a.trim().parse::<SocketAddr>()?);
+            } else if let Some(rest) = line.strip_prefix("dashboard on http://") {
+                http = rest
+                    .split('/')
+                    .next()
+                    .map(str::parse::<SocketAddr>)
+                    .transpose()?;
+            } else if let Some(url) = line.strip_prefix("metrics on ") {
+                metrics.push((name, url.trim().to_string()));
             }
-        };
+        }
+        let addr = addr.context("the router printed no address")?;
+        let http = http.context("the router printed no HTTP address")?;
         let epoch = wait_active(&store, &args.cluster).await?;
         let admin = announced_admin(&store, &args.cluster).await;
-        Ok::<_, anyhow::Error>((addr, admin, epoch))
+        Ok::<_, anyhow::Error>((addr, admin, epoch, (http, metrics)))
     };
     let outcome = tokio::select! {
-        started = started => started.map(|(addr, admin, epoch)| banner(addr, admin.as_deref(), Path::new(&model), &epoch)),
+        started = started => started.map(|(addr, admin, epoch, watch)| banner(addr, admin.as_deref(), Path::new(&model), &epoch, Some(watch))),
         _ = shutdown.cancelled() => Ok(()),
         (i, status, _) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
     };

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use moebius_coordinator::telemetry::Registry;
 use moebius_coordinator::EtcdStore;
+use moebius_worker::metrics::WorkerMetrics;
 use moebius_worker::service::{self, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +69,14 @@ pub struct WorkerArgs {
     /// balancer and shown in the Status RPC.
     #[arg(long, env = "MOEBIUS_WORKER_STATS_INTERVAL_S", default_value_t = 5.0)]
     stats_interval_s: f64,
+    /// Address of the Prometheus metrics port (`GET /metrics`); port 0 picks a free one.
+    /// Without it no metrics are served.
+    #[arg(long, env = "MOEBIUS_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Also export the routed tokens per (MoE layer, expert), not only per expert: layers ×
+    /// experts series.
+    #[arg(long, env = "MOEBIUS_WORKER_METRICS_EXPERT_LAYERS")]
+    metrics_expert_layers: bool,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -99,15 +109,28 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         ..WorkerConfig::default()
     };
     config.validate()?;
+    let mut registry = moebius_coordinator::telemetry::registry();
+    let config = WorkerConfig {
+        metrics: WorkerMetrics::register(&mut registry, &config.id, args.metrics_expert_layers),
+        ..config
+    };
+    let metrics = args.metrics_listen.map(|addr| (addr, registry));
     let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
-    runtime.block_on(serve(config, args.etcd))
+    runtime.block_on(serve(config, args.etcd, metrics))
 }
 
-async fn serve(config: WorkerConfig, etcd: Vec<String>) -> Result<()> {
+async fn serve(
+    config: WorkerConfig,
+    etcd: Vec<String>,
+    metrics: Option<(SocketAddr, Registry)>,
+) -> Result<()> {
     let store = EtcdStore::connect(&etcd, ETCD_CONNECT_TIMEOUT)
         .await
         .context("cannot connect to etcd; check --etcd")?;
     let shutdown = CancellationToken::new();
+    if let Some((addr, registry)) = metrics {
+        super::metrics::serve(addr, registry, shutdown.clone()).await?;
+    }
     let id = config.id.clone();
     let worker = service::start(config, Arc::new(store), shutdown.clone()).await?;
     println!("worker {id} serving on {}", worker.grpc_addr());

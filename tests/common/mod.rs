@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod http;
 pub mod load;
+pub mod prometheus;
 pub mod up;
 
 use std::io::{BufRead, BufReader};

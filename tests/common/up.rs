@@ -15,9 +15,17 @@ impl Up {
     /// Starts `moebius up --etcd <etcd> --cluster <cluster> --model <model>` on free ports
     /// with 1 thread per worker, and `extra` flags.
     pub fn start(etcd: &str, cluster: &str, model: &Path, extra: &[&str]) -> Self {
+        let etcd = ["--etcd", etcd, "--cluster", cluster];
+        Self::start_with(model, &[&etcd, extra].concat())
+    }
+
+    /// Starts `moebius up --model <model>` on free ports with 1 thread per worker, and `extra`
+    /// flags (without `--etcd`: the whole cluster in one process).
+    pub fn start_with(model: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moebius"))
-            .args(["up", "--etcd", etcd, "--cluster", cluster, "--threads", "1"])
+            .args(["up", "--threads", "1"])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--model")
             .arg(model)
             .args(extra)
@@ -62,6 +70,19 @@ impl Up {
         ready
             .trim_start_matches("moebius is up: router on ")
             .split([',', ' '])
+            .next()
+            .expect("address")
+            .to_string()
+    }
+
+    /// Waits for the banner's watch line; returns the router's HTTP address (dashboard and
+    /// metrics).
+    pub fn http_addr(&self) -> String {
+        let line = self.next_line("dashboard address", |l| {
+            l.starts_with("watch it: dashboard http://")
+        });
+        line.trim_start_matches("watch it: dashboard http://")
+            .split('/')
             .next()
             .expect("address")
             .to_string()

@@ -11,6 +11,8 @@
 //!   and `tcp` (full mesh) backends.
 //! - [`service`]: one rank as a networked worker — the `moebius.v1.Worker` gRPC service, the
 //!   engine thread, registration, the placement watch and the epoch protocol.
+//! - [`metrics`]: the worker's Prometheus metrics (steps, sequences, exchange, epochs, expert
+//!   load).
 //! - [`tokenizer`]: the checkpoint's `tokenizer.json`.
 //! - [`error`]: the crate's error type.
 pub mod backend;
@@ -19,6 +21,7 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod service;
 pub mod tokenizer;

@@ -330,6 +330,7 @@ fn a_new_placement_reads_only_the_slots_that_moved() {
         rank: 0,
         previous: Some(&first.experts),
         load: Some(first.load().clone()),
+        metrics: None,
     };
     let (second, reload) =
         Model::build(model.shared.clone(), &model.checkpoint, spec).expect("rank 0 again");

@@ -36,6 +36,7 @@ use tokio::time::Instant;
 
 use super::probe;
 
+use super::metrics::{ADMIN, AUTO};
 use super::{leader_value, Ctx};
 use crate::admin::{AdminError, AdminRequest, PlanReport, TopologyView};
 use crate::error::CoordinatorError;
@@ -223,7 +224,9 @@ impl Leader<'_> {
                 }
                 self.step().await
             };
-            match step.await {
+            let result = step.await;
+            self.publish_metrics();
+            match result {
                 Ok(()) => {
                     retry = MIN_RETRY;
                     stale = false;
@@ -676,7 +679,17 @@ impl Leader<'_> {
             slots = plan.slots_to_load,
             "the expert load is imbalanced; rebalancing"
         );
-        self.apply(plan, false).await.map(drop)
+        if let Ok(report) = self.apply(plan, false).await? {
+            if report.epoch.is_some() {
+                self.ctx
+                    .config
+                    .metrics
+                    .rebalances
+                    .get_or_create(&AUTO)
+                    .inc();
+            }
+        }
+        Ok(())
     }
 
     /// Answers one admin request.
@@ -691,6 +704,14 @@ impl Leader<'_> {
                     Ok(plan) => self.apply(plan, dry_run).await?,
                     Err(e) => Err(e),
                 };
+                if answer.as_ref().is_ok_and(|r| r.epoch.is_some()) {
+                    self.ctx
+                        .config
+                        .metrics
+                        .rebalances
+                        .get_or_create(&ADMIN)
+                        .inc();
+                }
                 let _ = reply.send(answer);
             }
             AdminRequest::SetRedundant {
@@ -699,6 +720,14 @@ impl Leader<'_> {
                 reply,
             } => {
                 let answer = self.set_redundant(count, dry_run).await?;
+                if answer.as_ref().is_ok_and(|r| r.epoch.is_some()) {
+                    self.ctx
+                        .config
+                        .metrics
+                        .rebalances
+                        .get_or_create(&ADMIN)
+                        .inc();
+                }
                 let _ = reply.send(answer);
             }
             AdminRequest::Drain { id, reply } => {
@@ -797,6 +826,21 @@ impl Leader<'_> {
             "{id} stops taking requests, finishes its sequences, leaves the group and exits; \
              the next epoch places its experts on the other workers"
         )))
+    }
+
+    /// Sets the gauges from the leader's view: the epoch, the workers alive, the imbalance.
+    fn publish_metrics(&self) {
+        let metrics = &self.ctx.config.metrics;
+        metrics.workers_alive.set(self.workers.len() as i64);
+        let Some(record) = &self.record else {
+            return;
+        };
+        metrics.epoch.set(record.epoch as i64);
+        let imbalance = Load::of(&self.stats, &record.workers, self.ctx.config.num_experts)
+            .map_or(0.0, |load| {
+                planner::mean_imbalance(&record.placement, &load.tokens)
+            });
+        metrics.imbalance.set(imbalance);
     }
 
     fn view(&self) -> TopologyView {

@@ -171,9 +171,10 @@ pub fn run_group(
     let engine_options = EngineOptions {
         token_budget: options.token_budget,
         on_group_failure: OnGroupFailure::Fail,
+        metrics: None,
     };
     let engines = (0..options.ranks)
-        .map(|_| EngineHandle::spawn(engine_options))
+        .map(|_| EngineHandle::spawn(engine_options.clone()))
         .collect::<Result<Vec<_>>>()?;
     for (rank, ((engine, model), comm)) in engines.iter().zip(models).zip(comms).enumerate() {
         // Commands are handled in order, so the requests below find the model installed.

@@ -131,6 +131,16 @@ impl<B: Backend> RankEngine<B> {
         self.sequences.len()
     }
 
+    /// Live sequences that have not sampled their first token yet (waiting for or in prefill).
+    pub fn queued(&self) -> usize {
+        self.sequences.iter().filter(|s| !s.sampled).count()
+    }
+
+    /// Bytes the sequences' KV caches hold.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.sequences.iter().map(|s| s.cache.bytes()).sum()
+    }
+
     /// Checks the request completely and, if it is valid, adds it: it joins at the next step.
     /// An invalid request gets its error on its sink and never joins, so no request can fail
     /// a step.

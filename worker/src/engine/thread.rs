@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
@@ -29,6 +29,7 @@ use crate::comm::{Communicator, Doorbell, Interrupt};
 use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
 use crate::engine::request::GenerateRequest;
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertReload, Model};
 
 /// Longest an idle or paused rank sleeps before it looks at its cancelled sequences again.
@@ -89,11 +90,13 @@ pub enum OnGroupFailure {
 }
 
 /// How an engine thread runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
     pub on_group_failure: OnGroupFailure,
+    /// Where the steps, sequences and epoch switches are counted, if anywhere.
+    pub metrics: Option<WorkerMetrics>,
 }
 
 /// One epoch's model and data plane for this rank.
@@ -291,6 +294,8 @@ struct EngineLoop {
     failure: Option<GroupFailure>,
     failures: u64,
     stopping: bool,
+    /// When a running group last stopped stepping (a pause for an epoch change, a failure).
+    stopped_at: Option<Instant>,
 }
 
 impl EngineLoop {
@@ -320,6 +325,7 @@ impl EngineLoop {
             failure: None,
             failures: 0,
             stopping: false,
+            stopped_at: None,
         }
     }
 
@@ -360,9 +366,14 @@ impl EngineLoop {
             self.bell.wait(IDLE_WAIT);
             return;
         }
+        let metrics = self.options.metrics.as_ref();
         let agreed = agree(&mut **comm, busy, pause).and_then(|(busy, pause)| {
             if busy && !pause {
+                let (before, started) = (engine.stats().clone(), Instant::now());
                 engine.step(&mut **comm)?;
+                if let Some(m) = metrics {
+                    observe_step(m, &before, engine.stats(), started);
+                }
             }
             Ok(pause)
         });
@@ -401,6 +412,10 @@ impl EngineLoop {
                 if self.engine.is_some() && self.comm.is_some() && epoch == self.epoch {
                     if !self.running {
                         tracing::info!(epoch, rank = self.rank, "stepping in the epoch");
+                        if let (Some(m), Some(at)) = (&self.options.metrics, self.stopped_at) {
+                            m.epoch_switch_pause.observe(at.elapsed().as_secs_f64());
+                        }
+                        self.stopped_at = None;
                     }
                     self.running = true;
                 } else {
@@ -467,6 +482,10 @@ impl EngineLoop {
         self.expert_slots = Arc::new(expert_slots);
         self.reload = reload;
         self.failure = None;
+        if let Some(m) = &self.options.metrics {
+            m.epoch.set(epoch as i64);
+            m.rank.set(rank as i64);
+        }
         self.publish();
         Ok(())
     }
@@ -480,6 +499,9 @@ impl EngineLoop {
 
     /// The group stopped stepping: answer whoever asked for a pause.
     fn paused(&mut self) {
+        if self.running {
+            self.stopped_at = Some(Instant::now());
+        }
         self.running = false;
         for ack in self.pause_waiters.drain(..) {
             let _ = ack.send(());
@@ -514,6 +536,9 @@ impl EngineLoop {
         tracing::warn!(epoch = self.epoch, rank = self.rank, blamed = ?ranks, %error,
             "EP group failed; leaving it");
         self.failures += 1;
+        if let Some(m) = &self.options.metrics {
+            m.collective_failures.inc();
+        }
         self.failure = Some(GroupFailure {
             epoch: self.epoch,
             ranks,
@@ -549,6 +574,14 @@ impl EngineLoop {
             reload: self.reload,
             failure: self.failure.clone(),
         };
+        if let Some(m) = &self.options.metrics {
+            let engine = self.engine.as_ref();
+            let queued = engine.map_or(0, RankEngine::queued);
+            m.active.set((next.active - queued) as i64);
+            m.queued.set(queued as i64);
+            m.kv_cache_bytes
+                .set(engine.map_or(0, RankEngine::kv_cache_bytes) as i64);
+        }
         self.status.send_if_modified(|s| {
             if *s == next {
                 false
@@ -557,6 +590,21 @@ impl EngineLoop {
                 true
             }
         });
+    }
+}
+
+/// Counts one step: its duration, its rows and tokens.
+fn observe_step(m: &WorkerMetrics, before: &RankStats, after: &RankStats, started: Instant) {
+    m.step_seconds.observe(started.elapsed().as_secs_f64());
+    let prefill = after.prefill_tokens - before.prefill_tokens;
+    let decode = after.decode_tokens - before.decode_tokens;
+    if prefill > 0 {
+        m.prefill_rows.observe(prefill as f64);
+        m.prefill_tokens.inc_by(prefill);
+    }
+    if decode > 0 {
+        m.decode_rows.observe(decode as f64);
+        m.decode_tokens.inc_by(decode);
     }
 }
 

@@ -27,6 +27,7 @@ use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use attention::{Attention, Segment};
 use linear::{Linear, Loader, Mlp};
 pub use load::{ExpertLoad, LoadWindow};
@@ -301,6 +302,8 @@ pub struct Model<B: Backend> {
     moe_index: Vec<Option<usize>>,
     /// Where the tokens routed by this rank's own sequences are counted.
     load: Arc<ExpertLoad>,
+    /// Where the MoE exchange is timed and its bytes counted, if anywhere.
+    metrics: Option<WorkerMetrics>,
     rank: usize,
 }
 
@@ -312,6 +315,8 @@ pub struct RankSpec<'a, B: Backend> {
     pub previous: Option<&'a RankExperts<B>>,
     /// Load counters that outlive the epoch; fresh ones when `None`.
     pub load: Option<Arc<ExpertLoad>>,
+    /// Where the MoE exchange is measured, if anywhere.
+    pub metrics: Option<WorkerMetrics>,
 }
 
 impl<B: Backend> Model<B> {
@@ -327,6 +332,7 @@ impl<B: Backend> Model<B> {
             rank,
             previous: None,
             load: None,
+            metrics: None,
         };
         Ok(Self::build(shared, checkpoint, spec)?.0)
     }
@@ -343,6 +349,7 @@ impl<B: Backend> Model<B> {
             rank,
             previous,
             load,
+            metrics,
         } = spec;
         let config = &shared.config;
         let moe_layers = config.moe_layer_count();
@@ -393,6 +400,7 @@ impl<B: Backend> Model<B> {
             replicas,
             moe_index,
             load,
+            metrics,
             rank,
             shared,
             experts,
@@ -500,6 +508,7 @@ impl<B: Backend> Model<B> {
                         shared: shared.as_ref(),
                         slots: &self.experts.layers[l],
                         load: self.moe_index[l].map(|m| (&*self.load, m)),
+                        metrics: self.metrics.as_ref(),
                     };
                     moe.forward(b, comm, &self.replicas[l], &normed, n, &mut x)?;
                 }

@@ -12,6 +12,7 @@ use crate::backend::{softmax, top_k, Backend};
 use crate::comm::Communicator;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
+use crate::metrics::{ExchangeMetrics, WorkerMetrics};
 use crate::model::exchange::{self, Dispatch};
 use crate::model::linear::{Linear, Loader, Mlp};
 use crate::model::load::ExpertLoad;
@@ -150,12 +151,40 @@ pub struct MoeLayer<'a, B: Backend> {
     /// Where to count the tokens routed to each logical expert, and this layer's index among
     /// the MoE layers.
     pub load: Option<(&'a ExpertLoad, usize)>,
+    /// Where the exchange is timed and its bytes counted, if anywhere.
+    pub metrics: Option<&'a WorkerMetrics>,
 }
 
 /// Where each logical expert lives: `(rank, slot)` replicas, from the placement.
 pub type Replicas = [Vec<(usize, usize)>];
 
 impl<B: Backend> MoeLayer<'_, B> {
+    /// One all-to-all, measured in `which` of the metrics: the bytes this rank sends to
+    /// others and the time until everything arrived.
+    fn exchange(
+        &self,
+        comm: &mut dyn Communicator,
+        send: Vec<Vec<u8>>,
+        which: impl Fn(&WorkerMetrics) -> &ExchangeMetrics,
+    ) -> Result<Vec<Vec<u8>>> {
+        let Some(metrics) = self.metrics else {
+            return comm.all_to_all_v(send);
+        };
+        let me = comm.rank();
+        let bytes: usize = send
+            .iter()
+            .enumerate()
+            .filter(|&(r, _)| r != me)
+            .map(|(_, m)| m.len())
+            .sum();
+        let started = std::time::Instant::now();
+        let received = comm.all_to_all_v(send)?;
+        let meter = which(metrics);
+        meter.seconds.observe(started.elapsed().as_secs_f64());
+        meter.bytes.inc_by(bytes as u64);
+        Ok(received)
+    }
+
     /// Runs the MoE block on `n` rows of `x` (normalised hidden states) and adds its output to
     /// `residual`.
     pub fn forward(
@@ -194,7 +223,7 @@ impl<B: Backend> MoeLayer<'_, B> {
             .iter()
             .map(|entries| exchange::encode_dispatch(entries, x, hidden))
             .collect();
-        let received = comm.all_to_all_v(messages)?;
+        let received = self.exchange(comm, messages, |m| &m.dispatch)?;
 
         // Compute: group every received row by slot, run each expert once.
         let incoming: Vec<Dispatch> = received
@@ -245,7 +274,7 @@ impl<B: Backend> MoeLayer<'_, B> {
         drop(received);
 
         // Combine: outputs travel back; sum them in top-k order.
-        let returned = comm.all_to_all_v(replies)?;
+        let returned = self.exchange(comm, replies, |m| &m.combine)?;
         let returned: Vec<Cow<[f32]>> = returned.iter().map(|b| exchange::f32_view(b)).collect();
         let mut routed = vec![0.0f32; hidden];
         for (row, route) in routes.iter().enumerate() {

@@ -34,6 +34,7 @@ use crate::backend::CpuBackend;
 use crate::comm::{DataListener, GroupSpec, TcpComm};
 use crate::engine::{EngineHandle, GroupFailure, Installation, LoadedModel};
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertLoad, ExpertReload, Model, RankExperts, RankSpec};
 use crate::service::registration::Registered;
 
@@ -49,6 +50,7 @@ pub struct EpochFollower {
     pub model: Arc<LoadedModel>,
     /// The tokens this worker's sequences route to each expert, across epochs.
     pub load: Arc<ExpertLoad>,
+    pub metrics: WorkerMetrics,
     /// The data-plane listener, accepting for the life of the worker.
     pub data: Arc<DataListener>,
     pub engine: Arc<EngineHandle>,
@@ -253,6 +255,7 @@ impl EpochFollower {
             Forming {
                 model: self.model.clone(),
                 load: self.load.clone(),
+                metrics: self.metrics.clone(),
                 previous: st.held.clone(),
                 data: self.data.clone(),
                 engine: self.engine.clone(),
@@ -460,6 +463,7 @@ fn report(record: &EpochRecord, ranks: &[usize], reason: &str) -> SuspectReport 
 struct Forming {
     model: Arc<LoadedModel>,
     load: Arc<ExpertLoad>,
+    metrics: WorkerMetrics,
     previous: Option<RankExperts<CpuBackend>>,
     data: Arc<DataListener>,
     engine: Arc<EngineHandle>,
@@ -473,6 +477,7 @@ struct Forming {
 async fn form(f: Forming, record: EpochRecord, rank: usize, pause_first: bool) -> Result<Formed> {
     let (model, reload) = {
         let (loaded, load, previous) = (f.model.clone(), f.load.clone(), f.previous);
+        let metrics = f.metrics.clone();
         let placement = record.placement.clone();
         blocking(move || {
             let spec = RankSpec {
@@ -480,6 +485,7 @@ async fn form(f: Forming, record: EpochRecord, rank: usize, pause_first: bool) -
                 rank,
                 previous: previous.as_ref(),
                 load: Some(load),
+                metrics: Some(metrics),
             };
             Model::build(loaded.shared.clone(), &loaded.checkpoint, spec)
         })

@@ -41,6 +41,7 @@ use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
 };
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertLoad, LoadWindow};
 use crate::tokenizer::Tokenizer;
 use epochs::EpochFollower;
@@ -85,6 +86,8 @@ pub struct WorkerConfig {
     pub stats_interval: Duration,
     /// The span of the load window the statistics count over.
     pub stats_window: Duration,
+    /// Where the worker counts what it does (registered by the caller, or unseen).
+    pub metrics: WorkerMetrics,
 }
 
 impl Default for WorkerConfig {
@@ -107,6 +110,7 @@ impl Default for WorkerConfig {
             drain_timeout: Duration::from_secs(30),
             stats_interval: Duration::from_secs(5),
             stats_window: Duration::from_secs(60),
+            metrics: WorkerMetrics::default(),
         }
     }
 }
@@ -243,11 +247,13 @@ pub async fn start(
     let engine = Arc::new(EngineHandle::spawn(EngineOptions {
         token_budget: config.token_budget,
         on_group_failure: OnGroupFailure::Keep,
+        metrics: Some(config.metrics.clone()),
     })?);
     let load = Arc::new(ExpertLoad::new(
         model.config.moe_layer_count(),
         model.config.n_routed_experts,
     ));
+    config.metrics.follow_expert_load(load.clone());
     let load_window = Arc::new(Mutex::new(LoadWindow::new(config.stats_window)));
     let service = WorkerService::new(
         config.id.clone(),
@@ -333,6 +339,7 @@ pub async fn start(
         store: store.clone(),
         model,
         load,
+        metrics: config.metrics.clone(),
         data,
         engine: engine.clone(),
         connect_timeout: config.connect_timeout,

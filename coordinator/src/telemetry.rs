@@ -1,0 +1,86 @@
+//! What every part exports for watching it: a Prometheus registry under the `moebius_` prefix,
+//! and the HTTP server that answers `GET /metrics` with it in the OpenMetrics text format.
+//!
+//! Each crate keeps its own metrics in a struct that registers itself into a [`Registry`]
+//! (`RouterMetrics`, `WorkerMetrics`, [`CoordinatorMetrics`](crate::CoordinatorMetrics)); the
+//! binary builds the registry, hands the structs to the parts and serves the registry here.
+//! Metrics that are not registered anywhere (tests, benchmarks) still count, unseen.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+pub use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The content type of the OpenMetrics text exposition.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// An empty registry that names every metric `moebius_<name>`.
+pub fn registry() -> Registry {
+    Registry::with_prefix("moebius")
+}
+
+/// `GET /metrics`, answering with `registry`.
+pub fn metrics_routes(registry: Arc<Registry>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = Arc::clone(&registry);
+            async move { exposition(&registry) }
+        }),
+    )
+}
+
+fn exposition(registry: &Registry) -> Response {
+    let mut body = String::with_capacity(16 * 1024);
+    match encode(&mut body, registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the metrics: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr` for an HTTP server, with an error that names the flag it came from.
+pub async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {flag} {addr}: {e}")))
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix_and_counters_end_in_total() {
+        let mut registry = registry();
+        let requests: Counter = Counter::default();
+        registry.register("router_requests", "Requests", requests.clone());
+        requests.inc_by(3);
+        let mut body = String::new();
+        encode(&mut body, &registry).expect("encodes");
+        assert!(body.contains("moebius_router_requests_total 3"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
+}
