@@ -4,10 +4,12 @@ mod allocator;
 mod bench;
 mod cmd;
 mod generate;
+mod telemetry;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use telemetry::LogFormat;
 
 /// Expert-parallel serving of DeepSeek-family MoE models.
 #[derive(Parser)]
@@ -17,14 +19,12 @@ struct Cli {
     /// with the fields of the request's span, e.g. its `request_id`) for log pipelines.
     #[arg(long, global = true, env = "MOEBIUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// OTLP/gRPC endpoint to export traces to (e.g. http://127.0.0.1:4317): one trace per
+    /// request, from the router through the worker. Off when unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -53,19 +53,24 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     allocator::retain_freed_memory();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MOEBIUS_LOG")
-        .unwrap_or_else(|_| "warn".into());
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+    let service = match &cli.command {
+        Command::Up(_) => "moebius",
+        Command::Worker(_) => "moebius-worker",
+        Command::Coordinator(_) => "moebius-coordinator",
+        Command::Router(_) => "moebius-router",
+        _ => "moebius-cli",
+    };
+    if let Some(endpoint) = &cli.otlp_endpoint {
+        // The parts `up` starts as processes inherit the endpoint.
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
     }
+    let _telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref(), service) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),

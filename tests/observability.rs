@@ -1,7 +1,7 @@
 //! Watching a cluster as an operator does: a real Prometheus scraping every part of
 //! `moebius up --etcd` (router, coordinator, workers, each on its own metrics port), the
-//! Grafana dashboards' queries run against it, and headless Chromium loading the built-in
-//! dashboard of `moebius up`.
+//! Grafana dashboards' queries run against it, headless Chromium loading the built-in dashboard
+//! of `moebius up`, and an OTLP receiver getting one request's trace across the processes.
 
 mod common;
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use common::http;
 use common::load;
+use common::otlp::Collector;
 use common::prometheus::Prometheus;
 use common::up::Up;
 use moebius_coordinator::EtcdServer;
@@ -272,4 +273,82 @@ fn text_of(dom: &str, id: &str) -> String {
     let start = rest.find('>').expect("a tag") + 1;
     let end = rest[start..].find('<').expect("a closing tag");
     rest[start..start + end].trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_is_one_trace_from_the_router_through_the_worker() {
+    let _serial = SERIAL.lock().await;
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let cluster = format!("traces{}", std::process::id());
+    let up = Up::start(
+        etcd.endpoint(),
+        &cluster,
+        &fixture(MODEL),
+        &["--workers", "2", "--otlp-endpoint", &endpoint],
+    );
+    let addr = up.router_addr();
+    let tokens = load::reference(&addr, load::requests(1, TOKENS, false)).await;
+    assert_eq!(tokens[0].len(), TOKENS as usize);
+
+    // The parts export in batches (every 5 s by default).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (root, worker) = loop {
+        let spans = collector.spans();
+        let root = spans
+            .iter()
+            .find(|s| s.span.name == "generate" && s.service == "moebius-router")
+            .cloned();
+        let worker = root.as_ref().and_then(|root| {
+            spans
+                .iter()
+                .find(|s| s.span.name == "worker_generate" && s.span.trace_id == root.span.trace_id)
+                .cloned()
+        });
+        if let (Some(root), Some(worker)) = (root, worker) {
+            break (root, worker);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no router and worker span of one trace within 30 s; got {:?}",
+            spans
+                .iter()
+                .map(|s| (&s.service, &s.span.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(worker.service, "moebius-worker");
+    // The worker's span is a child of the router's attempt, itself a child of the request.
+    let spans = collector.spans();
+    let attempt = spans
+        .iter()
+        .find(|s| s.span.span_id == worker.span.parent_span_id)
+        .expect("the worker span's parent was exported");
+    assert_eq!(attempt.span.name, "attempt");
+    assert_eq!(attempt.service, "moebius-router");
+    assert_eq!(attempt.span.parent_span_id, root.span.span_id);
+    assert_eq!(root.span.trace_id, worker.span.trace_id);
+    // The request's GenAI attributes, and the phases on the worker.
+    assert_eq!(
+        root.attribute("gen_ai.request.max_tokens").as_deref(),
+        Some(TOKENS.to_string().as_str())
+    );
+    assert_eq!(
+        root.attribute("gen_ai.usage.output_tokens").as_deref(),
+        Some(TOKENS.to_string().as_str())
+    );
+    assert_eq!(
+        root.attribute("gen_ai.usage.input_tokens").as_deref(),
+        Some(load::PROMPT_LEN.to_string().as_str())
+    );
+    for phase in ["prefill", "decode"] {
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.span.name == phase && s.span.parent_span_id == worker.span.span_id),
+            "no {phase} span under the worker's"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! What every part exports for watching it: a Prometheus registry under the `moebius_` prefix,
-//! and the HTTP server that answers `GET /metrics` with it in the OpenMetrics text format.
+//! the HTTP server that answers `GET /metrics` with it in the OpenMetrics text format, and the
+//! W3C trace context carried in gRPC metadata from one part's span to the next part's.
 //!
 //! Each crate keeps its own metrics in a struct that registers itself into a [`Registry`]
 //! (`RouterMetrics`, `WorkerMetrics`, [`CoordinatorMetrics`](crate::CoordinatorMetrics)); the
@@ -12,10 +13,15 @@ use std::sync::Arc;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use opentelemetry::global;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
 use prometheus_client::encoding::text::encode;
 pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The content type of the OpenMetrics text exposition.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -64,6 +70,56 @@ pub async fn serve_http(
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
+}
+
+/// Writes the W3C trace context of `span` (`traceparent`, `tracestate`) into gRPC `metadata`,
+/// so that the callee's spans join the caller's trace. Writes nothing while tracing is off (the
+/// global propagator is a no-op until the binary installs one).
+pub fn inject_trace_context(span: &tracing::Span, metadata: &mut MetadataMap) {
+    let context = span.context();
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut MetadataInjector(metadata))
+    });
+}
+
+/// Makes `span` a child of the trace context in `metadata`, when there is one.
+pub fn adopt_trace_context(span: &tracing::Span, metadata: &MetadataMap) {
+    let context = global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    if context.span().span_context().is_valid() {
+        // Fails only when the span is disabled (tracing off): nothing to join then.
+        let _ = span.set_parent(context);
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                KeyRef::Ascii(k) => Some(k.as_str()),
+                KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

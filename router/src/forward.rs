@@ -1,6 +1,7 @@
 //! One attempt of a request on one worker: call its `Generate` (with what the client already
 //! has, for a resubmission), wait for the first message, then hand out the rest.
 
+use moebius_coordinator::telemetry::inject_trace_context;
 use moebius_proto::v1::worker_client::WorkerClient;
 use moebius_proto::v1::{GenerateRequest, GenerateResponse, Resume, WorkerGenerateRequest};
 use tokio::time::Instant;
@@ -17,6 +18,8 @@ pub(crate) struct Upstream {
     pub guard: InFlight,
     pub stream: Streaming<GenerateResponse>,
     pub first: Option<GenerateResponse>,
+    /// The attempt's span, held so that it ends when the attempt does.
+    _span: tracing::Span,
 }
 
 impl Upstream {
@@ -41,10 +44,17 @@ pub(crate) async fn try_open(
     deadline: Option<Instant>,
 ) -> Result<Upstream, (InFlight, RouterError)> {
     let mut client = WorkerClient::new(guard.worker().channel.clone());
+    let span = tracing::info_span!(
+        "attempt",
+        moebius.worker = %guard.worker().id,
+        moebius.resumed_tokens = resume.as_ref().map_or(0, |r| r.token_ids.len()),
+    );
     let mut call = tonic::Request::new(WorkerGenerateRequest {
         request: Some(request.clone()),
         resume,
     });
+    // The worker's spans join this attempt's trace.
+    inject_trace_context(&span, call.metadata_mut());
     if let Some(deadline) = deadline {
         // The worker learns the deadline too, so it can stop a sequence nobody waits for.
         call.set_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -61,6 +71,7 @@ pub(crate) async fn try_open(
             guard,
             stream,
             first,
+            _span: span,
         }),
         Err(status) => {
             let err = worker_error(guard.worker(), status);

@@ -140,7 +140,9 @@ impl RouterMetrics {
             first_token: None,
             last_token: None,
             tokens: 0,
+            prompt_tokens: None,
             finished: false,
+            span: None,
         }
     }
 }
@@ -154,16 +156,24 @@ pub(crate) struct Meter {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     tokens: u64,
+    prompt_tokens: Option<u64>,
     finished: bool,
+    /// The request's span, where the usage and the outcome are recorded at the end.
+    span: Option<tracing::Span>,
 }
 
 impl Meter {
+    /// Records the usage and the outcome in `span` too.
+    pub fn trace(&mut self, span: tracing::Span) {
+        self.span = Some(span);
+    }
+
     /// A message on its way to the client.
     pub fn message(&mut self, message: &GenerateResponse) {
         if let Some(usage) = &message.usage {
-            self.metrics
-                .prompt_tokens
-                .inc_by(u64::from(usage.prompt_tokens));
+            let prompt = u64::from(usage.prompt_tokens);
+            self.metrics.prompt_tokens.inc_by(prompt);
+            self.prompt_tokens = Some(prompt);
         }
         let n = message.token_ids.len() as u64;
         if n == 0 {
@@ -217,6 +227,13 @@ impl Meter {
             code: code_name(code),
         };
         m.requests.get_or_create(&outcome).inc();
+        if let Some(span) = &self.span {
+            span.record("gen_ai.usage.output_tokens", self.tokens);
+            if let Some(prompt) = self.prompt_tokens {
+                span.record("gen_ai.usage.input_tokens", prompt);
+            }
+            span.record("rpc.grpc.status_code", code as i32);
+        }
     }
 }
 

@@ -135,6 +135,24 @@ impl Call {
     }
 }
 
+/// The span of one request: the trace's root on the router, with the OpenTelemetry GenAI
+/// attributes of the request; the usage and the outcome are recorded when it ends.
+fn request_span(request: &GenerateRequest) -> tracing::Span {
+    let sampling = request.sampling.unwrap_or_default();
+    info_span!(
+        "generate",
+        request_id = %request.request_id,
+        gen_ai.operation.name = "text_completion",
+        gen_ai.system = "moebius",
+        gen_ai.request.max_tokens = request.max_new_tokens,
+        gen_ai.request.temperature = f64::from(sampling.temperature),
+        gen_ai.request.top_p = f64::from(sampling.top_p),
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}
+
 fn report(request_id: &str, err: RouterError) -> Status {
     match &err {
         RouterError::WorkerFailed { .. }
@@ -159,6 +177,8 @@ impl Inference for RouterService {
             Err(e) => return Err(meter.fail(report("", e))),
         };
         let request_id = request.request_id.clone();
+        let span = request_span(&request);
+        meter.trace(span.clone());
         let work = async {
             let mut session = self.open(request, &call).await?;
             let mut whole = GenerateResponse::default();
@@ -169,7 +189,6 @@ impl Inference for RouterService {
             whole.request_id = request_id.clone();
             Ok(whole)
         };
-        let span = info_span!("request", request_id = %request_id);
         match call.bounded(work).instrument(span).await {
             Ok(whole) => {
                 meter.finish(Code::Ok);
@@ -185,7 +204,7 @@ impl Inference for RouterService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let meter = self.inner.metrics.meter(Instant::now());
+        let mut meter = self.inner.metrics.meter(Instant::now());
         let (request, call) = match self.admit(request) {
             Ok(admitted) => admitted,
             Err(e) => return Err(meter.fail(report("", e))),
@@ -193,12 +212,14 @@ impl Inference for RouterService {
         // Opening happens before the response starts, so that refusals (bad input for the
         // model, capacity, no epoch) reach the client as a plain status, as for `Generate`.
         let request_id = request.request_id.clone();
-        let session = match self.open(request, &call).await {
+        let span = request_span(&request);
+        meter.trace(span.clone());
+        let opened = self.open(request, &call).instrument(span.clone()).await;
+        let session = match opened {
             Ok(session) => session,
             Err(e) => return Err(meter.fail(report(&request_id, e))),
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let span = info_span!("request", request_id = %request_id);
         self.inner
             .relays
             .spawn(relay(session, tx, request_id, call, meter).instrument(span));

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod load;
+pub mod otlp;
 pub mod prometheus;
 pub mod up;
 

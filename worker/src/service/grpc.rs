@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::LoadWindow;
 use crate::service::stream::{response_stream, Admission, StreamSpec};
 use crate::tokenizer::Tokenizer;
+use moebius_coordinator::telemetry::adopt_trace_context;
 
 /// Maps a worker error to the gRPC status a client sees. The only place that does.
 pub fn status_from_error(error: Error) -> Status {
@@ -201,6 +202,13 @@ impl WorkerService {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
+        let span = tracing::info_span!(
+            "worker_generate",
+            moebius.worker = %inner.id,
+            request_id = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+        );
+        adopt_trace_context(&span, request.metadata());
         let pb::WorkerGenerateRequest { request, resume } = request.into_inner();
         let proto = request.ok_or_else(|| Error::InvalidRequest("request is missing".into()))?;
         let request_id = proto.request_id.clone();
@@ -216,6 +224,8 @@ impl WorkerService {
             ))
         })?;
         let prompt_tokens = prepared.request.prompt.len();
+        span.record("request_id", request_id.as_str());
+        span.record("gen_ai.usage.input_tokens", prompt_tokens);
         let generated = prepared.request.generated.clone();
         let (events, rx) = mpsc::unbounded_channel();
         inner.engine.submit(prepared.request, Box::new(events))?;
@@ -232,6 +242,7 @@ impl WorkerService {
                 deadline,
                 generated,
                 sent_text: prepared.resumed_text,
+                span,
             },
         ))
     }

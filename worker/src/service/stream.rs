@@ -56,6 +56,8 @@ pub struct StreamSpec {
     pub generated: Vec<u32>,
     /// Text the client of a resubmitted request already has.
     pub sent_text: String,
+    /// The request's span on this worker; its phases are child spans.
+    pub span: tracing::Span,
 }
 
 struct State {
@@ -68,6 +70,10 @@ struct State {
     /// prefix-stable, which it is except for rare clean-up rules).
     sent: String,
     done: bool,
+    /// The phase the request is in, as a child span of the request's: `prefill` (waiting for
+    /// a place in a step, then the prompt) until the first token, `decode` after it.
+    phase: tracing::Span,
+    decoding: bool,
 }
 
 /// The response stream of one admitted request.
@@ -76,7 +82,10 @@ pub fn response_stream(
     admission: Admission,
     mut spec: StreamSpec,
 ) -> BoxStream<'static, Result<pb::GenerateResponse, tonic::Status>> {
+    let phase = tracing::info_span!(parent: &spec.span, "prefill");
     let state = State {
+        phase,
+        decoding: false,
         events,
         _admission: admission,
         generated: std::mem::take(&mut spec.generated),
@@ -140,6 +149,10 @@ impl State {
     }
 
     fn message(&mut self, batch: Vec<TokenEvent>) -> pb::GenerateResponse {
+        if !self.decoding {
+            self.decoding = true;
+            self.phase = tracing::info_span!(parent: &self.spec.span, "decode");
+        }
         let mut out = pb::GenerateResponse {
             request_id: self.spec.request_id.clone(),
             ..Default::default()
