@@ -60,10 +60,11 @@ fn main() -> ExitCode {
         Command::Router(_) => "moebius-router",
         _ => "moebius-cli",
     };
+    // The parts `up` starts as processes inherit the log format and the trace endpoint.
     if let Some(endpoint) = &cli.otlp_endpoint {
-        // The parts `up` starts as processes inherit the endpoint.
         std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
     }
+    std::env::set_var("MOEBIUS_LOG_FORMAT", cli.log_format.name());
     let _telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref(), service) {
         Ok(t) => t,
         Err(err) => {

@@ -22,6 +22,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The flag's value that selects this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// Keeps the trace exporter running; dropping it exports what is left.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,

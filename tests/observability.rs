@@ -282,11 +282,27 @@ async fn one_request_is_one_trace_from_the_router_through_the_worker() {
     let endpoint = collector.start().await;
     let etcd = EtcdServer::start().expect("etcd starts");
     let cluster = format!("traces{}", std::process::id());
-    let up = Up::start(
-        etcd.endpoint(),
-        &cluster,
+    let logs = tempfile::NamedTempFile::new().expect("a log file");
+    let stderr = logs.reopen().expect("the log file");
+    let up = Up::spawn(
         &fixture(MODEL),
-        &["--workers", "2", "--otlp-endpoint", &endpoint],
+        &[
+            "--etcd",
+            etcd.endpoint(),
+            "--cluster",
+            &cluster,
+            "--workers",
+            "2",
+            "--otlp-endpoint",
+            &endpoint,
+            "--log-format",
+            "json",
+        ],
+        |command| {
+            command
+                .env("MOEBIUS_LOG", "moebius_router=info")
+                .stderr(stderr);
+        },
     );
     let addr = up.router_addr();
     let tokens = load::reference(&addr, load::requests(1, TOKENS, false)).await;
@@ -351,4 +367,23 @@ async fn one_request_is_one_trace_from_the_router_through_the_worker() {
             "no {phase} span under the worker's"
         );
     }
+
+    // The router's JSON log line of the request names its request id and its trace.
+    let trace_id: String = root
+        .span
+        .trace_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let request_id = root
+        .attribute("request_id")
+        .expect("the span has the request id");
+    let logged = std::fs::read_to_string(logs.path()).expect("the log file");
+    let line: Value = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "request finished")
+        .unwrap_or_else(|| panic!("no JSON line for the finished request in\n{logged}"));
+    assert_eq!(line["span"]["request_id"], request_id.as_str(), "{line}");
+    assert_eq!(line["span"]["trace_id"], trace_id.as_str(), "{line}");
 }

@@ -91,6 +91,23 @@ pub fn adopt_trace_context(span: &tracing::Span, metadata: &MetadataMap) {
     }
 }
 
+/// The trace id of `span` in hex, when it belongs to a trace (tracing on); for log lines.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+/// Records `trace_id` on `span` (declared on it as an empty field), so that JSON log lines
+/// inside it carry the trace they belong to.
+pub fn record_trace_id(span: &tracing::Span) {
+    if let Some(id) = trace_id(span) {
+        span.record("trace_id", id.as_str());
+    }
+}
+
 struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {

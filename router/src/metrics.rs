@@ -233,6 +233,14 @@ impl Meter {
                 span.record("gen_ai.usage.input_tokens", prompt);
             }
             span.record("rpc.grpc.status_code", code as i32);
+            // The access log: one line per request, at info (off under the default filter).
+            tracing::info!(
+                parent: span,
+                code = %outcome.code,
+                output_tokens = self.tokens,
+                seconds = self.started.elapsed().as_secs_f64(),
+                "request finished"
+            );
         }
     }
 }

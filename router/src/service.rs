@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use moebius_coordinator::telemetry::record_trace_id;
 use moebius_proto::v1::inference_server::Inference;
 use moebius_proto::v1::{GenerateRequest, GenerateResponse};
 use tokio::sync::mpsc;
@@ -139,9 +140,10 @@ impl Call {
 /// attributes of the request; the usage and the outcome are recorded when it ends.
 fn request_span(request: &GenerateRequest) -> tracing::Span {
     let sampling = request.sampling.unwrap_or_default();
-    info_span!(
+    let span = info_span!(
         "generate",
         request_id = %request.request_id,
+        trace_id = tracing::field::Empty,
         gen_ai.operation.name = "text_completion",
         gen_ai.system = "moebius",
         gen_ai.request.max_tokens = request.max_new_tokens,
@@ -150,7 +152,9 @@ fn request_span(request: &GenerateRequest) -> tracing::Span {
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
-    )
+    );
+    record_trace_id(&span);
+    span
 }
 
 fn report(request_id: &str, err: RouterError) -> Status {

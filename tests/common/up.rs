@@ -22,7 +22,16 @@ impl Up {
     /// Starts `moebius up --model <model>` on free ports with 1 thread per worker, and `extra`
     /// flags (without `--etcd`: the whole cluster in one process).
     pub fn start_with(model: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moebius"))
+        Self::spawn(model, extra, |_| {})
+    }
+
+    /// [`start_with`](Self::start_with), with `setup` applied to the command first (its
+    /// environment, where its stderr goes).
+    pub fn spawn(model: &Path, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_moebius"));
+        command.stderr(Stdio::inherit());
+        setup(&mut command);
+        let mut child = command
             .args(["up", "--threads", "1"])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0"])
@@ -30,7 +39,6 @@ impl Up {
             .arg(model)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("moebius up starts");
         let stdout = child.stdout.take().expect("piped");

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::LoadWindow;
 use crate::service::stream::{response_stream, Admission, StreamSpec};
 use crate::tokenizer::Tokenizer;
-use moebius_coordinator::telemetry::adopt_trace_context;
+use moebius_coordinator::telemetry::{adopt_trace_context, record_trace_id};
 
 /// Maps a worker error to the gRPC status a client sees. The only place that does.
 pub fn status_from_error(error: Error) -> Status {
@@ -206,9 +206,11 @@ impl WorkerService {
             "worker_generate",
             moebius.worker = %inner.id,
             request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
             gen_ai.usage.input_tokens = tracing::field::Empty,
         );
         adopt_trace_context(&span, request.metadata());
+        record_trace_id(&span);
         let pb::WorkerGenerateRequest { request, resume } = request.into_inner();
         let proto = request.ok_or_else(|| Error::InvalidRequest("request is missing".into()))?;
         let request_id = proto.request_id.clone();
