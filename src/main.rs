@@ -8,7 +8,7 @@ mod telemetry;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use telemetry::LogFormat;
 
 /// Expert-parallel serving of DeepSeek-family MoE models.
@@ -23,6 +23,11 @@ struct Cli {
     /// request, from the router through the worker. Off when unset.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Check the flags and `MOEBIUS_*` variables of `worker`, `router` or `coordinator` as at
+    /// start-up, print what the part would start as, and exit (2 and the problem when they are
+    /// wrong, an unknown `MOEBIUS_*` variable included). Opens no port and no etcd connection.
+    #[arg(long, global = true)]
+    check_config: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +58,9 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     allocator::retain_freed_memory();
     let cli = Cli::parse();
+    if cli.check_config {
+        return exit(cmd::check::run(&Cli::command(), &cli.command));
+    }
     let service = match &cli.command {
         Command::Up(_) => "moebius",
         Command::Worker(_) => "moebius-worker",
@@ -72,7 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let result = match cli.command {
+    exit(match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Up(args) => cmd::up::run(args),
@@ -80,7 +88,11 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Router(args) => cmd::router::run(args),
         Command::Admin(args) => cmd::admin::run(args),
-    };
+    })
+}
+
+/// The exit code of a command's result, with its error on stderr.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -96,7 +96,10 @@ impl CoordinatorConfig {
         if self.num_experts == 0 {
             return bad("num_experts must be at least 1".into());
         }
-        if self.expected_workers == 0 || self.expected_workers > self.num_experts {
+        if self.expected_workers == 0 {
+            return bad("expected_workers must be at least 1".into());
+        }
+        if self.expected_workers > self.num_experts {
             return bad(format!(
                 "expected_workers is {}, but must be between 1 and the {} experts (each rank \
                  holds at least one expert)",

@@ -21,6 +21,7 @@
 //! - [`coordinator`]: the control loop: leader election, then forming and activating epochs as
 //!   workers come and go (`run`, `CoordinatorConfig`).
 //! - [`error`]: `CoordinatorError`, the control loop's error.
+//! - [`health`]: the gRPC health service of every server, with its `liveness` service.
 //! - [`telemetry`]: the Prometheus registry every part fills, and its HTTP `/metrics` server.
 pub mod admin;
 pub mod coordinator;
@@ -28,6 +29,7 @@ pub mod eplb;
 pub mod error;
 pub mod etcd;
 pub mod etcd_server;
+pub mod health;
 pub mod lease;
 pub mod memory;
 pub mod placement;

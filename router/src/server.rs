@@ -110,7 +110,7 @@ pub async fn run(
             }
         });
     }
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = moebius_coordinator::health::health_service().await;
     let health_stop = shutdown.child_token();
     background.spawn(report_health(
         reporter,

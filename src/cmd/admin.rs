@@ -55,7 +55,9 @@ enum AdminCommand {
     },
     /// Scale down: the worker finishes its sequences, leaves the group and exits 0.
     Drain {
-        /// The worker's id.
+        /// The worker's id (default: $MOEBIUS_WORKER_ID, so that a worker's pre-stop hook can
+        /// drain the worker it runs beside).
+        #[arg(env = "MOEBIUS_WORKER_ID")]
         id: String,
     },
     /// Set the number of redundant expert slots over the group, and re-plan with it.

@@ -77,14 +77,16 @@ impl BalanceArgs {
     }
 }
 
-pub fn run(args: CoordinatorArgs) -> Result<()> {
-    let (num_experts, expert_groups) = routed_experts(&args.model)?;
-    let id = args.id.unwrap_or_else(default_id);
-    let mut registry = moebius_coordinator::telemetry::registry();
+/// The coordinator's configuration from its flags and the model's expert counts, checked;
+/// nothing opened yet.
+fn config(
+    args: &CoordinatorArgs,
+    (num_experts, expert_groups): (usize, usize),
+) -> Result<CoordinatorConfig> {
+    let id = args.id.clone().unwrap_or_else(default_id);
     let config = CoordinatorConfig {
-        metrics: CoordinatorMetrics::register(&mut registry, &id),
         id,
-        cluster: args.cluster,
+        cluster: args.cluster.clone(),
         expected_workers: args.workers,
         num_experts,
         expert_groups,
@@ -95,6 +97,36 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         ..CoordinatorConfig::default()
     };
     config.validate()?;
+    Ok(config)
+}
+
+/// `--check-config`: what the coordinator would start as. Where the model is not here (a
+/// volume only the pod mounts), the checks that need its expert counts are left out.
+pub fn check(args: &CoordinatorArgs) -> Result<String> {
+    let experts = if args.model.join("config.json").exists() {
+        routed_experts(&args.model)?
+    } else {
+        (args.workers.max(1), 1)
+    };
+    let config = config(args, experts)?;
+    Ok(format!(
+        "coordinator {} of cluster {}: {} workers, admin {}, model {}, etcd {}",
+        config.id,
+        config.cluster,
+        config.expected_workers,
+        args.admin_listen,
+        super::check::model(&args.model),
+        args.etcd.join(","),
+    ))
+}
+
+pub fn run(args: CoordinatorArgs) -> Result<()> {
+    let config = config(&args, routed_experts(&args.model)?)?;
+    let mut registry = moebius_coordinator::telemetry::registry();
+    let config = CoordinatorConfig {
+        metrics: CoordinatorMetrics::register(&mut registry, &config.id),
+        ..config
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,6 @@
 //! One module per cluster subcommand: flags into config structs, then the crate's `run`.
 pub mod admin;
+pub mod check;
 pub mod coordinator;
 pub mod metrics;
 pub mod router;

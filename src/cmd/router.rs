@@ -49,12 +49,13 @@ pub struct RouterArgs {
 /// How long connecting to etcd may take at start-up.
 const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(args: RouterArgs) -> Result<()> {
+/// The router's configuration from its flags, checked; nothing opened yet.
+fn config(args: &RouterArgs) -> Result<RouterConfig> {
     let seconds = |flag: &str, s: f64| {
         Duration::try_from_secs_f64(s).with_context(|| format!("{flag} {s}: give seconds >= 0"))
     };
     let config = RouterConfig {
-        cluster: args.cluster,
+        cluster: args.cluster.clone(),
         listen: args.listen,
         max_in_flight_per_worker: args.max_in_flight_per_worker,
         request_timeout: args
@@ -69,6 +70,25 @@ pub fn run(args: RouterArgs) -> Result<()> {
     }
     .with_own_metrics();
     config.validate()?;
+    Ok(config)
+}
+
+/// `--check-config`: what the router would start as.
+pub fn check(args: &RouterArgs) -> Result<String> {
+    let config = config(args)?;
+    let http = config
+        .http_listen
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    Ok(format!(
+        "router of cluster {}: gRPC {}, HTTP {http}, etcd {}",
+        config.cluster,
+        config.listen,
+        args.etcd.join(","),
+    ))
+}
+
+pub fn run(args: RouterArgs) -> Result<()> {
+    let config = config(&args)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
     runtime.block_on(serve(config, args.etcd))
 }

@@ -82,7 +82,8 @@ pub struct WorkerArgs {
 /// How long connecting to etcd may take at start-up.
 const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(args: WorkerArgs) -> Result<()> {
+/// The worker's configuration from its flags, checked; nothing opened yet.
+fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
     let data_timeout = Duration::try_from_secs_f64(args.data_timeout_s)
         .ok()
         .filter(|d| !d.is_zero())
@@ -93,12 +94,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             )
         })?;
     let config = WorkerConfig {
-        id: args.id,
-        cluster: args.cluster,
-        model_dir: args.model,
+        id: args.id.clone(),
+        cluster: args.cluster.clone(),
+        model_dir: args.model.clone(),
         listen: args.listen,
         data_listen: args.data_listen,
-        advertise_host: args.advertise_host,
+        advertise_host: args.advertise_host.clone(),
         capacity: args.capacity,
         token_budget: args.token_budget,
         threads: args.threads,
@@ -109,6 +110,26 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         ..WorkerConfig::default()
     };
     config.validate()?;
+    Ok(config)
+}
+
+/// `--check-config`: what the worker would start as.
+pub fn check(args: &WorkerArgs) -> Result<String> {
+    let config = config(args)?;
+    Ok(format!(
+        "worker {} of cluster {}: gRPC {}, data plane {}, advertised as {}, model {}, etcd {}",
+        config.id,
+        config.cluster,
+        config.listen,
+        config.data_listen,
+        config.advertise_host,
+        super::check::model(&config.model_dir),
+        args.etcd.join(","),
+    ))
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let config = config(&args)?;
     let mut registry = moebius_coordinator::telemetry::registry();
     let config = WorkerConfig {
         metrics: WorkerMetrics::register(&mut registry, &config.id, args.metrics_expert_layers),

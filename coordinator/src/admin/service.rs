@@ -31,14 +31,21 @@ impl AdminService {
     }
 }
 
-/// Serves the admin service of `handle` on `listener` until `stop`.
+/// Serves the admin service of `handle` on `listener` until `stop`, with a gRPC health service:
+/// every coordinator, leader or standby, is live and ready (a standby answers by naming the
+/// leader).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: AdminHandle,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (health, health_service) = crate::health::health_service().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(AdminService::new(handle).into_server())
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await

@@ -263,7 +263,7 @@ pub async fn start(
         config.capacity,
         load_window.clone(),
     );
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = moebius_coordinator::health::health_service().await;
     set_health(&health, false).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moebius_proto::FILE_DESCRIPTOR_SET)
