@@ -6,12 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real: etcd (the topology store), Prometheus (scrapes a
-# cluster) and Chromium (loads the built-in dashboard).
+# cluster), Chromium (loads the built-in dashboard), buildah (builds the container image) and
+# Python's venv (for the chart checks' Python packages, below).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages) for the end-to-end tests"
   sudo_cmd=""
@@ -19,6 +22,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# PyPI packages of the chart checks (tests/deploy.rs), in a virtual environment: real Helm as a
+# library, and the Kubernetes API schemas.
+venv=target/test-venv
+if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1; then
+  echo "test.sh: installing helm-python-sdk and kubernetes-validate into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.4
+fi
+export MOEBIUS_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
