@@ -14,8 +14,10 @@
 //! - [`metrics`]: the worker's Prometheus metrics (steps, sequences, exchange, epochs, expert
 //!   load).
 //! - [`tokenizer`]: the checkpoint's `tokenizer.json`.
+//! - [`chat`]: the checkpoint's chat template, rendered as transformers renders it.
 //! - [`error`]: the crate's error type.
 pub mod backend;
+pub mod chat;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
