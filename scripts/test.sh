@@ -23,13 +23,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# PyPI packages of the chart checks (tests/deploy.rs), in a virtual environment: real Helm as a
-# library, and the Kubernetes API schemas.
+# PyPI packages of the tests, in a virtual environment: real Helm as a library and the
+# Kubernetes API schemas (tests/deploy.rs), and OpenAI's own client (tests/openai_api.rs).
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1; then
-  echo "test.sh: installing helm-python-sdk and kubernetes-validate into $venv"
+if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, openai' >/dev/null 2>&1; then
+  echo "test.sh: installing helm-python-sdk, kubernetes-validate and openai into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.4
+  "$venv/bin/pip" install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.4 \
+    openai==3.63.0
 fi
 export MOEBIUS_TEST_PYTHON="$PWD/$venv/bin/python"
 

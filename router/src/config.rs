@@ -30,8 +30,12 @@ pub struct RouterConfig {
     /// Most times one request is resubmitted to another worker after losing its worker; past
     /// it the client gets `UNAVAILABLE`.
     pub migration_limit: u32,
-    /// Where the HTTP port listens (`/metrics`, `/dashboard`); `None`: no HTTP port.
+    /// Where the HTTP port listens (the OpenAI-compatible API, `/metrics`, `/dashboard`);
+    /// `None`: no HTTP port.
     pub http_listen: Option<SocketAddr>,
+    /// The model's name in the OpenAI-compatible API: what clients send as `model` and
+    /// `GET /v1/models` lists.
+    pub model_name: String,
     /// What `/metrics` serves: the router's own metrics and whatever else the caller
     /// registered (a single-process cluster serves every part's here).
     pub registry: Arc<Registry>,
@@ -60,6 +64,7 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             migration_limit: 3,
             http_listen: None,
+            model_name: "moebius".to_string(),
             registry: Arc::default(),
             metrics: Arc::default(),
         }

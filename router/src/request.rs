@@ -17,7 +17,7 @@ use crate::error::RouterError;
 pub(crate) fn validate(request: &GenerateRequest) -> Result<(), RouterError> {
     let invalid = |message: String| Err(RouterError::InvalidRequest(message));
     if request.prompt.is_none() {
-        return invalid("prompt: set text or token_ids".into());
+        return invalid("prompt: set text, token_ids or chat".into());
     }
     if request.max_new_tokens == 0 {
         return invalid("max_new_tokens: must be at least 1".into());
@@ -99,6 +99,7 @@ pub(crate) fn merge(into: &mut GenerateResponse, part: GenerateResponse) {
     into.token_ids.extend(part.token_ids);
     into.text.push_str(&part.text);
     into.logprobs.extend(part.logprobs);
+    into.tokens.extend(part.tokens);
     into.top_logprobs.extend(part.top_logprobs);
     if part.finish_reason != FinishReason::Unspecified as i32 {
         into.finish_reason = part.finish_reason;

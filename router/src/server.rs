@@ -95,21 +95,6 @@ pub async fn run(
         Arc::clone(&pool),
         background_stop.clone(),
     ));
-    if let Some(listener) = http_listener {
-        let dashboard = Dashboard {
-            cluster: config.cluster.clone(),
-            store,
-            keys: Keys::new(&config.cluster),
-            pool: Arc::clone(&pool),
-        };
-        let app = http::app(dashboard, Arc::clone(&config.registry));
-        let stop = background_stop.clone();
-        background.spawn(async move {
-            if let Err(e) = serve_http(listener, app, stop).await {
-                warn!("the router's HTTP port failed: {e}");
-            }
-        });
-    }
     let (reporter, health) = moebius_coordinator::health::health_service().await;
     let health_stop = shutdown.child_token();
     background.spawn(report_health(
@@ -131,6 +116,26 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let service = RouterService::new(Arc::clone(&pool), &config, drain.clone(), relays.clone());
+    if let Some(listener) = http_listener {
+        let dashboard = Dashboard {
+            cluster: config.cluster.clone(),
+            store,
+            keys: Keys::new(&config.cluster),
+            pool: Arc::clone(&pool),
+        };
+        let api = http::openai::OpenAi::new(
+            service.clone(),
+            Arc::clone(&pool),
+            config.model_name.clone(),
+        );
+        let app = http::app(dashboard, Arc::clone(&config.registry), api);
+        let stop = background_stop.clone();
+        background.spawn(async move {
+            if let Err(e) = serve_http(listener, app, stop).await {
+                warn!("the router's HTTP port failed: {e}");
+            }
+        });
+    }
 
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

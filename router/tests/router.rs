@@ -119,6 +119,7 @@ impl Worker for FakeService {
                     }),
                     request_id: request.request_id.clone(),
                     top_logprobs: Vec::new(),
+                    tokens: Vec::new(),
                 };
                 if tx.send(Ok(message)).await.is_err() {
                     finished = false;

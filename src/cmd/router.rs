@@ -44,6 +44,13 @@ pub struct RouterArgs {
     /// (`GET /dashboard`); port 0 picks a free one. Without it there is no HTTP port.
     #[arg(long, env = "MOEBIUS_ROUTER_HTTP_LISTEN", alias = "metrics-listen")]
     http_listen: Option<SocketAddr>,
+    /// The model's name in the OpenAI-compatible API: what clients send as `model`.
+    #[arg(
+        long,
+        env = "MOEBIUS_ROUTER_SERVED_MODEL_NAME",
+        default_value = "moebius"
+    )]
+    served_model_name: String,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -66,6 +73,7 @@ fn config(args: &RouterArgs) -> Result<RouterConfig> {
         epoch_wait: seconds("--epoch-wait-s", args.epoch_wait_s)?,
         migration_limit: args.migration_limit,
         http_listen: args.http_listen,
+        model_name: args.served_model_name.clone(),
         ..RouterConfig::default()
     }
     .with_own_metrics();
@@ -80,9 +88,10 @@ pub fn check(args: &RouterArgs) -> Result<String> {
         .http_listen
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
     Ok(format!(
-        "router of cluster {}: gRPC {}, HTTP {http}, etcd {}",
+        "router of cluster {}: gRPC {}, HTTP {http} (OpenAI API model {:?}), etcd {}",
         config.cluster,
         config.listen,
+        config.model_name,
         args.etcd.join(","),
     ))
 }

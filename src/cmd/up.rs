@@ -87,8 +87,24 @@ pub struct UpArgs {
     /// Also export the routed tokens per (MoE layer, expert), not only per expert.
     #[arg(long)]
     pub metrics_expert_layers: bool,
+    /// The model's name in the OpenAI-compatible API (default: the checkpoint directory's
+    /// name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     #[command(flatten)]
     pub balance: BalanceArgs,
+}
+
+/// The name the OpenAI-compatible API serves `model` under: the flag, or the checkpoint
+/// directory's name.
+pub fn served_model_name(flag: Option<&str>, model: &Path) -> String {
+    flag.map(str::to_owned)
+        .or_else(|| {
+            std::fs::canonicalize(model)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "moebius".to_owned())
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -191,9 +207,11 @@ pub struct LocalOptions<'a> {
     pub redundant_experts: usize,
     pub rebalance_threshold: f64,
     pub rebalance_interval: Duration,
-    /// The router's HTTP port (dashboard and metrics); `None`: none.
+    /// The router's HTTP port (OpenAI-compatible API, dashboard and metrics); `None`: none.
     pub http_listen: Option<SocketAddr>,
     pub metrics_expert_layers: bool,
+    /// The model's name in the OpenAI-compatible API.
+    pub model_name: String,
 }
 
 impl<'a> LocalOptions<'a> {
@@ -219,6 +237,7 @@ impl<'a> LocalOptions<'a> {
             rebalance_interval: coordinator.rebalance_interval,
             http_listen: None,
             metrics_expert_layers: false,
+            model_name: served_model_name(None, model),
         }
     }
 }
@@ -364,6 +383,7 @@ pub async fn start_local(
         cluster: options.cluster.to_string(),
         listen: options.listen,
         http_listen: options.http_listen,
+        model_name: options.model_name.clone(),
         registry: Arc::new(registry),
         metrics,
         ..Default::default()
@@ -468,6 +488,7 @@ async fn in_process(
         rebalance_interval: args.balance.interval()?,
         http_listen: Some(args.http_listen),
         metrics_expert_layers: args.metrics_expert_layers,
+        model_name: served_model_name(args.served_model_name.as_deref(), model),
         ..LocalOptions::new(model, config)
     };
     let mut cluster = match start_local(&options, &shutdown).await {
@@ -481,6 +502,7 @@ async fn in_process(
         cluster.router_addr,
         Some(&admin),
         model,
+        &options.model_name,
         &cluster.epoch,
         watch,
     );
@@ -537,6 +559,7 @@ fn banner(
     addr: SocketAddr,
     admin: Option<&str>,
     model: &Path,
+    model_name: &str,
     epoch: &EpochRecord,
     watch: Option<Watch>,
 ) {
@@ -559,6 +582,12 @@ fn banner(
     );
     if let Some(admin) = admin {
         println!("operate it: moebius admin topology --coordinator {admin}");
+    }
+    if let Some((http, _)) = &watch {
+        println!("call it over HTTP (the OpenAI API at http://{http}/v1, model {model_name}):");
+        println!(
+            "  curl http://{http}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{model_name}\", \"prompt\": \"The river\", \"max_tokens\": 16}}'"
+        );
     }
     if let Some((http, others)) = watch {
         println!("watch it: dashboard http://{http}/dashboard, metrics http://{http}/metrics");
@@ -720,6 +749,8 @@ async fn with_processes(
             args.listen.to_string(),
             "--http-listen".into(),
             args.http_listen.to_string(),
+            "--served-model-name".into(),
+            served_model_name(args.served_model_name.as_deref(), Path::new(&model)),
         ],
     ));
 
@@ -764,7 +795,7 @@ async fn with_processes(
         Ok::<_, anyhow::Error>((addr, admin, epoch, (http, metrics)))
     };
     let outcome = tokio::select! {
-        started = started => started.map(|(addr, admin, epoch, watch)| banner(addr, admin.as_deref(), Path::new(&model), &epoch, Some(watch))),
+        started = started => started.map(|(addr, admin, epoch, watch)| banner(addr, admin.as_deref(), Path::new(&model), &served_model_name(args.served_model_name.as_deref(), Path::new(&model)), &epoch, Some(watch))),
         _ = shutdown.cancelled() => Ok(()),
         (i, status, _) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
     };

@@ -1,7 +1,9 @@
-//! The router's HTTP port: Prometheus metrics (`GET /metrics`) and the live built-in
-//! dashboard (`GET /dashboard`, a page embedded in the binary, and `GET /dashboard/state`, the
-//! JSON it polls: topology, placement, expert load).
+//! The router's HTTP port: the OpenAI-compatible API (`/v1/...`, `/health`), Prometheus
+//! metrics (`GET /metrics`) and the live built-in dashboard (`GET /dashboard`, a page embedded
+//! in the binary, and `GET /dashboard/state`, the JSON it polls: topology, placement, expert
+//! load).
 
+pub(crate) mod openai;
 mod state;
 
 use std::sync::Arc;
@@ -28,12 +30,17 @@ pub(crate) struct Dashboard {
 }
 
 /// Every route of the HTTP port.
-pub(crate) fn app(dashboard: Dashboard, registry: Arc<Registry>) -> axum::Router {
+pub(crate) fn app(
+    dashboard: Dashboard,
+    registry: Arc<Registry>,
+    api: openai::OpenAi,
+) -> axum::Router {
     axum::Router::new()
         .route("/dashboard", get(page))
         .route("/dashboard/", get(page))
         .route("/dashboard/state", get(dashboard_state))
         .with_state(Arc::new(dashboard))
+        .merge(openai::routes(api))
         .merge(metrics_routes(registry))
         .route(
             "/",

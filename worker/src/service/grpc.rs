@@ -87,9 +87,21 @@ pub fn prepare(
             }
             ids.ids
         }
+        Some(Prompt::Chat(chat)) => {
+            let Some(tokenizer) = tokenizer else {
+                return Err(bad(
+                    "prompt.chat: this model has no tokenizer.json; send prompt.token_ids".into(),
+                ));
+            };
+            tokenizer.encode_chat(&chat_messages(chat)?)?
+        }
     };
     let sampling = proto.sampling.unwrap_or_default();
-    let max_new_tokens = proto.max_new_tokens as usize;
+    let room = config.max_position_embeddings.saturating_sub(prompt.len());
+    let max_new_tokens = match proto.max_new_tokens as usize {
+        n if proto.clamp_max_new_tokens && n > room && room > 0 => room,
+        n => n,
+    };
     let request = GenerateRequest {
         max_new_tokens,
         sampling: SamplingParams {
@@ -137,6 +149,38 @@ pub fn prepare(
         logprobs: proto.logprobs,
         resumed_text: resume.map(|r| r.text).unwrap_or_default(),
     })
+}
+
+/// A conversation as the chat template reads it: objects with `role`, `content` and, where
+/// given, `tool_calls`.
+fn chat_messages(chat: pb::Chat) -> Result<Vec<serde_json::Value>> {
+    if chat.messages.is_empty() {
+        return Err(Error::InvalidRequest(
+            "prompt.chat.messages is empty".into(),
+        ));
+    }
+    chat.messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if m.role.is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "prompt.chat.messages[{i}].role is empty"
+                )));
+            }
+            let mut message = serde_json::json!({"role": m.role, "content": m.content});
+            if !m.tool_calls_json.is_empty() {
+                let calls: serde_json::Value =
+                    serde_json::from_str(&m.tool_calls_json).map_err(|e| {
+                        Error::InvalidRequest(format!(
+                            "prompt.chat.messages[{i}].tool_calls_json is not JSON: {e}"
+                        ))
+                    })?;
+                message["tool_calls"] = calls;
+            }
+            Ok(message)
+        })
+        .collect()
 }
 
 /// The `moebius.v1.Worker` service of one worker.

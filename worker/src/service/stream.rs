@@ -158,16 +158,28 @@ impl State {
             ..Default::default()
         };
         let mut finish = None;
+        let text_of = |id: u32| {
+            self.spec
+                .tokenizer
+                .as_ref()
+                .map(|tokenizer| tokenizer.token_text(id))
+        };
         for event in batch {
             self.generated.push(event.token);
             out.token_ids.push(event.token);
             if self.spec.logprobs {
                 out.logprobs.push(event.logprob);
+                out.tokens.extend(text_of(event.token));
             }
             if self.spec.top_logprobs {
                 out.top_logprobs.push(pb::TopLogprobs {
                     token_ids: event.top_logprobs.iter().map(|t| t.0).collect(),
                     logprobs: event.top_logprobs.iter().map(|t| t.1).collect(),
+                    tokens: event
+                        .top_logprobs
+                        .iter()
+                        .filter_map(|t| text_of(t.0))
+                        .collect(),
                 });
             }
             finish = event.finish;
