@@ -124,6 +124,8 @@ fn bench_alltoall_local_and_tcp() {
 struct Up {
     child: Child,
     addr: String,
+    /// The router's HTTP port (the OpenAI-compatible API).
+    http: String,
 }
 
 impl Up {
@@ -157,15 +159,23 @@ impl Up {
                     let addr = rest.split([',', ' ']).next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
                 }
+                if let Some(rest) = line.strip_prefix("watch it: dashboard http://") {
+                    let addr = rest.split('/').next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
             }
         });
         let mut up = Self {
             child,
             addr: String::new(),
+            http: String::new(),
         };
-        up.addr = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("moebius up printed its router address within 120 s");
+        let next = || {
+            rx.recv_timeout(Duration::from_secs(120))
+                .expect("moebius up printed its addresses within 120 s")
+        };
+        up.addr = next();
+        up.http = next();
         up
     }
 }
@@ -175,6 +185,33 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn bench_serve_over_the_openai_api_sends_the_same_load() {
+    let up = Up::start();
+    let v = bench_json(&[
+        "bench",
+        "serve",
+        "--addr",
+        &up.http,
+        "--protocol",
+        "openai",
+        "--requests",
+        "6",
+        "--concurrency",
+        "3",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["protocol"], "openai", "{v}");
+    assert_eq!(v["completed"], 6, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["total_output_tokens"], 6 * 4, "{v}");
+    assert_eq!(v["total_input_tokens"], 6 * 8, "{v}");
 }
 
 #[test]

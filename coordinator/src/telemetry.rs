@@ -67,6 +67,11 @@ pub async fn serve_http(
     app: axum::Router,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY, a streamed event waits for the client's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -2,13 +2,15 @@
 //!
 //! - [`engine`]: prefill and decode tokens/s of one rank, against the memory-bandwidth limit;
 //! - [`router`]: what the router's hop costs against calls sent straight to a worker;
-//! - [`serve`]: a load generator against a running router (throughput, TTFT, TPOT, ITL);
+//! - [`serve`]: a load generator against a running router (throughput, TTFT, TPOT, ITL), over
+//!   gRPC or the OpenAI-compatible HTTP API ([`openai`]: its client);
 //! - [`alltoall`]: the communicator's dispatch and combine against raw TCP;
 //! - [`failover`]: what streams see when a worker process is killed under load.
 
 mod alltoall;
 mod engine;
 mod failover;
+mod openai;
 mod router;
 mod serve;
 

@@ -2,12 +2,14 @@
 //! definitions of SGLang's `bench_serving` and vLLM's serving benchmark.
 //!
 //! Every request is a random token-id prompt of `--input-len` tokens asking for exactly
-//! `--output-len` tokens (`ignore_eos`, greedy), sent as a streaming `GenerateStream` call. Either
+//! `--output-len` tokens (`ignore_eos`, greedy), sent as a streaming `GenerateStream` call, or
+//! with `--protocol openai` as a streamed `POST /v1/completions` to the router's HTTP port. Either
 //! a closed loop of `--concurrency` requests in flight, or Poisson arrivals at `--request-rate`
 //! (seeded), optionally capped by `--concurrency`.
 //!
 //! Definitions: TTFT is the time from sending a request to the first streamed message that
-//! carries tokens; ITL is the time between consecutive token-carrying messages; TPOT is
+//! carries tokens (over HTTP: the first event with a choice); ITL is the time between
+//! consecutive token-carrying messages; TPOT is
 //! `(e2e − TTFT) / (output tokens − 1)`, over the requests with more than one output token;
 //! e2e is the time from sending to the end of the stream. Throughputs divide the tokens of the
 //! completed requests by the wall time from the first request to the last answer.
@@ -32,9 +34,14 @@ use tonic::transport::{Channel, Endpoint};
 /// Flags of `moebius bench serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The router's public API, HOST:PORT (or http://HOST:PORT). Nothing else is contacted.
+    /// The router's public API, HOST:PORT (or http://HOST:PORT): its gRPC port, or with
+    /// `--protocol openai` its HTTP port. Nothing else is contacted.
     #[arg(long, env = "MOEBIUS_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
+    /// `grpc` (moebius.v1.Inference/GenerateStream) or `openai` (streamed POST
+    /// /v1/completions of the same token ids, over HTTP/1.1).
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    protocol: Protocol,
     /// Requests to send (the warm-up request is extra and not counted).
     #[arg(long, default_value_t = 200)]
     requests: usize,
@@ -68,6 +75,23 @@ pub struct ServeArgs {
     /// Print one JSON object (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    Grpc,
+    Openai,
+}
+
+/// Where requests go.
+#[derive(Clone)]
+enum Target {
+    Grpc(Channel),
+    /// The HTTP address, and the model it serves.
+    OpenAi {
+        addr: String,
+        model: String,
+    },
 }
 
 /// The default closed-loop concurrency.
@@ -126,18 +150,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let uri = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
+    let target = match args.protocol {
+        Protocol::Grpc => Target::Grpc(connect(&args.addr).await?),
+        Protocol::Openai => {
+            let addr = args
+                .addr
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let model = super::openai::served_model(&addr)
+                .await
+                .map_err(|e| anyhow!("cannot reach the OpenAI API at {addr}: {e}"))?;
+            Target::OpenAi { addr, model }
+        }
     };
-    let channel = Endpoint::from_shared(uri)
-        .with_context(|| format!("--addr {:?} is not an address", args.addr))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the router at {}", args.addr))?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let prompts: Vec<Vec<u32>> = (0..args.requests)
@@ -150,7 +176,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.request_timeout_s);
 
     // One untimed request: connections, first steps, and a clear error for a wrong address.
-    let warm = one_request(channel.clone(), request(prompts[0].clone(), 2), timeout).await;
+    let warm = one_request(target.clone(), request(prompts[0].clone(), 2), timeout).await;
     if let Some(e) = warm.error {
         bail!("the warm-up request to {} failed: {e}", args.addr);
     }
@@ -194,11 +220,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             failed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let (channel, done, failed) = (channel.clone(), done.clone(), failed.clone());
+        let (target, done, failed) = (target.clone(), done.clone(), failed.clone());
         let left = timeout.min(deadline - now);
         let req = request(prompt, args.output_len);
         tasks.spawn(async move {
-            let outcome = one_request(channel, req, left).await;
+            let outcome = one_request(target, req, left).await;
             drop(permit);
             let counter = if outcome.error.is_some() {
                 &failed
@@ -225,6 +251,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+async fn connect(addr: &str) -> Result<Channel> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .with_context(|| format!("--addr {addr:?} is not an address"))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the router at {addr}"))
+}
+
 /// A greedy streaming request for exactly `max_new_tokens` tokens (`ignore_eos`).
 pub(super) fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
@@ -242,7 +283,7 @@ pub(super) fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest 
 }
 
 /// Sends one streaming request and times it; never fails, an error lands in the outcome.
-async fn one_request(channel: Channel, req: GenerateRequest, timeout: Duration) -> Outcome {
+async fn one_request(target: Target, req: GenerateRequest, timeout: Duration) -> Outcome {
     let prompt_tokens = match &req.prompt {
         Some(Prompt::TokenIds(ids)) => ids.ids.len(),
         _ => 0,
@@ -252,8 +293,15 @@ async fn one_request(channel: Channel, req: GenerateRequest, timeout: Duration) 
         ..Outcome::default()
     };
     let start = Instant::now();
-    let result =
-        tokio::time::timeout(timeout, stream_tokens(channel, req, start, &mut outcome)).await;
+    let run = async {
+        match target {
+            Target::Grpc(channel) => stream_tokens(channel, req, start, &mut outcome).await,
+            Target::OpenAi { addr, model } => {
+                stream_http(&addr, &model, req, start, &mut outcome).await
+            }
+        }
+    };
+    let result = tokio::time::timeout(timeout, run).await;
     outcome.e2e = start.elapsed().as_secs_f64();
     outcome.error = match result {
         Ok(Ok(())) => None,
@@ -306,6 +354,65 @@ async fn stream_tokens(
     Ok(())
 }
 
+/// The same request as a streamed OpenAI completion; each event with a choice is a
+/// token-carrying message, and the usage chunk gives the token counts.
+async fn stream_http(
+    addr: &str,
+    model: &str,
+    req: GenerateRequest,
+    start: Instant,
+    outcome: &mut Outcome,
+) -> std::result::Result<(), String> {
+    let prompt = match req.prompt {
+        Some(Prompt::TokenIds(ids)) => ids.ids,
+        _ => return Err("the benchmark sends token ids".into()),
+    };
+    let body = json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": req.max_new_tokens,
+        "temperature": 0,
+        "ignore_eos": req.ignore_eos,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let mut last: Option<Instant> = None;
+    let mut finish = None;
+    let mut usage = None;
+    super::openai::stream_completion(addr, &body, |event| {
+        if let Some(choice) = event["choices"].get(0) {
+            let now = Instant::now();
+            match last {
+                None => outcome.ttft = (now - start).as_secs_f64(),
+                Some(prev) => outcome.itl.push((now - prev).as_secs_f64()),
+            }
+            last = Some(now);
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = Some(f.to_owned());
+            }
+        }
+        if event["usage"].is_object() {
+            usage = Some((
+                event["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                event["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+            ));
+        }
+    })
+    .await?;
+    let Some((prompt_tokens, completion_tokens)) = usage else {
+        return Err("the stream ended without a usage chunk".into());
+    };
+    outcome.prompt_tokens = prompt_tokens as usize;
+    outcome.output_tokens = completion_tokens as usize;
+    if last.is_none() {
+        return Err("the stream ended without any tokens".into());
+    }
+    if finish.is_none() {
+        return Err("the stream ended without a finish reason".into());
+    }
+    Ok(())
+}
+
 /// Prints `done/total done, n failed` on stderr every second until cancelled.
 async fn progress(
     total: usize,
@@ -342,6 +449,7 @@ fn report(args: &ServeArgs, outcomes: &[Outcome], duration: f64) -> Value {
     let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
     json!({
         "addr": args.addr,
+        "protocol": format!("{:?}", args.protocol).to_lowercase(),
         "requests": args.requests,
         "concurrency": args.cap(),
         "request_rate": args.request_rate,
@@ -505,6 +613,7 @@ mod tests {
         ];
         let args = ServeArgs {
             addr: "x".into(),
+            protocol: Protocol::Grpc,
             requests: 3,
             concurrency: None,
             request_rate: None,
