@@ -395,13 +395,16 @@ def samples(model, tok, log):
 
 
 def main():
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--max-train-minutes", type=float, default=40.0,
                     help="safety cap: stop training early (logged) if a busy machine makes it this slow")
     ap.add_argument("--golden-only", action="store_true", help="reload fixtures/demo and rewrite golden.json")
     ap.add_argument("--check", action="store_true", help="reload fixtures/demo and verify golden.json")
+    ap.add_argument("--out", default=os.path.join(ROOT, "fixtures", "demo"), help="output directory (default fixtures/demo)")
     args = ap.parse_args()
+    OUT = os.path.abspath(args.out)
     torch.set_num_threads(2)
     random.seed(SEED)
     t_start = time.time()
