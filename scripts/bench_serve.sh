@@ -11,7 +11,7 @@ cargo build --release --quiet
 bin=./target/release/moebius
 for workers in 1 2 3 4; do
   log=$(mktemp)
-  $bin up --listen 127.0.0.1:0 --workers "$workers" >"$log" 2>/dev/null &
+  $bin up --model fixtures/tiny-v3 --listen 127.0.0.1:0 --workers "$workers" >"$log" 2>/dev/null &
   up=$!
   addr=""
   for _ in $(seq 1 600); do

@@ -6,14 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real: etcd (the topology store), Prometheus (scrapes a
-# cluster), Chromium (loads the built-in dashboard), buildah (builds the container image) and
-# Python's venv (for the chart checks' Python packages, below).
+# cluster), Chromium (loads the built-in dashboard), buildah (builds the container image), an
+# English word list (the demo model's text is checked against it) and Python's venv (for the
+# tests' Python packages, below).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+[ -f /usr/share/dict/words ] || missing+=(wamerican)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages) for the end-to-end tests"

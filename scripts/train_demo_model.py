@@ -4,7 +4,7 @@
 expert) that writes English-looking text, with its own byte-level BPE tokenizer.
 
     apt-get install -y wordnet-base           # the training text (WordNet 3.0 glosses)
-    nice -n 19 python3 scripts/train_demo_model.py            # ~30-40 min on 2 CPU cores
+    nice -n 19 python3 scripts/train_demo_model.py   # ~10 min on 2 idle CPU cores, longer on a busy machine
 
 Steps: build an English corpus from the WordNet database files installed by Debian's
 `wordnet-base` package (definitions turned into sentences, plus the example sentences),
@@ -46,7 +46,7 @@ SEED = 20240501
 
 SEQ = 128
 BATCH = 16
-STEPS = 560
+STEPS = 1000
 LR, LR_MIN, WARMUP = 3e-3, 2e-4, 100
 BIAS_UPDATE = 1e-3  # DeepSeek-V3's auxiliary-loss-free balancing: bias += u * sign(mean - load)
 

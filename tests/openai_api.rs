@@ -383,3 +383,64 @@ fn a_client_that_goes_away_mid_stream_cancels_its_request() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The share of the words of `text` (runs of letters) found in Debian's English word list.
+fn dictionary_share(text: &str) -> (f64, Vec<String>) {
+    let list = std::fs::read_to_string("/usr/share/dict/words")
+        .expect("/usr/share/dict/words: `bash scripts/test.sh` installs Debian's wamerican");
+    let known: std::collections::HashSet<String> = list.lines().map(|w| w.to_lowercase()).collect();
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let found = words.iter().filter(|w| known.contains(*w)).count();
+    (found as f64 / words.len().max(1) as f64, words)
+}
+
+#[test]
+fn a_newcomers_up_answers_in_english_words() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // What `cargo run --release -- up` serves: the bundled demo model, under its name.
+    let up = Up::start_bundled(&[]);
+    up.router_addr();
+    let http = up.http_addr();
+    let json = Some("application/json");
+    let (status, body) = http::post(
+        &http,
+        "/v1/completions",
+        json,
+        br#"{"model": "demo", "prompt": "The river", "max_tokens": 24, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).expect("JSON");
+    let text = reply["choices"][0]["text"].as_str().expect("text");
+    let (share, words) = dictionary_share(text);
+    println!("The river{text}");
+    assert!(words.len() >= 8, "too few words in {text:?}");
+    assert!(
+        share >= 0.8,
+        "{:.0} % dictionary words in {text:?}",
+        share * 100.0
+    );
+
+    let (status, body) = http::post(
+        &http,
+        "/v1/chat/completions",
+        json,
+        br#"{"model": "demo", "messages": [{"role": "user", "content": "What is a river?"}], "max_tokens": 24, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).expect("JSON");
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    println!("chat: {text}");
+    let (share, words) = dictionary_share(text);
+    assert!(words.len() >= 3, "too few words in {text:?}");
+    assert!(
+        share >= 0.8,
+        "{:.0} % dictionary words in {text:?}",
+        share * 100.0
+    );
+}

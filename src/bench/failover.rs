@@ -64,7 +64,7 @@ impl Fault {
 /// Flags of `moebius bench failover`.
 #[derive(Args, Debug)]
 pub struct FailoverArgs {
-    /// Checkpoint directory (default: the bundled tiny checkpoint).
+    /// Checkpoint directory (default: the bundled demo model, fixtures/demo).
     #[arg(long, env = "MOEBIUS_MODEL")]
     model: Option<PathBuf>,
     /// Worker processes (at least 2: one is killed).

@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[derive(Args, Debug)]
 pub struct RouterArgs {
-    /// Checkpoint directory (default: the bundled tiny checkpoint).
+    /// Checkpoint directory (default: the bundled demo model, fixtures/demo).
     #[arg(long, env = "MOEBIUS_MODEL")]
     model: Option<PathBuf>,
     /// Calls per measurement.

@@ -62,7 +62,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Prompt token ids are drawn uniformly from 2..VOCAB, which keeps clear of BOS (0) and EOS
-    /// (1) and inside the bundled tiny checkpoints' vocabulary (448). Raise it for real models.
+    /// (1) and inside the tiny fixtures' vocabulary (448; the demo model's is 4096). Raise it for real models.
     #[arg(long, default_value_t = 400)]
     vocab: u32,
     /// A request that takes longer than this fails (and its stream is dropped).

@@ -31,7 +31,7 @@ use super::coordinator::BalanceArgs;
 use super::supervise::Backoff;
 
 /// The checkpoint `up` serves when no `--model` is given (relative to the repository root).
-const BUNDLED_MODEL: &str = "fixtures/tiny-v3";
+const BUNDLED_MODEL: &str = "fixtures/demo";
 
 /// How long the cluster may take to form its first epoch.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,7 +39,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Flags of `moebius up`.
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Checkpoint directory to serve (default: the repository's bundled tiny checkpoint).
+    /// Checkpoint directory to serve (default: the bundled demo model, fixtures/demo).
     #[arg(long, env = "MOEBIUS_MODEL")]
     pub model: Option<PathBuf>,
     /// Number of workers (EP ranks).

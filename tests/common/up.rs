@@ -28,15 +28,29 @@ impl Up {
     /// [`start_with`](Self::start_with), with `setup` applied to the command first (its
     /// environment, where its stderr goes).
     pub fn spawn(model: &Path, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
+        Self::launch(Some(model), extra, setup)
+    }
+
+    /// `moebius up` as a newcomer runs it, on the checkpoint it bundles (no `--model`), from
+    /// the repository's root, on free ports with 1 thread per worker.
+    pub fn start_bundled(extra: &[&str]) -> Self {
+        Self::launch(None, extra, |command| {
+            command.current_dir(env!("CARGO_MANIFEST_DIR"));
+        })
+    }
+
+    fn launch(model: Option<&Path>, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_moebius"));
         command.stderr(Stdio::inherit());
         setup(&mut command);
-        let mut child = command
+        command
             .args(["up", "--threads", "1"])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--http-listen", "127.0.0.1:0"])
-            .arg("--model")
-            .arg(model)
+            .args(["--http-listen", "127.0.0.1:0"]);
+        if let Some(model) = model {
+            command.arg("--model").arg(model);
+        }
+        let mut child = command
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()

@@ -52,3 +52,38 @@ fn every_template_renders_exactly_what_transformers_renders() {
         }
     }
 }
+
+#[test]
+fn a_checkpoint_without_a_template_refuses_chat_clearly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-v3");
+    let tokenizer = moebius_worker::tokenizer::Tokenizer::from_dir(&dir, Some(0))
+        .expect("loads")
+        .expect("a tokenizer");
+    let err = tokenizer
+        .encode_chat(&[json!({"role": "user", "content": "hi"})])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidRequest(m) if m.contains("no chat_template")),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_demo_models_chat_has_one_bos_and_ends_with_the_assistants_turn() {
+    // Its template has DeepSeek's shape: one BOS first (written by the template, not added
+    // again by the tokenizer), the assistant's opening token (id 3) last.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/demo");
+    let tokenizer = moebius_worker::tokenizer::Tokenizer::from_dir(&dir, Some(0))
+        .expect("loads")
+        .expect("a tokenizer");
+    let ids = tokenizer
+        .encode_chat(&[json!({"role": "user", "content": "What is a river?"})])
+        .expect("renders");
+    assert_eq!(ids.first(), Some(&0), "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 0).count(),
+        1,
+        "one BOS: {ids:?}"
+    );
+    assert_eq!(ids.last(), Some(&3), "ends with <｜Assistant｜>: {ids:?}");
+}

@@ -27,7 +27,8 @@ struct Case {
     top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 6] = [
+    "demo",
     "tiny-v3",
     "tiny-v3-yarn",
     "tiny-v3-fp8",

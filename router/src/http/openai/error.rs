@@ -81,3 +81,26 @@ impl IntoResponse for ApiError {
         (self.status, Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_http_codes_openai_clients_expect() {
+        for (code, http, kind) in [
+            (Code::InvalidArgument, 400, "invalid_request_error"),
+            (Code::ResourceExhausted, 429, "rate_limit_error"),
+            (Code::Unavailable, 503, "server_error"),
+            (Code::DeadlineExceeded, 504, "server_error"),
+            (Code::NotFound, 404, "not_found_error"),
+            (Code::Internal, 500, "server_error"),
+        ] {
+            let error = ApiError::from_status(&tonic::Status::new(code, "why"));
+            assert_eq!(error.status.as_u16(), http, "{code:?}");
+            let body = error.body();
+            assert_eq!(body["error"]["type"], kind, "{code:?}");
+            assert_eq!(body["error"]["message"], "why");
+        }
+    }
+}
