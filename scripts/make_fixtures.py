@@ -534,13 +534,19 @@ def make_fixture(name, spec, tok, seed):
             case["new_text"] = tok.decode(new)
         cases.append(case)
     margins.remove()
-    golden = {
+    golden = golden_record(name, reference, tok is not None, NEW_TOKENS, min_logit, margins, cases)
+    return golden, min_logit, margins, rope_info, d
+
+
+def golden_record(name, reference, tokenized, new_tokens, min_logit, margins, cases, **extra):
+    """golden.json of a fixture: how it was made, its margins, and its cases (then `extra`)."""
+    return {
         "model": name,
         "reference": reference,
         "prompt_ids_built_as": ("[bos_token_id=0] + tokenizer.encode(prompt_text, add_special_tokens=False).ids"
-                                if tok is not None else
+                                if tokenized else
                                 "bos_token_id=0 followed by random ids in [2, vocab_size) (no tokenizer)"),
-        "generation": f"greedy, {NEW_TOKENS} new tokens, EOS ignored; prefill then one decode step per "
+        "generation": f"greedy, {new_tokens} new tokens, EOS ignored; prefill then one decode step per "
                       "token with the KV cache",
         "logprobs": "log_softmax of the float32 logits (no processing) at the chosen token; "
                     "top_logprobs: top-5 [id, logprob] of the same distribution, best first",
@@ -548,8 +554,8 @@ def make_fixture(name, spec, tok, seed):
         "min_router_expert_margin": margins.expert_min,
         "min_router_group_margin": None if margins.group_min == float("inf") else margins.group_min,
         "cases": cases,
+        **extra,
     }
-    return golden, min_logit, margins, rope_info, d
 
 
 def run_fixtures(only):

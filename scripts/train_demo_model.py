@@ -358,21 +358,10 @@ def make_golden(cfg, tok, seed, log, sd=None, ref=None):
         if len(cases) == MAX_CASES:
             break
     margins.remove()
-    golden = {
-        "model": "demo",
-        "reference": f"transformers {cfg['transformers_version']}, torch float32, greedy, "
-                     "on the bfloat16-rounded weights",
-        "prompt_ids_built_as": "[bos_token_id=0] + tokenizer.encode(prompt_text, add_special_tokens=False).ids",
-        "generation": f"greedy, {NEW_TOKENS} new tokens, EOS ignored; prefill then one decode step per "
-                      "token with the KV cache",
-        "logprobs": "log_softmax of the float32 logits (no processing) at the chosen token; "
-                    "top_logprobs: top-5 [id, logprob] of the same distribution, best first",
-        "min_top1_top2_logit_margin": min_logit,
-        "min_router_expert_margin": margins.expert_min,
-        "min_router_group_margin": None if margins.group_min == float("inf") else margins.group_min,
-        "cases": cases,
-        "seed": seed,
-    }
+    reference = (f"transformers {cfg['transformers_version']}, torch float32, greedy, "
+                 "on the bfloat16-rounded weights")
+    golden = mf.golden_record("demo", reference, True, NEW_TOKENS, min_logit, margins, cases,
+                              seed=seed)
     log(f"golden: {len(cases)} cases, min logit margin {min_logit:.4f}, router expert margin "
         f"{margins.expert_min:.2e}, group margin {margins.group_min:.2e}; {rope_info}")
     return golden, model

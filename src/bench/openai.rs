@@ -26,30 +26,40 @@ async fn connect(addr: &str) -> Result<Sender, String> {
     Ok(sender)
 }
 
-/// The first model `GET /v1/models` lists.
-pub async fn served_model(addr: &str) -> Result<String, String> {
+/// Sends `request` to `addr` on a new connection: the response's body, or its status and
+/// body as the error when it is not a success.
+async fn send(
+    addr: &str,
+    request: hyper::http::request::Builder,
+    body: Bytes,
+) -> Result<hyper::body::Incoming, String> {
     let mut sender = connect(addr).await?;
-    let request = Request::get("/v1/models")
+    let request = request
         .header("host", addr)
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    let body = response
-        .into_body()
+    let body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&text)));
+    }
+    Ok(body)
+}
+
+/// The first model `GET /v1/models` lists.
+pub async fn served_model(addr: &str) -> Result<String, String> {
+    let body = send(addr, Request::get("/v1/models"), Bytes::new())
+        .await
+        .map_err(|e| format!("GET /v1/models: {e}"))?
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "GET /v1/models: {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
     let models: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     models["data"][0]["id"]
         .as_str()
@@ -64,22 +74,8 @@ pub async fn stream_completion(
     body: &Value,
     mut on_event: impl FnMut(&Value),
 ) -> Result<(), String> {
-    let mut sender = connect(addr).await?;
-    let request = Request::post("/v1/completions")
-        .header("host", addr)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if !status.is_success() {
-        let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        return Err(format!("{status}: {}", String::from_utf8_lossy(&text)));
-    }
+    let request = Request::post("/v1/completions").header("content-type", "application/json");
+    let mut body = send(addr, request, Bytes::from(body.to_string())).await?;
     let mut pending = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;

@@ -4,9 +4,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use moebius_proto::v1::{FinishReason, GenerateResponse};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -50,7 +50,11 @@ async fn respond(mut parts: Parts, mut writer: Writer) -> Response {
         }
     }
     writer.id(&whole.request_id);
-    Json(writer.whole(&whole)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        writer.whole(&whole),
+    )
+        .into_response()
 }
 
 /// Streams the chunks from a task that stops, dropping the request's stream (which cancels
@@ -58,9 +62,9 @@ async fn respond(mut parts: Parts, mut writer: Writer) -> Response {
 fn stream(mut parts: Parts, mut writer: Writer) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(EVENT_BUFFER);
     tokio::spawn(async move {
-        let send = |value: &Value| {
+        let send = |data: &str| {
             let tx = tx.clone();
-            let event = Event::default().data(value.to_string());
+            let event = Event::default().data(data);
             async move { tx.send(Ok(event)).await.is_ok() }
         };
         let mut usage = None;
@@ -83,7 +87,7 @@ fn stream(mut parts: Parts, mut writer: Writer) -> Response {
                     }
                 }
                 Some(Err(status)) => {
-                    send(&ApiError::from_status(&status).body()).await;
+                    send(&ApiError::from_status(&status).body().to_string()).await;
                     break;
                 }
             }
@@ -147,7 +151,7 @@ impl Writer {
         self.shape.include_usage.then_some(None)
     }
 
-    fn whole(&mut self, whole: &GenerateResponse) -> Value {
+    fn whole(&mut self, whole: &GenerateResponse) -> String {
         let usage = whole
             .usage
             .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens));
@@ -187,7 +191,7 @@ impl Writer {
     }
 
     /// The stream chunks of one message.
-    fn chunks(&mut self, part: &GenerateResponse) -> Vec<Value> {
+    fn chunks(&mut self, part: &GenerateResponse) -> Vec<String> {
         let finish = finish_reason(part.finish_reason);
         match self.kind {
             Kind::Completion => vec![json(&Completion {
@@ -235,7 +239,7 @@ impl Writer {
         delta: Delta,
         logprobs: Option<ChatLogprobs>,
         finish: Option<&'static str>,
-    ) -> Value {
+    ) -> String {
         json(&ChatCompletion {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -253,7 +257,7 @@ impl Writer {
     }
 
     /// The last chunk of a stream whose client asked for usage: no choices.
-    fn usage_chunk(&self, usage: Usage) -> Value {
+    fn usage_chunk(&self, usage: Usage) -> String {
         match self.kind {
             Kind::Completion => json(&Completion {
                 id: self.id.clone(),
@@ -283,15 +287,9 @@ impl Writer {
             self.offset += token.len();
             out.tokens.push(token);
             out.token_logprobs.push(logprob);
-            let mut top = serde_json::Map::new();
-            if let Some(alternatives) = part.top_logprobs.get(i) {
-                for (j, &lp) in alternatives.logprobs.iter().enumerate() {
-                    let text = alternatives.tokens.get(j).cloned().unwrap_or_else(|| {
-                        format!("token_id:{}", alternatives.token_ids.get(j).unwrap_or(&0))
-                    });
-                    top.insert(text, Value::from(lp));
-                }
-            }
+            let top = alternatives(part, i)
+                .map(|(text, lp)| (text, Value::from(lp)))
+                .collect();
             out.top_logprobs.push(top);
         }
         Some(out)
@@ -305,23 +303,14 @@ impl Writer {
             .enumerate()
             .map(|(i, &logprob)| {
                 let token = token_text(part, i);
-                let top = part.top_logprobs.get(i).map_or_else(Vec::new, |alts| {
-                    alts.logprobs
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &lp)| {
-                            let text = alts.tokens.get(j).cloned().unwrap_or_else(|| {
-                                format!("token_id:{}", alts.token_ids.get(j).unwrap_or(&0))
-                            });
-                            TokenLogprob {
-                                bytes: text.as_bytes().to_vec(),
-                                token: text,
-                                logprob: lp,
-                                top_logprobs: None,
-                            }
-                        })
-                        .collect()
-                });
+                let top = alternatives(part, i)
+                    .map(|(text, lp)| TokenLogprob {
+                        bytes: text.as_bytes().to_vec(),
+                        token: text,
+                        logprob: lp,
+                        top_logprobs: None,
+                    })
+                    .collect();
                 TokenLogprob {
                     bytes: token.as_bytes().to_vec(),
                     token,
@@ -336,10 +325,25 @@ impl Writer {
 
 /// The text of the `i`th token of a message, or its id where the model has no tokenizer.
 fn token_text(part: &GenerateResponse, i: usize) -> String {
-    part.tokens
+    text_or_id(&part.tokens, &part.token_ids, i)
+}
+
+/// The most likely tokens at the `i`th position of a message: (text, logprob), best first.
+fn alternatives(part: &GenerateResponse, i: usize) -> impl Iterator<Item = (String, f32)> + '_ {
+    part.top_logprobs.get(i).into_iter().flat_map(|alts| {
+        alts.logprobs
+            .iter()
+            .enumerate()
+            .map(|(j, &lp)| (text_or_id(&alts.tokens, &alts.token_ids, j), lp))
+    })
+}
+
+/// `texts[i]`, or `token_id:N` where the worker sent no text (a model without a tokenizer).
+fn text_or_id(texts: &[String], ids: &[u32], i: usize) -> String {
+    texts
         .get(i)
         .cloned()
-        .unwrap_or_else(|| format!("token_id:{}", part.token_ids.get(i).unwrap_or(&0)))
+        .unwrap_or_else(|| format!("token_id:{}", ids.get(i).unwrap_or(&0)))
 }
 
 fn finish_reason(reason: i32) -> Option<&'static str> {
@@ -351,6 +355,8 @@ fn finish_reason(reason: i32) -> Option<&'static str> {
     }
 }
 
-fn json(value: &impl serde::Serialize) -> Value {
-    serde_json::to_value(value).unwrap_or(Value::Null)
+/// A response or chunk as JSON text, written straight from its struct (once per token when
+/// streaming).
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
