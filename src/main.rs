@@ -47,6 +47,9 @@ enum Command {
     /// Operator commands against the leading coordinator: topology, rebalance, drain,
     /// redundant experts.
     Admin(cmd::admin::AdminArgs),
+    /// Write a throwaway CA, a certificate it signs, its key and a data-plane secret into a
+    /// folder: TLS for a cluster on one machine or a first try (`--tls-*` flags of each part).
+    Certs(cmd::tls::CertsArgs),
     /// Benchmarks (numbers for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Router(args) => cmd::router::run(args),
         Command::Admin(args) => cmd::admin::run(args),
+        Command::Certs(args) => cmd::tls::run(args),
     })
 }
 

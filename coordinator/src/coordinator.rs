@@ -60,6 +60,8 @@ pub struct CoordinatorConfig {
     pub admin_address: Option<String>,
     /// Where the coordinator counts what it does (registered by the caller, or unseen).
     pub metrics: CoordinatorMetrics,
+    /// TLS towards the workers' gRPC services (health probes); `None`: plaintext.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for CoordinatorConfig {
@@ -78,6 +80,7 @@ impl Default for CoordinatorConfig {
             rebalance_interval: Duration::from_secs(60),
             admin_address: None,
             metrics: CoordinatorMetrics::default(),
+            tls: None,
         }
     }
 }

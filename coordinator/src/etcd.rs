@@ -17,6 +17,7 @@ use futures::stream::{self, StreamExt};
 use crate::store::{
     Fence, KeyValue, LeaseId, Revision, StoreError, TopologyStore, WatchEvent, WatchStream,
 };
+use crate::tls::Tls;
 
 /// The etcd-backed store. Cheap to clone: clones share one connection.
 #[derive(Clone)]
@@ -43,6 +44,16 @@ impl EtcdStore {
         endpoints: &[String],
         connect_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, connect_timeout, None).await
+    }
+
+    /// [`connect`](Self::connect), over mutual TLS with `tls` when it is given: the endpoints
+    /// must then be `https://` URLs, and etcd must trust the CA of our certificate.
+    pub async fn connect_with(
+        endpoints: &[String],
+        connect_timeout: Duration,
+        tls: Option<&Tls>,
+    ) -> Result<Self, StoreError> {
         let endpoint = endpoints.join(",");
         if endpoints.is_empty() {
             return Err(StoreError::Unreachable {
@@ -50,11 +61,28 @@ impl EtcdStore {
                 message: "no etcd endpoint given".into(),
             });
         }
-        let options = ConnectOptions::new()
+        if let Some(wrong) = endpoints
+            .iter()
+            .find(|e| tls.is_some() != e.starts_with("https://"))
+        {
+            let message = if tls.is_some() {
+                "with TLS configured, every etcd endpoint must be an https:// URL"
+            } else {
+                "an https:// endpoint needs TLS: give --tls-cert, --tls-key and --tls-ca"
+            };
+            return Err(StoreError::Unreachable {
+                endpoint: wrong.clone(),
+                message: message.into(),
+            });
+        }
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(connect_timeout)
             // HTTP/2 pings notice a dead connection under a long-lived watch.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.etcd(crate::tls::host(&endpoints[0])));
+        }
         let unreachable = |message: String| StoreError::Unreachable {
             endpoint: endpoint.clone(),
             message,

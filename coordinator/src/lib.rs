@@ -23,6 +23,8 @@
 //! - [`error`]: `CoordinatorError`, the control loop's error.
 //! - [`health`]: the gRPC health service of every server, with its `liveness` service.
 //! - [`telemetry`]: the Prometheus registry every part fills, and its HTTP `/metrics` server.
+//! - [`peers`]: the bound on connections per peer address of a public port.
+//! - [`tls`]: TLS and mutual TLS of every connection: certificates, CA, the HTTPS listener.
 pub mod admin;
 pub mod coordinator;
 pub mod eplb;
@@ -32,10 +34,12 @@ pub mod etcd_server;
 pub mod health;
 pub mod lease;
 pub mod memory;
+pub mod peers;
 pub mod placement;
 pub mod planner;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod watch;
 

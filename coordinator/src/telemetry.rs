@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::peers::{GatedListener, PerPeer};
+use crate::tls::{Tls, TlsListener};
+
 /// The content type of the OpenMetrics text exposition.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -61,17 +64,23 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<TcpListener> 
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {flag} {addr}: {e}")))
 }
 
-/// Serves `app` on `listener` until `stop` is cancelled.
+/// Serves `app` on `listener` until `stop` is cancelled: over TLS with `tls` (our certificate,
+/// no client certificate asked), plain HTTP without; at most `per_peer` connections from one
+/// address.
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     stop: CancellationToken,
+    tls: Option<&Tls>,
+    per_peer: Arc<PerPeer>,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Without TCP_NODELAY, a streamed event waits for the client's delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = GatedListener::new(listener, per_peer);
+    if let Some(tls) = tls {
+        let listener = TlsListener::new(listener, tls.http_acceptor())?;
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -38,7 +38,7 @@ impl Coordinator {
         let addr = listener.local_addr().unwrap();
         let (handle, link) = admin::channel();
         let stop = CancellationToken::new();
-        tokio::spawn(service::serve(listener, handle, stop.clone()));
+        tokio::spawn(service::serve(listener, handle, stop.clone(), None));
         let config = CoordinatorConfig {
             id: id.into(),
             cluster: "admin".into(),

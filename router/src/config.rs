@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use moebius_coordinator::telemetry::Registry;
 
+use moebius_coordinator::tls::Tls;
+
+use crate::auth::ApiKeys;
 use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 
@@ -41,6 +44,18 @@ pub struct RouterConfig {
     pub registry: Arc<Registry>,
     /// Where the router counts requests; registered into `registry` by the caller.
     pub metrics: Arc<RouterMetrics>,
+    /// TLS: the public ports serve our certificate, and the workers are called over mutual
+    /// TLS. `None`: plaintext everywhere.
+    pub tls: Option<Tls>,
+    /// The keys a client must send (`authorization: Bearer <key>`) to call the API (gRPC
+    /// `Inference` and HTTP `/v1/...`); `None`: no key needed.
+    pub api_keys: Option<ApiKeys>,
+    /// Largest request message, gRPC or HTTP body, in bytes. Over it: gRPC `OUT_OF_RANGE`
+    /// (tonic's message-size check), HTTP 413.
+    pub max_request_bytes: usize,
+    /// Most connections one client address may hold open to the public ports together; more
+    /// are closed on accept.
+    pub max_connections_per_peer: usize,
 }
 
 impl RouterConfig {
@@ -67,6 +82,10 @@ impl Default for RouterConfig {
             model_name: "moebius".to_string(),
             registry: Arc::default(),
             metrics: Arc::default(),
+            tls: None,
+            api_keys: None,
+            max_request_bytes: crate::limits::DEFAULT_MAX_REQUEST_BYTES,
+            max_connections_per_peer: moebius_coordinator::peers::DEFAULT_CONNECTIONS_PER_PEER,
         }
     }
 }
@@ -86,6 +105,15 @@ impl RouterConfig {
         }
         if self.request_timeout.is_some_and(|t| t.is_zero()) {
             return bad("request_timeout: must be positive (or unset for none)".into());
+        }
+        if self.max_request_bytes < 1024 {
+            return bad(format!(
+                "max_request_bytes {}: must be at least 1024",
+                self.max_request_bytes
+            ));
+        }
+        if self.max_connections_per_peer == 0 {
+            return bad("max_connections_per_peer: must be at least 1".into());
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! - [`config`]: [`RouterConfig`], filled by `moebius router` from its flags.
 //! - [`server`]: [`run`], the gRPC server (`moebius.v1.Inference`, health, reflection) and its
 //!   shutdown in phases.
-//! - `http`: the HTTP port: `/metrics` and the live built-in dashboard (`/dashboard`).
+//! - `http`: the HTTP port: the OpenAI-compatible API, `/metrics` and the live built-in
+//!   dashboard (`/dashboard`).
 //! - [`metrics`]: [`RouterMetrics`], the router's Prometheus metrics, and one request's meter.
 //! - `service`: the `Inference` handlers: check, open a session, relay its messages.
 //! - `session`: one request across the workers that serve it: one retry elsewhere when a
@@ -15,13 +16,17 @@
 //! - `request`: what the router checks without the model, request ids, deadlines, merging a
 //!   stream into one response.
 //! - [`error`]: [`RouterError`] and its mapping to gRPC status codes.
+//! - [`limits`]: what one request may ask (request id, stop strings, logprobs, chat length).
+//! - [`auth`]: API keys on the public API (`--api-key-file`).
 //! - [`bench`](mod@bench): calls per second and latency through a router or straight to a worker.
 
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
 mod forward;
 mod http;
+pub mod limits;
 pub mod metrics;
 mod pool;
 mod request;

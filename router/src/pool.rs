@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use moebius_coordinator::tls::{self, Tls};
 use moebius_coordinator::{EpochRecord, EpochState, WorkerInfo};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::error::RouterError;
@@ -50,13 +51,12 @@ pub(crate) struct WorkerSlot {
 }
 
 impl WorkerSlot {
-    fn connect(info: &WorkerInfo, limit: u32) -> Result<Self, tonic::transport::Error> {
-        let uri = if info.address.contains("://") {
-            info.address.clone()
-        } else {
-            format!("http://{}", info.address)
-        };
-        let channel = Endpoint::from_shared(uri)?
+    fn connect(
+        info: &WorkerInfo,
+        limit: u32,
+        tls: Option<&Tls>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = tls::endpoint(&info.address, tls)?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
@@ -196,6 +196,8 @@ pub(crate) struct Pool {
     routable: watch::Sender<Arc<Routable>>,
     /// Rotates the starting point of the least-loaded scan so that ties spread round-robin.
     cursor: AtomicUsize,
+    /// Mutual TLS towards the workers; `None`: plaintext.
+    tls: Option<Tls>,
 }
 
 impl Pool {
@@ -212,7 +214,13 @@ impl Pool {
             topology: Mutex::new(Topology::default()),
             routable: watch::channel(Arc::new(Routable::default())).0,
             cursor: AtomicUsize::new(0),
+            tls: None,
         }
+    }
+
+    /// The same pool, calling its workers over mutual TLS with `tls`.
+    pub fn with_tls(self, tls: Option<Tls>) -> Self {
+        Self { tls, ..self }
     }
 
     pub fn metrics(&self) -> &Arc<RouterMetrics> {
@@ -355,7 +363,7 @@ impl Pool {
                         slot.limit.store(limit, Ordering::Release);
                         slot
                     }
-                    None => match WorkerSlot::connect(info, limit) {
+                    None => match WorkerSlot::connect(info, limit, self.tls.as_ref()) {
                         Ok(slot) => Arc::new(slot),
                         Err(err) => {
                             warn!(worker = %info.id, address = %info.address, "cannot route to worker, bad address: {err}");

@@ -19,6 +19,9 @@ pub(crate) fn validate(request: &GenerateRequest) -> Result<(), RouterError> {
     if request.prompt.is_none() {
         return invalid("prompt: set text, token_ids or chat".into());
     }
+    if let Some((field, message)) = crate::limits::over_limit(request) {
+        return invalid(format!("{field}: {message}"));
+    }
     if request.max_new_tokens == 0 {
         return invalid("max_new_tokens: must be at least 1".into());
     }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use moebius_coordinator::peers::{self, PerPeer};
 use moebius_coordinator::telemetry::serve_http;
+use moebius_coordinator::tls::Clients;
 use moebius_coordinator::{Keys, TopologyStore};
 use moebius_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
@@ -13,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -28,6 +30,9 @@ use crate::watch::watch_topology;
 
 /// After the drain period, how long requests cut off with `UNAVAILABLE` get to close.
 const CUT_OFF_GRACE: Duration = Duration::from_secs(2);
+
+/// Most calls at once on one HTTP/2 connection of the public API.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// The service name that health checks of the router's API ask about.
 const INFERENCE_SERVICE: &str = "moebius.v1.Inference";
@@ -81,10 +86,11 @@ pub async fn run(
         None => None,
     };
 
-    let pool = Arc::new(Pool::with_metrics(
-        config.max_in_flight_per_worker,
-        Arc::clone(&config.metrics),
-    ));
+    let pool = Arc::new(
+        Pool::with_metrics(config.max_in_flight_per_worker, Arc::clone(&config.metrics))
+            .with_tls(config.tls.clone()),
+    );
+    let per_peer = PerPeer::new(config.max_connections_per_peer);
     let background_stop = CancellationToken::new();
     let drain = CancellationToken::new();
     let relays = TaskTracker::new();
@@ -127,26 +133,43 @@ pub async fn run(
             service.clone(),
             Arc::clone(&pool),
             config.model_name.clone(),
+            config.max_request_bytes,
+            config.api_keys.clone(),
         );
         let app = http::app(dashboard, Arc::clone(&config.registry), api);
         let stop = background_stop.clone();
+        let (tls, per_peer) = (config.tls.clone(), Arc::clone(&per_peer));
         background.spawn(async move {
-            if let Err(e) = serve_http(listener, app, stop).await {
+            if let Err(e) = serve_http(listener, app, stop, tls.as_ref(), per_peer).await {
                 warn!("the router's HTTP port failed: {e}");
             }
         });
     }
 
-    let serve = Server::builder()
+    let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(InferenceServer::new(service))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.grpc_server(Clients::Anyone))?;
+    }
+    let keys = config.api_keys.clone();
+    let inference = InterceptedService::new(
+        InferenceServer::new(service).max_decoding_message_size(config.max_request_bytes),
+        move |request: tonic::Request<()>| {
+            if let Some(keys) = &keys {
+                keys.check_grpc(request.metadata())?;
+            }
+            Ok(request)
+        },
+    );
+    let serve = builder
+        .add_service(inference)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait for the peer's delayed ACK (~40 ms).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            peers::incoming(listener, Arc::clone(&per_peer)),
             shutdown.clone().cancelled_owned(),
         );
     tokio::pin!(serve);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
+use moebius_coordinator::tls::{self, Tls};
 use moebius_coordinator::{EtcdStore, Keys, TopologyStore};
 use moebius_proto::v1 as pb;
 use pb::admin_client::AdminClient;
@@ -39,6 +40,10 @@ pub struct AdminArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// With TLS in the cluster: the operator's certificate from the cluster's CA (the admin
+    /// service and etcd refuse a client without one).
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -74,9 +79,10 @@ pub fn run(args: AdminArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let tls = args.tls.load()?;
     runtime.block_on(async move {
-        let address = address(&args).await?;
-        let mut client = connect(&address).await?;
+        let address = address(&args, tls.as_ref()).await?;
+        let mut client = connect(&address, tls.as_ref()).await?;
         match args.command {
             AdminCommand::Topology => {
                 let t = client
@@ -125,14 +131,14 @@ pub fn run(args: AdminArgs) -> Result<()> {
 }
 
 /// The admin address: the flag, the leader's announcement in etcd, or `up`'s default.
-async fn address(args: &AdminArgs) -> Result<String> {
+async fn address(args: &AdminArgs, tls: Option<&Tls>) -> Result<String> {
     if let Some(a) = &args.coordinator {
         return Ok(a.clone());
     }
     if args.etcd.is_empty() {
         return Ok(DEFAULT_ADMIN.into());
     }
-    let store = EtcdStore::connect(&args.etcd, Duration::from_secs(5))
+    let store = EtcdStore::connect_with(&args.etcd, Duration::from_secs(5), tls)
         .await
         .context("cannot connect to etcd; check --etcd")?;
     let keys = Keys::new(&args.cluster);
@@ -148,13 +154,8 @@ async fn address(args: &AdminArgs) -> Result<String> {
     Ok(String::from_utf8_lossy(&admin.value).into_owned())
 }
 
-async fn connect(address: &str) -> Result<AdminClient<Channel>> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+async fn connect(address: &str, tls: Option<&Tls>) -> Result<AdminClient<Channel>> {
+    let channel = tls::endpoint(address, tls)
         .with_context(|| format!("{address:?} is not an address"))?
         .connect_timeout(Duration::from_secs(5))
         .connect()

@@ -44,6 +44,8 @@ pub struct CoordinatorArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub balance: BalanceArgs,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
 }
 
 /// How the experts are balanced; shared by `moebius coordinator` and `moebius up`.
@@ -110,13 +112,14 @@ pub fn check(args: &CoordinatorArgs) -> Result<String> {
     };
     let config = config(args, experts)?;
     Ok(format!(
-        "coordinator {} of cluster {}: {} workers, admin {}, model {}, etcd {}",
+        "coordinator {} of cluster {}: {} workers, admin {}, model {}, etcd {}, {}",
         config.id,
         config.cluster,
         config.expected_workers,
         args.admin_listen,
         super::check::model(&args.model),
         args.etcd.join(","),
+        args.tls.check()?,
     ))
 }
 
@@ -125,6 +128,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let mut registry = moebius_coordinator::telemetry::registry();
     let config = CoordinatorConfig {
         metrics: CoordinatorMetrics::register(&mut registry, &config.id),
+        tls: args.tls.load()?,
         ..config
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -132,11 +136,13 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let store = EtcdStore::connect(&args.etcd, Duration::from_secs(5)).await?;
+        let store =
+            EtcdStore::connect_with(&args.etcd, Duration::from_secs(5), config.tls.as_ref())
+                .await?;
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(super::cancel_on_signal(shutdown.clone()));
         if let Some(addr) = args.metrics_listen {
-            super::metrics::serve(addr, registry, shutdown.clone()).await?;
+            super::metrics::serve(addr, registry, shutdown.clone(), config.tls.as_ref()).await?;
         }
         let listener = tokio::net::TcpListener::bind(args.admin_listen)
             .await
@@ -151,6 +157,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             listener,
             handle,
             shutdown.clone(),
+            config.tls.clone(),
         ));
         tracing::info!(id = %config.id, cluster = %config.cluster, "coordinator starting");
         println!(

@@ -5,6 +5,7 @@ pub mod coordinator;
 pub mod metrics;
 pub mod router;
 pub mod supervise;
+pub mod tls;
 pub mod up;
 pub mod worker;
 

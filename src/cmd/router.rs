@@ -1,12 +1,14 @@
 //! `moebius router`: serves a cluster's public gRPC API, following its topology in etcd.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use moebius_coordinator::EtcdStore;
+use moebius_router::auth::ApiKeys;
 use moebius_router::RouterConfig;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +53,19 @@ pub struct RouterArgs {
         default_value = "moebius"
     )]
     served_model_name: String,
+    /// File of API keys, one per line (`#` starts a comment): a call to the API must send one
+    /// as `authorization: Bearer <key>` (gRPC metadata or HTTP header), else it gets
+    /// UNAUTHENTICATED / 401. Health, metrics and the dashboard stay open.
+    #[arg(long, env = "MOEBIUS_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Largest request message (gRPC) or body (HTTP), in bytes.
+    #[arg(long, env = "MOEBIUS_ROUTER_MAX_REQUEST_BYTES", default_value_t = moebius_router::limits::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Most connections one client address may hold open to the public ports.
+    #[arg(long, env = "MOEBIUS_ROUTER_MAX_CONNECTIONS_PER_PEER", default_value_t = moebius_coordinator::peers::DEFAULT_CONNECTIONS_PER_PEER)]
+    max_connections_per_peer: usize,
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -74,6 +89,8 @@ fn config(args: &RouterArgs) -> Result<RouterConfig> {
         migration_limit: args.migration_limit,
         http_listen: args.http_listen,
         model_name: args.served_model_name.clone(),
+        max_request_bytes: args.max_request_bytes,
+        max_connections_per_peer: args.max_connections_per_peer,
         ..RouterConfig::default()
     }
     .with_own_metrics();
@@ -87,23 +104,45 @@ pub fn check(args: &RouterArgs) -> Result<String> {
     let http = config
         .http_listen
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let keys = match &args.api_key_file {
+        Some(path) if path.exists() => {
+            ApiKeys::from_file(path)?;
+            "API keys (checked)"
+        }
+        Some(_) => "API keys (file not here; not checked)",
+        None => "no API keys",
+    };
     Ok(format!(
-        "router of cluster {}: gRPC {}, HTTP {http} (OpenAI API model {:?}), etcd {}",
+        "router of cluster {}: gRPC {}, HTTP {http} (OpenAI API model {:?}), etcd {}, {}, {keys}",
         config.cluster,
         config.listen,
         config.model_name,
         args.etcd.join(","),
+        args.tls.check()?,
     ))
 }
 
 pub fn run(args: RouterArgs) -> Result<()> {
-    let config = config(&args)?;
+    let config = RouterConfig {
+        tls: args.tls.load()?,
+        api_keys: args
+            .api_key_file
+            .as_deref()
+            .map(ApiKeys::from_file)
+            .transpose()?,
+        ..config(&args)?
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the Tokio runtime")?;
     runtime.block_on(serve(config, args.etcd))
 }
 
 async fn serve(config: RouterConfig, etcd: Vec<String>) -> Result<()> {
-    let store = EtcdStore::connect(&etcd, ETCD_CONNECT_TIMEOUT)
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let store = EtcdStore::connect_with(&etcd, ETCD_CONNECT_TIMEOUT, config.tls.as_ref())
         .await
         .context("cannot connect to etcd; check --etcd")?;
     let shutdown = CancellationToken::new();
@@ -116,7 +155,7 @@ async fn serve(config: RouterConfig, etcd: Vec<String>) -> Result<()> {
             if let Ok(bound) = bound {
                 println!("router serving on {}", bound.grpc);
                 if let Some(http) = bound.http {
-                    println!("dashboard on http://{http}/dashboard, metrics on http://{http}/metrics");
+                    println!("dashboard on {scheme}://{http}/dashboard, metrics on {scheme}://{http}/metrics");
                 }
             }
         }

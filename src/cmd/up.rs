@@ -29,6 +29,7 @@ use moebius_worker::config::ModelConfig;
 
 use super::coordinator::BalanceArgs;
 use super::supervise::Backoff;
+use super::tls::{Security, TlsArgs, UpSecurityArgs};
 
 /// The checkpoint `up` serves when no `--model` is given (relative to the repository root).
 const BUNDLED_MODEL: &str = "fixtures/demo";
@@ -93,6 +94,8 @@ pub struct UpArgs {
     pub served_model_name: Option<String>,
     #[command(flatten)]
     pub balance: BalanceArgs,
+    #[command(flatten)]
+    pub security: UpSecurityArgs,
 }
 
 /// The name the OpenAI-compatible API serves `model` under: the flag, or the checkpoint
@@ -126,6 +129,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     args.balance.interval()?;
     stats_interval(args.stats_interval_s)?;
+    let security = args.security.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -134,8 +138,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(super::cancel_on_signal(shutdown.clone()));
         let result = match &args.etcd {
-            None => in_process(&args, &model, &config, shutdown.clone()).await,
-            Some(etcd) => with_processes(&args, &model, etcd, shutdown.clone()).await,
+            None => in_process(&args, &model, &config, security, shutdown.clone()).await,
+            Some(etcd) => with_processes(&args, &model, etcd, &security, shutdown.clone()).await,
         };
         shutdown.cancel();
         signals.abort();
@@ -212,6 +216,8 @@ pub struct LocalOptions<'a> {
     pub metrics_expert_layers: bool,
     /// The model's name in the OpenAI-compatible API.
     pub model_name: String,
+    /// TLS, the data-plane secret and the API keys of every part.
+    pub security: Security,
 }
 
 impl<'a> LocalOptions<'a> {
@@ -238,6 +244,7 @@ impl<'a> LocalOptions<'a> {
             http_listen: None,
             metrics_expert_layers: false,
             model_name: served_model_name(None, model),
+            security: Security::default(),
         }
     }
 }
@@ -311,10 +318,12 @@ pub async fn start_local(
         .with_context(|| format!("cannot listen on --admin-listen {}", options.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
     let (admin, link) = moebius_coordinator::admin::channel();
+    let tls = options.security.tls.clone();
     tokio::spawn(moebius_coordinator::admin::service::serve(
         admin_listener,
         admin,
         shutdown.clone(),
+        tls.clone(),
     ));
     let coordinator = moebius_coordinator::CoordinatorConfig {
         id: "coordinator".into(),
@@ -328,6 +337,7 @@ pub async fn start_local(
         rebalance_interval: options.rebalance_interval,
         admin_address: Some(admin_addr.to_string()),
         metrics: moebius_coordinator::CoordinatorMetrics::register(&mut registry, "coordinator"),
+        tls: tls.clone(),
         ..Default::default()
     };
     let store_c = store.clone();
@@ -360,6 +370,8 @@ pub async fn start_local(
                 &format!("worker-{i}"),
                 options.metrics_expert_layers,
             ),
+            tls: tls.clone(),
+            data_secret: options.security.secret.clone(),
             ..Default::default()
         };
         let store_w = store.clone();
@@ -386,6 +398,8 @@ pub async fn start_local(
         model_name: options.model_name.clone(),
         registry: Arc::new(registry),
         metrics,
+        tls,
+        api_keys: options.security.api_keys.clone(),
         ..Default::default()
     };
     // The first start reports the router's addresses; a restart binds the same ones.
@@ -471,6 +485,7 @@ async fn in_process(
     args: &UpArgs,
     model: &Path,
     config: &ModelConfig,
+    security: Security,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let options = LocalOptions {
@@ -489,6 +504,7 @@ async fn in_process(
         http_listen: Some(args.http_listen),
         metrics_expert_layers: args.metrics_expert_layers,
         model_name: served_model_name(args.served_model_name.as_deref(), model),
+        security,
         ..LocalOptions::new(model, config)
     };
     let mut cluster = match start_local(&options, &shutdown).await {
@@ -505,6 +521,7 @@ async fn in_process(
         &options.model_name,
         &cluster.epoch,
         watch,
+        &options.security,
     );
     // Serve until Ctrl-C, starting again whatever stops; then stop every part.
     cluster.supervise(&shutdown).await;
@@ -562,6 +579,7 @@ fn banner(
     model_name: &str,
     epoch: &EpochRecord,
     watch: Option<Watch>,
+    security: &Security,
 ) {
     let ranks: Vec<String> = epoch
         .workers
@@ -576,21 +594,41 @@ fn banner(
         epoch.workers.len(),
         ranks.join(", ")
     );
+    let ca = security
+        .tls
+        .as_ref()
+        .map(|t| t.files().ca.display().to_string());
+    let key_header = if security.api_keys.is_some() {
+        " -H 'authorization: Bearer <a key of the --api-key-file>'"
+    } else {
+        ""
+    };
+    let (grpc_trust, scheme, curl_trust) = match &ca {
+        Some(ca) => (format!("-cacert {ca}"), "https", format!(" --cacert {ca}")),
+        None => ("-plaintext".to_string(), "http", String::new()),
+    };
     println!("try it (grpcurl reads the API from server reflection):");
     println!(
-        "  grpcurl -plaintext -d '{{\"text\": \"The river\", \"max_new_tokens\": 16, \"ignore_eos\": true}}' {addr} moebius.v1.Inference/Generate"
+        "  grpcurl {grpc_trust}{key_header} -d '{{\"text\": \"The river\", \"max_new_tokens\": 16, \"ignore_eos\": true}}' {addr} moebius.v1.Inference/Generate"
     );
     if let Some(admin) = admin {
-        println!("operate it: moebius admin topology --coordinator {admin}");
+        let tls_flags = security
+            .tls
+            .as_ref()
+            .map(|t| format!(" {}", TlsArgs::forward(t).join(" ")))
+            .unwrap_or_default();
+        println!("operate it: moebius admin --coordinator {admin}{tls_flags} topology");
     }
     if let Some((http, _)) = &watch {
-        println!("call it over HTTP (the OpenAI API at http://{http}/v1, model {model_name}):");
+        println!("call it over HTTP (the OpenAI API at {scheme}://{http}/v1, model {model_name}):");
         println!(
-            "  curl http://{http}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{model_name}\", \"prompt\": \"The river\", \"max_tokens\": 16}}'"
+            "  curl{curl_trust} {scheme}://{http}/v1/completions{key_header} -H 'Content-Type: application/json' -d '{{\"model\": \"{model_name}\", \"prompt\": \"The river\", \"max_tokens\": 16}}'"
         );
     }
     if let Some((http, others)) = watch {
-        println!("watch it: dashboard http://{http}/dashboard, metrics http://{http}/metrics");
+        println!(
+            "watch it: dashboard {scheme}://{http}/dashboard, metrics {scheme}://{http}/metrics"
+        );
         for (name, addr) in others {
             println!("  metrics of {name}: {addr}");
         }
@@ -667,6 +705,7 @@ async fn with_processes(
     args: &UpArgs,
     model: &Path,
     etcd: &str,
+    security: &Security,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the moebius binary")?;
@@ -714,7 +753,10 @@ async fn with_processes(
             args.balance.rebalance_interval_s.to_string(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(security.part_args())
+        .collect(),
     )];
     for i in 0..args.workers {
         let mut extra = vec![
@@ -739,6 +781,7 @@ async fn with_processes(
         if args.bf16_activations {
             extra.push("--bf16-activations".into());
         }
+        extra.extend(security.worker_args());
         parts.push(part(format!("worker-{i}"), "worker", extra));
     }
     parts.push(part(
@@ -751,7 +794,10 @@ async fn with_processes(
             args.http_listen.to_string(),
             "--served-model-name".into(),
             served_model_name(args.served_model_name.as_deref(), Path::new(&model)),
-        ],
+        ]
+        .into_iter()
+        .chain(security.router_args())
+        .collect(),
     ));
 
     // Start every part; learn the router's addresses and every metrics port from stdout.
@@ -765,7 +811,12 @@ async fn with_processes(
         )?;
     }
     drop(lines_tx);
-    let store = EtcdStore::connect(&[etcd.to_string()], Duration::from_secs(5)).await?;
+    let store = EtcdStore::connect_with(
+        &[etcd.to_string()],
+        Duration::from_secs(5),
+        security.tls.as_ref(),
+    )
+    .await?;
     let started = async {
         let (mut addr, mut http) = (None, None);
         let mut metrics = Vec::new();
@@ -778,7 +829,10 @@ async fn with_processes(
                 .context("the parts exited before serving")?;
             if let Some(a) = line.strip_prefix("router serving on ") {
                 addr = Some(a.trim().parse::<SocketAddr>()?);
-            } else if let Some(rest) = line.strip_prefix("dashboard on http://") {
+            } else if let Some(rest) = line
+                .strip_prefix("dashboard on http://")
+                .or_else(|| line.strip_prefix("dashboard on https://"))
+            {
                 http = rest
                     .split('/')
                     .next()
@@ -795,7 +849,7 @@ async fn with_processes(
         Ok::<_, anyhow::Error>((addr, admin, epoch, (http, metrics)))
     };
     let outcome = tokio::select! {
-        started = started => started.map(|(addr, admin, epoch, watch)| banner(addr, admin.as_deref(), Path::new(&model), &served_model_name(args.served_model_name.as_deref(), Path::new(&model)), &epoch, Some(watch))),
+        started = started => started.map(|(addr, admin, epoch, watch)| banner(addr, admin.as_deref(), Path::new(&model), &served_model_name(args.served_model_name.as_deref(), Path::new(&model)), &epoch, Some(watch), security)),
         _ = shutdown.cancelled() => Ok(()),
         (i, status, _) = next_exit(&mut parts) => Err(anyhow!("{} exited while the cluster was starting ({status})", parts[i].name)),
     };

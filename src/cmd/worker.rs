@@ -9,9 +9,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use moebius_coordinator::telemetry::Registry;
 use moebius_coordinator::EtcdStore;
+use moebius_worker::comm::ClusterSecret;
 use moebius_worker::metrics::WorkerMetrics;
 use moebius_worker::service::{self, WorkerConfig};
 use tokio_util::sync::CancellationToken;
+
+use super::tls::TlsArgs;
 
 /// Flags of `moebius worker`.
 #[derive(Args, Debug)]
@@ -77,6 +80,33 @@ pub struct WorkerArgs {
     /// experts series.
     #[arg(long, env = "MOEBIUS_WORKER_METRICS_EXPERT_LAYERS")]
     metrics_expert_layers: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// File holding the cluster's data-plane secret (at least 32 bytes; `moebius certs` writes
+    /// one): every data-plane connection proves it before its first frame. Required with TLS.
+    #[arg(long, env = "MOEBIUS_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// Run the data plane without the secret although TLS is configured: only on a network
+    /// that nothing else can reach.
+    #[arg(
+        long,
+        env = "MOEBIUS_INSECURE_DATA_PLANE",
+        conflicts_with = "cluster_secret_file"
+    )]
+    insecure_data_plane: bool,
+}
+
+/// Refuses TLS without a data-plane secret unless the open data plane was chosen.
+pub fn check_data_plane(tls: bool, secret: bool, insecure: bool) -> Result<()> {
+    if tls && !secret && !insecure {
+        return Err(super::UsageError(
+            "with TLS configured, the data plane needs --cluster-secret-file (or \
+             --insecure-data-plane, on a network that nothing else can reach)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// How long connecting to etcd may take at start-up.
@@ -110,14 +140,28 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
         ..WorkerConfig::default()
     };
     config.validate()?;
+    check_data_plane(
+        args.tls.enabled(),
+        args.cluster_secret_file.is_some(),
+        args.insecure_data_plane,
+    )?;
     Ok(config)
 }
 
 /// `--check-config`: what the worker would start as.
 pub fn check(args: &WorkerArgs) -> Result<String> {
     let config = config(args)?;
+    let data_plane = match &args.cluster_secret_file {
+        Some(path) if path.exists() => {
+            ClusterSecret::from_file(path)?;
+            "with the cluster secret (checked)"
+        }
+        Some(_) => "with the cluster secret (file not here; not checked)",
+        None => "open",
+    };
     Ok(format!(
-        "worker {} of cluster {}: gRPC {}, data plane {}, advertised as {}, model {}, etcd {}",
+        "worker {} of cluster {}: gRPC {}, data plane {} {data_plane}, advertised as {}, \
+         model {}, etcd {}, {}",
         config.id,
         config.cluster,
         config.listen,
@@ -125,6 +169,7 @@ pub fn check(args: &WorkerArgs) -> Result<String> {
         config.advertise_host,
         super::check::model(&config.model_dir),
         args.etcd.join(","),
+        args.tls.check()?,
     ))
 }
 
@@ -133,6 +178,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let mut registry = moebius_coordinator::telemetry::registry();
     let config = WorkerConfig {
         metrics: WorkerMetrics::register(&mut registry, &config.id, args.metrics_expert_layers),
+        tls: args.tls.load()?,
+        data_secret: args
+            .cluster_secret_file
+            .as_deref()
+            .map(ClusterSecret::from_file)
+            .transpose()?,
         ..config
     };
     let metrics = args.metrics_listen.map(|addr| (addr, registry));
@@ -145,12 +196,12 @@ async fn serve(
     etcd: Vec<String>,
     metrics: Option<(SocketAddr, Registry)>,
 ) -> Result<()> {
-    let store = EtcdStore::connect(&etcd, ETCD_CONNECT_TIMEOUT)
+    let store = EtcdStore::connect_with(&etcd, ETCD_CONNECT_TIMEOUT, config.tls.as_ref())
         .await
         .context("cannot connect to etcd; check --etcd")?;
     let shutdown = CancellationToken::new();
     if let Some((addr, registry)) = metrics {
-        super::metrics::serve(addr, registry, shutdown.clone()).await?;
+        super::metrics::serve(addr, registry, shutdown.clone(), config.tls.as_ref()).await?;
     }
     let id = config.id.clone();
     let worker = service::start(config, Arc::new(store), shutdown.clone()).await?;

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{AdminError, AdminHandle, AdminRequest, PlanReport, TopologyView};
 use crate::placement::Placement;
 use crate::planner;
+use crate::tls::{Clients, Tls};
 use crate::topology::EpochState;
 
 /// How long a worker's health service has to answer `GetTopology`'s probe.
@@ -19,11 +20,13 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct AdminService {
     handle: AdminHandle,
+    /// TLS towards the workers' health services.
+    tls: Option<Tls>,
 }
 
 impl AdminService {
-    pub fn new(handle: AdminHandle) -> Self {
-        Self { handle }
+    pub fn new(handle: AdminHandle, tls: Option<Tls>) -> Self {
+        Self { handle, tls }
     }
 
     pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
@@ -33,20 +36,25 @@ impl AdminService {
 
 /// Serves the admin service of `handle` on `listener` until `stop`, with a gRPC health service:
 /// every coordinator, leader or standby, is live and ready (a standby answers by naming the
-/// leader).
+/// leader). With `tls`, only clients with a certificate from the cluster's CA are served.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: AdminHandle,
     stop: CancellationToken,
+    tls: Option<Tls>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (health, health_service) = crate::health::health_service().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tls.grpc_server(Clients::Components))?;
+    }
+    server
         .add_service(health_service)
-        .add_service(AdminService::new(handle).into_server())
+        .add_service(AdminService::new(handle, tls).into_server())
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await
 }
@@ -89,10 +97,10 @@ fn plan(report: PlanReport) -> pb::RebalancePlan {
     }
 }
 
-async fn topology(view: TopologyView) -> pb::Topology {
+async fn topology(view: TopologyView, tls: Option<&Tls>) -> pb::Topology {
     let record = view.record.as_ref();
     let probes = view.workers.iter().map(|w| async move {
-        crate::coordinator::probe::serving(&w.address, HEALTH_TIMEOUT).await
+        crate::coordinator::probe::serving(&w.address, HEALTH_TIMEOUT, tls).await
     });
     let serving = futures::future::join_all(probes).await;
     let workers = view
@@ -166,7 +174,7 @@ impl pb::admin_server::Admin for AdminService {
             .ask(AdminRequest::Topology)
             .await
             .map_err(status)?;
-        Ok(Response::new(topology(view).await))
+        Ok(Response::new(topology(view, self.tls.as_ref()).await))
     }
 
     async fn rebalance(

@@ -317,12 +317,13 @@ impl Leader<'_> {
             return workers;
         };
         let blamed_before = &self.blamed_before;
+        let tls = self.ctx.config.tls.as_ref();
         let probes = workers
             .iter()
             .filter(|w| reform.suspects.contains(&w.id))
             .map(|w| async move {
                 let gone = blamed_before.contains(&w.id)
-                    || !probe::answers(&w.address, PROBE_TIMEOUT).await;
+                    || !probe::answers(&w.address, PROBE_TIMEOUT, tls).await;
                 (w.id.clone(), gone)
             });
         let gone: BTreeSet<String> = futures::future::join_all(probes)

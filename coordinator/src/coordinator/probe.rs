@@ -4,20 +4,15 @@
 
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use crate::tls::{self, Tls};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 /// The status the health service of the worker at `address` (`host:port`) answers within
-/// `timeout`; `None` when it does not answer.
-async fn check(address: &str, timeout: Duration) -> Option<i32> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(uri).ok()?;
+/// `timeout` (over mutual TLS with `tls`); `None` when it does not answer.
+async fn check(address: &str, timeout: Duration, tls: Option<&Tls>) -> Option<i32> {
+    let endpoint = tls::endpoint(address, tls).ok()?;
     let check = async {
         let channel = endpoint.connect_timeout(timeout).connect().await.ok()?;
         HealthClient::new(channel)
@@ -32,11 +27,11 @@ async fn check(address: &str, timeout: Duration) -> Option<i32> {
 }
 
 /// Whether the worker at `address` answers a health check within `timeout`.
-pub(crate) async fn answers(address: &str, timeout: Duration) -> bool {
-    check(address, timeout).await.is_some()
+pub(crate) async fn answers(address: &str, timeout: Duration, tls: Option<&Tls>) -> bool {
+    check(address, timeout, tls).await.is_some()
 }
 
 /// Whether the worker at `address` answers SERVING within `timeout`.
-pub(crate) async fn serving(address: &str, timeout: Duration) -> bool {
-    check(address, timeout).await == Some(ServingStatus::Serving as i32)
+pub(crate) async fn serving(address: &str, timeout: Duration, tls: Option<&Tls>) -> bool {
+    check(address, timeout, tls).await == Some(ServingStatus::Serving as i32)
 }

@@ -35,6 +35,8 @@ pub(crate) fn app(
     registry: Arc<Registry>,
     api: openai::OpenAi,
 ) -> axum::Router {
+    // `/metrics`, `/dashboard` and `/health` stay open, for Prometheus, probes and people;
+    // with API keys configured, the API under `/v1` asks for one.
     axum::Router::new()
         .route("/dashboard", get(page))
         .route("/dashboard/", get(page))

@@ -2,7 +2,10 @@
 //!
 //! Connection set-up: the dialer (the higher rank) sends a [`Hello`] — magic, the epoch it
 //! forms, its rank, the world size and its worker id — and the acceptor answers with a reply
-//! that names its own epoch, rank and world and a [`Verdict`]. After that, each direction
+//! that names its own epoch, rank and world and a [`Verdict`]. With a cluster secret the hello
+//! has its own magic and is followed by the proofs of [`auth`](super::auth): the dialer's nonce
+//! after the hello, a [`Verdict::Challenge`] reply with the acceptor's nonce, the dialer's tag,
+//! and the acceptor's tag after its final reply. After that, each direction
 //! carries frames: a 12-byte header (payload length as u64 LE, the collective's sequence number
 //! as u32 LE) and the payload. The sequence number lets a receiver notice ranks that called the
 //! collectives in different orders. Sequence number [`ABORT_SEQ`] is reserved for the last frame
@@ -14,6 +17,8 @@ use std::io::{self, Read, Write};
 /// Magic and protocol version at the start of every hello; a change of the frame format bumps
 /// the last byte.
 pub(super) const MAGIC: [u8; 8] = *b"MOEBEP\x00\x02";
+/// The magic of a hello that proves the cluster secret.
+pub(super) const MAGIC_AUTH: [u8; 8] = *b"MOEBEP\x01\x02";
 /// A hello up to its worker id: magic, epoch (u64), rank (u32), world (u32), id length (u8).
 pub(super) const HELLO_FIXED: usize = 25;
 pub(super) const REPLY_LEN: usize = 28;
@@ -47,13 +52,15 @@ pub(super) struct Hello {
     pub world: u32,
     /// The dialer's worker id (at most 255 bytes of UTF-8), checked against the epoch's record.
     pub id: String,
+    /// Whether the dialer proves the cluster secret after this hello.
+    pub auth: bool,
 }
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let id = &self.id.as_bytes()[..self.id.len().min(u8::MAX as usize)];
         let mut b = Vec::with_capacity(HELLO_FIXED + id.len());
-        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(if self.auth { &MAGIC_AUTH } else { &MAGIC });
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.rank.to_le_bytes());
         b.extend_from_slice(&self.world.to_le_bytes());
@@ -62,16 +69,18 @@ impl Hello {
         b
     }
 
-    /// The fixed part of a hello: `(epoch, rank, world, id length)`, or `None` if it does not
-    /// start with our magic.
-    pub fn decode_fixed(b: &[u8; HELLO_FIXED]) -> Option<(u64, u32, u32, usize)> {
-        if b[..8] != MAGIC {
-            return None;
-        }
+    /// The fixed part of a hello: `(epoch, rank, world, id length, auth)`, or `None` if it
+    /// does not start with one of our magics.
+    pub fn decode_fixed(b: &[u8; HELLO_FIXED]) -> Option<(u64, u32, u32, usize, bool)> {
+        let auth = match &b[..8] {
+            m if m == MAGIC => false,
+            m if m == MAGIC_AUTH => true,
+            _ => return None,
+        };
         let epoch = u64::from_le_bytes(b[8..16].try_into().ok()?);
         let rank = u32::from_le_bytes(b[16..20].try_into().ok()?);
         let world = u32::from_le_bytes(b[20..24].try_into().ok()?);
-        Some((epoch, rank, world, b[24] as usize))
+        Some((epoch, rank, world, b[24] as usize, auth))
     }
 }
 
@@ -83,6 +92,10 @@ pub(super) enum Verdict {
     Stale,
     /// The hello does not fit the epoch (wrong world size, rank or worker id).
     Rejected,
+    /// The two ends do not share a cluster secret (one has none, or they differ).
+    Unauthenticated,
+    /// Not a verdict yet: the acceptor's nonce follows; prove the secret over it.
+    Challenge,
 }
 
 impl Verdict {
@@ -91,6 +104,8 @@ impl Verdict {
             Verdict::Accepted => 0,
             Verdict::Stale => 1,
             Verdict::Rejected => 2,
+            Verdict::Unauthenticated => 3,
+            Verdict::Challenge => 4,
         }
     }
 
@@ -99,6 +114,8 @@ impl Verdict {
             0 => Verdict::Accepted,
             1 => Verdict::Stale,
             2 => Verdict::Rejected,
+            3 => Verdict::Unauthenticated,
+            4 => Verdict::Challenge,
             _ => return None,
         })
     }
@@ -307,16 +324,32 @@ mod tests {
             rank: 3,
             world: 8,
             id: "w3".into(),
+            auth: false,
         };
         let bytes = hello.encode();
         let fixed: [u8; HELLO_FIXED] = bytes[..HELLO_FIXED].try_into().expect("fixed part");
-        assert_eq!(Hello::decode_fixed(&fixed), Some((9, 3, 8, 2)));
+        assert_eq!(Hello::decode_fixed(&fixed), Some((9, 3, 8, 2, false)));
+        let authed = Hello {
+            auth: true,
+            ..hello.clone()
+        }
+        .encode();
+        let fixed_auth: [u8; HELLO_FIXED] = authed[..HELLO_FIXED].try_into().expect("fixed");
+        assert_eq!(Hello::decode_fixed(&fixed_auth), Some((9, 3, 8, 2, true)));
         assert_eq!(&bytes[HELLO_FIXED..], b"w3");
         let mut bad = fixed;
         bad[0] = b'X';
         assert_eq!(Hello::decode_fixed(&bad), None);
-        let reply = encode_reply(9, 1, 4, Verdict::Stale);
-        assert_eq!(decode_reply(&reply), Some((9, 1, 4, Verdict::Stale)));
+        for verdict in [
+            Verdict::Accepted,
+            Verdict::Stale,
+            Verdict::Rejected,
+            Verdict::Unauthenticated,
+            Verdict::Challenge,
+        ] {
+            let reply = encode_reply(9, 1, 4, verdict);
+            assert_eq!(decode_reply(&reply), Some((9, 1, 4, verdict)));
+        }
         let abort = encode_abort(&[2, 5], "rank 2 closed");
         assert_eq!(
             decode_abort(&abort),

@@ -10,6 +10,10 @@
 //! it, and one that does not fit the epoch (wrong world size, rank or worker id) is answered
 //! `Rejected` without disturbing the real peers. When two connections claim one rank, the later
 //! wins: a real peer that retries replaces its own dead attempt.
+//!
+//! With a [`ClusterSecret`], a connection proves it (see [`auth`](super::auth)) in its hello
+//! thread, before it may wait in the lobby; one that cannot is answered `Unauthenticated` and
+//! closed, and the dialer checks the acceptor's proof before it sends a frame.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -19,6 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::auth::{self, ClusterSecret, Transcript, NONCE_LEN, TAG_LEN};
 use super::frame::{self, Hello, Verdict, HELLO_FIXED, REPLY_LEN};
 use super::TcpComm;
 use crate::error::{Error, Result};
@@ -66,6 +71,8 @@ impl std::fmt::Debug for DataListener {
 /// A connection whose hello was read, waiting to be claimed by a formation.
 struct Parked {
     hello: Hello,
+    /// What the dialer proved the secret over; the acceptor's reply proves it over the same.
+    proof: Option<Transcript>,
     stream: TcpStream,
     from: SocketAddr,
     at: Instant,
@@ -74,6 +81,8 @@ struct Parked {
 struct Lobby {
     state: Mutex<LobbyState>,
     arrived: Condvar,
+    /// The secret every connection must prove; `None`: the data plane is open.
+    secret: Option<ClusterSecret>,
 }
 
 #[derive(Default)]
@@ -105,21 +114,26 @@ impl Lobby {
         let spawned = std::thread::Builder::new()
             .name("moebius-hello".into())
             .spawn(move || {
-                let hello = read_hello(&stream, Instant::now() + HELLO_WAIT);
-                lobby.park(hello, stream, from);
+                let greeted = greet(&stream, Instant::now() + HELLO_WAIT, lobby.secret.as_ref());
+                lobby.park(greeted, stream, from);
             });
         if spawned.is_err() {
             self.lock().handshakes -= 1;
         }
     }
 
-    fn park(&self, hello: Option<Hello>, stream: TcpStream, from: SocketAddr) {
+    fn park(
+        &self,
+        greeted: Option<(Hello, Option<Transcript>)>,
+        stream: TcpStream,
+        from: SocketAddr,
+    ) {
         let mut refused = Vec::new();
         {
             let mut state = self.lock();
             state.handshakes -= 1;
-            let Some(hello) = hello else {
-                tracing::warn!(%from, "closed a data-plane connection that sent no Moebius hello");
+            let Some((hello, proof)) = greeted else {
+                tracing::warn!(%from, "closed a data-plane connection that sent no Moebius hello or failed to prove the cluster secret");
                 return;
             };
             if hello.epoch < state.floor {
@@ -127,6 +141,7 @@ impl Lobby {
             } else {
                 state.parked.push_back(Parked {
                     hello,
+                    proof,
                     stream,
                     from,
                     at: Instant::now(),
@@ -191,21 +206,28 @@ fn refuse(refused: Vec<(TcpStream, Hello, Verdict)>) {
 }
 
 impl DataListener {
-    /// Binds `addr` (port 0: any free port) and starts accepting.
+    /// Binds `addr` (port 0: any free port) and starts accepting, with an open data plane.
     pub fn bind(addr: SocketAddr) -> Result<Self> {
+        Self::bind_with(addr, None)
+    }
+
+    /// Binds `addr` and starts accepting; with `secret`, every connection in either direction
+    /// must prove it.
+    pub fn bind_with(addr: SocketAddr, secret: Option<ClusterSecret>) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::Serve(format!("cannot listen on {addr}: {e}")))?;
-        Self::from_listener(listener)
+        Self::from_listener(listener, secret)
     }
 
     /// Starts accepting on a bound listener.
-    pub fn from_listener(listener: TcpListener) -> Result<Self> {
+    pub fn from_listener(listener: TcpListener, secret: Option<ClusterSecret>) -> Result<Self> {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Serve(format!("cannot read the data-plane address: {e}")))?;
         let lobby = Arc::new(Lobby {
             state: Mutex::new(LobbyState::default()),
             arrived: Condvar::new(),
+            secret,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
@@ -253,7 +275,9 @@ impl DataListener {
             rank: rank32,
             world: world32,
             id: spec.ids[spec.rank].clone(),
+            auth: self.lobby.secret.is_some(),
         };
+        let secret = self.lobby.secret.as_ref();
         let deadline = Instant::now() + timeout;
         let failed = AtomicBool::new(false);
         let stop = || abort.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
@@ -262,7 +286,7 @@ impl DataListener {
                 .map(|peer| {
                     let (hello, failed, stop) = (&hello, &failed, &stop);
                     s.spawn(move || {
-                        let r = dial(hello, peer, spec.addrs[peer], deadline, stop);
+                        let r = dial(hello, secret, peer, spec.addrs[peer], deadline, stop);
                         if matches!(r, Err(Dial::Fatal(_))) {
                             failed.store(true, Ordering::Relaxed);
                         }
@@ -349,6 +373,7 @@ impl DataListener {
             {
                 let Parked {
                     hello,
+                    proof,
                     mut stream,
                     from,
                     ..
@@ -377,8 +402,13 @@ impl DataListener {
                 } else {
                     Verdict::Accepted
                 };
-                let reply =
-                    frame::encode_reply(spec.epoch, spec.rank as u32, world as u32, verdict);
+                let mut reply =
+                    frame::encode_reply(spec.epoch, spec.rank as u32, world as u32, verdict)
+                        .to_vec();
+                if let (Some(secret), Some(proof)) = (self.lobby.secret.as_ref(), &proof) {
+                    let tag = secret.acceptor_tag(proof, &reply);
+                    reply.extend_from_slice(tag.as_ref());
+                }
                 let _ = stream.set_write_timeout(Some(REPLY_WRITE));
                 let sent = stream
                     .write_all(&reply)
@@ -436,13 +466,63 @@ fn accept_loop(listener: &TcpListener, lobby: &Arc<Lobby>, stop: &AtomicBool) {
     }
 }
 
+/// Reads a whole hello by `deadline` and, when this listener has a `secret`, has the dialer
+/// prove it. `None` for junk, silence, or a dialer that does not share our secret (that one
+/// is told so, so that its formation fails with a clear reason).
+fn greet(
+    mut stream: &TcpStream,
+    deadline: Instant,
+    secret: Option<&ClusterSecret>,
+) -> Option<(Hello, Option<Transcript>)> {
+    let hello = read_hello(stream, deadline)?;
+    let unauthenticated = |mut stream: &TcpStream| {
+        let _ = stream.set_write_timeout(Some(REPLY_WRITE));
+        let reply = frame::encode_reply(hello.epoch, 0, 0, Verdict::Unauthenticated);
+        let _ = stream.write_all(&reply);
+        None
+    };
+    let Some(secret) = secret else {
+        return if hello.auth {
+            unauthenticated(stream)
+        } else {
+            Some((hello, None))
+        };
+    };
+    if !hello.auth {
+        return unauthenticated(stream);
+    }
+    let mut dialer = [0u8; NONCE_LEN];
+    if !read_full(stream, &mut dialer, deadline, &|| false).ok()? {
+        return None;
+    }
+    let acceptor = auth::nonce().ok()?;
+    let mut challenge = frame::encode_reply(hello.epoch, 0, 0, Verdict::Challenge).to_vec();
+    challenge.extend_from_slice(&acceptor);
+    stream.set_write_timeout(Some(REPLY_WRITE)).ok()?;
+    stream.write_all(&challenge).ok()?;
+    let mut tag = [0u8; TAG_LEN];
+    if !read_full(stream, &mut tag, deadline, &|| false).ok()? {
+        return None;
+    }
+    let transcript = Transcript {
+        hello: hello.encode(),
+        dialer,
+        acceptor,
+    };
+    if !secret.dialer_proved(&transcript, &tag) {
+        return unauthenticated(stream);
+    }
+    stream.set_write_timeout(None).ok()?;
+    Some((hello, Some(transcript)))
+}
+
 /// Reads a whole hello by `deadline`; `None` for anything else.
 fn read_hello(stream: &TcpStream, deadline: Instant) -> Option<Hello> {
     let mut fixed = [0u8; HELLO_FIXED];
     if !read_full(stream, &mut fixed, deadline, &|| false).ok()? {
         return None;
     }
-    let (epoch, rank, world, id_len) = Hello::decode_fixed(&fixed)?;
+    let (epoch, rank, world, id_len, auth) = Hello::decode_fixed(&fixed)?;
     let mut id = vec![0u8; id_len];
     if !read_full(stream, &mut id, deadline, &|| false).ok()? {
         return None;
@@ -452,6 +532,7 @@ fn read_hello(stream: &TcpStream, deadline: Instant) -> Option<Hello> {
         rank,
         world,
         id: String::from_utf8(id).ok()?,
+        auth,
     })
 }
 
@@ -466,6 +547,7 @@ enum Dial {
 /// Dials `peer` until it accepts our hello, refuses it, or `deadline` passes.
 fn dial(
     hello: &Hello,
+    secret: Option<&ClusterSecret>,
     peer: usize,
     addr: SocketAddr,
     deadline: Instant,
@@ -481,7 +563,7 @@ fn dial(
             return Err(Dial::Missing(last));
         }
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))) {
-            Ok(stream) => match handshake(&stream, hello, peer, deadline, stop) {
+            Ok(stream) => match handshake(&stream, hello, secret, peer, deadline, stop) {
                 Ok(()) => return Ok(stream),
                 Err(Dial::Fatal(msg)) => return Err(Dial::Fatal(msg)),
                 Err(Dial::Missing(why)) => last = why,
@@ -492,10 +574,12 @@ fn dial(
     }
 }
 
-/// The dialer's half of the hello exchange on a fresh connection to `peer`.
+/// The dialer's half of the hello exchange on a fresh connection to `peer`, proving `secret`
+/// and checking the acceptor's proof when there is one.
 fn handshake(
     mut stream: &TcpStream,
     hello: &Hello,
+    secret: Option<&ClusterSecret>,
     peer: usize,
     deadline: Instant,
     stop: &impl Fn() -> bool,
@@ -506,19 +590,63 @@ fn handshake(
     stream
         .set_write_timeout(Some(left.max(Duration::from_millis(1))))
         .map_err(io_err)?;
-    stream.write_all(&hello.encode()).map_err(io_err)?;
-    let mut reply = [0u8; REPLY_LEN];
-    match read_full(stream, &mut reply, deadline, stop) {
-        Ok(true) => {}
-        Ok(false) => return Err(Dial::Missing("no answer to our hello".into())),
-        Err(e) => return Err(io_err(e)),
-    }
-    let Some((epoch, their_rank, their_world, verdict)) = frame::decode_reply(&reply) else {
-        return Err(Dial::Fatal(format!(
-            "the address of rank {peer} answered, but not as a Moebius rank \
-             (wrong address, or a different Moebius version)"
-        )));
+    let encoded = hello.encode();
+    let mut first = encoded.clone();
+    let dialer_nonce = match secret {
+        Some(_) => {
+            let nonce = auth::nonce().map_err(io_err)?;
+            first.extend_from_slice(&nonce);
+            Some(nonce)
+        }
+        None => None,
     };
+    stream.write_all(&first).map_err(io_err)?;
+    let read = |buf: &mut [u8]| match read_full(stream, buf, deadline, stop) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Dial::Missing("no answer to our hello".into())),
+        Err(e) => Err(io_err(e)),
+    };
+    let decode = |reply: &[u8; REPLY_LEN]| {
+        frame::decode_reply(reply).ok_or_else(|| {
+            Dial::Fatal(format!(
+                "the address of rank {peer} answered, but not as a Moebius rank \
+                 (wrong address, or a different Moebius version)"
+            ))
+        })
+    };
+    let mut reply = [0u8; REPLY_LEN];
+    read(&mut reply)?;
+    let (mut epoch, mut their_rank, mut their_world, mut verdict) = decode(&reply)?;
+    if let (Some(secret), Some(dialer)) = (secret, dialer_nonce) {
+        if verdict == Verdict::Challenge {
+            let mut acceptor = [0u8; NONCE_LEN];
+            read(&mut acceptor)?;
+            let transcript = Transcript {
+                hello: encoded,
+                dialer,
+                acceptor,
+            };
+            stream
+                .write_all(secret.dialer_tag(&transcript).as_ref())
+                .map_err(io_err)?;
+            read(&mut reply)?;
+            (epoch, their_rank, their_world, verdict) = decode(&reply)?;
+            if verdict == Verdict::Accepted {
+                let mut tag = [0u8; TAG_LEN];
+                read(&mut tag)?;
+                if !secret.acceptor_proved(&transcript, &reply, &tag) {
+                    return Err(Dial::Fatal(format!(
+                        "the address of rank {peer} answered without proof of the cluster \
+                         secret; not using it"
+                    )));
+                }
+            }
+        } else if verdict == Verdict::Accepted {
+            return Err(Dial::Fatal(format!(
+                "rank {peer} accepted us without asking for the cluster secret; not using it"
+            )));
+        }
+    }
     match verdict {
         Verdict::Accepted => {}
         Verdict::Stale => {
@@ -532,6 +660,12 @@ fn handshake(
                 "rank {peer} rejected our hello for epoch {} (rank {}, {} ranks, worker {:?}); \
                  every rank must be given the same record",
                 hello.epoch, hello.rank, hello.world, hello.id
+            )))
+        }
+        Verdict::Unauthenticated | Verdict::Challenge => {
+            return Err(Dial::Fatal(format!(
+                "rank {peer} does not share our data-plane secret (one of us has none, or the \
+                 two --cluster-secret-file differ)"
             )))
         }
     }
@@ -634,8 +768,78 @@ mod tests {
             rank,
             world,
             id: id.into(),
+            auth: false,
         }
         .encode()
+    }
+
+    fn secret(byte: u8) -> Option<ClusterSecret> {
+        Some(ClusterSecret::new(&[byte; 32]).expect("secret"))
+    }
+
+    fn bind_secret(byte: u8) -> DataListener {
+        DataListener::bind_with(SocketAddr::from(([127, 0, 0, 1], 0)), secret(byte)).expect("bind")
+    }
+
+    #[test]
+    fn ranks_that_share_the_secret_form_and_strangers_are_refused() {
+        let (l0, l1, l2) = (bind_secret(1), bind_secret(1), bind_secret(1));
+        let ls = [&l0, &l1, &l2];
+        // Strangers: an open hello, and a hello that claims a proof but cannot give one.
+        let mut strangers = Vec::new();
+        for l in ls {
+            let mut open = TcpStream::connect(l.local_addr()).expect("connects");
+            open.write_all(&hello(5, 2, 3, "w2")).expect("writes");
+            strangers.push(open);
+            let mut liar = TcpStream::connect(l.local_addr()).expect("connects");
+            let mut claim = Hello {
+                epoch: 5,
+                rank: 2,
+                world: 3,
+                id: "w2".into(),
+                auth: true,
+            }
+            .encode();
+            claim.extend_from_slice(&[0; NONCE_LEN]);
+            liar.write_all(&claim).expect("writes");
+            let mut challenge = [0u8; REPLY_LEN + NONCE_LEN];
+            liar.read_exact(&mut challenge).expect("is challenged");
+            liar.write_all(&[0; TAG_LEN]).expect("writes a wrong tag");
+            let mut answer = [0u8; REPLY_LEN];
+            liar.read_exact(&mut answer).expect("is answered");
+            assert_eq!(
+                frame::decode_reply(&answer).map(|r| r.3),
+                Some(Verdict::Unauthenticated)
+            );
+            strangers.push(liar);
+        }
+        let mut open = TcpStream::connect(l0.local_addr()).expect("connects");
+        open.write_all(&hello(5, 2, 3, "w2")).expect("writes");
+        let mut answer = [0u8; REPLY_LEN];
+        open.read_exact(&mut answer).expect("is answered");
+        assert_eq!(
+            frame::decode_reply(&answer).map(|r| r.3),
+            Some(Verdict::Unauthenticated)
+        );
+        for result in form_all(&ls, 5, Duration::from_secs(10)) {
+            result.expect("the ranks with the secret form their mesh");
+        }
+    }
+
+    #[test]
+    fn another_secret_or_none_fails_the_formation_with_the_reason() {
+        for (a, b) in [(bind_secret(1), bind_secret(2)), (bind_secret(1), bind())] {
+            let errors: Vec<String> = form_all(&[&a, &b], 1, Duration::from_secs(3))
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| e.to_string()))
+                .collect();
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains("does not share our data-plane secret")),
+                "{errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`local`]: ranks are threads of one process, joined by `std::sync::mpsc` channels;
 //! - [`tcp`]: a persistent full mesh of TCP connections carrying length-prefixed frames
 //!   ([`frame`] is the wire format, [`listener`] accepts connections for the life of a worker
-//!   and forms each epoch's mesh);
+//!   and forms each epoch's mesh; [`auth`] is the proof of the cluster secret that every
+//!   connection gives before its first frame when the cluster has one);
 //! - `inbox`: the receiving side both share, with the attribution of a failure to the ranks at
 //!   fault.
 //!
@@ -15,12 +16,14 @@
 //! report the right culprit. An idle rank need not poll: [`Communicator::set_doorbell`] rings a
 //! [`Doorbell`] when a peer's message arrives.
 
+pub mod auth;
 mod frame;
 mod inbox;
 pub mod listener;
 pub mod local;
 pub mod tcp;
 
+pub use auth::ClusterSecret;
 pub use listener::{DataListener, GroupSpec};
 pub use local::{local_group, LocalComm};
 pub use tcp::{tcp_group_localhost, TcpComm};

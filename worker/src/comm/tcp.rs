@@ -409,6 +409,7 @@ mod tests {
                 rank: 1,
                 world: 2,
                 id: "w1".into(),
+                auth: false,
             };
             s.write_all(&hello.encode()).expect("hello");
             let mut reply = [0u8; frame::REPLY_LEN];

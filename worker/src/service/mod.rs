@@ -36,7 +36,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::CpuBackend;
-use crate::comm::DataListener;
+use crate::comm::{ClusterSecret, DataListener};
 use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
 };
@@ -88,6 +88,11 @@ pub struct WorkerConfig {
     pub stats_window: Duration,
     /// Where the worker counts what it does (registered by the caller, or unseen).
     pub metrics: WorkerMetrics,
+    /// Mutual TLS on the gRPC service: only clients with a certificate from the cluster's CA
+    /// (the router, the coordinator, operators' tools) are served. `None`: plaintext, open.
+    pub tls: Option<moebius_coordinator::tls::Tls>,
+    /// The secret every data-plane connection must prove; `None`: an open data plane.
+    pub data_secret: Option<ClusterSecret>,
 }
 
 impl Default for WorkerConfig {
@@ -111,6 +116,8 @@ impl Default for WorkerConfig {
             stats_interval: Duration::from_secs(5),
             stats_window: Duration::from_secs(60),
             metrics: WorkerMetrics::default(),
+            tls: None,
+            data_secret: None,
         }
     }
 }
@@ -240,7 +247,10 @@ pub async fn start(
         .await
         .map_err(|e| Error::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
     let grpc_addr = local_addr(grpc_listener.local_addr(), config.listen)?;
-    let data = Arc::new(DataListener::bind(config.data_listen)?);
+    let data = Arc::new(DataListener::bind_with(
+        config.data_listen,
+        config.data_secret.clone(),
+    )?);
     let data_addr = data.local_addr();
     tracing::info!(id = %config.id, %grpc_addr, %data_addr, "worker listening");
 
@@ -290,7 +300,13 @@ pub async fn start(
     let server_stop = CancellationToken::new();
     let server = {
         let stop = server_stop.clone();
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder
+                .tls_config(tls.grpc_server(moebius_coordinator::tls::Clients::Components))
+                .map_err(|e| Error::Serve(format!("cannot use the TLS configuration: {e}")))?;
+        }
+        let router = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(WorkerServer::new(service.clone()));

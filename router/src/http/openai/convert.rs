@@ -7,16 +7,12 @@ use moebius_proto::v1::{
 
 use super::error::ApiError;
 use super::wire::{ChatRequest, Common, CompletionRequest, Content, Prompt};
+use crate::limits::{MAX_STOPS, MAX_STOP_BYTES, MAX_TOP_LOGPROBS};
 
 /// Tokens a completion makes when `max_tokens` is not given (OpenAI's default).
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
 /// A chat without `max_tokens` runs to the end of the model's context, or this many tokens.
 const DEFAULT_CHAT_TOKENS: u32 = 4096;
-/// Most stop strings, and most bytes in one.
-const MAX_STOPS: usize = 16;
-const MAX_STOP_BYTES: usize = 256;
-/// Most alternatives per position in logprobs.
-const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// What the response needs to know of the request.
 #[derive(Debug, Clone, Copy)]

@@ -14,8 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
@@ -24,12 +25,10 @@ use moebius_proto::v1::{GenerateRequest, GenerateResponse};
 use serde::de::DeserializeOwned;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::auth::ApiKeys;
 use crate::pool::Pool;
 use crate::service::RouterService;
 use error::ApiError;
-
-/// Largest request body (a long prompt as JSON fits many times over).
-pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// What the handlers share.
 pub(crate) struct OpenAi {
@@ -39,17 +38,29 @@ pub(crate) struct OpenAi {
     pub model: String,
     /// When the router started: the model's `created`.
     pub started: u64,
+    /// Largest request body, in bytes (`--max-request-bytes`).
+    pub max_body: usize,
+    /// The keys `/v1/...` asks for; `None`: open.
+    pub keys: Option<ApiKeys>,
 }
 
 type Parts = ReceiverStream<Result<GenerateResponse, tonic::Status>>;
 
 impl OpenAi {
-    pub fn new(service: RouterService, pool: Arc<Pool>, model: String) -> Self {
+    pub fn new(
+        service: RouterService,
+        pool: Arc<Pool>,
+        model: String,
+        max_body: usize,
+        keys: Option<ApiKeys>,
+    ) -> Self {
         Self {
             service,
             pool,
             model,
             started: unix_now(),
+            max_body,
+            keys,
         }
     }
 
@@ -81,13 +92,42 @@ impl OpenAi {
 
 /// The routes of the API.
 pub(crate) fn routes(api: OpenAi) -> axum::Router {
-    axum::Router::new()
+    let api = Arc::new(api);
+    let v1 = axum::Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .layer(DefaultBodyLimit::max(api.max_body))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&api),
+            require_key,
+        ));
+    axum::Router::new()
+        .merge(v1)
         .route("/health", get(health))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Arc::new(api))
+        .with_state(api)
+}
+
+/// With API keys configured, `/v1/...` answers 401 (OpenAI's `invalid_api_key`) to a request
+/// without a valid `Authorization: Bearer <key>`.
+async fn require_key(State(api): State<Arc<OpenAi>>, request: Request, next: Next) -> Response {
+    if let Some(keys) = &api.keys {
+        let header = request.headers().get(header::AUTHORIZATION);
+        if let Err(refusal) = keys.check(header.map(|v| v.as_bytes())) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                refusal.message(),
+                "invalid_api_key",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
 }
 
 async fn completions(
@@ -96,7 +136,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let request: wire::CompletionRequest = parse(&headers, body)?;
+        let request: wire::CompletionRequest = parse(&headers, body, api.max_body)?;
         api.check_model(request.common.model.as_deref())?;
         let (proto, shape) = convert::completion(request)?;
         let parts = api.open(proto).await?;
@@ -111,7 +151,7 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let request: wire::ChatRequest = parse(&headers, body)?;
+        let request: wire::ChatRequest = parse(&headers, body, api.max_body)?;
         api.check_model(request.common.model.as_deref())?;
         let (proto, shape) = convert::chat(request)?;
         let parts = api.open(proto).await?;
@@ -151,6 +191,7 @@ async fn health(State(api): State<Arc<OpenAi>>) -> Response {
 fn parse<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    max_body: usize,
 ) -> Result<T, ApiError> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
@@ -169,7 +210,7 @@ fn parse<T: DeserializeOwned>(
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
-                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                format!("the body is larger than the limit of {max_body} bytes"),
                 "payload_too_large",
             )
         } else {
