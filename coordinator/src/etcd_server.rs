@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tls::TlsFiles;
+
 /// How long `start` waits for etcd to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -21,6 +23,10 @@ pub struct EtcdServer {
     binary: PathBuf,
     client_addr: SocketAddr,
     peer_addr: SocketAddr,
+    /// Where `/health` answers in plain HTTP: the client port, or with TLS a metrics port.
+    health_addr: SocketAddr,
+    /// Client TLS: etcd serves this certificate and asks clients for one from the CA.
+    tls: Option<TlsFiles>,
     endpoint: String,
     log: PathBuf,
     /// Removed on drop, after the process is gone.
@@ -37,11 +43,21 @@ impl EtcdServer {
 
     /// Starts the given etcd binary.
     pub fn start_binary(binary: &Path) -> io::Result<Self> {
+        Self::start_with(binary, None)
+    }
+
+    /// Starts `etcd` from `PATH` serving clients over TLS with `tls`'s certificate, and
+    /// refusing clients without a certificate from its CA (`--client-cert-auth`).
+    pub fn start_tls(tls: &TlsFiles) -> io::Result<Self> {
+        Self::start_with(Path::new("etcd"), Some(tls))
+    }
+
+    fn start_with(binary: &Path, tls: Option<&TlsFiles>) -> io::Result<Self> {
         // Free ports are found by binding :0 and releasing them; another process may grab one
         // in between, so retry a few times when etcd exits early.
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start(binary) {
+            match Self::try_start(binary, tls) {
                 Ok(server) => return Ok(server),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
                 Err(e) => last = Some(e),
@@ -50,18 +66,31 @@ impl EtcdServer {
         Err(last.unwrap_or_else(|| io::Error::other("etcd did not start")))
     }
 
-    fn try_start(binary: &Path) -> io::Result<Self> {
+    fn try_start(binary: &Path, tls: Option<&TlsFiles>) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("moebius-etcd-").tempdir()?;
         let client_addr = free_port()?;
         let peer_addr = free_port()?;
+        let health_addr = match tls {
+            Some(_) => free_port()?,
+            None => client_addr,
+        };
         let log = dir.path().join("etcd.log");
-        let child = spawn(binary, dir.path(), client_addr, peer_addr, &log, "new")?;
+        let ports = Ports {
+            client: client_addr,
+            peer: peer_addr,
+            health: health_addr,
+        };
         let mut server = Self {
-            child,
+            child: spawn(binary, dir.path(), ports, tls, &log, "new")?,
             binary: binary.to_path_buf(),
             client_addr,
             peer_addr,
-            endpoint: format!("http://{client_addr}"),
+            health_addr,
+            tls: tls.cloned(),
+            endpoint: format!(
+                "{}://{client_addr}",
+                if tls.is_some() { "https" } else { "http" }
+            ),
             log,
             _dir: dir,
         };
@@ -80,18 +109,23 @@ impl EtcdServer {
     /// runs): the keys and leases are still there. Blocks until it answers its health check.
     pub fn restart(&mut self) -> io::Result<()> {
         self.kill();
+        let ports = Ports {
+            client: self.client_addr,
+            peer: self.peer_addr,
+            health: self.health_addr,
+        };
         self.child = spawn(
             &self.binary,
             self._dir.path(),
-            self.client_addr,
-            self.peer_addr,
+            ports,
+            self.tls.as_ref(),
             &self.log,
             "existing",
         )?;
         self.wait_healthy()
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -130,12 +164,12 @@ impl EtcdServer {
     /// Whether `GET /health` says the member is healthy (it has a leader).
     fn healthy(&self) -> bool {
         let probe = || -> io::Result<bool> {
-            let mut conn = TcpStream::connect_timeout(&self.client_addr, Duration::from_secs(1))?;
+            let mut conn = TcpStream::connect_timeout(&self.health_addr, Duration::from_secs(1))?;
             conn.set_read_timeout(Some(Duration::from_secs(2)))?;
             write!(
                 conn,
                 "GET /health HTTP/1.0\r\nHost: {}\r\n\r\n",
-                self.client_addr
+                self.health_addr
             )?;
             let mut body = String::new();
             conn.read_to_string(&mut body)?;
@@ -160,23 +194,46 @@ impl Drop for EtcdServer {
     }
 }
 
+/// The ports of one etcd member.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    client: SocketAddr,
+    peer: SocketAddr,
+    /// Plain-HTTP `/health` (and `/metrics`) when clients speak TLS.
+    health: SocketAddr,
+}
+
 /// Starts a one-member etcd in `dir` on the given ports, logging to `log` (appending, so that
 /// a restart keeps the earlier log).
 fn spawn(
     binary: &Path,
     dir: &Path,
-    client_addr: SocketAddr,
-    peer_addr: SocketAddr,
+    ports: Ports,
+    tls: Option<&TlsFiles>,
     log: &Path,
     state: &str,
 ) -> io::Result<Child> {
-    let endpoint = format!("http://{client_addr}");
-    let peer = format!("http://{peer_addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", ports.client);
+    let peer = format!("http://{}", ports.peer);
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    Command::new(binary)
+    let mut command = Command::new(binary);
+    if let Some(tls) = tls {
+        command
+            .arg("--cert-file")
+            .arg(&tls.cert)
+            .arg("--key-file")
+            .arg(&tls.key)
+            .arg("--trusted-ca-file")
+            .arg(&tls.ca)
+            .arg("--client-cert-auth")
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}", ports.health));
+    }
+    command
         .arg("--name")
         .arg("moebius-test")
         .arg("--data-dir")

@@ -16,18 +16,18 @@ use super::UsageError;
 pub struct TlsArgs {
     /// This part's certificate chain (PEM): served on its ports and shown to the parts and the
     /// etcd it dials. With it, every connection of this part is TLS, mutual between parts.
-    #[arg(long, env = "MOEBIUS_TLS_CERT")]
+    #[arg(long, env = "MOEBIUS_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "MOEBIUS_TLS_KEY")]
+    #[arg(long, env = "MOEBIUS_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
     /// The cluster's CA (PEM): the parts and etcd this one talks to must have certificates
     /// signed by it.
-    #[arg(long, env = "MOEBIUS_TLS_CA")]
+    #[arg(long, env = "MOEBIUS_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
     /// The name to check in other parts' certificates instead of the host dialled (for
     /// certificates issued to one service name rather than to each address).
-    #[arg(long, env = "MOEBIUS_TLS_SERVER_NAME")]
+    #[arg(long, env = "MOEBIUS_TLS_SERVER_NAME", global = true)]
     pub tls_server_name: Option<String>,
 }
 

@@ -617,7 +617,7 @@ fn banner(
             .as_ref()
             .map(|t| format!(" {}", TlsArgs::forward(t).join(" ")))
             .unwrap_or_default();
-        println!("operate it: moebius admin --coordinator {admin}{tls_flags} topology");
+        println!("operate it: moebius admin topology{tls_flags} --coordinator {admin}");
     }
     if let Some((http, _)) = &watch {
         println!("call it over HTTP (the OpenAI API at {scheme}://{http}/v1, model {model_name}):");

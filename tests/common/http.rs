@@ -27,27 +27,80 @@ fn request(
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let content_type = content_type
-        .map(|t| format!("Content-Type: {t}\r\n"))
-        .unwrap_or_default();
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|t| ("Content-Type", t))
+        .into_iter()
+        .collect();
+    exchange(&mut stream, addr, method, path, &headers, body)
+        .unwrap_or_else(|| panic!("no HTTP response from {addr}"))
+}
+
+/// `method https://<addr><path>` with `headers`, trusting only the CA in `ca`: the status
+/// code and the body, or `None` when no HTTP response came (the TLS handshake failed, or the
+/// server closed the connection).
+pub fn request_tls(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    ca: &std::path::Path,
+) -> Option<(u16, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots
+            .add(cert.expect("a CA certificate"))
+            .expect("a usable CA");
+    }
+    #[allow(deprecated)] // ring, as the servers use; see coordinator/src/tls.rs
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+    let name = ServerName::try_from(host).expect("a server name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut tls, addr, method, path, headers, body)
+}
+
+/// One HTTP/1.1 request on `stream` and its whole response; `None` when none came.
+fn exchange(
+    stream: &mut (impl Read + Write),
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\
          Content-Length: {}\r\n\r\n",
         body.len()
     )
-    .expect("request");
+    .ok()?;
     // A server may answer (413) before reading a large body, and close.
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
     let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+    let (head, body) = raw.split_once("\r\n\r\n")?;
     let status = head
         .split_whitespace()
         .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
+        .and_then(|s| s.parse().ok())?;
     let chunked = head
         .lines()
         .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
@@ -56,7 +109,7 @@ fn request(
     } else {
         body.to_string()
     };
-    (status, body)
+    Some((status, body))
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -101,9 +101,11 @@ impl Up {
     /// metrics).
     pub fn http_addr(&self) -> String {
         let line = self.next_line("dashboard address", |l| {
-            l.starts_with("watch it: dashboard http://")
+            l.starts_with("watch it: dashboard http")
         });
-        line.trim_start_matches("watch it: dashboard http://")
+        line.trim_start_matches("watch it: dashboard ")
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .split('/')
             .next()
             .expect("address")
@@ -113,7 +115,7 @@ impl Up {
     /// Waits for the banner's admin line; returns the admin address.
     pub fn admin_addr(&self) -> String {
         let line = self.next_line("admin address", |l| {
-            l.starts_with("operate it: moebius admin topology --coordinator ")
+            l.starts_with("operate it: moebius admin topology")
         });
         line.rsplit(' ').next().expect("address").to_string()
     }
