@@ -47,6 +47,8 @@ enum Command {
     /// Operator commands against the leading coordinator: topology, rebalance, drain,
     /// redundant experts.
     Admin(cmd::admin::AdminArgs),
+    /// One gRPC health check of a part (exit 0 when SERVING): the probe of a chart with TLS.
+    Health(cmd::health::HealthArgs),
     /// Write a throwaway CA, a certificate it signs, its key and a data-plane secret into a
     /// folder: TLS for a cluster on one machine or a first try (`--tls-*` flags of each part).
     Certs(cmd::tls::CertsArgs),
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Router(args) => cmd::router::run(args),
         Command::Admin(args) => cmd::admin::run(args),
         Command::Certs(args) => cmd::tls::run(args),
+        Command::Health(args) => cmd::health::run(args),
     })
 }
 

@@ -19,12 +19,15 @@
 //! - [`limits`]: what one request may ask (request id, stop strings, logprobs, chat length).
 //! - [`auth`]: API keys on the public API (`--api-key-file`).
 //! - [`bench`](mod@bench): calls per second and latency through a router or straight to a worker.
+//! - `fuzz`: the entry points of the fuzz targets in `fuzz/` (request checks on arbitrary bytes).
 
 pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 pub mod limits;
 pub mod metrics;

@@ -23,7 +23,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use moebius_coordinator::Placement;
-use moebius_worker::comm::{local_group, tcp_group_localhost, Communicator};
+use moebius_worker::comm::{local_group, tcp_group_localhost_with, ClusterSecret, Communicator};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -71,6 +71,19 @@ enum Transport {
     Local,
     /// A full mesh of loopback TCP connections.
     Tcp,
+    /// The same mesh, every connection proving a (random) cluster secret before its first
+    /// frame, as workers with `--cluster-secret-file` do.
+    TcpSecret,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Local => "local",
+            Transport::Tcp => "tcp",
+            Transport::TcpSecret => "tcp-secret",
+        }
+    }
 }
 
 impl AlltoallArgs {
@@ -127,7 +140,7 @@ pub fn run(args: AlltoallArgs) -> Result<()> {
     }
     let report = json!({
         "ranks": args.ranks,
-        "transport": match args.transport { Transport::Local => "local", Transport::Tcp => "tcp" },
+        "transport": args.transport.name(),
         "hidden": args.hidden,
         "topk": args.topk,
         "experts": args.experts,
@@ -192,19 +205,32 @@ struct CommTimes {
     combine: Vec<f64>,
     /// Bytes each rank sent to other ranks in the combine, by rank.
     combine_bytes: Vec<usize>,
+    /// Seconds the group took to form (for TCP: the mesh, with its handshakes).
+    formed: f64,
 }
 
 fn time_comm(args: &AlltoallArgs, send: &Messages) -> Result<CommTimes> {
+    let forming = Instant::now();
     let comms: Vec<Box<dyn Communicator>> = match args.transport {
         Transport::Local => local_group(args.ranks)
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Communicator>)
             .collect(),
-        Transport::Tcp => tcp_group_localhost(args.ranks)?
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn Communicator>)
-            .collect(),
+        Transport::Tcp | Transport::TcpSecret => {
+            let secret = (args.transport == Transport::TcpSecret)
+                .then(|| {
+                    let mut bytes = [0u8; 32];
+                    rand::fill(&mut bytes);
+                    ClusterSecret::new(&bytes)
+                })
+                .transpose()?;
+            tcp_group_localhost_with(args.ranks, secret)?
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Communicator>)
+                .collect()
+        }
     };
+    let formed = forming.elapsed().as_secs_f64();
     let barrier = Barrier::new(args.ranks);
     let per_rank: Vec<Result<(Stamps, usize)>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -245,6 +271,7 @@ fn time_comm(args: &AlltoallArgs, send: &Messages) -> Result<CommTimes> {
         dispatch: span(0, 1),
         combine: span(2, 3),
         combine_bytes,
+        formed,
     })
 }
 
@@ -489,6 +516,7 @@ fn row(
         "combine_share_of_raw": ratio(combine_gbs, raw_gbs),
         "dispatch_p50_over_raw_rtt_p50": ratio(dispatch.p50, rtt_lat.p50),
         "combine_p50_over_raw_rtt_p50": ratio(combine.p50, rtt_lat.p50),
+        "group_formed_ms": comm.formed * 1e3,
     })
 }
 
@@ -499,7 +527,7 @@ fn print_table(r: &Value) {
     );
     println!("GB/s = bytes a rank sends to other ranks per exchange / mean exchange latency; raw = plain TCP, same bytes and pairs");
     println!(
-        "{:>6} {:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>10} {:>7} {:>7} {:>9} {:>9}",
+        "{:>6} {:>11} {:>10} {:>9} {:>10} {:>9} {:>9} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9}",
         "tokens",
         "MB/peer",
         "disp p50us",
@@ -511,13 +539,14 @@ fn print_table(r: &Value) {
         "disp/raw",
         "comb/raw",
         "disp/rtt",
-        "comb/rtt"
+        "comb/rtt",
+        "formed ms"
     );
     for row in r["results"].as_array().into_iter().flatten() {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         let p50 = |k: &str| row[k]["p50"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:>6} {:>11.3} {:>10.1} {:>9.3} {:>10.1} {:>9.3} {:>9.3} {:>10.1} {:>7.2} {:>7.2} {:>9.2} {:>9.2}",
+            "{:>6} {:>11.3} {:>10.1} {:>9.3} {:>10.1} {:>9.3} {:>9.3} {:>10.1} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {:>9.2}",
             row["tokens"],
             f("dispatch_bytes_per_peer") / 1e6,
             p50("dispatch_latency_us"),
@@ -530,6 +559,7 @@ fn print_table(r: &Value) {
             f("combine_share_of_raw"),
             f("dispatch_p50_over_raw_rtt_p50"),
             f("combine_p50_over_raw_rtt_p50"),
+            f("group_formed_ms"),
         );
     }
 }

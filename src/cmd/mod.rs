@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod check;
 pub mod coordinator;
+pub mod health;
 pub mod metrics;
 pub mod router;
 pub mod supervise;

@@ -16,6 +16,7 @@
 //! - [`tokenizer`]: the checkpoint's `tokenizer.json`.
 //! - [`chat`]: the checkpoint's chat template, rendered as transformers renders it.
 //! - [`error`]: the crate's error type.
+//! - `fuzz`: the entry points of the fuzz targets in `fuzz/` (decoders of untrusted bytes).
 pub mod backend;
 pub mod chat;
 pub mod checkpoint;
@@ -23,6 +24,8 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod metrics;
 pub mod model;
 pub mod service;

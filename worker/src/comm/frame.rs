@@ -216,6 +216,30 @@ impl fmt::Display for FrameError {
     }
 }
 
+/// Runs `bytes` through every decoder of the wire format, as they come off a connection: a
+/// hello, a reply, an abort payload, and a stream of frames until it ends or fails. For the
+/// fuzz targets; none of these may panic or allocate far beyond the bytes that arrive.
+pub(super) fn decode_untrusted(bytes: &[u8]) {
+    if let Some(fixed) = bytes.get(..HELLO_FIXED) {
+        let fixed: &[u8; HELLO_FIXED] = fixed.try_into().expect("HELLO_FIXED bytes");
+        if let Some((_, _, _, id_len, _)) = Hello::decode_fixed(fixed) {
+            let _ = bytes
+                .get(HELLO_FIXED..HELLO_FIXED + id_len)
+                .map(|id| String::from_utf8_lossy(id).into_owned());
+        }
+    }
+    if let Some(reply) = bytes.get(..REPLY_LEN) {
+        let _ = decode_reply(reply.try_into().expect("REPLY_LEN bytes"));
+    }
+    let _ = decode_abort(bytes);
+    let mut stream = bytes;
+    while let Ok((seq, payload)) = read_frame_into(&mut stream, |_| None) {
+        if seq == ABORT_SEQ {
+            let _ = decode_abort(&payload);
+        }
+    }
+}
+
 /// Reads one frame: `(seq, payload)`. Memory grows with the bytes that actually arrive, not with
 /// what the header claims.
 #[cfg(test)]

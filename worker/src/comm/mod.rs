@@ -24,9 +24,15 @@ pub mod local;
 pub mod tcp;
 
 pub use auth::ClusterSecret;
+
+/// For the fuzz targets: `bytes` through every decoder of the `tcp` wire format.
+#[doc(hidden)]
+pub fn decode_untrusted(bytes: &[u8]) {
+    frame::decode_untrusted(bytes);
+}
 pub use listener::{DataListener, GroupSpec};
 pub use local::{local_group, LocalComm};
-pub use tcp::{tcp_group_localhost, TcpComm};
+pub use tcp::{tcp_group_localhost, tcp_group_localhost_with, TcpComm};
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;

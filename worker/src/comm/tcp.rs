@@ -360,8 +360,16 @@ fn read_loop(
 /// `127.0.0.1:0` and forms them into a full mesh (one thread per rank), returning the ends in
 /// rank order.
 pub fn tcp_group_localhost(n: usize) -> Result<Vec<TcpComm>> {
+    tcp_group_localhost_with(n, None)
+}
+
+/// [`tcp_group_localhost`], every connection proving `secret` when one is given.
+pub fn tcp_group_localhost_with(
+    n: usize,
+    secret: Option<super::ClusterSecret>,
+) -> Result<Vec<TcpComm>> {
     let listeners = (0..n)
-        .map(|_| DataListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .map(|_| DataListener::bind_with(SocketAddr::from(([127, 0, 0, 1], 0)), secret.clone()))
         .collect::<Result<Vec<_>>>()?;
     let addrs: Vec<_> = listeners.iter().map(DataListener::local_addr).collect();
     let ids: Vec<String> = (0..n).map(|r| format!("rank-{r}")).collect();

@@ -246,6 +246,25 @@ fn parse<T: DeserializeOwned>(
     })
 }
 
+/// For the fuzz targets: `body` through the checks and the conversion of both endpoints, and
+/// the converted request through the router's own validation.
+pub(crate) fn decode_untrusted(body: &[u8]) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let bytes = || Ok(Bytes::copy_from_slice(body));
+    let converted = [
+        parse::<wire::CompletionRequest>(&headers, bytes(), usize::MAX)
+            .and_then(convert::completion),
+        parse::<wire::ChatRequest>(&headers, bytes(), usize::MAX).and_then(convert::chat),
+    ];
+    for (request, _) in converted.into_iter().flatten() {
+        let _ = crate::request::validate(&request);
+    }
+}
+
 /// `value` as a `T`, or the path of the field that does not fit and why.
 fn typed<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value)
