@@ -216,4 +216,43 @@ mod tests {
         assert_eq!(gate.open(a), 1);
         assert!(gate.admit(a).is_some());
     }
+
+    #[tokio::test]
+    async fn a_connection_over_the_limit_is_closed_on_accept() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let gated = GatedListener::new(listener, PerPeer::new(2));
+        // As a server does: each admitted connection is served until its client closes it.
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut io, _) = gated.next().await;
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = io.read_to_end(&mut sink).await;
+                });
+            }
+        });
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.expect("connects"));
+        }
+        // The third is closed by the server: its read ends at once.
+        let mut byte = [0u8; 1];
+        let third = tokio::time::timeout(Duration::from_secs(5), clients[2].read(&mut byte))
+            .await
+            .expect("the third connection is closed within 5 s");
+        assert!(matches!(third, Ok(0) | Err(_)), "{third:?}");
+        // The first two stay open.
+        let first =
+            tokio::time::timeout(Duration::from_millis(300), clients[0].read(&mut byte)).await;
+        assert!(first.is_err(), "the first connection was closed: {first:?}");
+        // A connection served to its end frees its place for the next.
+        drop(clients.remove(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut fourth = TcpStream::connect(addr).await.expect("connects");
+        let read = tokio::time::timeout(Duration::from_millis(300), fourth.read(&mut byte)).await;
+        assert!(read.is_err(), "the fourth connection was closed: {read:?}");
+        server.abort();
+    }
 }

@@ -30,18 +30,48 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "moebius.etcd" -}}
 {{- if .Values.etcd.enabled -}}
 {{- $name := printf "%s-etcd" (include "moebius.fullname" .) -}}
+{{- $scheme := include "moebius.scheme" . -}}
 {{- $endpoints := list -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $endpoints = append $endpoints (printf "http://%s-%d.%s:2379" $name $i $name) -}}
+{{- $endpoints = append $endpoints (printf "%s://%s-%d.%s:2379" $scheme $name $i $name) -}}
 {{- end -}}
 {{- join "," $endpoints -}}
 {{- else -}}
-{{- required "etcd.externalUrl is required when etcd.enabled is false" .Values.etcd.externalUrl -}}
+{{- $url := required "etcd.externalUrl is required when etcd.enabled is false" .Values.etcd.externalUrl -}}
+{{- if .Values.tls.enabled -}}
+{{- range $endpoint := splitList "," $url -}}
+{{- if not (hasPrefix "https://" $endpoint) -}}
+{{- fail (printf "tls.enabled: every endpoint of etcd.externalUrl must be an https:// URL, not %s" $endpoint) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* http, or https with tls.enabled. */}}
+{{- define "moebius.scheme" -}}
+{{- ternary "https" "http" .Values.tls.enabled -}}
+{{- end -}}
+
+{{/* Refuses TLS without what it needs; renders nothing. */}}
+{{- define "moebius.checkTls" -}}
+{{- if and .Values.tls.clusterSecretName .Values.tls.insecureDataPlane -}}
+{{- fail "tls.clusterSecretName and tls.insecureDataPlane: set one of them, not both" -}}
+{{- end -}}
+{{- if .Values.tls.enabled -}}
+{{- if not .Values.tls.secretName -}}
+{{- fail "tls.enabled: set tls.secretName to a Secret of type kubernetes.io/tls (tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if not (or .Values.tls.clusterSecretName .Values.tls.insecureDataPlane) -}}
+{{- fail "tls.enabled: set tls.clusterSecretName to a Secret with the key cluster-secret (the workers' data-plane secret), or tls.insecureDataPlane to true" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{/* Environment every part reads. */}}
 {{- define "moebius.commonEnv" -}}
+{{- include "moebius.checkTls" . -}}
 - name: MOEBIUS_ETCD
   value: {{ include "moebius.etcd" . | quote }}
 - name: MOEBIUS_CLUSTER
@@ -53,6 +83,57 @@ app.kubernetes.io/component: {{ .component }}
 {{- with .Values.otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: MOEBIUS_TLS_CERT
+  value: /etc/moebius/tls/tls.crt
+- name: MOEBIUS_TLS_KEY
+  value: /etc/moebius/tls/tls.key
+- name: MOEBIUS_TLS_CA
+  value: /etc/moebius/tls/ca.crt
+- name: MOEBIUS_TLS_SERVER_NAME
+  value: {{ .Values.tls.serverName | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The Secrets a part mounts: the TLS certificate (every part, with tls.enabled), the
+     data-plane secret (workers) and the API keys (the router). Call with
+     (dict "ctx" . "part" "worker"); "moebius.secretMounts" takes the same. */}}
+{{- define "moebius.secretVolumes" -}}
+{{- $v := .ctx.Values -}}
+{{- if $v.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ $v.tls.secretName }}
+{{- end }}
+{{- if and (eq .part "worker") $v.tls.clusterSecretName }}
+- name: cluster-secret
+  secret:
+    secretName: {{ $v.tls.clusterSecretName }}
+{{- end }}
+{{- if and (eq .part "router") $v.apiKeys.secretName }}
+- name: api-keys
+  secret:
+    secretName: {{ $v.apiKeys.secretName }}
+{{- end }}
+{{- end -}}
+
+{{- define "moebius.secretMounts" -}}
+{{- $v := .ctx.Values -}}
+{{- if $v.tls.enabled }}
+- name: tls
+  mountPath: /etc/moebius/tls
+  readOnly: true
+{{- end }}
+{{- if and (eq .part "worker") $v.tls.clusterSecretName }}
+- name: cluster-secret
+  mountPath: /etc/moebius/cluster-secret
+  readOnly: true
+{{- end }}
+{{- if and (eq .part "router") $v.apiKeys.secretName }}
+- name: api-keys
+  mountPath: /etc/moebius/api-keys
+  readOnly: true
 {{- end }}
 {{- end -}}
 
@@ -80,9 +161,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{- define "moebius.healthCommand" -}}
+["moebius", "health", "--addr", "127.0.0.1:{{ .port }}", "--service", {{ .service | default "" | quote }}]
+{{- end -}}
+
 {{/* gRPC probes: liveness asks the `liveness` health service (SERVING while the process
-     runs), readiness the overall status ("", the part's own readiness). */}}
+     runs), readiness the overall status ("", the part's own readiness). Kubernetes' gRPC
+     probes cannot speak TLS: with it, each probe runs `moebius health`, which reads the
+     container's MOEBIUS_TLS_* variables, and has the time of that command's own timeout (2 s). */}}
 {{- define "moebius.probes" -}}
+{{- if .tls -}}
+livenessProbe:
+  exec:
+    command: {{ include "moebius.healthCommand" (dict "port" .port "service" "liveness") }}
+  timeoutSeconds: 3
+  periodSeconds: 10
+  failureThreshold: 6
+readinessProbe:
+  exec:
+    command: {{ include "moebius.healthCommand" (dict "port" .port "service" .ready) }}
+  timeoutSeconds: 3
+  periodSeconds: 5
+  failureThreshold: 2
+startupProbe:
+  exec:
+    command: {{ include "moebius.healthCommand" (dict "port" .port "service" "liveness") }}
+  timeoutSeconds: 3
+  periodSeconds: 10
+  failureThreshold: {{ .startupFailures | default 60 }}
+{{- else -}}
 livenessProbe:
   grpc:
     port: {{ .port }}
@@ -101,4 +208,5 @@ startupProbe:
     service: liveness
   periodSeconds: 10
   failureThreshold: {{ .startupFailures | default 60 }}
+{{- end }}
 {{- end -}}
