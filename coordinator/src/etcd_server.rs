@@ -2,7 +2,9 @@
 //!
 //! It starts the `etcd` binary found on `PATH` on two free loopback ports with a temporary data
 //! directory, waits until `/health` answers, and kills the process (and removes the directory)
-//! when dropped. Not for production: the data lives in a temp dir and fsync settings are etcd's
+//! when dropped. [`EtcdServer::start_tls`] serves clients over TLS and asks them for a
+//! certificate from the CA, as a secured cluster's etcd does; `/health` then answers on a third,
+//! plaintext port. Not for production: the data lives in a temp dir and fsync settings are etcd's
 //! defaults for a one-member cluster.
 
 use std::io::{self, Read, Write};

@@ -93,6 +93,34 @@ struct LobbyState {
     parked: VecDeque<Parked>,
     /// Connections whose hello is being read now.
     handshakes: usize,
+    /// Strangers closed since the last warning about them, and when that was.
+    strangers: usize,
+    warned: Option<Instant>,
+}
+
+/// Strangers (junk, silence, no proof, too many at once) are warned about at most this often,
+/// with their count, so that a flood of them cannot flood the log too.
+const STRANGER_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+impl LobbyState {
+    /// Counts one closed stranger; warns with the count when the last warning is old enough.
+    fn stranger(&mut self, from: SocketAddr, why: &str) {
+        self.strangers += 1;
+        tracing::debug!(%from, "closed a data-plane connection: {why}");
+        let now = Instant::now();
+        if self
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= STRANGER_WARNING_EVERY)
+        {
+            tracing::warn!(
+                %from,
+                closed = self.strangers,
+                "closed data-plane connections that were not ranks of this cluster (latest: {why})"
+            );
+            self.strangers = 0;
+            self.warned = Some(now);
+        }
+    }
 }
 
 impl Lobby {
@@ -105,7 +133,7 @@ impl Lobby {
         {
             let mut state = self.lock();
             if state.handshakes >= MAX_HANDSHAKES {
-                tracing::warn!(%from, "too many data-plane connections saying hello at once; closed one");
+                state.stranger(from, "too many connections saying hello at once");
                 return;
             }
             state.handshakes += 1;
@@ -133,7 +161,7 @@ impl Lobby {
             let mut state = self.lock();
             state.handshakes -= 1;
             let Some((hello, proof)) = greeted else {
-                tracing::warn!(%from, "closed a data-plane connection that sent no Moebius hello or failed to prove the cluster secret");
+                state.stranger(from, "no Moebius hello, or no proof of the cluster secret");
                 return;
             };
             if hello.epoch < state.floor {

@@ -1,0 +1,24 @@
+#![no_main]
+
+use std::sync::OnceLock;
+
+use moebius_worker::chat::ChatTemplate;
+
+/// The repository's DeepSeek-style template: system prompts, tool calls, `</think>` stripping.
+const TEMPLATE: &str = include_str!("../../fixtures/chat-templates/deepseek-style.jinja");
+
+fn template() -> &'static ChatTemplate {
+    static TEMPLATE_ONCE: OnceLock<ChatTemplate> = OnceLock::new();
+    TEMPLATE_ONCE.get_or_init(|| {
+        let config = serde_json::json!({
+            "chat_template": TEMPLATE,
+            "bos_token": "<｜begin▁of▁sentence｜>",
+            "eos_token": "<｜end▁of▁sentence｜>",
+        });
+        ChatTemplate::from_config(&config)
+            .expect("the template parses")
+            .expect("a template")
+    })
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| moebius_worker::fuzz::chat_messages(template(), data));
