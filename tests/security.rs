@@ -534,3 +534,38 @@ async fn each_limit_on_a_request_gets_its_error() {
     let tokens = call(request(0)).await.expect("serves after the refusals");
     assert_eq!(tokens.len(), TOKENS as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_in_one_process_serves_over_tls_with_its_throwaway_certificates() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("tls");
+    let up = Up::start_with(
+        &fixture(MODEL),
+        &[
+            "--workers",
+            "2",
+            "--self-signed-tls",
+            certs.to_str().expect("utf-8"),
+        ],
+    );
+    let router = up.router_addr();
+    let http = up.http_addr();
+    // `up` wrote the files, and its parts use them: the router answers over TLS only.
+    let ours = Tls::load(&files(&certs)).expect("up wrote a CA, a certificate and its key");
+    assert!(certs.join("cluster-secret").exists());
+    let tokens = generate(
+        &router,
+        Some(ours.grpc_client("127.0.0.1")),
+        None,
+        request(1),
+    )
+    .await
+    .expect("the in-process cluster serves over TLS");
+    assert_eq!(tokens.len(), TOKENS as usize);
+    assert!(generate(&router, None, None, request(1)).await.is_err());
+    let (status, _) =
+        http::request_tls(&http, "GET", "/v1/models", &[], b"", &certs.join("ca.pem"))
+            .expect("HTTPS answers");
+    assert_eq!(status, 200, "no API keys were configured");
+}

@@ -157,6 +157,8 @@ async fn the_leader_plans_rebalances_and_drains_and_refuses_what_cannot_be_done(
         .collect();
     publish(&store, &keys, &w0, vec![skewed.clone(), skewed.clone()]).await;
     publish(&store, &keys, &w1, vec![skewed.clone(), skewed.clone()]).await;
+    // Both workers' samples, once the leader has read them both (they land one at a time).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let topology = loop {
         let t = leader
             .client
@@ -164,7 +166,8 @@ async fn the_leader_plans_rebalances_and_drains_and_refuses_what_cannot_be_done(
             .await
             .unwrap()
             .into_inner();
-        if t.load.len() == 2 {
+        let both = t.load.len() == 2 && t.load[0].tokens.first() == Some(&200);
+        if both || tokio::time::Instant::now() > deadline {
             break t;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -72,7 +72,7 @@ enum Transport {
     /// A full mesh of loopback TCP connections.
     Tcp,
     /// The same mesh, every connection proving a (random) cluster secret before its first
-    /// frame, as workers with `--cluster-secret-file` do.
+    /// frame and sealing its frames (AES-256-GCM), as workers with `--cluster-secret-file` do.
     TcpSecret,
 }
 

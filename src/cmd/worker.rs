@@ -83,7 +83,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     tls: TlsArgs,
     /// File holding the cluster's data-plane secret (at least 32 bytes; `moebius certs` writes
-    /// one): every data-plane connection proves it before its first frame. Required with TLS.
+    /// one): every data-plane connection proves it before its first frame, and seals its frames
+    /// with keys derived from it. Required with TLS.
     #[arg(long, env = "MOEBIUS_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
     /// Run the data plane without the secret although TLS is configured: only on a network

@@ -8,11 +8,14 @@
 //! `HMAC(secret, "accept" ‖ reply ‖ hello ‖ both nonces)`, which the dialer checks before it
 //! uses the connection. So a client without the secret cannot join a group, a recorded
 //! handshake cannot be replayed (the other end's nonce differs), and a worker of another
-//! cluster, or one given another epoch's record, is refused. The frames that follow travel in
-//! the clear: this stops strangers, not an attacker who can rewrite packets on the path.
+//! cluster, or one given another epoch's record, is refused. Every frame that follows is
+//! sealed ([`Direction`]): AES-256-GCM under a key for each direction of the connection,
+//! derived from the secret and the handshake, so the frames can be neither read nor changed on
+//! the path.
 
 use std::path::Path;
 
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -24,6 +27,8 @@ pub(super) const NONCE_LEN: usize = 32;
 pub(super) const TAG_LEN: usize = 32;
 /// The shortest secret accepted: 256 bits, as `openssl rand -hex 32` gives.
 const MIN_SECRET: usize = 32;
+/// Bytes a seal adds to a frame's payload: AES-256-GCM's tag.
+pub(super) const SEAL_LEN: usize = 16;
 
 /// The secret every worker of a cluster shares for the data plane.
 #[derive(Clone)]
@@ -109,6 +114,98 @@ impl ClusterSecret {
     }
 }
 
+/// One direction of one connection: AES-256-GCM under a key of its own (derived from the
+/// secret and the handshake's transcript), the frame's sequence number as associated data, and
+/// a counter as nonce, so that a frame cannot be changed, replayed, reordered or moved to
+/// another connection without the receiver noticing. A connection carries far fewer than 2^64
+/// frames, so a nonce never repeats under a key.
+pub(super) struct Direction {
+    key: LessSafeKey,
+    counter: u64,
+}
+
+impl std::fmt::Debug for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direction")
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Direction {
+    fn next_nonce(&mut self) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.counter.to_be_bytes());
+        self.counter += 1;
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// `payload` of frame `seq`, sealed into `out` (its contents replaced): the ciphertext,
+    /// then the tag.
+    pub fn seal(&mut self, seq: u32, payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        out.clear();
+        out.reserve(payload.len() + SEAL_LEN);
+        out.extend_from_slice(payload);
+        let nonce = self.next_nonce();
+        self.key
+            .seal_in_place_append_tag(nonce, Aad::from(seq.to_le_bytes()), out)
+            .map_err(|_| std::io::Error::other("a frame too large to seal"))
+    }
+
+    /// Opens the sealed payload of frame `seq` in place; `false` when it was not sealed by the
+    /// other end for this place in the stream.
+    pub fn open(&mut self, seq: u32, sealed: &mut Vec<u8>) -> bool {
+        let nonce = self.next_nonce();
+        match self
+            .key
+            .open_in_place(nonce, Aad::from(seq.to_le_bytes()), sealed)
+        {
+            Ok(plain) => {
+                let len = plain.len();
+                sealed.truncate(len);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The two directions of one connection, as one end sees them.
+#[derive(Debug)]
+pub(super) struct Session {
+    pub send: Direction,
+    pub recv: Direction,
+}
+
+impl ClusterSecret {
+    /// The keys of the connection whose handshake was `t`, for the end that dialed it
+    /// (`dialed`) or accepted it.
+    pub(super) fn session(&self, t: &Transcript, dialed: bool) -> Session {
+        let key = |label: &[u8]| {
+            let bytes = self.tag(label, &[&t.hello, &t.dialer, &t.acceptor]);
+            Direction {
+                key: LessSafeKey::new(
+                    UnboundKey::new(&AES_256_GCM, bytes.as_ref()).expect("a 32-byte key"),
+                ),
+                counter: 0,
+            }
+        };
+        let to_acceptor = key(b"moebius-ep key dialer->acceptor v1");
+        let to_dialer = key(b"moebius-ep key acceptor->dialer v1");
+        if dialed {
+            Session {
+                send: to_acceptor,
+                recv: to_dialer,
+            }
+        } else {
+            Session {
+                send: to_dialer,
+                recv: to_acceptor,
+            }
+        }
+    }
+}
+
 /// Whether two tags are equal, in time that does not depend on where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -151,6 +248,34 @@ mod tests {
         };
         assert!(!a.dialer_proved(&replayed, tag.as_ref()));
         assert!(!a.dialer_proved(&t, &tag.as_ref()[..31]));
+    }
+
+    #[test]
+    fn sealed_frames_open_only_in_their_place_on_the_other_end() {
+        let secret = ClusterSecret::new(&[7; 32]).expect("secret");
+        let t = transcript();
+        let mut dialer = secret.session(&t, true);
+        let mut acceptor = secret.session(&t, false);
+        let mut sealed = Vec::new();
+        dialer.send.seal(5, b"rows", &mut sealed).expect("seals");
+        assert_eq!(sealed.len(), 4 + SEAL_LEN);
+        assert_ne!(&sealed[..4], b"rows", "the payload is encrypted");
+        let mut copy = sealed.clone();
+        assert!(acceptor.recv.open(5, &mut copy));
+        assert_eq!(copy, b"rows");
+        // The same frame again (a replay), under another sequence number, changed, or read
+        // by the sender's own receiving key: refused.
+        let mut again = sealed.clone();
+        assert!(!acceptor.recv.open(5, &mut again), "a replay");
+        let mut fresh = secret.session(&t, false);
+        let mut moved = sealed.clone();
+        assert!(!fresh.recv.open(6, &mut moved), "another sequence number");
+        let mut fresh = secret.session(&t, false);
+        let mut flipped = sealed.clone();
+        flipped[0] ^= 1;
+        assert!(!fresh.recv.open(5, &mut flipped), "a changed byte");
+        let mut own = sealed.clone();
+        assert!(!dialer.recv.open(5, &mut own), "the sender's own direction");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! that names its own epoch, rank and world and a [`Verdict`]. With a cluster secret the hello
 //! has its own magic and is followed by the proofs of [`auth`](super::auth): the dialer's nonce
 //! after the hello, a [`Verdict::Challenge`] reply with the acceptor's nonce, the dialer's tag,
-//! and the acceptor's tag after its final reply. After that, each direction
+//! and the acceptor's tag after its final reply; every payload is then sealed (its length
+//! counts the seal's tag). After that, each direction
 //! carries frames: a 12-byte header (payload length as u64 LE, the collective's sequence number
 //! as u32 LE) and the payload. The sequence number lets a receiver notice ranks that called the
 //! collectives in different orders. Sequence number [`ABORT_SEQ`] is reserved for the last frame

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::auth::{self, ClusterSecret, Transcript, NONCE_LEN, TAG_LEN};
+use super::auth::{self, ClusterSecret, Session, Transcript, NONCE_LEN, TAG_LEN};
 use super::frame::{self, Hello, Verdict, HELLO_FIXED, REPLY_LEN};
 use super::TcpComm;
 use crate::error::{Error, Result};
@@ -339,7 +339,7 @@ impl DataListener {
         let mut why = Vec::new();
         for (peer, result) in dialed.into_iter().enumerate() {
             match result {
-                Ok(stream) => peers[peer] = Some(stream),
+                Ok(dialed) => peers[peer] = Some(dialed),
                 Err(Dial::Fatal(msg)) => {
                     return Err(Error::Comm(format!(
                         "rank {rank} of epoch {}: {msg}",
@@ -376,7 +376,21 @@ impl DataListener {
             });
         }
         tracing::debug!(rank, world, epoch = spec.epoch, "tcp mesh connected");
-        TcpComm::from_streams(rank, peers)
+        // Every connection's keys, from its handshake: the ranks below dialed by us.
+        let links = peers
+            .into_iter()
+            .enumerate()
+            .map(|(peer, link)| {
+                link.map(|(stream, proof)| {
+                    let session = match (secret, proof) {
+                        (Some(secret), Some(proof)) => Some(secret.session(&proof, peer < rank)),
+                        _ => None,
+                    };
+                    (stream, session)
+                })
+            })
+            .collect::<Vec<Option<(TcpStream, Option<Session>)>>>();
+        TcpComm::from_links(rank, links)
     }
 
     /// Claims one connection from every rank above ours from the lobby; the result is indexed
@@ -386,9 +400,9 @@ impl DataListener {
         spec: &GroupSpec,
         deadline: Instant,
         stop: &impl Fn() -> bool,
-    ) -> Vec<Option<TcpStream>> {
+    ) -> Vec<Option<Link>> {
         let world = spec.addrs.len();
-        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut peers: Vec<Option<Link>> = (0..world).map(|_| None).collect();
         let mut waiting = world - spec.rank - 1;
         while waiting > 0 && !stop() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -448,7 +462,7 @@ impl DataListener {
                 if sent.is_err() || stream.set_nodelay(true).is_err() {
                     continue; // The dialer is gone already; it retries if it is a real peer.
                 }
-                if peers[peer].replace(stream).is_none() {
+                if peers[peer].replace((stream, proof)).is_none() {
                     waiting -= 1;
                 }
             }
@@ -564,6 +578,10 @@ fn read_hello(stream: &TcpStream, deadline: Instant) -> Option<Hello> {
     })
 }
 
+/// A connection of the mesh, with the handshake its keys come from when the group has a
+/// cluster secret.
+type Link = (TcpStream, Option<Transcript>);
+
 /// How a dial ended without a connection.
 enum Dial {
     /// The peer refused us for good (another epoch, another group): the formation fails now.
@@ -580,7 +598,7 @@ fn dial(
     addr: SocketAddr,
     deadline: Instant,
     stop: &impl Fn() -> bool,
-) -> std::result::Result<TcpStream, Dial> {
+) -> std::result::Result<Link, Dial> {
     let mut last = String::from("not tried");
     loop {
         if stop() {
@@ -592,7 +610,7 @@ fn dial(
         }
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))) {
             Ok(stream) => match handshake(&stream, hello, secret, peer, deadline, stop) {
-                Ok(()) => return Ok(stream),
+                Ok(proof) => return Ok((stream, proof)),
                 Err(Dial::Fatal(msg)) => return Err(Dial::Fatal(msg)),
                 Err(Dial::Missing(why)) => last = why,
             },
@@ -603,7 +621,7 @@ fn dial(
 }
 
 /// The dialer's half of the hello exchange on a fresh connection to `peer`, proving `secret`
-/// and checking the acceptor's proof when there is one.
+/// and checking the acceptor's proof when there is one; returns what both proved it over.
 fn handshake(
     mut stream: &TcpStream,
     hello: &Hello,
@@ -611,7 +629,7 @@ fn handshake(
     peer: usize,
     deadline: Instant,
     stop: &impl Fn() -> bool,
-) -> std::result::Result<(), Dial> {
+) -> std::result::Result<Option<Transcript>, Dial> {
     let io_err = |e: io::Error| Dial::Missing(format!("hello failed: {e}"));
     stream.set_nodelay(true).map_err(io_err)?;
     let left = deadline.saturating_duration_since(Instant::now());
@@ -645,6 +663,7 @@ fn handshake(
     let mut reply = [0u8; REPLY_LEN];
     read(&mut reply)?;
     let (mut epoch, mut their_rank, mut their_world, mut verdict) = decode(&reply)?;
+    let mut proved = None;
     if let (Some(secret), Some(dialer)) = (secret, dialer_nonce) {
         if verdict == Verdict::Challenge {
             let mut acceptor = [0u8; NONCE_LEN];
@@ -669,6 +688,7 @@ fn handshake(
                     )));
                 }
             }
+            proved = Some(transcript);
         } else if verdict == Verdict::Accepted {
             return Err(Dial::Fatal(format!(
                 "rank {peer} accepted us without asking for the cluster secret; not using it"
@@ -705,7 +725,7 @@ fn handshake(
     }
     stream.set_write_timeout(None).map_err(io_err)?;
     stream.set_read_timeout(None).map_err(io_err)?;
-    Ok(())
+    Ok(proved)
 }
 
 /// Fills `buf` from a blocking stream, polling so that `deadline` and `stop` are honoured.

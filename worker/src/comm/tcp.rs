@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::auth::{Direction, Session};
 use super::frame::{self, ABORT_SEQ, MAX_FRAME_LEN};
 use super::inbox::{BellSlot, Delivery, Failure, Gone, Inbox, Incoming};
 use super::listener::{DataListener, GroupSpec};
@@ -33,6 +34,11 @@ pub struct TcpComm {
     world: usize,
     /// `peers[p]` is the connection to rank `p`; `None` at our own rank.
     peers: Vec<Option<TcpStream>>,
+    /// `seals[p]` seals what we send to rank `p`, when the group has a cluster secret.
+    seals: Vec<Option<Direction>>,
+    /// Where a frame is sealed before it is written (reused, so that a large frame does not
+    /// map fresh pages every time).
+    sealed: Vec<u8>,
     /// Frames (or the news that a connection ended) from every reader thread.
     inbox: Inbox,
     readers: Vec<JoinHandle<()>>,
@@ -106,14 +112,36 @@ impl Recycler {
 }
 
 impl TcpComm {
-    /// Wraps the connected mesh: `peers[p]` is the connection to rank `p`, `None` at `rank`.
-    pub(super) fn from_streams(rank: usize, peers: Vec<Option<TcpStream>>) -> Result<Self> {
-        let world = peers.len();
+    /// Wraps the connected mesh: `links[p]` is the connection to rank `p` with its keys when
+    /// the group has a cluster secret, `None` at `rank`.
+    pub(super) fn from_links(
+        rank: usize,
+        links: Vec<Option<(TcpStream, Option<Session>)>>,
+    ) -> Result<Self> {
+        let world = links.len();
         let (inbox, tx) = Inbox::new(rank, world);
+        let mut peers = Vec::with_capacity(world);
+        let mut seals = Vec::with_capacity(world);
+        let mut opens = Vec::with_capacity(world);
+        for link in links {
+            let (stream, session) = match link {
+                Some((stream, session)) => (Some(stream), session),
+                None => (None, None),
+            };
+            let (seal, open) = match session {
+                Some(Session { send, recv }) => (Some(send), Some(recv)),
+                None => (None, None),
+            };
+            peers.push(stream);
+            seals.push(seal);
+            opens.push(open);
+        }
         let mut comm = TcpComm {
             rank,
             world,
             peers,
+            seals,
+            sealed: Vec::new(),
             inbox,
             readers: Vec::with_capacity(world.saturating_sub(1)),
             seq: 0,
@@ -123,7 +151,7 @@ impl TcpComm {
         };
         // On an error below, dropping `comm` shuts down the sockets and joins the readers
         // started so far.
-        for peer in 0..world {
+        for (peer, open) in opens.into_iter().enumerate() {
             let Some(stream) = &comm.peers[peer] else {
                 continue;
             };
@@ -136,7 +164,7 @@ impl TcpComm {
             let bell = comm.inbox.bell.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("moebius-comm-{rank}<-{peer}"))
-                .spawn(move || read_loop(peer, stream, tx, &recycler, &bell))
+                .spawn(move || read_loop(peer, stream, open, tx, &recycler, &bell))
                 .map_err(|e| {
                     Error::Comm(format!(
                         "rank {rank}: cannot start the reader thread for rank {peer}: {e}"
@@ -216,7 +244,13 @@ impl TcpComm {
             let Some(stream) = self.peers[peer].as_mut() else {
                 continue;
             };
-            if let Err(e) = frame::write_frame(stream, seq, bufs[peer]) {
+            let sent = match self.seals[peer].as_mut() {
+                Some(seal) => seal
+                    .seal(seq, bufs[peer], &mut self.sealed)
+                    .and_then(|()| frame::write_frame(stream, seq, &self.sealed)),
+                None => frame::write_frame(stream, seq, bufs[peer]),
+            };
+            if let Err(e) = sent {
                 let what = match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                         format!("timed out after {:?}", self.timeout.unwrap_or_default())
@@ -250,7 +284,12 @@ impl TcpComm {
             }
             // Best effort: a peer that cannot take it learns of the failure from the close.
             let _ = stream.set_write_timeout(Some(ABORT_WRITE));
-            let _ = frame::write_frame(stream, ABORT_SEQ, &abort);
+            let _ = match self.seals[peer].as_mut() {
+                Some(seal) => seal
+                    .seal(ABORT_SEQ, &abort, &mut self.sealed)
+                    .and_then(|()| frame::write_frame(stream, ABORT_SEQ, &self.sealed)),
+                None => frame::write_frame(stream, ABORT_SEQ, &abort),
+            };
         }
         self.failed = Some(failure);
         self.shutdown();
@@ -325,12 +364,28 @@ impl Drop for TcpComm {
 fn read_loop(
     peer: usize,
     mut stream: TcpStream,
+    mut open: Option<Direction>,
     tx: Sender<Incoming>,
     recycler: &Recycler,
     bell: &BellSlot,
 ) {
     loop {
-        let delivery = match frame::read_frame_into(&mut stream, |len| recycler.take(len)) {
+        let frame =
+            frame::read_frame_into(&mut stream, |len| recycler.take(len))
+                .map_err(|e| e.to_string())
+                .and_then(|(seq, mut payload)| {
+                    let opened = open
+                        .as_mut()
+                        .is_none_or(|open| open.open(seq, &mut payload));
+                    if opened {
+                        Ok((seq, payload))
+                    } else {
+                        Err("sent a frame that does not open with the connection's key (changed on \
+                         the way, or not from that rank)"
+                        .to_string())
+                    }
+                });
+        let delivery = match frame {
             Ok((ABORT_SEQ, payload)) => Delivery::Gone(match frame::decode_abort(&payload) {
                 Some((culprits, message)) => Gone {
                     why: format!("aborted the collective ({message})"),
@@ -342,10 +397,7 @@ fn read_loop(
                 },
             }),
             Ok((seq, payload)) => Delivery::Frame(seq, payload),
-            Err(e) => Delivery::Gone(Gone {
-                why: e.to_string(),
-                relayed: None,
-            }),
+            Err(why) => Delivery::Gone(Gone { why, relayed: None }),
         };
         let end = matches!(delivery, Delivery::Gone(_));
         let sent = tx.send(Incoming { peer, delivery }).is_ok();
