@@ -9,16 +9,7 @@ const TEMPLATE: &str = include_str!("../../fixtures/chat-templates/deepseek-styl
 
 fn template() -> &'static ChatTemplate {
     static TEMPLATE_ONCE: OnceLock<ChatTemplate> = OnceLock::new();
-    TEMPLATE_ONCE.get_or_init(|| {
-        let config = serde_json::json!({
-            "chat_template": TEMPLATE,
-            "bos_token": "<｜begin▁of▁sentence｜>",
-            "eos_token": "<｜end▁of▁sentence｜>",
-        });
-        ChatTemplate::from_config(&config)
-            .expect("the template parses")
-            .expect("a template")
-    })
+    TEMPLATE_ONCE.get_or_init(|| moebius_worker::fuzz::chat_template(TEMPLATE))
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| moebius_worker::fuzz::chat_messages(template(), data));

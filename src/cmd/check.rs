@@ -50,6 +50,25 @@ pub fn environment(cli: &clap::Command, name: &str) -> Result<()> {
     .into())
 }
 
+/// How a summary names a secret file a part reads: `what (checked)` when the file is here and
+/// `read` accepts it, `what (file not here; not checked)` when a deployment mounts it only in
+/// the running container, `absent` without the flag.
+pub fn secret_file<T, E: Into<anyhow::Error>>(
+    path: Option<&Path>,
+    what: &str,
+    absent: &str,
+    read: impl FnOnce(&Path) -> std::result::Result<T, E>,
+) -> Result<String> {
+    Ok(match path {
+        Some(path) if path.exists() => {
+            read(path).map_err(Into::into)?;
+            format!("{what} (checked)")
+        }
+        Some(_) => format!("{what} (file not here; not checked)"),
+        None => absent.to_owned(),
+    })
+}
+
 /// How a summary names the model directory: whether its config.json is here.
 pub fn model(dir: &Path) -> String {
     if dir.join("config.json").exists() {

@@ -104,14 +104,12 @@ pub fn check(args: &RouterArgs) -> Result<String> {
     let http = config
         .http_listen
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
-    let keys = match &args.api_key_file {
-        Some(path) if path.exists() => {
-            ApiKeys::from_file(path)?;
-            "API keys (checked)"
-        }
-        Some(_) => "API keys (file not here; not checked)",
-        None => "no API keys",
-    };
+    let keys = super::check::secret_file(
+        args.api_key_file.as_deref(),
+        "API keys",
+        "no API keys",
+        ApiKeys::from_file,
+    )?;
     Ok(format!(
         "router of cluster {}: gRPC {}, HTTP {http} (OpenAI API model {:?}), etcd {}, {}, {keys}",
         config.cluster,

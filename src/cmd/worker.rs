@@ -152,14 +152,12 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
 /// `--check-config`: what the worker would start as.
 pub fn check(args: &WorkerArgs) -> Result<String> {
     let config = config(args)?;
-    let data_plane = match &args.cluster_secret_file {
-        Some(path) if path.exists() => {
-            ClusterSecret::from_file(path)?;
-            "with the cluster secret (checked)"
-        }
-        Some(_) => "with the cluster secret (file not here; not checked)",
-        None => "open",
-    };
+    let data_plane = super::check::secret_file(
+        args.cluster_secret_file.as_deref(),
+        "with the cluster secret",
+        "open",
+        ClusterSecret::from_file,
+    )?;
     Ok(format!(
         "worker {} of cluster {}: gRPC {}, data plane {} {data_plane}, advertised as {}, \
          model {}, etcd {}, {}",

@@ -24,6 +24,19 @@ pub fn model_config(bytes: &[u8]) {
     }
 }
 
+/// The template the `chat_messages` target renders with: `source` with DeepSeek's special
+/// tokens.
+pub fn chat_template(source: &str) -> ChatTemplate {
+    let config = serde_json::json!({
+        "chat_template": source,
+        "bos_token": "<｜begin▁of▁sentence｜>",
+        "eos_token": "<｜end▁of▁sentence｜>",
+    });
+    ChatTemplate::from_config(&config)
+        .expect("the template parses")
+        .expect("a template")
+}
+
 /// A request's chat messages (JSON, as the router forwards them) rendered by `template`.
 pub fn chat_messages(template: &ChatTemplate, bytes: &[u8]) {
     if let Ok(serde_json::Value::Array(messages)) = serde_json::from_slice(bytes) {
