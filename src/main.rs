@@ -28,6 +28,11 @@ struct Cli {
     /// wrong, an unknown `MOEBIUS_*` variable included). Opens no port and no etcd connection.
     #[arg(long, global = true)]
     check_config: bool,
+    /// Kernel family of the products with bf16 weights: `auto` (the best this CPU has), or
+    /// one this CPU supports to test or measure it: `avx512bf16`, `avx512`, `avx2`,
+    /// `portable`. The parts `up` starts inherit it.
+    #[arg(long, global = true, env = "MOEBIUS_KERNELS", default_value = "auto")]
+    kernels: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +62,20 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// `--kernels`: forces a kernel family (and hands it on to the parts `up` starts).
+fn force_kernels(name: &str) -> Result<(), String> {
+    use moebius_worker::backend::kernels::{self, Family};
+    if name == "auto" {
+        return Ok(());
+    }
+    let family = Family::parse(name).ok_or_else(|| {
+        format!("--kernels {name}: give auto, avx512bf16, avx512, avx2 or portable")
+    })?;
+    kernels::force(family).map_err(|e| format!("--kernels {name}: {e}"))?;
+    std::env::set_var("MOEBIUS_KERNELS", name);
+    Ok(())
+}
+
 /// Exit code for input the user can fix (bad flags, bad prompt).
 const EXIT_USAGE: u8 = 2;
 
@@ -78,6 +97,10 @@ fn main() -> ExitCode {
         std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
     }
     std::env::set_var("MOEBIUS_LOG_FORMAT", cli.log_format.name());
+    if let Err(line) = force_kernels(&cli.kernels) {
+        eprintln!("error: {line}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let _telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref(), service) {
         Ok(t) => t,
         Err(err) => {

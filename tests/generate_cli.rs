@@ -388,3 +388,40 @@ fn a_broken_checkpoint_is_named_in_one_line() {
         );
     }
 }
+
+/// `--kernels` forces a kernel family: the portable one gives the golden's tokens too, a
+/// family that does not exist is refused with exit code 2 and one line.
+#[test]
+fn a_forced_kernel_family_gives_the_golden_and_a_wrong_one_is_refused() {
+    let case = golden_case("tiny-v3", 0);
+    let model = fixture("tiny-v3");
+    let ids = ids_arg(&case["prompt_ids"]);
+    let n = case["new_token_ids"]
+        .as_array()
+        .expect("tokens")
+        .len()
+        .to_string();
+    let run = |kernels: &str| {
+        moebius(&[
+            "--kernels",
+            kernels,
+            "generate",
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--json",
+        ])
+    };
+    for kernels in ["portable", "auto"] {
+        let v = json_of(&run(kernels));
+        assert_eq!(v["token_ids"], case["new_token_ids"], "--kernels {kernels}");
+    }
+    let out = run("sse9");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--kernels sse9: give auto"), "{stderr}");
+}

@@ -90,6 +90,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let report = json!({
         "model": args.model.display().to_string(),
         "threads": args.threads,
+        "kernels": moebius_worker::backend::kernels::active().name(),
         "bf16_activations": args.bf16_activations,
         "repeats": args.repeats,
         "load_s": load_s,
@@ -102,7 +103,11 @@ pub fn run(args: EngineArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        println!("model {} loaded in {load_s:.1}s", args.model.display());
+        println!(
+            "model {} loaded in {load_s:.1}s; {} kernels",
+            args.model.display(),
+            moebius_worker::backend::kernels::active().name()
+        );
         println!(
             "decode reads {:.1} MB of weights per step; memory read bandwidth {bandwidth:.1} GB/s -> batch-1 ceiling {ceiling:.1} tok/s",
             step_bytes as f64 / 1e6

@@ -59,9 +59,20 @@ impl CpuBackend {
     }
 
     /// Opts into bf16 activations for prefill-sized products with bf16 weights (faster, less
-    /// precise); a CPU without AVX512-BF16 keeps f32.
+    /// precise); kernels without AVX512-BF16 keep f32, and say so once on stderr.
     pub fn with_bf16_activations(mut self, on: bool) -> Self {
         self.bf16_activations = on;
+        let family = super::kernels::active();
+        if on && !family.has_bf16_activations() {
+            static TOLD: std::sync::Once = std::sync::Once::new();
+            TOLD.call_once(|| {
+                eprintln!(
+                    "moebius: bf16 activations need AVX512-BF16 and the {} kernels run here; \
+                     products keep f32 activations",
+                    family.name()
+                );
+            });
+        }
         self
     }
 

@@ -7,11 +7,14 @@
 //! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
 //!   bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
-//!   activations) with a portable fallback;
-//! - [`blocks`]: how those kernels split a product into tasks, and each task's output block.
+//!   activations), an AVX2 kernel (f32 activations) and a portable fallback;
+//! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
+//! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, portable): the best
+//!   the CPU has, or one the binary forces.
 
 pub mod blocks;
 pub mod cpu;
+pub mod kernels;
 pub mod packed;
 
 pub use cpu::CpuBackend;

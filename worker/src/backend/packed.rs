@@ -13,11 +13,14 @@
 //!   bf16 path does, and `vdpbf16ps` multiplies a broadcast activation pair with 16 rows' pairs.
 //!
 //! Rows past the matrix and the odd column of the last pair are stored as zeros. Both kernels
-//! need AVX-512; other CPUs run a portable loop over the same layout. [`super::blocks`] splits a
-//! product into tasks.
+//! need AVX-512. With AVX2 and FMA, the f32 kernel's idea runs on 8-lane vectors: a panel in two
+//! halves of 16 rows, tiles of up to 4 rows × 16 outputs (16 registers hold no more). Other CPUs
+//! run a portable loop over the same layout. [`super::kernels`] says which family runs;
+//! [`super::blocks`] splits a product into tasks.
 
 use super::bf16_to_f32;
 use super::blocks::Block;
+use super::kernels::{self, Family};
 
 /// Rows per panel: two 16-lane vectors.
 pub const PANEL: usize = 32;
@@ -85,36 +88,34 @@ impl PackedBf16 {
     }
 }
 
-/// Whether this CPU has the AVX-512 subsets the f32 kernel uses.
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU can multiply with bf16 activations (AVX512-BF16).
+/// Whether the active kernels can multiply with bf16 activations (AVX512-BF16).
 pub fn bf16_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    kernels::active().has_bf16_activations()
 }
 
-/// `out[m, rows] = x[m, cols] · wᵀ` in f32. `parallel` spreads tasks over rayon's threads.
+/// `out[m, rows] = x[m, cols] · wᵀ` in f32, with the active kernels. `parallel` spreads tasks
+/// over rayon's threads.
 pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], parallel: bool) {
+    matmul_with(kernels::active(), x, m, w, out, parallel);
+}
+
+/// [`matmul`] with the kernels of `family`, which this CPU must support.
+pub fn matmul_with(
+    family: Family,
+    x: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    parallel: bool,
+) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= m * k, "packed matmul: x too small");
     assert!(out.len() >= m * n, "packed matmul: out too small");
-    let fast = avx512();
+    assert!(
+        family.supported(),
+        "packed matmul: this CPU cannot run the {} kernels",
+        family.name()
+    );
     super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
         for_panels(j0, jn, |p, col, cols| {
             let panel = w.panel(p);
@@ -122,13 +123,16 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], parallel: bo
             let out = block.offset(0, col);
             // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32 rows;
             // `out` has im rows of `cols` values that belong to this task alone (blocks::run);
-            // the AVX-512 kernel runs only where AVX-512F is present.
+            // each kernel runs only where its instructions are present (asserted above).
             unsafe {
-                if fast {
+                match family {
                     #[cfg(target_arch = "x86_64")]
-                    f32_rows(x, im, k, panel, w.pairs, out, cols);
-                } else {
-                    portable_rows(x, im, k, panel, out, cols);
+                    Family::Avx512Bf16 | Family::Avx512 => {
+                        f32_rows(x, im, k, panel, w.pairs, out, cols)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Family::Avx2 => f32_rows_avx2(x, im, k, panel, out, cols),
+                    _ => portable_rows(x, im, k, panel, out, cols),
                 }
             }
         });
@@ -306,6 +310,103 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
     }
 }
 
+/// All `m` rows of `x` against one panel with AVX2 and FMA: each half of the panel (16 rows of
+/// the matrix, 16 output columns) in tiles of 4 rows and then the remainder.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; otherwise as [`f32_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_rows_avx2(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block, cols: usize) {
+    // SAFETY (every call): rows i..i + R of x exist, the tile writes rows i..i + R of out, and
+    // half h covers columns 16h..16h + width of the `cols` this call owns.
+    unsafe {
+        for half in 0..2 {
+            let first = half * 16;
+            if first >= cols {
+                break;
+            }
+            let width = (cols - first).min(16);
+            let out = out.offset(0, first);
+            let mut i = 0;
+            while m - i >= 4 {
+                f32_tile_avx2::<4>(&x[i * k..], k, panel, half, out.offset(i, 0), width);
+                i += 4;
+            }
+            match m - i {
+                3 => f32_tile_avx2::<3>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
+                2 => f32_tile_avx2::<2>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
+                1 => f32_tile_avx2::<1>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `R` rows of `x` against half `half` of one panel (its 16 rows of the matrix), into the
+/// first `width` columns of `R` rows of `out`.
+///
+/// # Safety
+/// As [`f32_rows_avx2`], for `R` rows and `width <= 16` columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn f32_tile_avx2<const R: usize>(
+    x: &[f32],
+    k: usize,
+    panel: &[u16],
+    half: usize,
+    out: Block,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64 + 32 * half ..
+    // + 32 < pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of the panel, which
+    // exists when k is odd. Each row's `width` results are copied into the row of `out` that
+    // the caller lends this call alone.
+    unsafe {
+        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let p = panel.as_ptr().add(32 * half);
+        for c in 0..k / 2 {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * 64 + PREFETCH) as *const i8);
+            let v0 = _mm256_loadu_si256(p.add(c * 64) as *const __m256i);
+            let v1 = _mm256_loadu_si256(p.add(c * 64 + 16) as *const __m256i);
+            let e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+            let e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+            let o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+            let o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+            for r in 0..R {
+                let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
+                let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+                acc[r][0] = _mm256_fmadd_ps(xo, o0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xo, o1, acc[r][1]);
+            }
+        }
+        if k % 2 == 1 {
+            let c = k / 2;
+            let v0 = _mm256_loadu_si256(p.add(c * 64) as *const __m256i);
+            let v1 = _mm256_loadu_si256(p.add(c * 64 + 16) as *const __m256i);
+            let e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+            let e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+            for r in 0..R {
+                let xe = _mm256_set1_ps(rows[r][k - 1]);
+                acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 16];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+            out.row(r, width).copy_from_slice(&lanes[..width]);
+        }
+    }
+}
+
 /// Store masks for the two 16-lane halves of a panel's first `cols` columns.
 #[cfg(target_arch = "x86_64")]
 fn lane_masks(cols: usize) -> (u16, u16) {
@@ -467,13 +568,26 @@ mod tests {
     ];
 
     #[test]
-    fn f32_activations_give_the_exact_product() {
-        for &(m, n, k) in SHAPES {
+    fn f32_activations_give_the_exact_product_in_every_family_this_cpu_has() {
+        let families = Family::supported_here();
+        eprintln!(
+            "kernel families checked here: {:?}",
+            families.iter().map(|f| f.name()).collect::<Vec<_>>()
+        );
+        for family in families {
+            for &(m, n, k) in SHAPES {
+                check_f32_product(family, m, n, k);
+            }
+        }
+    }
+
+    fn check_f32_product(family: Family, m: usize, n: usize, k: usize) {
+        {
             let (x, bits) = inputs(m, n, k);
             let w = PackedBf16::pack(n, k, &bits);
             for parallel in [false, true] {
                 let mut out = vec![f32::NAN; m * n];
-                matmul(&x, m, &w, &mut out, parallel);
+                matmul_with(family, &x, m, &w, &mut out, parallel);
                 let mut portable = vec![f32::NAN; m * n];
                 let whole = Block::new(&mut portable, n);
                 for p in 0..n.div_ceil(PANEL) {
@@ -496,7 +610,8 @@ mod tests {
                         ] {
                             assert!(
                                 (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{what} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                                "{} {what} {m}x{n}x{k} [{i},{j}]: {got} vs {want}",
+                                family.name()
                             );
                         }
                     }
