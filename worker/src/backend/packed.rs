@@ -329,14 +329,15 @@ unsafe fn f32_rows_avx2(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block
             let width = (cols - first).min(16);
             let out = out.offset(0, first);
             let mut i = 0;
+            let x = |i: usize| &x[i * k..];
             while m - i >= 4 {
-                f32_tile_avx2::<4>(&x[i * k..], k, panel, half, out.offset(i, 0), width);
+                f32_tile_avx2::<4, false>(x(i), k, panel, half, out.offset(i, 0), width);
                 i += 4;
             }
             match m - i {
-                3 => f32_tile_avx2::<3>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
-                2 => f32_tile_avx2::<2>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
-                1 => f32_tile_avx2::<1>(&x[i * k..], k, panel, half, out.offset(i, 0), width),
+                3 => f32_tile_avx2::<3, false>(x(i), k, panel, half, out.offset(i, 0), width),
+                2 => f32_tile_avx2::<2, true>(x(i), k, panel, half, out.offset(i, 0), width),
+                1 => f32_tile_avx2::<1, true>(x(i), k, panel, half, out.offset(i, 0), width),
                 _ => {}
             }
         }
@@ -344,14 +345,16 @@ unsafe fn f32_rows_avx2(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block
 }
 
 /// `R` rows of `x` against half `half` of one panel (its 16 rows of the matrix), into the
-/// first `width` columns of `R` rows of `out`.
+/// first `width` columns of `R` rows of `out`. With `SPLIT`, even and odd columns accumulate
+/// apart (four chains per row instead of two), which keeps the FMA units busy when `R` is
+/// small (decode).
 ///
 /// # Safety
 /// As [`f32_rows_avx2`], for `R` rows and `width <= 16` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn f32_tile_avx2<const R: usize>(
+unsafe fn f32_tile_avx2<const R: usize, const SPLIT: bool>(
     x: &[f32],
     k: usize,
     panel: &[u16],
@@ -367,7 +370,8 @@ unsafe fn f32_tile_avx2<const R: usize>(
     // the caller lends this call alone.
     unsafe {
         let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let (a, b) = if SPLIT { (2, 3) } else { (0, 1) };
         let p = panel.as_ptr().add(32 * half);
         for c in 0..k / 2 {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * 64 + PREFETCH) as *const i8);
@@ -382,8 +386,8 @@ unsafe fn f32_tile_avx2<const R: usize>(
                 let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
                 acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
-                acc[r][0] = _mm256_fmadd_ps(xo, o0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xo, o1, acc[r][1]);
+                acc[r][a] = _mm256_fmadd_ps(xo, o0, acc[r][a]);
+                acc[r][b] = _mm256_fmadd_ps(xo, o1, acc[r][b]);
             }
         }
         if k % 2 == 1 {
@@ -398,10 +402,15 @@ unsafe fn f32_tile_avx2<const R: usize>(
                 acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
+        for (r, acc) in acc.iter().enumerate() {
+            let (lo, hi) = if SPLIT {
+                (_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]))
+            } else {
+                (acc[0], acc[1])
+            };
             let mut lanes = [0.0f32; 16];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
             out.row(r, width).copy_from_slice(&lanes[..width]);
         }
     }
