@@ -50,16 +50,17 @@ fn ids_arg(ids: &Value) -> String {
         .join(",")
 }
 
+/// A golden case's prompt as `--prompt-ids` takes it, and its number of new tokens.
+fn prompt_and_length(case: &Value) -> (String, String) {
+    let n = case["new_token_ids"].as_array().expect("tokens").len();
+    (ids_arg(&case["prompt_ids"]), n.to_string())
+}
+
 #[test]
 fn json_output_has_every_field_and_matches_the_golden() {
     let case = golden_case("tiny-v3", 1);
     let model = fixture("tiny-v3");
-    let ids = ids_arg(&case["prompt_ids"]);
-    let n = case["new_token_ids"]
-        .as_array()
-        .expect("tokens")
-        .len()
-        .to_string();
+    let (ids, n) = prompt_and_length(&case);
     let args = [
         "generate",
         "--model",
@@ -395,12 +396,7 @@ fn a_broken_checkpoint_is_named_in_one_line() {
 fn a_forced_kernel_family_gives_the_golden_and_a_wrong_one_is_refused() {
     let case = golden_case("tiny-v3", 0);
     let model = fixture("tiny-v3");
-    let ids = ids_arg(&case["prompt_ids"]);
-    let n = case["new_token_ids"]
-        .as_array()
-        .expect("tokens")
-        .len()
-        .to_string();
+    let (ids, n) = prompt_and_length(&case);
     let run = |kernels: &str| {
         moebius(&[
             "--kernels",
