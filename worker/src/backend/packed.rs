@@ -522,28 +522,46 @@ unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// The same product as [`f32_rows`] in portable code, for CPUs without AVX-512.
+/// The same product as [`f32_rows`] in portable code, for CPUs with none of the kernels above.
+/// Written for the compiler to vectorise with the baseline's vectors (SSE2 on x86-64, NEON on
+/// aarch64): each column pair is widened once into fixed-size arrays of 32 even and 32 odd
+/// weights, which every row then multiplies lane by lane.
 ///
 /// # Safety
 /// The first `cols` values of `m` rows of `out` are writable and nothing else accesses them
 /// during the call.
 unsafe fn portable_rows(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block, cols: usize) {
-    for r in 0..m {
-        let row = &x[r * k..(r + 1) * k];
-        let mut acc = [0.0f32; PANEL];
+    /// Rows multiplied together per pass over the panel: the panel is read once per 4 rows.
+    const ROWS: usize = 4;
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = ROWS.min(m - r0);
+        let mut acc = [[0.0f32; PANEL]; ROWS];
+        let mut even = [0.0f32; PANEL];
+        let mut odd = [0.0f32; PANEL];
         for (c, pair) in panel
             .chunks_exact(2 * PANEL)
             .take(k.div_ceil(2))
             .enumerate()
         {
-            let xe = row[2 * c];
-            let xo = row.get(2 * c + 1).copied().unwrap_or(0.0);
-            for (a, w) in acc.iter_mut().zip(pair.chunks_exact(2)) {
-                *a += xe * bf16_to_f32(w[0]) + xo * bf16_to_f32(w[1]);
+            for (j, w) in pair.chunks_exact(2).enumerate() {
+                even[j] = bf16_to_f32(w[0]);
+                odd[j] = bf16_to_f32(w[1]);
+            }
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let xe = row[2 * c];
+                let xo = row.get(2 * c + 1).copied().unwrap_or(0.0);
+                for j in 0..PANEL {
+                    acc[j] += xe * even[j] + xo * odd[j];
+                }
             }
         }
-        // SAFETY: the caller lends these `cols` values of row r to this call.
-        unsafe { out.row(r, cols) }.copy_from_slice(&acc[..cols]);
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            // SAFETY: the caller lends these `cols` values of row r0 + r to this call.
+            unsafe { out.row(r0 + r, cols) }.copy_from_slice(&acc[..cols]);
+        }
+        r0 += rows;
     }
 }
 
