@@ -156,7 +156,7 @@ async fn a_secured_cluster_serves_its_own_and_refuses_everyone_else() {
     let router = up.router_addr();
     let admin = up.admin_addr();
     let http = up.http_addr();
-    let client = || Some(ours.grpc_client("127.0.0.1"));
+    let client = || Some(ours.grpc_client());
 
     // The router serves a client that trusts the CA and sends a key.
     let reference: Vec<Vec<u32>> = {
@@ -174,13 +174,7 @@ async fn a_secured_cluster_serves_its_own_and_refuses_everyone_else() {
     // The router refuses: no TLS, another CA, no key, a wrong key.
     let plain = generate(&router, None, Some(KEY), request(0)).await;
     assert!(plain.is_err(), "a plaintext client was served: {plain:?}");
-    let foreign = generate(
-        &router,
-        Some(theirs.grpc_client("127.0.0.1")),
-        Some(KEY),
-        request(0),
-    )
-    .await;
+    let foreign = generate(&router, Some(theirs.grpc_client()), Some(KEY), request(0)).await;
     assert_eq!(
         foreign.map_err(|s| s.code()),
         Err(Code::Unavailable),
@@ -267,16 +261,14 @@ async fn a_secured_cluster_serves_its_own_and_refuses_everyone_else() {
     assert_eq!(workers.len(), 2);
     for w in &workers {
         assert_eq!(
-            health(&w.address, Some(ours.grpc_client("127.0.0.1")), "")
-                .await
-                .ok(),
+            health(&w.address, Some(ours.grpc_client()), "").await.ok(),
             Some(1),
             "worker {} serves the cluster's certificate",
             w.id
         );
         for (what, tls) in [
             ("no client certificate", Some(trust_only(&certs))),
-            ("another CA", Some(theirs.grpc_client("127.0.0.1"))),
+            ("another CA", Some(theirs.grpc_client())),
             ("no TLS", None),
         ] {
             let refused = health(&w.address, tls, "").await;
@@ -314,6 +306,16 @@ async fn a_secured_cluster_serves_its_own_and_refuses_everyone_else() {
         table.contains("worker-0") && table.contains("worker-1"),
         "{table}"
     );
+
+    // `moebius health`, the chart's probe under TLS: a worker is SERVING to a client with the
+    // cluster's certificate; without TLS flags the check fails with exit 1 and one line.
+    let mut args = vec!["health", "--addr", &workers[0].address, "--service", ""];
+    args.extend(tls_flags.iter().map(String::as_str));
+    let out = moebius(&args);
+    assert!(out.status.success(), "health with the certificate: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    let out = moebius(&["health", "--addr", &workers[0].address]);
+    assert_eq!(out.status.code(), Some(1), "health without TLS: {out:?}");
 
     // etcd, through its own client: a certificate from the CA is required.
     let etcdctl = |with_cert: bool| {
@@ -554,14 +556,9 @@ async fn up_in_one_process_serves_over_tls_with_its_throwaway_certificates() {
     // `up` wrote the files, and its parts use them: the router answers over TLS only.
     let ours = Tls::load(&files(&certs)).expect("up wrote a CA, a certificate and its key");
     assert!(certs.join("cluster-secret").exists());
-    let tokens = generate(
-        &router,
-        Some(ours.grpc_client("127.0.0.1")),
-        None,
-        request(1),
-    )
-    .await
-    .expect("the in-process cluster serves over TLS");
+    let tokens = generate(&router, Some(ours.grpc_client()), None, request(1))
+        .await
+        .expect("the in-process cluster serves over TLS");
     assert_eq!(tokens.len(), TOKENS as usize);
     assert!(generate(&router, None, None, request(1)).await.is_err());
     let (status, _) =

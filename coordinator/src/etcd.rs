@@ -81,7 +81,7 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         if let Some(tls) = tls {
-            options = options.with_tls(tls.etcd(crate::tls::host(&endpoints[0])));
+            options = options.with_tls(tls.etcd());
         }
         let unreachable = |message: String| StoreError::Unreachable {
             endpoint: endpoint.clone(),

@@ -179,21 +179,24 @@ impl Tls {
         }
     }
 
-    /// A gRPC client's TLS towards another part at `host`: the CA to check it with, our
-    /// certificate to show, and the name to check (the configured server name, else `host`).
-    pub fn grpc_client(&self, host: &str) -> ClientTlsConfig {
-        let name = self.files.server_name.as_deref().unwrap_or(host);
-        ClientTlsConfig::new()
+    /// A gRPC client's TLS towards other parts: the CA to check them with, our certificate to
+    /// show, and the configured server name to check in theirs; without one, tonic checks the
+    /// host each endpoint dials.
+    pub fn grpc_client(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new()
             .ca_certificate(self.ca())
             .identity(self.identity())
-            .domain_name(name.trim_start_matches('[').trim_end_matches(']'))
-            .timeout(HANDSHAKE_TIMEOUT)
+            .timeout(HANDSHAKE_TIMEOUT);
+        match &self.files.server_name {
+            Some(name) => config.domain_name(name.clone()),
+            None => config,
+        }
     }
 
     /// etcd-client's TLS options: the same CA and certificate (etcd checks client certificates
-    /// when started with `--client-cert-auth`).
-    pub fn etcd(&self, host: &str) -> etcd_client::TlsOptions {
-        self.grpc_client(host)
+    /// when started with `--client-cert-auth`), for every endpoint.
+    pub fn etcd(&self) -> etcd_client::TlsOptions {
+        self.grpc_client()
     }
 
     /// The acceptor of the HTTP ports: our certificate, HTTP/1.1, no client certificate.
@@ -231,18 +234,8 @@ pub fn endpoint(
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(uri(address, tls))?;
     match tls {
-        Some(tls) => endpoint.tls_config(tls.grpc_client(host(address))),
+        Some(tls) => endpoint.tls_config(tls.grpc_client()),
         None => Ok(endpoint),
-    }
-}
-
-/// The host part of `host:port` or of a URI (`[::1]` keeps its brackets).
-pub fn host(address: &str) -> &str {
-    let rest = address.split_once("://").map_or(address, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => host,
-        _ => authority,
     }
 }
 
@@ -319,13 +312,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hosts_and_uris() {
-        assert_eq!(host("127.0.0.1:50051"), "127.0.0.1");
-        assert_eq!(host("https://worker-0.moebius:7000/x"), "worker-0.moebius");
-        assert_eq!(host("[::1]:7000"), "[::1]");
-        assert_eq!(host("localhost"), "localhost");
+    fn uris() {
+        assert_eq!(uri("10.0.0.1:1", Some(&tls())), "https://10.0.0.1:1");
         assert_eq!(uri("10.0.0.1:1", None), "http://10.0.0.1:1");
         assert_eq!(uri("http://a:1", None), "http://a:1");
+    }
+
+    /// A CA and a certificate it signs, written into a folder that lives as long as the
+    /// process (tests only).
+    fn tls() -> Tls {
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &rcgen::Issuer::new(ca, ca_key))
+            .expect("leaf");
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.join("cert.pem"), leaf.pem()).expect("write");
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("write");
+        Tls::load(&TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+            server_name: None,
+        })
+        .expect("the files load")
     }
 
     #[test]

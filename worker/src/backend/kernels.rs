@@ -100,10 +100,12 @@ pub fn force(family: Family) -> Result<(), String> {
     Ok(())
 }
 
-/// The family the products run: the forced one, else the best this CPU has.
+/// The family the products run: the forced one, else the best this CPU has (found once, as
+/// every product asks).
 pub fn active() -> Family {
+    static BEST: std::sync::OnceLock<Family> = std::sync::OnceLock::new();
     match FORCED.load(Ordering::Relaxed) {
-        0 => Family::best(),
+        0 => *BEST.get_or_init(Family::best),
         i => ALL[usize::from(i - 1).min(ALL.len() - 1)],
     }
 }

@@ -227,10 +227,15 @@ impl Lobby {
 
 /// Answers refused hellos (outside the lobby's lock) and closes their connections.
 fn refuse(refused: Vec<(TcpStream, Hello, Verdict)>) {
-    for (mut stream, hello, verdict) in refused {
-        let _ = stream.set_write_timeout(Some(REPLY_WRITE));
-        let _ = stream.write_all(&frame::encode_reply(hello.epoch, 0, 0, verdict));
+    for (stream, hello, verdict) in refused {
+        answer(&stream, hello.epoch, verdict);
     }
+}
+
+/// Tells a dialer we will not use its connection, and why; best effort, bounded in time.
+fn answer(mut stream: &TcpStream, epoch: u64, verdict: Verdict) {
+    let _ = stream.set_write_timeout(Some(REPLY_WRITE));
+    let _ = stream.write_all(&frame::encode_reply(epoch, 0, 0, verdict));
 }
 
 impl DataListener {
@@ -517,10 +522,8 @@ fn greet(
     secret: Option<&ClusterSecret>,
 ) -> Option<(Hello, Option<Transcript>)> {
     let hello = read_hello(stream, deadline)?;
-    let unauthenticated = |mut stream: &TcpStream| {
-        let _ = stream.set_write_timeout(Some(REPLY_WRITE));
-        let reply = frame::encode_reply(hello.epoch, 0, 0, Verdict::Unauthenticated);
-        let _ = stream.write_all(&reply);
+    let unauthenticated = |stream: &TcpStream| {
+        answer(stream, hello.epoch, Verdict::Unauthenticated);
         None
     };
     let Some(secret) = secret else {
