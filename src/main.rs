@@ -29,8 +29,8 @@ struct Cli {
     #[arg(long, global = true)]
     check_config: bool,
     /// Kernel family of the products with bf16 weights: `auto` (the best this CPU has), or
-    /// one this CPU supports to test or measure it: `avx512bf16`, `avx512`, `avx2`,
-    /// `portable`. The parts `up` starts inherit it.
+    /// one this CPU supports to test or measure it: `avx512bf16`, `avx512`, `avx2`, `neon`
+    /// (aarch64), `portable`. The parts `up` starts inherit it.
     #[arg(long, global = true, env = "MOEBIUS_KERNELS", default_value = "auto")]
     kernels: String,
     #[command(subcommand)]
@@ -69,7 +69,7 @@ fn force_kernels(name: &str) -> Result<(), String> {
         return Ok(());
     }
     let family = Family::parse(name).ok_or_else(|| {
-        format!("--kernels {name}: give auto, avx512bf16, avx512, avx2 or portable")
+        format!("--kernels {name}: give auto, avx512bf16, avx512, avx2, neon or portable")
     })?;
     kernels::force(family).map_err(|e| format!("--kernels {name}: {e}"))?;
     std::env::set_var("MOEBIUS_KERNELS", name);

@@ -1,7 +1,9 @@
 //! `moebius bench engine`: prefill and decode throughput of one rank on a checkpoint, and how
 //! close decode comes to the memory-bandwidth limit of reading the weights once per step. The
 //! rank is an engine thread running the loop every worker runs; step times are read off the
-//! arrival of the tokens each step makes.
+//! arrival of the tokens each step makes. The bandwidth is the best of three reads of a buffer
+//! far larger than the caches on every core: a plain sum, the f32 matrix-vector product, and the
+//! best packed bf16 product this CPU has (whatever `--kernels` forces for the run itself).
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -61,7 +63,9 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let backend = CpuBackend::new(args.threads).with_bf16_activations(args.bf16_activations);
     let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
-    let bandwidth = read_bandwidth_gbs().max(gemv_bandwidth_gbs(&model));
+    let bandwidth = read_bandwidth_gbs()
+        .max(gemv_bandwidth_gbs(&model))
+        .max(bf16_gemv_bandwidth_gbs());
     let expert_bytes = model.rank_models(1)?[0]
         .experts
         .bytes(&*model.shared.backend);
@@ -276,6 +280,25 @@ fn gemv_bandwidth_gbs(model: &LoadedModel) -> f64 {
         backend.linear(&x, 1, &w, &mut out);
         std::hint::black_box(&out);
         best = best.max((rows * cols * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Read bandwidth of the best packed bf16 product this CPU has on a 256 MiB weight, on every
+/// core: the weights of a decode step are bf16, so this is how fast they can stream, whichever
+/// family `--kernels` forces for the rest of the run.
+fn bf16_gemv_bandwidth_gbs() -> f64 {
+    use moebius_worker::backend::{kernels, packed};
+    let (rows, cols) = (16384, 8192);
+    let w = packed::PackedBf16::pack(rows, cols, &vec![0x3f00; rows * cols]);
+    let x = vec![1.0f32; cols];
+    let mut out = vec![0.0f32; rows];
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        packed::matmul_with(kernels::Family::best(), &x, 1, &w, &mut out, true);
+        std::hint::black_box(&out);
+        best = best.max(w.bytes() as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     best
 }

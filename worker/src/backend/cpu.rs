@@ -13,7 +13,7 @@ use super::packed::{self, PackedBf16};
 use super::{Backend, View};
 
 /// Products with fewer multiply-adds than this run on one thread.
-const PARALLEL_MIN_FLOPS: usize = 1 << 22;
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
 thread_local! {
     /// Set while this thread runs one of [`Backend::map_tasks`]'s tasks: the tasks already keep

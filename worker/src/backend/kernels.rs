@@ -13,14 +13,18 @@ pub enum Family {
     Avx512,
     /// AVX2 with FMA: f32 activations, bf16 weights widened in registers.
     Avx2,
+    /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU): the AVX2 kernel's scheme on
+    /// 4-lane vectors and 32 registers.
+    Neon,
     /// Plain Rust over the same layout, for CPUs with none of the above.
     Portable,
 }
 
-const ALL: [Family; 4] = [
+const ALL: [Family; 5] = [
     Family::Avx512Bf16,
     Family::Avx512,
     Family::Avx2,
+    Family::Neon,
     Family::Portable,
 ];
 
@@ -31,6 +35,7 @@ impl Family {
             Family::Avx512Bf16 => "avx512bf16",
             Family::Avx512 => "avx512",
             Family::Avx2 => "avx2",
+            Family::Neon => "neon",
             Family::Portable => "portable",
         }
     }
@@ -49,10 +54,20 @@ impl Family {
                 Family::Avx512Bf16 => has!("avx512f") && has!("avx512bf16"),
                 Family::Avx512 => has!("avx512f"),
                 Family::Avx2 => has!("avx2") && has!("fma"),
+                Family::Neon => false,
                 Family::Portable => true,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            use std::arch::is_aarch64_feature_detected as has;
+            match self {
+                Family::Neon => has!("neon"),
+                Family::Portable => true,
+                _ => false,
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             self == Family::Portable
         }

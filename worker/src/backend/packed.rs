@@ -26,6 +26,7 @@ use super::kernels::{self, Family};
 pub const PANEL: usize = 32;
 
 /// Rows of activations per full register tile.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
 
 /// How far ahead of the pair being multiplied the kernels prefetch weights, in bf16 values
@@ -132,6 +133,8 @@ pub fn matmul_with(
                     }
                     #[cfg(target_arch = "x86_64")]
                     Family::Avx2 => f32_rows_avx2(x, im, k, panel, out, cols),
+                    #[cfg(target_arch = "aarch64")]
+                    Family::Neon => f32_rows_neon(x, im, k, panel, out, cols),
                     _ => portable_rows(x, im, k, panel, out, cols),
                 }
             }
@@ -151,41 +154,45 @@ pub fn matmul_bf16(
     if !bf16_available() {
         return None;
     }
-    let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k, "packed matmul: x too small");
-    assert!(out.len() >= m * n, "packed matmul: out too small");
-    // Activations as bf16 rows of whole pairs, the odd last column padded with zero.
-    let kp = w.pairs * 2;
-    let mut xb = vec![0u16; m * kp];
-    for (src, dst) in x[..m * k]
-        .chunks_exact(k.max(1))
-        .zip(xb.chunks_exact_mut(kp.max(1)))
+    #[cfg(not(target_arch = "x86_64"))]
     {
-        // SAFETY: AVX512-BF16 is present; `dst` is at least as long as `src`.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            round_row(src, dst)
-        };
+        let _ = (x, m, w, out, parallel);
+        None
     }
-    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
-        for_panels(j0, jn, |p, col, cols| {
-            // SAFETY: AVX512-BF16 is present; `xb` holds im rows of kp = 2 · pairs values from
-            // row i0 and the panel `pairs` pairs of 32 rows; the block's im rows of `cols`
-            // values from `col` on belong to this task alone (blocks::run).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                bf16_rows(
-                    &xb[i0 * kp..(i0 + im) * kp],
-                    im,
-                    w.pairs,
-                    w.panel(p),
-                    block.offset(0, col),
-                    cols,
-                )
-            };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (n, k) = (w.rows, w.cols);
+        assert!(x.len() >= m * k, "packed matmul: x too small");
+        assert!(out.len() >= m * n, "packed matmul: out too small");
+        // Activations as bf16 rows of whole pairs, the odd last column padded with zero.
+        let kp = w.pairs * 2;
+        let mut xb = vec![0u16; m * kp];
+        for (src, dst) in x[..m * k]
+            .chunks_exact(k.max(1))
+            .zip(xb.chunks_exact_mut(kp.max(1)))
+        {
+            // SAFETY: AVX512-BF16 is present; `dst` is at least as long as `src`.
+            unsafe { round_row(src, dst) };
+        }
+        super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
+            for_panels(j0, jn, |p, col, cols| {
+                // SAFETY: AVX512-BF16 is present; `xb` holds im rows of kp = 2 · pairs values
+                // from row i0 and the panel `pairs` pairs of 32 rows; the block's im rows of
+                // `cols` values from `col` on belong to this task alone (blocks::run).
+                unsafe {
+                    bf16_rows(
+                        &xb[i0 * kp..(i0 + im) * kp],
+                        im,
+                        w.pairs,
+                        w.panel(p),
+                        block.offset(0, col),
+                        cols,
+                    )
+                };
+            });
         });
-    });
-    Some(())
+        Some(())
+    }
 }
 
 /// Calls `f(panel, first column in the block, columns)` for the panels that cover the block of
@@ -310,8 +317,15 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
     }
 }
 
-/// All `m` rows of `x` against one panel with AVX2 and FMA: each half of the panel (16 rows of
-/// the matrix, 16 output columns) in tiles of 4 rows and then the remainder.
+/// From this many activation rows on, the AVX2 kernel widens each half panel to f32 once
+/// and multiplies that ([`f32_rows_avx2_widened`]).
+#[cfg(target_arch = "x86_64")]
+const AVX2_WIDEN_ROWS: usize = 24;
+
+/// All `m` rows of `x` against one panel with AVX2 and FMA. One or two rows (decode) take the
+/// whole panel in one pass, which reads it front to back once; more rows take each half of the
+/// panel (16 rows of the matrix, 16 output columns) in tiles of 4 rows and then the remainder,
+/// since 16 registers hold no larger tile.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; otherwise as [`f32_rows`].
@@ -319,98 +333,343 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn f32_rows_avx2(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block, cols: usize) {
     // SAFETY (every call): rows i..i + R of x exist, the tile writes rows i..i + R of out, and
-    // half h covers columns 16h..16h + width of the `cols` this call owns.
+    // vectors v0..v0 + V cover columns 8 v0..8 v0 + width of the `cols` this call owns.
     unsafe {
+        match m {
+            1 => return f32_tile_avx2::<1, 4, true>(x, k, panel, 0, out, cols),
+            2 => return f32_tile_avx2::<2, 4, false>(x, k, panel, 0, out, cols),
+            _ if m >= AVX2_WIDEN_ROWS => return f32_rows_avx2_widened(x, m, k, panel, out, cols),
+            _ => {}
+        }
         for half in 0..2 {
             let first = half * 16;
             if first >= cols {
                 break;
             }
             let width = (cols - first).min(16);
+            let v0 = 2 * half;
             let out = out.offset(0, first);
             let mut i = 0;
             let x = |i: usize| &x[i * k..];
             while m - i >= 4 {
-                f32_tile_avx2::<4, false>(x(i), k, panel, half, out.offset(i, 0), width);
+                f32_tile_avx2::<4, 2, false>(x(i), k, panel, v0, out.offset(i, 0), width);
                 i += 4;
             }
             match m - i {
-                3 => f32_tile_avx2::<3, false>(x(i), k, panel, half, out.offset(i, 0), width),
-                2 => f32_tile_avx2::<2, true>(x(i), k, panel, half, out.offset(i, 0), width),
-                1 => f32_tile_avx2::<1, true>(x(i), k, panel, half, out.offset(i, 0), width),
+                3 => f32_tile_avx2::<3, 2, false>(x(i), k, panel, v0, out.offset(i, 0), width),
+                2 => f32_tile_avx2::<2, 2, true>(x(i), k, panel, v0, out.offset(i, 0), width),
+                1 => f32_tile_avx2::<1, 2, true>(x(i), k, panel, v0, out.offset(i, 0), width),
                 _ => {}
             }
         }
     }
 }
 
-/// `R` rows of `x` against half `half` of one panel (its 16 rows of the matrix), into the
-/// first `width` columns of `R` rows of `out`. With `SPLIT`, even and odd columns accumulate
-/// apart (four chains per row instead of two), which keeps the FMA units busy when `R` is
-/// small (decode).
+/// [`f32_rows_avx2`] for many rows: each half of the panel is widened to f32 once, into a
+/// buffer of the thread (`k × 16` values, in L2), and then multiplied in tiles of 6 rows × 16
+/// outputs. Without the widening in the inner loop, the tile takes 12 of the 16 registers for
+/// accumulators and every other instruction there is a load or an FMA.
 ///
 /// # Safety
-/// As [`f32_rows_avx2`], for `R` rows and `width <= 16` columns.
+/// As [`f32_rows_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_rows_avx2_widened(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[u16],
+    out: Block,
+    cols: usize,
+) {
+    thread_local! {
+        static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    WIDE.with_borrow_mut(|wide| {
+        wide.resize(k.div_ceil(2) * 2 * 16, 0.0);
+        // SAFETY (every call): the panel holds k.div_ceil(2) pairs, `wide` 16 values for each
+        // of their columns; rows i..i + R of x exist, and the tile writes rows i..i + R of the
+        // `width` columns from `first` on, which the caller lends this call.
+        unsafe {
+            for half in 0..2 {
+                let first = half * 16;
+                if first >= cols {
+                    break;
+                }
+                let width = (cols - first).min(16);
+                widen_half_avx2(panel, half, k, wide);
+                let out = out.offset(0, first);
+                let x = |i: usize| &x[i * k..];
+                let mut i = 0;
+                while m - i >= 6 {
+                    wide_tile_avx2::<6>(x(i), k, wide, out.offset(i, 0), width);
+                    i += 6;
+                }
+                match m - i {
+                    5 => wide_tile_avx2::<5>(x(i), k, wide, out.offset(i, 0), width),
+                    4 => wide_tile_avx2::<4>(x(i), k, wide, out.offset(i, 0), width),
+                    3 => wide_tile_avx2::<3>(x(i), k, wide, out.offset(i, 0), width),
+                    2 => wide_tile_avx2::<2>(x(i), k, wide, out.offset(i, 0), width),
+                    1 => wide_tile_avx2::<1>(x(i), k, wide, out.offset(i, 0), width),
+                    _ => {}
+                }
+            }
+        }
+    });
+}
+
+/// Widens half `half` of a panel (16 rows of the matrix) to f32: `wide[c * 16 + j]` is the
+/// weight of row j of the half at column c.
+///
+/// # Safety
+/// AVX2; the panel holds `k.div_ceil(2)` pairs; `wide.len() >= k.div_ceil(2) * 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_half_avx2(panel: &[u16], half: usize, k: usize, wide: &mut [f32]) {
+    use std::arch::x86_64::*;
+    // SAFETY: pair c < k.div_ceil(2) reads panel values c * 64 + 32 half .. + 32 and writes
+    // wide values 32 c .. 32 c + 32, all in bounds by the contract.
+    unsafe {
+        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        let p = panel.as_ptr().add(32 * half);
+        let w = wide.as_mut_ptr();
+        for c in 0..k.div_ceil(2) {
+            let v0 = _mm256_loadu_si256(p.add(c * 64) as *const __m256i);
+            let v1 = _mm256_loadu_si256(p.add(c * 64 + 16) as *const __m256i);
+            let d = w.add(c * 32);
+            _mm256_storeu_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)));
+            _mm256_storeu_ps(d.add(8), _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)));
+            _mm256_storeu_ps(d.add(16), _mm256_castsi256_ps(_mm256_and_si256(v0, high)));
+            _mm256_storeu_ps(d.add(24), _mm256_castsi256_ps(_mm256_and_si256(v1, high)));
+        }
+    }
+}
+
+/// `R` rows of `x` against a widened half panel, into the first `width` columns of `R` rows of
+/// `out`.
+///
+/// # Safety
+/// AVX2 and FMA; `x` holds `R` rows of `k` values; `wide` holds `k` columns of 16 values;
+/// `width <= 16`; those values of `out` are lent to this call alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn f32_tile_avx2<const R: usize, const SPLIT: bool>(
+unsafe fn wide_tile_avx2<const R: usize>(
     x: &[f32],
     k: usize,
-    panel: &[u16],
-    half: usize,
+    wide: &[f32],
     out: Block,
     width: usize,
 ) {
     use std::arch::x86_64::*;
     let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
-    // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64 + 32 * half ..
-    // + 32 < pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of the panel, which
-    // exists when k is odd. Each row's `width` results are copied into the row of `out` that
-    // the caller lends this call alone.
+    // SAFETY: column c < k reads x[r][c] and wide values 16 c .. 16 c + 16; each row's `width`
+    // results go to the row of `out` lent to this call.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let w = wide.as_ptr();
+        for c in 0..k {
+            let w0 = _mm256_loadu_ps(w.add(c * 16));
+            let w1 = _mm256_loadu_ps(w.add(c * 16 + 8));
+            for r in 0..R {
+                let b = _mm256_set1_ps(*rows[r].get_unchecked(c));
+                acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 16];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+            out.row(r, width).copy_from_slice(&lanes[..width]);
+        }
+    }
+}
+
+/// `R` rows of `x` against `V` 8-row vectors of one panel from vector `v0` on (its matrix rows
+/// 8 v0..8 (v0 + V)), into the first `width` columns of `R` rows of `out`. With `SPLIT`, even
+/// and odd columns accumulate apart (twice the chains per row), which keeps the FMA units busy
+/// when `R` is small (decode).
+///
+/// # Safety
+/// As [`f32_rows_avx2`], for `R` rows, `v0 + V <= 4` and `width <= 8 V` columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn f32_tile_avx2<const R: usize, const V: usize, const SPLIT: bool>(
+    x: &[f32],
+    k: usize,
+    panel: &[u16],
+    v0: usize,
+    out: Block,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    let odd = |v: usize| if SPLIT { V + v } else { v };
+    // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64 + 16 v0 ..
+    // + 16 V <= c * 64 + 64 <= pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of
+    // the panel, which exists when k is odd. Each row's `width` results are copied into the
+    // row of `out` that the caller lends this call alone.
     unsafe {
         let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let (a, b) = if SPLIT { (2, 3) } else { (0, 1) };
-        let p = panel.as_ptr().add(32 * half);
+        let mut acc = [[_mm256_setzero_ps(); 8]; R];
+        let p = panel.as_ptr().add(16 * v0);
         for c in 0..k / 2 {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * 64 + PREFETCH) as *const i8);
-            let v0 = _mm256_loadu_si256(p.add(c * 64) as *const __m256i);
-            let v1 = _mm256_loadu_si256(p.add(c * 64 + 16) as *const __m256i);
-            let e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
-            let e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
-            let o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
-            let o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
-            for r in 0..R {
-                let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
-                let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
-                acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
-                acc[r][a] = _mm256_fmadd_ps(xo, o0, acc[r][a]);
-                acc[r][b] = _mm256_fmadd_ps(xo, o1, acc[r][b]);
+            let ahead = p.wrapping_add(c * 64 + PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if V > 2 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
+            let xe: [__m256; R] =
+                std::array::from_fn(|r| _mm256_set1_ps(*rows[r].get_unchecked(2 * c)));
+            let xo: [__m256; R] =
+                std::array::from_fn(|r| _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1)));
+            for v in 0..V {
+                let w = _mm256_loadu_si256(p.add(c * 64 + 16 * v) as *const __m256i);
+                let e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                let o = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+                for r in 0..R {
+                    acc[r][v] = _mm256_fmadd_ps(xe[r], e, acc[r][v]);
+                    acc[r][odd(v)] = _mm256_fmadd_ps(xo[r], o, acc[r][odd(v)]);
+                }
             }
         }
         if k % 2 == 1 {
             let c = k / 2;
-            let v0 = _mm256_loadu_si256(p.add(c * 64) as *const __m256i);
-            let v1 = _mm256_loadu_si256(p.add(c * 64 + 16) as *const __m256i);
-            let e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
-            let e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
-            for r in 0..R {
-                let xe = _mm256_set1_ps(rows[r][k - 1]);
-                acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+            for v in 0..V {
+                let w = _mm256_loadu_si256(p.add(c * 64 + 16 * v) as *const __m256i);
+                let e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(row[k - 1]), e, acc[v]);
+                }
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            let (lo, hi) = if SPLIT {
-                (_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]))
-            } else {
-                (acc[0], acc[1])
-            };
-            let mut lanes = [0.0f32; 16];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+            let mut lanes = [0.0f32; 32];
+            for v in 0..V {
+                let sum = if SPLIT {
+                    _mm256_add_ps(acc[v], acc[V + v])
+                } else {
+                    acc[v]
+                };
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), sum);
+            }
+            out.row(r, width).copy_from_slice(&lanes[..width]);
+        }
+    }
+}
+
+/// All `m` rows of `x` against one panel with aarch64 NEON: as [`f32_rows_avx2`] on 4-lane
+/// vectors. One or two rows take the whole panel (eight vectors of 4 matrix rows) in one pass;
+/// more rows take each half of it in tiles of 4 rows (16 accumulators of the 32 registers).
+///
+/// # Safety
+/// The CPU must support NEON; otherwise as [`f32_rows`].
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn f32_rows_neon(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block, cols: usize) {
+    // SAFETY (every call): rows i..i + R of x exist, the tile writes rows i..i + R of out, and
+    // vectors v0..v0 + V cover columns 4 v0..4 v0 + width of the `cols` this call owns.
+    unsafe {
+        match m {
+            1 => return f32_tile_neon::<1, 8, true>(x, k, panel, 0, out, cols),
+            2 => return f32_tile_neon::<2, 8, false>(x, k, panel, 0, out, cols),
+            _ => {}
+        }
+        for half in 0..2 {
+            let first = half * 16;
+            if first >= cols {
+                break;
+            }
+            let width = (cols - first).min(16);
+            let v0 = 4 * half;
+            let out = out.offset(0, first);
+            let mut i = 0;
+            let x = |i: usize| &x[i * k..];
+            while m - i >= 4 {
+                f32_tile_neon::<4, 4, false>(x(i), k, panel, v0, out.offset(i, 0), width);
+                i += 4;
+            }
+            match m - i {
+                3 => f32_tile_neon::<3, 4, false>(x(i), k, panel, v0, out.offset(i, 0), width),
+                2 => f32_tile_neon::<2, 4, true>(x(i), k, panel, v0, out.offset(i, 0), width),
+                1 => f32_tile_neon::<1, 4, true>(x(i), k, panel, v0, out.offset(i, 0), width),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `R` rows of `x` against `V` 4-row vectors of one panel from vector `v0` on (its matrix rows
+/// 4 v0..4 (v0 + V)), into the first `width` columns of `R` rows of `out`; `SPLIT` as in
+/// [`f32_tile_avx2`].
+///
+/// # Safety
+/// As [`f32_rows_neon`], for `R` rows, `v0 + V <= 8` and `width <= 4 V` columns.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn f32_tile_neon<const R: usize, const V: usize, const SPLIT: bool>(
+    x: &[f32],
+    k: usize,
+    panel: &[u16],
+    v0: usize,
+    out: Block,
+    width: usize,
+) {
+    use std::arch::aarch64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    let odd = |v: usize| if SPLIT { V + v } else { v };
+    // SAFETY: pair c < k / 2 reads x[r][2c + 1] < k and panel values c * 64 + 8 v0 .. + 8 V
+    // <= c * 64 + 64 <= pairs * 64; the odd tail reads x[r][k - 1] and pair k / 2 of the panel,
+    // which exists when k is odd. Each row's `width` results are copied into the row of `out`
+    // that the caller lends this call alone.
+    unsafe {
+        let high = vdupq_n_u32(0xFFFF_0000);
+        let mut acc = [[vdupq_n_f32(0.0); 16]; R];
+        let p = panel.as_ptr().add(8 * v0);
+        for c in 0..k / 2 {
+            let ahead = p.wrapping_add(c * 64 + PREFETCH);
+            // SAFETY: a prefetch is a hint that never faults, whatever the address.
+            std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) ahead, options(nostack, readonly, preserves_flags));
+            if V > 4 {
+                std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) ahead.wrapping_add(32), options(nostack, readonly, preserves_flags));
+            }
+            let xe: [float32x4_t; R] =
+                std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c)));
+            let xo: [float32x4_t; R] =
+                std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c + 1)));
+            for v in 0..V {
+                let w = vld1q_u32(p.add(c * 64 + 8 * v) as *const u32);
+                let e = vreinterpretq_f32_u32(vshlq_n_u32::<16>(w));
+                let o = vreinterpretq_f32_u32(vandq_u32(w, high));
+                for r in 0..R {
+                    acc[r][v] = vfmaq_f32(acc[r][v], e, xe[r]);
+                    acc[r][odd(v)] = vfmaq_f32(acc[r][odd(v)], o, xo[r]);
+                }
+            }
+        }
+        if k % 2 == 1 {
+            let c = k / 2;
+            for v in 0..V {
+                let w = vld1q_u32(p.add(c * 64 + 8 * v) as *const u32);
+                let e = vreinterpretq_f32_u32(vshlq_n_u32::<16>(w));
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    acc[v] = vfmaq_f32(acc[v], e, vdupq_n_f32(row[k - 1]));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 32];
+            for v in 0..V {
+                let sum = if SPLIT {
+                    vaddq_f32(acc[v], acc[V + v])
+                } else {
+                    acc[v]
+                };
+                vst1q_f32(lanes.as_mut_ptr().add(4 * v), sum);
+            }
             out.row(r, width).copy_from_slice(&lanes[..width]);
         }
     }
@@ -592,6 +851,9 @@ mod tests {
         (12, 130, 1024),
         (15, 41, 700),
         (33, 300, 64),
+        // Enough rows for the widened AVX2 path, with an odd k and a part of a panel.
+        (29, 45, 33),
+        (61, 20, 257),
     ];
 
     #[test]
