@@ -27,7 +27,11 @@ bench=$src/build-$variant/bin/llama-bench
 gguf=$dir/$(basename "$model")-bf16.gguf
 
 if [ ! -x "$bench" ]; then
-  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; } >&2
+  if ! command -v cmake >/dev/null; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq cmake; } >&2
+  fi
   mkdir -p "$dir"
   sdist=$dir/llama_cpp_python-$version.tar.gz
   if [ ! -f "$sdist" ]; then

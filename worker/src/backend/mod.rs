@@ -7,9 +7,9 @@
 //! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
 //!   bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
-//!   activations), an AVX2 kernel (f32 activations) and a portable fallback;
+//!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
-//! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, portable): the best
+//! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
 
 pub mod blocks;

@@ -13,9 +13,12 @@
 //!   bf16 path does, and `vdpbf16ps` multiplies a broadcast activation pair with 16 rows' pairs.
 //!
 //! Rows past the matrix and the odd column of the last pair are stored as zeros. Both kernels
-//! need AVX-512. With AVX2 and FMA, the f32 kernel's idea runs on 8-lane vectors: a panel in two
-//! halves of 16 rows, tiles of up to 4 rows × 16 outputs (16 registers hold no more). Other CPUs
-//! run a portable loop over the same layout. [`super::kernels`] says which family runs;
+//! need AVX-512. With AVX2 and FMA, the f32 kernel's idea runs on 8-lane vectors: one or two
+//! rows (decode) take the whole panel in one pass; a few rows take each half of it (16 rows of
+//! the matrix) in tiles of up to 4 rows × 16 outputs, since 16 registers hold no more; many rows
+//! (prefill) widen each half panel to f32 once and multiply that in tiles of 6 rows. On aarch64,
+//! NEON runs the AVX2 scheme on 4-lane vectors. Other CPUs run a portable loop over the same
+//! layout. [`super::kernels`] says which family runs;
 //! [`super::blocks`] splits a product into tasks.
 
 use super::bf16_to_f32;
