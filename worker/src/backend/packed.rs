@@ -320,6 +320,38 @@ unsafe fn f32_tile<const R: usize, const SPLIT: bool>(
     }
 }
 
+/// The schedule of the AVX2 and NEON kernels for a few rows: each half of the panel (16 rows of
+/// the matrix, `$per_half` vectors, 16 output columns) in tiles of 4 activation rows, then the
+/// remainder, with even and odd columns apart for 1-2 rows. Expands inside the caller's
+/// `unsafe` block, with the tile's contract.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! by_half_panels {
+    ($tile:ident, $per_half:literal, $x:expr, $m:expr, $k:expr, $panel:expr, $out:expr, $cols:expr) => {{
+        let (x, m, k, panel, out, cols) = ($x, $m, $k, $panel, $out, $cols);
+        for half in 0..2 {
+            let first = half * 16;
+            if first >= cols {
+                break;
+            }
+            let width = (cols - first).min(16);
+            let v0 = $per_half * half;
+            let out = out.offset(0, first);
+            let x = |i: usize| &x[i * k..];
+            let mut i = 0;
+            while m - i >= 4 {
+                $tile::<4, $per_half, false>(x(i), k, panel, v0, out.offset(i, 0), width);
+                i += 4;
+            }
+            match m - i {
+                3 => $tile::<3, $per_half, false>(x(i), k, panel, v0, out.offset(i, 0), width),
+                2 => $tile::<2, $per_half, true>(x(i), k, panel, v0, out.offset(i, 0), width),
+                1 => $tile::<1, $per_half, true>(x(i), k, panel, v0, out.offset(i, 0), width),
+                _ => {}
+            }
+        }
+    }};
+}
+
 /// From this many activation rows on, the AVX2 kernel widens each half panel to f32 once
 /// and multiplies that ([`f32_rows_avx2_widened`]).
 #[cfg(target_arch = "x86_64")]
@@ -344,27 +376,7 @@ unsafe fn f32_rows_avx2(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block
             _ if m >= AVX2_WIDEN_ROWS => return f32_rows_avx2_widened(x, m, k, panel, out, cols),
             _ => {}
         }
-        for half in 0..2 {
-            let first = half * 16;
-            if first >= cols {
-                break;
-            }
-            let width = (cols - first).min(16);
-            let v0 = 2 * half;
-            let out = out.offset(0, first);
-            let mut i = 0;
-            let x = |i: usize| &x[i * k..];
-            while m - i >= 4 {
-                f32_tile_avx2::<4, 2, false>(x(i), k, panel, v0, out.offset(i, 0), width);
-                i += 4;
-            }
-            match m - i {
-                3 => f32_tile_avx2::<3, 2, false>(x(i), k, panel, v0, out.offset(i, 0), width),
-                2 => f32_tile_avx2::<2, 2, true>(x(i), k, panel, v0, out.offset(i, 0), width),
-                1 => f32_tile_avx2::<1, 2, true>(x(i), k, panel, v0, out.offset(i, 0), width),
-                _ => {}
-            }
-        }
+        by_half_panels!(f32_tile_avx2, 2, x, m, k, panel, out, cols);
     }
 }
 
@@ -580,27 +592,7 @@ unsafe fn f32_rows_neon(x: &[f32], m: usize, k: usize, panel: &[u16], out: Block
             2 => return f32_tile_neon::<2, 8, false>(x, k, panel, 0, out, cols),
             _ => {}
         }
-        for half in 0..2 {
-            let first = half * 16;
-            if first >= cols {
-                break;
-            }
-            let width = (cols - first).min(16);
-            let v0 = 4 * half;
-            let out = out.offset(0, first);
-            let mut i = 0;
-            let x = |i: usize| &x[i * k..];
-            while m - i >= 4 {
-                f32_tile_neon::<4, 4, false>(x(i), k, panel, v0, out.offset(i, 0), width);
-                i += 4;
-            }
-            match m - i {
-                3 => f32_tile_neon::<3, 4, false>(x(i), k, panel, v0, out.offset(i, 0), width),
-                2 => f32_tile_neon::<2, 4, true>(x(i), k, panel, v0, out.offset(i, 0), width),
-                1 => f32_tile_neon::<1, 4, true>(x(i), k, panel, v0, out.offset(i, 0), width),
-                _ => {}
-            }
-        }
+        by_half_panels!(f32_tile_neon, 4, x, m, k, panel, out, cols);
     }
 }
 
