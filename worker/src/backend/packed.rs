@@ -358,9 +358,10 @@ macro_rules! by_half_panels {
 const AVX2_WIDEN_ROWS: usize = 24;
 
 /// All `m` rows of `x` against one panel with AVX2 and FMA. One or two rows (decode) take the
-/// whole panel in one pass, which reads it front to back once; more rows take each half of the
+/// whole panel in one pass, which reads it front to back once; a few more take each half of the
 /// panel (16 rows of the matrix, 16 output columns) in tiles of 4 rows and then the remainder,
-/// since 16 registers hold no larger tile.
+/// since 16 registers hold no larger tile with the widening in the loop; from
+/// [`AVX2_WIDEN_ROWS`] rows on, [`f32_rows_avx2_widened`] widens the panel once instead.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; otherwise as [`f32_rows`].
