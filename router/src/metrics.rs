@@ -90,7 +90,7 @@ impl RouterMetrics {
         );
         r.register(
             "router_inter_token_latency_seconds",
-            "Every gap between two messages of a request that carry tokens",
+            "Every gap between two consecutive tokens of a request as the router passes them on (0 between tokens that travel in one message)",
             m.itl_seconds.clone(),
         );
         r.register(
@@ -189,6 +189,12 @@ impl Meter {
             }
             Some(last) => self.metrics.itl_seconds.observe(seconds(now - last)),
         }
+        // A worker that is ahead of its stream sends the tokens it has made in one message: the
+        // tokens after the first reach the client with it, with no gap. One gap per token keeps
+        // the count at a request's tokens less one, however they were grouped.
+        for _ in 1..n {
+            self.metrics.itl_seconds.observe(0.0);
+        }
         self.last_token = Some(now);
         self.tokens += n;
         self.metrics.generated_tokens.inc_by(n);
@@ -270,6 +276,30 @@ fn code_name(code: Code) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_token_after_the_first_is_one_inter_token_gap_however_messages_group_them() {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(RouterMetrics::register(&mut registry));
+        let mut meter = metrics.meter(Instant::now());
+        for tokens in [vec![1, 2, 3], vec![4], vec![5, 6]] {
+            meter.message(&GenerateResponse {
+                token_ids: tokens,
+                ..Default::default()
+            });
+        }
+        meter.finish(Code::Ok);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let count = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+                .unwrap_or_else(|| panic!("no {name}_count in\n{text}"))
+                .to_string()
+        };
+        assert_eq!(count("router_inter_token_latency_seconds"), "5");
+        assert_eq!(count("router_time_to_first_token_seconds"), "1");
+    }
 
     #[test]
     fn code_names_are_grpc_names() {
