@@ -72,9 +72,9 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let step_bytes = decode_bytes_per_step(&model, expert_bytes);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
-    warm_up(&model, args.prompt_len, &mut rng)?;
+    warm_up(&model, args.prompt_len, args.threads, &mut rng)?;
     for &batch in &args.batch {
-        let engine = one_rank(&model, batch * args.prompt_len)?;
+        let engine = one_rank(&model, batch * args.prompt_len, args.threads)?;
         let mut prefill = Vec::with_capacity(args.repeats);
         let mut decode = Vec::with_capacity(args.repeats);
         for _ in 0..args.repeats {
@@ -134,13 +134,14 @@ pub fn run(args: EngineArgs) -> Result<()> {
 }
 
 /// An engine thread for a group of one rank holding every expert, stepping.
-fn one_rank(model: &LoadedModel, token_budget: usize) -> Result<EngineHandle> {
+fn one_rank(model: &LoadedModel, token_budget: usize, threads: usize) -> Result<EngineHandle> {
     let rank = model.rank_models(1)?.pop().context("one rank")?;
     let comm = local_group(1).pop().context("one end")?;
     let engine = EngineHandle::spawn(EngineOptions {
         token_budget,
         on_group_failure: OnGroupFailure::Fail,
         metrics: None,
+        threads,
     })?;
     // Commands are handled in order: the requests that follow find the model installed.
     drop(engine.install(Installation {
@@ -214,8 +215,13 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// One untimed prefill and decode step, so page faults and thread-pool start-up are not timed.
-fn warm_up(model: &LoadedModel, prompt_len: usize, rng: &mut rand::rngs::StdRng) -> Result<()> {
-    let engine = one_rank(model, prompt_len)?;
+fn warm_up(
+    model: &LoadedModel,
+    prompt_len: usize,
+    threads: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
+    let engine = one_rank(model, prompt_len, threads)?;
     let prompt = (0..prompt_len)
         .map(|_| rng.random_range(0..model.config.vocab_size as u32))
         .collect();

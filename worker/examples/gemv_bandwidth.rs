@@ -6,7 +6,7 @@
 //!     cargo run --release -p moebius-worker --example gemv_bandwidth [families]
 //!
 //! `families` is a comma-separated list of `--kernels` names (default: every family this CPU
-//! has).
+//! has). It runs inside a thread pool of its own, as an engine thread does.
 
 use std::time::Instant;
 
@@ -36,6 +36,13 @@ fn main() {
             .collect(),
         None => Family::supported_here(),
     };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("a thread pool");
+    pool.install(|| measure(&families));
+}
+
+fn measure(families: &[Family]) {
     println!("family      shape          threads  GB/s");
     for (rows, cols, copies) in SHAPES {
         let weights: Vec<_> = (0..copies)
@@ -43,7 +50,7 @@ fn main() {
             .collect();
         let x = vec![1.0f32; cols];
         let mut out = vec![0.0f32; rows];
-        for &family in &families {
+        for &family in families {
             for parallel in [false, true] {
                 let mut best = 0.0f64;
                 for _ in 0..5 {

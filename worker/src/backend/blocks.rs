@@ -13,6 +13,13 @@ const WEIGHT_BYTES: usize = 64 << 10;
 /// Activation bytes per task once there are many rows: another quarter of a core's L2.
 const ACTIVATION_BYTES: usize = 256 << 10;
 
+/// Products of at most this many activation rows (decode) read each weight once: their weight
+/// blocks need not fit in L2, and fewer, longer blocks stream better.
+const STREAM_ROWS: usize = 2;
+
+/// Weight blocks per thread for such products: enough for threads that finish early to steal.
+const STREAM_TASKS: usize = 4;
+
 /// A block of a row-major output: rows at a stride, from a first value on. Blocks handed to
 /// different tasks never share a value, so each task writes its own through [`Block::row`] or
 /// through raw stores while [`run`] holds the `&mut` borrow of the whole output.
@@ -87,7 +94,11 @@ pub fn run<F>(
     }
     assert!(out.len() >= m * n, "blocks: output too small");
     let k = k.max(1);
-    let bn = (WEIGHT_BYTES / (weight_bytes * k)).max(1).div_ceil(align) * align;
+    let mut bn = (WEIGHT_BYTES / (weight_bytes * k)).max(1);
+    if m <= STREAM_ROWS {
+        bn = bn.max(n.div_ceil(STREAM_TASKS * rayon::current_num_threads()));
+    }
+    let bn = bn.div_ceil(align) * align;
     let bm = (ACTIVATION_BYTES / (4 * k)).max(8).min(m);
     let (mb, nb) = (m.div_ceil(bm), n.div_ceil(bn));
     let whole = Block::new(out, n);

@@ -42,7 +42,7 @@ pub struct GroupOptions {
     /// Number of EP ranks (>= 1, at most the number of routed experts).
     pub ranks: usize,
     pub transport: Transport,
-    /// CPU threads for large products (0: all cores).
+    /// CPU threads of the process for products (0: all cores), shared out over the ranks.
     pub threads: usize,
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
@@ -172,6 +172,7 @@ pub fn run_group(
         token_budget: options.token_budget,
         on_group_failure: OnGroupFailure::Fail,
         metrics: None,
+        threads: threads_per_rank(options.threads, options.ranks),
     };
     let engines = (0..options.ranks)
         .map(|_| EngineHandle::spawn(engine_options.clone()))
@@ -229,4 +230,14 @@ pub fn run_group(
             expert_bytes,
         },
     ))
+}
+
+/// The threads each of `ranks` engine threads of one process gets when the process has
+/// `threads` (0: one per core): the cores are shared out, at least one each.
+fn threads_per_rank(threads: usize, ranks: usize) -> usize {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    (threads / ranks.max(1)).max(1)
 }

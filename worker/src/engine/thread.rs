@@ -97,6 +97,8 @@ pub struct EngineOptions {
     pub on_group_failure: OnGroupFailure,
     /// Where the steps, sequences and epoch switches are counted, if anywhere.
     pub metrics: Option<WorkerMetrics>,
+    /// Threads of this rank's products, the engine thread among them (0: one per core).
+    pub threads: usize,
 }
 
 /// One epoch's model and data plane for this rank.
@@ -136,6 +138,26 @@ impl<T> Reply<T> {
 
 fn stopped() -> Error {
     Error::Unavailable("the engine thread has stopped".into())
+}
+
+/// Runs `body`, an engine loop, on a thread pool of its own with `threads` threads (0: one per
+/// core), so that the products a step splits over the cores are handed to threads that are
+/// already awake in the same pool: from outside a pool each split is a cold wake-up through
+/// the global pool's queue, about 70 per decode step. The pool is the rank's own because the
+/// loop blocks inside it on its peers: a thread of a shared pool, waiting for a stolen half,
+/// could pick up another rank's step and never return to its own.
+fn in_own_pool(threads: usize, body: impl FnOnce() + Send) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("moebius-rank-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => pool.install(body),
+        Err(e) => {
+            tracing::warn!(error = %e, "no thread pool for the engine; products use the global one");
+            body()
+        }
+    }
 }
 
 /// What the handle and the thread share to leave a group at once.
@@ -180,10 +202,11 @@ impl EngineHandle {
         let (status_tx, status) = watch::channel(EngineStatus::default());
         let bell = Doorbell::default();
         let leaving = Arc::new(Leaving::default());
+        let threads = options.threads;
         let engine_loop = EngineLoop::new(inbox, bell.clone(), status_tx, options, leaving.clone());
         let thread = std::thread::Builder::new()
             .name("moebius-engine".into())
-            .spawn(move || engine_loop.run())
+            .spawn(move || in_own_pool(threads, move || engine_loop.run()))
             .map_err(|e| Error::Serve(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             commands,

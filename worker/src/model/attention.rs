@@ -305,9 +305,11 @@ impl<B: Backend> Attention<B> {
         }
 
         // Absorbed queries: [n, h, lora + rope] = [W_UKᵀ q_nope | q_pe] per head.
-        let mut q_abs = vec![0.0; n * h * width];
+        // Heads are tasks: one head's product is too small to split, and the engine thread
+        // alone would read all of W_UK.
         let per_head = (self.nope + self.v) * self.lora;
-        for head in 0..h {
+        let absorbed = backend.map_tasks(h, |head| {
+            let mut out = vec![0.0; n * self.lora];
             backend.matmul_nn(
                 n,
                 self.lora,
@@ -320,16 +322,22 @@ impl<B: Backend> Attention<B> {
                     data: &self.kv_b[head * per_head..],
                     row_stride: self.lora,
                 },
-                &mut q_abs[head * width..],
-                h * width,
+                &mut out,
+                self.lora,
             );
-        }
-        for (abs_row, q_row) in q_abs
+            out
+        });
+        let mut q_abs = vec![0.0; n * h * width];
+        for (i, (abs_row, q_row)) in q_abs
             .chunks_exact_mut(h * width)
             .zip(q_rows.chunks_exact(h * qk))
+            .enumerate()
         {
-            for (a, qh) in abs_row.chunks_exact_mut(width).zip(q_row.chunks_exact(qk)) {
-                a[self.lora..].copy_from_slice(&qh[self.nope..]);
+            let heads = abs_row.chunks_exact_mut(width).zip(q_row.chunks_exact(qk));
+            for (head, (a, qh)) in heads.enumerate() {
+                let (latent, pe) = a.split_at_mut(self.lora);
+                latent.copy_from_slice(&absorbed[head][i * self.lora..(i + 1) * self.lora]);
+                pe.copy_from_slice(&qh[self.nope..]);
             }
         }
 
@@ -342,8 +350,8 @@ impl<B: Backend> Attention<B> {
         }
 
         // Values: per head, W_UV · o_lat → [n, h, v], scattered to the segments' rows.
-        let mut values = vec![0.0; n * h * self.v];
-        for head in 0..h {
+        let values = backend.map_tasks(h, |head| {
+            let mut out = vec![0.0; n * self.v];
             backend.matmul_nt(
                 n,
                 self.v,
@@ -356,15 +364,20 @@ impl<B: Backend> Attention<B> {
                     data: &self.kv_b[head * per_head + self.nope * self.lora..],
                     row_stride: self.lora,
                 },
-                &mut values[head * self.v..],
-                h * self.v,
+                &mut out,
+                self.v,
             );
-        }
-        let row = h * self.v;
+            out
+        });
+        let v = self.v;
         let mut first = 0;
         for seg in segments {
-            attn[seg.row * row..(seg.row + seg.len) * row]
-                .copy_from_slice(&values[first * row..(first + seg.len) * row]);
+            for i in 0..seg.len {
+                let row = &mut attn[(seg.row + i) * h * v..(seg.row + i + 1) * h * v];
+                for (head, out) in row.chunks_exact_mut(v).enumerate() {
+                    out.copy_from_slice(&values[head][(first + i) * v..(first + i + 1) * v]);
+                }
+            }
             first += seg.len;
         }
     }

@@ -258,6 +258,7 @@ pub async fn start(
         token_budget: config.token_budget,
         on_group_failure: OnGroupFailure::Keep,
         metrics: Some(config.metrics.clone()),
+        threads: config.threads,
     })?);
     let load = Arc::new(ExpertLoad::new(
         model.config.moe_layer_count(),
