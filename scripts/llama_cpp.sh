@@ -35,11 +35,14 @@ if [ ! -x "$bench" ]; then
   mkdir -p "$dir"
   sdist=$dir/llama_cpp_python-$version.tar.gz
   if [ ! -f "$sdist" ]; then
+    # PyPI's simple index (PEP 503), which PyPI mirrors serve where the JSON API may be missing.
     url=$(python3 - "$version" <<'PY'
-import json, sys, urllib.parse, urllib.request
-index = f"https://pypi.org/pypi/llama-cpp-python/{sys.argv[1]}/json"
-files = json.load(urllib.request.urlopen(index))["urls"]
-print(urllib.parse.urljoin(index, next(f["url"] for f in files if f["packagetype"] == "sdist")))
+import re, sys, urllib.parse, urllib.request
+index = "https://pypi.org/simple/llama-cpp-python/"
+page = urllib.request.urlopen(index).read().decode()
+name = re.escape(f"llama_cpp_python-{sys.argv[1]}.tar.gz")
+href = re.search(f'href="([^"#]*{name})[#"]', page).group(1)
+print(urllib.parse.urljoin(index, href))
 PY
 )
     curl -sSfL -o "$sdist.part" "$url"
