@@ -61,6 +61,9 @@ pub enum Error {
     /// Serving gRPC or binding a listener failed.
     #[error("serving: {0}")]
     Serve(String),
+    /// A compute device (a GPU) could not be opened or failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl Error {
@@ -85,6 +88,7 @@ impl Error {
             Error::DeadlineExceeded(_) => "deadline_exceeded",
             Error::Store(_) => "store",
             Error::Serve(_) => "serve",
+            Error::Device(_) => "device",
         }
     }
 }

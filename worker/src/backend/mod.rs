@@ -1,19 +1,22 @@
 //! Compute backends: where the model's matrix products and element-wise kernels run.
 //!
-//! The model is written against [`Backend`]; the CPU backend ([`cpu::CpuBackend`]) is the one
-//! built today. A CUDA backend (cudarc, cuBLAS) implements the same trait with device-resident
-//! [`Backend::Matrix`]es and leaves the model code as it is.
+//! The model is written against [`Backend`]; the CPU backend ([`cpu::CpuBackend`]) runs
+//! everything today. The CUDA backend (feature `cuda`; cudarc, cuBLAS) implements the same trait
+//! with device-resident [`Backend::Matrix`]es and leaves the model code as it is.
 //!
 //! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
 //!   bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
 //!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
+//! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS;
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
 
 pub mod blocks;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod kernels;
 pub mod packed;
 

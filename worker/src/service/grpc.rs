@@ -41,7 +41,8 @@ pub fn status_from_error(error: Error) -> Status {
         | Error::UnsupportedArchitecture(_)
         | Error::Tokenizer(_)
         | Error::Placement(_)
-        | Error::Serve(_) => Status::internal(message),
+        | Error::Serve(_)
+        | Error::Device(_) => Status::internal(message),
     }
 }
 

@@ -1,0 +1,271 @@
+//! The CUDA backend (feature `cuda`), first step: weights live in GPU memory in their checkpoint
+//! precision (bf16 stays bf16, f32 stays f32) and every product with a weight runs in cuBLAS;
+//! activations cross to the GPU and back for each product, and the products of attention over
+//! the KV cache (activations by activations) run on the host's CPU backend.
+//!
+//! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
+//! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver or device
+//! shows, as an [`Error::Device`] that names it.
+//!
+//! bf16 weights multiply bf16 activations (rounded on the host) with f32 accumulation and f32
+//! output, as PyTorch's bf16 path does; f32 weights multiply f32 activations.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+
+use super::{Backend, CpuBackend, View};
+use crate::error::{Error, Result};
+
+/// Runs the products with weights on one GPU.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    /// One cuBLAS handle, used by one thread at a time: ranks of one process share the backend.
+    blas: Arc<Mutex<CudaBlas>>,
+    /// Attention over the caches, on the host.
+    host: CpuBackend,
+    ordinal: usize,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A weight matrix in GPU memory.
+pub struct CudaMatrix {
+    rows: usize,
+    cols: usize,
+    data: DeviceWeights,
+}
+
+enum DeviceWeights {
+    F32(CudaSlice<f32>),
+    /// bf16 bits.
+    Bf16(CudaSlice<u16>),
+}
+
+fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("{what}: {e}"))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`; `host_threads` are the CPU threads of the host's products.
+    pub fn open(ordinal: usize, host_threads: usize) -> Result<Self> {
+        // SAFETY: both only try to load the libraries by name, which runs their initialisers
+        // as any use of them would.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "no CUDA driver here: libcuda.so is not on the library path".into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "cuBLAS (libcublas.so, CUDA 12) is not on the library path".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| device_error("the CUDA driver", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| device_error("opening the GPU", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
+        Ok(Self {
+            stream,
+            blas: Arc::new(Mutex::new(blas)),
+            host: CpuBackend::new(host_threads),
+            ordinal,
+        })
+    }
+
+    /// The GPU's name, as the driver gives it.
+    pub fn device_name(&self) -> String {
+        self.stream
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
+    }
+
+    /// `out[m, rows] = x[m, cols] · wᵀ` on the GPU; errors are the driver's or cuBLAS'.
+    fn try_linear(&self, x: &[f32], m: usize, w: &CudaMatrix, out: &mut [f32]) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
+        // Row-major out = x · wᵀ is column-major outᵀ = w_cmᵀ · x_cm, with w_cm (k × n) and
+        // x_cm (k × m) the row-major buffers read column-major.
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (op_w, op_x) = (
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+        );
+        let dims = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32")));
+        let (n32, m32, k32) = (dims(n)?, dims(m)?, dims(k)?);
+        match &w.data {
+            DeviceWeights::F32(wd) => {
+                let xd = self.stream.clone_htod(&x[..m * k]).map_err(driver)?;
+                let (wp, _w) = wd.device_ptr(&self.stream);
+                let (xp, _x) = xd.device_ptr(&self.stream);
+                let (yp, _y) = y.device_ptr_mut(&self.stream);
+                // SAFETY: the three buffers hold n × k, m × k and m × n values on this stream,
+                // as the dimensions and leading dimensions passed say.
+                unsafe {
+                    blas::gemm_ex(
+                        *blas.handle(),
+                        op_w,
+                        op_x,
+                        n32,
+                        m32,
+                        k32,
+                        (&alpha) as *const f32 as *const _,
+                        wp as *const _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        k32,
+                        xp as *const _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        k32,
+                        (&beta) as *const f32 as *const _,
+                        yp as *mut _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        n32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| device_error("cuBLAS f32 product", e))?;
+            }
+            DeviceWeights::Bf16(wd) => {
+                let rounded: Vec<u16> = x[..m * k]
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                let xd = self.stream.clone_htod(&rounded).map_err(driver)?;
+                let (wp, _w) = wd.device_ptr(&self.stream);
+                let (xp, _x) = xd.device_ptr(&self.stream);
+                let (yp, _y) = y.device_ptr_mut(&self.stream);
+                // SAFETY: as above, with bf16 operands and an f32 result.
+                unsafe {
+                    blas::gemm_ex(
+                        *blas.handle(),
+                        op_w,
+                        op_x,
+                        n32,
+                        m32,
+                        k32,
+                        (&alpha) as *const f32 as *const _,
+                        wp as *const _,
+                        sys::cudaDataType_t::CUDA_R_16BF,
+                        k32,
+                        xp as *const _,
+                        sys::cudaDataType_t::CUDA_R_16BF,
+                        k32,
+                        (&beta) as *const f32 as *const _,
+                        yp as *mut _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        n32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| device_error("cuBLAS bf16 product", e))?;
+            }
+        }
+        self.stream
+            .memcpy_dtoh(&y, &mut out[..m * n])
+            .map_err(driver)?;
+        self.stream.synchronize().map_err(driver)
+    }
+}
+
+fn driver(e: DriverError) -> Error {
+    device_error("CUDA driver", e)
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaMatrix {
+        let data = self
+            .stream
+            .clone_htod(&data)
+            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal));
+        CudaMatrix {
+            rows,
+            cols,
+            data: DeviceWeights::F32(data),
+        }
+    }
+
+    fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> CudaMatrix {
+        let data = self
+            .stream
+            .clone_htod(&bits)
+            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal));
+        CudaMatrix {
+            rows,
+            cols,
+            data: DeviceWeights::Bf16(data),
+        }
+    }
+
+    fn shape(&self, w: &CudaMatrix) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn matrix_bytes(&self, w: &CudaMatrix) -> usize {
+        match &w.data {
+            DeviceWeights::F32(d) => d.len() * 4,
+            DeviceWeights::Bf16(d) => d.len() * 2,
+        }
+    }
+
+    fn linear(&self, x: &[f32], m: usize, w: &CudaMatrix, out: &mut [f32]) {
+        if m == 0 || w.rows == 0 {
+            return;
+        }
+        assert!(x.len() >= m * w.cols, "cuda linear: x too small");
+        assert!(out.len() >= m * w.rows, "cuda linear: out too small");
+        if let Err(e) = self.try_linear(x, m, w, out) {
+            // The trait has no error path: a GPU that fails mid-step stops the process with
+            // the driver's reason rather than returning wrong numbers.
+            panic!("cuda:{}: {e}", self.ordinal);
+        }
+    }
+
+    fn matmul_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.host.matmul_nt(m, n, k, a, b, out, out_stride);
+    }
+
+    fn matmul_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.host.matmul_nn(m, n, k, a, b, out, out_stride);
+    }
+}
