@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use moebius_worker::backend::CpuBackend;
+use moebius_worker::backend::{AnyBackend, Device};
 use moebius_worker::engine::{
     run_group, GenerateRequest, GroupOptions, LoadedModel, SamplingParams, Transport,
 };
@@ -62,6 +62,10 @@ pub struct GenerateArgs {
     /// faster prefill, less precise than the default f32 activations.
     #[arg(long)]
     bf16_activations: bool,
+    /// Where the products run: cpu, or cuda / cuda:N (GPU N; a moebius built with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     json: bool,
@@ -83,7 +87,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Err(Error::InvalidRequest("--max-new-tokens must be at least 1".into()).into());
     }
 
-    let backend = CpuBackend::new(args.threads).with_bf16_activations(args.bf16_activations);
+    let backend = AnyBackend::open(args.device, args.threads, args.bf16_activations)?;
     let model = LoadedModel::open_with(&args.model, backend)
         .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
     let tokenizer = Tokenizer::from_dir(&args.model, model.config.bos_token_id)?;

@@ -129,7 +129,12 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {err:#}");
             let usage = err
                 .downcast_ref::<moebius_worker::Error>()
-                .is_some_and(|e| matches!(e, moebius_worker::Error::InvalidRequest(_)))
+                .is_some_and(|e| {
+                    matches!(
+                        e,
+                        moebius_worker::Error::InvalidRequest(_) | moebius_worker::Error::Device(_)
+                    )
+                })
                 || err.is::<cmd::UsageError>();
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
         }

@@ -421,3 +421,50 @@ fn a_forced_kernel_family_gives_the_golden_and_a_wrong_one_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--kernels sse9: give auto"), "{stderr}");
 }
+
+/// `--device` picks where the products run: `cpu` gives the golden's tokens; a GPU on a
+/// moebius built without the `cuda` feature, or a device that does not exist, is refused with
+/// exit code 2 and one line that says what to do.
+#[test]
+fn the_device_flag_runs_on_the_cpu_and_refuses_what_it_cannot_open() {
+    let case = golden_case("tiny-v3", 0);
+    let model = fixture("tiny-v3");
+    let (ids, n) = prompt_and_length(&case);
+    let run = |device: &str| {
+        moebius(&[
+            "generate",
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--json",
+            "--device",
+            device,
+        ])
+    };
+    let v = json_of(&run("cpu"));
+    assert_eq!(v["token_ids"], case["new_token_ids"], "--device cpu");
+
+    let out = run("gpu");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("device \"gpu\" is unknown"), "{stderr}");
+
+    if cfg!(feature = "cuda") {
+        eprintln!(
+            "--device cuda on a build without the cuda feature: not checked, this build has it"
+        );
+        return;
+    }
+    let out = run("cuda:1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(
+        stderr.contains("cuda:1 needs a moebius built with the cuda feature"),
+        "{stderr}"
+    );
+}

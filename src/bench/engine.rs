@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use moebius_worker::backend::CpuBackend;
+use moebius_worker::backend::{AnyBackend, Device};
 use moebius_worker::comm::local_group;
 use moebius_worker::engine::{
     EngineHandle, EngineOptions, GenerateRequest, Installation, LoadedModel, OnGroupFailure, Tagged,
@@ -46,6 +46,10 @@ pub struct EngineArgs {
     /// as PyTorch's bf16 path does; less precise than the default f32 activations.
     #[arg(long)]
     bf16_activations: bool,
+    /// Where the products run: cpu, or cuda / cuda:N (GPU N; a moebius built with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -60,7 +64,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         bail!("--prompt-len, --decode-tokens, --repeats and every --batch must be at least 1");
     }
     let started = Instant::now();
-    let backend = CpuBackend::new(args.threads).with_bf16_activations(args.bf16_activations);
+    let backend = AnyBackend::open(args.device, args.threads, args.bf16_activations)?;
     let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
     let bandwidth = read_bandwidth_gbs()
@@ -96,6 +100,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         "threads": args.threads,
         "kernels": moebius_worker::backend::kernels::active().name(),
         "bf16_activations": args.bf16_activations,
+        "device": args.device.to_string(),
         "repeats": args.repeats,
         "load_s": load_s,
         "weights_bytes": model.shared.bytes() + expert_bytes,

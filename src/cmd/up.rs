@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use moebius_worker::backend::Device;
 use moebius_worker::config::ModelConfig;
 
 use super::coordinator::BalanceArgs;
@@ -66,6 +67,10 @@ pub struct UpArgs {
     /// faster prefill, less precise than the default f32 activations.
     #[arg(long)]
     pub bf16_activations: bool,
+    /// Where the workers compute: cpu, or cuda / cuda:N, which puts worker i on GPU N + i
+    /// (a moebius built with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
     /// Lease TTL of workers and coordinator, in seconds (how fast a dead worker is noticed).
     #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
@@ -147,6 +152,15 @@ pub fn run(args: UpArgs) -> Result<()> {
     })
 }
 
+/// The device of worker `i` when `up` runs on `device`: GPU N + i for `cuda:N`, so that each
+/// worker has a GPU of its own.
+fn worker_device(device: Device, i: usize) -> Device {
+    match device {
+        Device::Cpu => Device::Cpu,
+        Device::Cuda(n) => Device::Cuda(n + i),
+    }
+}
+
 /// `--stats-interval-s` as a duration, or a one-line error naming the flag.
 pub fn stats_interval(seconds: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(seconds)
@@ -205,6 +219,7 @@ pub struct LocalOptions<'a> {
     pub capacity: u32,
     pub threads: usize,
     pub bf16_activations: bool,
+    pub device: Device,
     pub lease_ttl: Duration,
     pub admin_listen: SocketAddr,
     pub stats_interval: Duration,
@@ -235,6 +250,7 @@ impl<'a> LocalOptions<'a> {
             capacity: 64,
             threads: 0,
             bf16_activations: false,
+            device: Device::Cpu,
             lease_ttl: Duration::from_secs(5),
             admin_listen: any,
             stats_interval: moebius_worker::service::WorkerConfig::default().stats_interval,
@@ -363,6 +379,7 @@ pub async fn start_local(
             capacity: options.capacity,
             threads: options.threads,
             bf16_activations: options.bf16_activations,
+            device: worker_device(options.device, i),
             lease_ttl: options.lease_ttl,
             stats_interval: options.stats_interval,
             metrics: moebius_worker::metrics::WorkerMetrics::register(
@@ -495,6 +512,7 @@ async fn in_process(
         capacity: args.capacity,
         threads: args.threads,
         bf16_activations: args.bf16_activations,
+        device: args.device,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         admin_listen: args.admin_listen,
         stats_interval: stats_interval(args.stats_interval_s)?,
@@ -768,6 +786,8 @@ async fn with_processes(
             args.capacity.to_string(),
             "--threads".into(),
             args.threads.to_string(),
+            "--device".into(),
+            worker_device(args.device, i).to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
             "--stats-interval-s".into(),

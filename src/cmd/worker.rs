@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use moebius_coordinator::telemetry::Registry;
 use moebius_coordinator::EtcdStore;
+use moebius_worker::backend::Device;
 use moebius_worker::comm::ClusterSecret;
 use moebius_worker::metrics::WorkerMetrics;
 use moebius_worker::service::{self, WorkerConfig};
@@ -61,6 +62,10 @@ pub struct WorkerArgs {
     /// faster prefill, less precise than the default f32 activations.
     #[arg(long, env = "MOEBIUS_WORKER_BF16_ACTIVATIONS")]
     bf16_activations: bool,
+    /// Where the products run: cpu, or cuda / cuda:N (GPU N; a moebius built with
+    /// `--features cuda`).
+    #[arg(long, env = "MOEBIUS_WORKER_DEVICE", default_value = "cpu")]
+    device: Device,
     /// TTL of the registration lease in seconds; keep-alives go out at a third of it.
     #[arg(long, env = "MOEBIUS_WORKER_LEASE_TTL_SECS", default_value_t = 5)]
     lease_ttl_secs: u64,
@@ -135,6 +140,7 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
         token_budget: args.token_budget,
         threads: args.threads,
         bf16_activations: args.bf16_activations,
+        device: args.device,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         data_timeout,
         stats_interval: super::up::stats_interval(args.stats_interval_s)?,

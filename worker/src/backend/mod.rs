@@ -10,6 +10,7 @@
 //!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
 //! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS;
+//! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
 
@@ -17,10 +18,12 @@ pub mod blocks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod kernels;
 pub mod packed;
 
 pub use cpu::CpuBackend;
+pub use device::{AnyBackend, Device};
 
 /// A dense row-major view with explicit strides, for products on activations and caches.
 #[derive(Debug, Clone, Copy)]

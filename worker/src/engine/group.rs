@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use moebius_coordinator::Placement;
 
-use crate::backend::CpuBackend;
+use crate::backend::{AnyBackend, CpuBackend};
 use crate::checkpoint::Checkpoint;
 use crate::comm::{local_group, tcp_group_localhost, Communicator};
 use crate::config::ModelConfig;
@@ -66,7 +66,7 @@ impl Default for GroupOptions {
 pub struct LoadedModel {
     pub config: ModelConfig,
     pub checkpoint: Arc<Checkpoint>,
-    pub shared: Arc<SharedWeights<CpuBackend>>,
+    pub shared: Arc<SharedWeights<AnyBackend>>,
 }
 
 impl LoadedModel {
@@ -76,7 +76,7 @@ impl LoadedModel {
     }
 
     /// Opens `dir` on a configured backend.
-    pub fn open_with(dir: &Path, backend: CpuBackend) -> Result<Self> {
+    pub fn open_with(dir: &Path, backend: impl Into<AnyBackend>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
@@ -90,7 +90,7 @@ impl LoadedModel {
         let shared = Arc::new(SharedWeights::load(
             &checkpoint,
             &config,
-            Arc::new(backend),
+            Arc::new(backend.into()),
         )?);
         Ok(Self {
             config,
@@ -100,13 +100,13 @@ impl LoadedModel {
     }
 
     /// Builds the `ranks` models of an even placement, each with its own experts.
-    pub fn rank_models(&self, ranks: usize) -> Result<Vec<Model<CpuBackend>>> {
+    pub fn rank_models(&self, ranks: usize) -> Result<Vec<Model<AnyBackend>>> {
         let placement = Placement::even(self.config.n_routed_experts.max(1), ranks)?;
         self.models_of(&placement)
     }
 
     /// Builds one model per rank of `placement`, each with its own experts.
-    pub fn models_of(&self, placement: &Placement) -> Result<Vec<Model<CpuBackend>>> {
+    pub fn models_of(&self, placement: &Placement) -> Result<Vec<Model<AnyBackend>>> {
         (0..placement.num_ranks())
             .map(|r| Model::new(self.shared.clone(), &self.checkpoint, placement, r))
             .collect()

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::backend::CpuBackend;
+use crate::backend::AnyBackend;
 use crate::comm::{Communicator, Doorbell, Interrupt};
 use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
 use crate::engine::request::GenerateRequest;
@@ -105,7 +105,7 @@ pub struct EngineOptions {
 pub struct Installation {
     pub epoch: u64,
     pub rank: usize,
-    pub model: Model<CpuBackend>,
+    pub model: Model<AnyBackend>,
     pub comm: Box<dyn Communicator>,
     pub reload: ExpertReload,
 }
@@ -301,7 +301,7 @@ struct EngineLoop {
     bell: Doorbell,
     status: watch::Sender<EngineStatus>,
     options: EngineOptions,
-    engine: Option<RankEngine<CpuBackend>>,
+    engine: Option<RankEngine<AnyBackend>>,
     comm: Option<Box<dyn Communicator>>,
     epoch: u64,
     rank: usize,
@@ -631,7 +631,7 @@ fn observe_step(m: &WorkerMetrics, before: &RankStats, after: &RankStats, starte
     }
 }
 
-fn model_expert_bytes(engine: Option<&RankEngine<CpuBackend>>) -> u64 {
+fn model_expert_bytes(engine: Option<&RankEngine<AnyBackend>>) -> u64 {
     engine.map_or(0, |e| {
         let model = e.model();
         model.experts.bytes(&*model.shared.backend) as u64

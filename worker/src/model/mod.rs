@@ -150,10 +150,18 @@ impl<B: Backend> SharedWeights<B> {
 /// One rank's routed experts: for every layer, one MLP per physical slot with the logical
 /// expert it holds. The MLPs are shared (`Arc`), so that the experts of a new epoch that this
 /// rank already holds are taken over instead of read again.
-#[derive(Clone)]
 pub struct RankExperts<B: Backend> {
     /// `layers[l]` is empty for dense layers.
     layers: Vec<Vec<(usize, Arc<Mlp<B>>)>>,
+}
+
+// Cloning shares the MLPs; the backend itself need not be `Clone`.
+impl<B: Backend> Clone for RankExperts<B> {
+    fn clone(&self) -> Self {
+        Self {
+            layers: self.layers.clone(),
+        }
+    }
 }
 
 /// How a rank's experts were obtained for an epoch.

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::backend::CpuBackend;
+use crate::backend::AnyBackend;
 use crate::comm::{DataListener, GroupSpec, TcpComm};
 use crate::engine::{EngineHandle, GroupFailure, Installation, LoadedModel};
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ struct Formation {
 struct Formed {
     record: EpochRecord,
     rank: usize,
-    model: Model<CpuBackend>,
+    model: Model<AnyBackend>,
     reload: ExpertReload,
     comm: TcpComm,
 }
@@ -85,7 +85,7 @@ struct State {
     installed: Option<EpochRecord>,
     forming: Option<Formation>,
     /// The experts of the last formed epoch: a new epoch takes over those it keeps.
-    held: Option<RankExperts<CpuBackend>>,
+    held: Option<RankExperts<AnyBackend>>,
     /// The epoch whose formation failed, and when to try it again.
     failed_formation: Option<(u64, Instant)>,
     /// An epoch installed but not yet acknowledged.
@@ -464,7 +464,7 @@ struct Forming {
     model: Arc<LoadedModel>,
     load: Arc<ExpertLoad>,
     metrics: WorkerMetrics,
-    previous: Option<RankExperts<CpuBackend>>,
+    previous: Option<RankExperts<AnyBackend>>,
     data: Arc<DataListener>,
     engine: Arc<EngineHandle>,
     connect_timeout: Duration,

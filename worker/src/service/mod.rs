@@ -35,7 +35,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::backend::CpuBackend;
+use crate::backend::{AnyBackend, Device};
 use crate::comm::{ClusterSecret, DataListener};
 use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
@@ -73,6 +73,8 @@ pub struct WorkerConfig {
     /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16):
     /// faster prefill, less precise than the default f32 activations.
     pub bf16_activations: bool,
+    /// Where the products run: the CPU, or a GPU (`cuda` feature).
+    pub device: Device,
     /// The registration lease's TTL; keep-alives go out at a third of it.
     pub lease_ttl: Duration,
     /// Longest a collective waits for a peer before the group is declared failed (how fast a
@@ -109,6 +111,7 @@ impl Default for WorkerConfig {
             token_budget: 512,
             threads: 0,
             bf16_activations: false,
+            device: Device::Cpu,
             lease_ttl: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
@@ -235,7 +238,7 @@ pub async fn start(
 ) -> Result<RunningWorker> {
     config.validate()?;
     let model_dir = config.model_dir.clone();
-    let backend = CpuBackend::new(config.threads).with_bf16_activations(config.bf16_activations);
+    let backend = AnyBackend::open(config.device, config.threads, config.bf16_activations)?;
     let model = tokio::task::spawn_blocking(move || LoadedModel::open_with(&model_dir, backend))
         .await
         .map_err(|e| Error::Serve(format!("loading the model failed: {e}")))??;

@@ -1,0 +1,208 @@
+//! Where a process computes, chosen when it starts (`--device`): the host's CPU, or a GPU
+//! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
+//! the engine and the service hold; it hands each call to the backend chosen.
+
+use super::{Backend, CpuBackend, View};
+use crate::error::Result;
+
+/// A `--device` value: `cpu`, or `cuda` / `cuda:N` (GPU N, 0 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("device {s:?} is unknown (cpu, cuda or cuda:N with N a GPU's number)");
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
+                n.parse().map(Device::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The backend of a process: the CPU's, or a GPU's.
+#[derive(Debug)]
+pub enum AnyBackend {
+    Cpu(CpuBackend),
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaBackend),
+}
+
+/// A weight matrix of an [`AnyBackend`].
+pub enum AnyMatrix {
+    Cpu(super::cpu::CpuMatrix),
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaMatrix),
+}
+
+impl AnyBackend {
+    /// Opens `device`; `threads` are the CPU threads of the products that run on the host
+    /// (0: all cores), and `bf16_activations` applies to the CPU's products.
+    pub fn open(device: Device, threads: usize, bf16_activations: bool) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(AnyBackend::Cpu(
+                CpuBackend::new(threads).with_bf16_activations(bf16_activations),
+            )),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => super::cuda::CudaBackend::open(n, threads).map(AnyBackend::Cuda),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(crate::Error::Device(format!(
+                "{device} needs a moebius built with the cuda feature (cargo build --release --features cuda)"
+            ))),
+        }
+    }
+}
+
+impl From<CpuBackend> for AnyBackend {
+    fn from(b: CpuBackend) -> Self {
+        AnyBackend::Cpu(b)
+    }
+}
+
+/// A matrix made by one backend reached another: the process mixes devices, which it never
+/// does on purpose.
+#[cfg(feature = "cuda")]
+fn mixed() -> ! {
+    panic!("a weight matrix of one device was handed to another")
+}
+
+impl Backend for AnyBackend {
+    type Matrix = AnyMatrix;
+
+    fn name(&self) -> &'static str {
+        match self {
+            AnyBackend::Cpu(b) => b.name(),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.name(),
+        }
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> AnyMatrix {
+        match self {
+            AnyBackend::Cpu(b) => AnyMatrix::Cpu(b.matrix(rows, cols, data)),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => AnyMatrix::Cuda(b.matrix(rows, cols, data)),
+        }
+    }
+
+    fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> AnyMatrix {
+        match self {
+            AnyBackend::Cpu(b) => AnyMatrix::Cpu(b.matrix_bf16(rows, cols, bits)),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => AnyMatrix::Cuda(b.matrix_bf16(rows, cols, bits)),
+        }
+    }
+
+    fn shape(&self, w: &AnyMatrix) -> (usize, usize) {
+        match (self, w) {
+            (AnyBackend::Cpu(b), AnyMatrix::Cpu(w)) => b.shape(w),
+            #[cfg(feature = "cuda")]
+            (AnyBackend::Cuda(b), AnyMatrix::Cuda(w)) => b.shape(w),
+            #[cfg(feature = "cuda")]
+            _ => mixed(),
+        }
+    }
+
+    fn matrix_bytes(&self, w: &AnyMatrix) -> usize {
+        match (self, w) {
+            (AnyBackend::Cpu(b), AnyMatrix::Cpu(w)) => b.matrix_bytes(w),
+            #[cfg(feature = "cuda")]
+            (AnyBackend::Cuda(b), AnyMatrix::Cuda(w)) => b.matrix_bytes(w),
+            #[cfg(feature = "cuda")]
+            _ => mixed(),
+        }
+    }
+
+    fn linear(&self, x: &[f32], m: usize, w: &AnyMatrix, out: &mut [f32]) {
+        match (self, w) {
+            (AnyBackend::Cpu(b), AnyMatrix::Cpu(w)) => b.linear(x, m, w, out),
+            #[cfg(feature = "cuda")]
+            (AnyBackend::Cuda(b), AnyMatrix::Cuda(w)) => b.linear(x, m, w, out),
+            #[cfg(feature = "cuda")]
+            _ => mixed(),
+        }
+    }
+
+    fn matmul_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        match self {
+            AnyBackend::Cpu(be) => be.matmul_nt(m, n, k, a, b, out, out_stride),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(be) => be.matmul_nt(m, n, k, a, b, out, out_stride),
+        }
+    }
+
+    fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {
+        match self {
+            AnyBackend::Cpu(b) => b.map_tasks(n, f),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.map_tasks(n, f),
+        }
+    }
+
+    fn matmul_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        match self {
+            AnyBackend::Cpu(be) => be.matmul_nn(m, n, k, a, b, out, out_stride),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(be) => be.matmul_nn(m, n, k, a, b, out, out_stride),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_bad_ones_are_named() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+            let e = bad.parse::<Device>().unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_without_the_cuda_feature_says_how_to_build_one() {
+        let e = AnyBackend::open(Device::Cuda(0), 1, false).unwrap_err();
+        assert_eq!(e.kind(), "device");
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+    }
+}
