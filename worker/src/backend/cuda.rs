@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
 
 use super::{Backend, CpuBackend, View};
@@ -99,47 +100,16 @@ impl CudaBackend {
         let (n, k) = (w.rows, w.cols);
         let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
-        // Row-major out = x · wᵀ is column-major outᵀ = w_cmᵀ · x_cm, with w_cm (k × n) and
-        // x_cm (k × m) the row-major buffers read column-major.
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (op_w, op_x) = (
-            sys::cublasOperation_t::CUBLAS_OP_T,
-            sys::cublasOperation_t::CUBLAS_OP_N,
-        );
-        let dims = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32")));
-        let (n32, m32, k32) = (dims(n)?, dims(m)?, dims(k)?);
+        let (yp, y_written) = y.device_ptr_mut(&self.stream);
+        let shape = Shape { n, m, k };
         match &w.data {
             DeviceWeights::F32(wd) => {
                 let xd = self.stream.clone_htod(&x[..m * k]).map_err(driver)?;
                 let (wp, _w) = wd.device_ptr(&self.stream);
                 let (xp, _x) = xd.device_ptr(&self.stream);
-                let (yp, _y) = y.device_ptr_mut(&self.stream);
-                // SAFETY: the three buffers hold n × k, m × k and m × n values on this stream,
-                // as the dimensions and leading dimensions passed say.
-                unsafe {
-                    blas::gemm_ex(
-                        *blas.handle(),
-                        op_w,
-                        op_x,
-                        n32,
-                        m32,
-                        k32,
-                        (&alpha) as *const f32 as *const _,
-                        wp as *const _,
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        k32,
-                        xp as *const _,
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        k32,
-                        (&beta) as *const f32 as *const _,
-                        yp as *mut _,
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        n32,
-                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| device_error("cuBLAS f32 product", e))?;
+                // SAFETY: the buffers hold n × k, m × k and m × n values of these types on
+                // this stream.
+                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_32F, wp, xp, yp) }?;
             }
             DeviceWeights::Bf16(wd) => {
                 let rounded: Vec<u16> = x[..m * k]
@@ -149,39 +119,68 @@ impl CudaBackend {
                 let xd = self.stream.clone_htod(&rounded).map_err(driver)?;
                 let (wp, _w) = wd.device_ptr(&self.stream);
                 let (xp, _x) = xd.device_ptr(&self.stream);
-                let (yp, _y) = y.device_ptr_mut(&self.stream);
-                // SAFETY: as above, with bf16 operands and an f32 result.
-                unsafe {
-                    blas::gemm_ex(
-                        *blas.handle(),
-                        op_w,
-                        op_x,
-                        n32,
-                        m32,
-                        k32,
-                        (&alpha) as *const f32 as *const _,
-                        wp as *const _,
-                        sys::cudaDataType_t::CUDA_R_16BF,
-                        k32,
-                        xp as *const _,
-                        sys::cudaDataType_t::CUDA_R_16BF,
-                        k32,
-                        (&beta) as *const f32 as *const _,
-                        yp as *mut _,
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        n32,
-                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| device_error("cuBLAS bf16 product", e))?;
+                // SAFETY: as above, with bf16 operands.
+                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_16BF, wp, xp, yp) }?;
             }
         }
+        drop(y_written);
         self.stream
             .memcpy_dtoh(&y, &mut out[..m * n])
             .map_err(driver)?;
         self.stream.synchronize().map_err(driver)
     }
+}
+
+/// `n` weight rows, `m` activation rows, `k` values in each.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    m: usize,
+    k: usize,
+}
+
+/// Row-major `y[m, n] = x[m, k] · w[n, k]ᵀ` with operands of type `operands` and an f32 result
+/// accumulated in f32. Read column-major, the row-major buffers are wᵀ (k × n), xᵀ (k × m) and
+/// yᵀ (n × m), so this is yᵀ = (wᵀ)ᵀ · xᵀ: cuBLAS' `T, N`.
+///
+/// # Safety
+/// `w`, `x` and `y` point to at least `n·k`, `m·k` and `m·n` values on the handle's stream.
+unsafe fn gemm(
+    blas: &CudaBlas,
+    Shape { n, m, k }: Shape,
+    operands: sys::cudaDataType_t,
+    w: CUdeviceptr,
+    x: CUdeviceptr,
+    y: CUdeviceptr,
+) -> Result<()> {
+    let dim = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")));
+    let (n, m, k) = (dim(n)?, dim(m)?, dim(k)?);
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
+    unsafe {
+        blas::gemm_ex(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            n,
+            m,
+            k,
+            (&alpha) as *const f32 as *const _,
+            w as *const _,
+            operands,
+            k,
+            x as *const _,
+            operands,
+            k,
+            (&beta) as *const f32 as *const _,
+            y as *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            n,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| device_error("cuBLAS product", e))
 }
 
 fn driver(e: DriverError) -> Error {
