@@ -423,8 +423,8 @@ fn a_forced_kernel_family_gives_the_golden_and_a_wrong_one_is_refused() {
 }
 
 /// `--device` picks where the products run: `cpu` gives the golden's tokens; a GPU on a
-/// moebius built without the `cuda` feature, or a device that does not exist, is refused with
-/// exit code 2 and one line that says what to do.
+/// moebius built without the `cuda` feature (on `generate` and on `up`), or a device that does
+/// not exist, is refused with exit code 2 and one line that says what to do.
 #[test]
 fn the_device_flag_runs_on_the_cpu_and_refuses_what_it_cannot_open() {
     let case = golden_case("tiny-v3", 0);
@@ -465,6 +465,16 @@ fn the_device_flag_runs_on_the_cpu_and_refuses_what_it_cannot_open() {
     assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
     assert!(
         stderr.contains("cuda:1 needs a moebius built with the cuda feature"),
+        "{stderr}"
+    );
+
+    // `up` checks every worker's device before it starts anything.
+    let out = moebius(&["up", "--device", "cuda", "--listen", "127.0.0.1:0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(
+        stderr.contains("cuda:0 needs a moebius built with the cuda feature"),
         "{stderr}"
     );
 }

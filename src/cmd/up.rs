@@ -134,6 +134,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     args.balance.interval()?;
     stats_interval(args.stats_interval_s)?;
+    check_devices(args.device, args.workers)?;
     let security = args.security.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -159,6 +160,19 @@ fn worker_device(device: Device, i: usize) -> Device {
         Device::Cpu => Device::Cpu,
         Device::Cuda(n) => Device::Cuda(n + i),
     }
+}
+
+/// Opens, and lets go of, the device of every worker before anything starts: a GPU that is
+/// missing (or a build without the `cuda` feature) is one line and exit code 2, not workers
+/// that fail and are restarted.
+fn check_devices(device: Device, workers: usize) -> Result<()> {
+    if device == Device::Cpu {
+        return Ok(());
+    }
+    for i in 0..workers {
+        moebius_worker::backend::AnyBackend::open(worker_device(device, i), 1, false)?;
+    }
+    Ok(())
 }
 
 /// `--stats-interval-s` as a duration, or a one-line error naming the flag.
@@ -494,7 +508,7 @@ pub async fn start_local(
             shutdown.cancel();
             Err(failed(done.map(|(_, r)| r)))
         }
-        _ = shutdown.cancelled() => bail!("stopped while starting"),
+        _ = shutdown.cancelled() => Err(StoppedWhileStarting.into()),
     }
 }
 
@@ -527,7 +541,9 @@ async fn in_process(
     };
     let mut cluster = match start_local(&options, &shutdown).await {
         Ok(cluster) => cluster,
-        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        // Ctrl-C while starting is a clean stop; a part that failed cancels too, and its error
+        // is the answer.
+        Err(e) if e.is::<StoppedWhileStarting>() => return Ok(()),
         Err(e) => return Err(e),
     };
     let admin = cluster.admin_addr.to_string();
@@ -548,6 +564,11 @@ async fn in_process(
     println!("moebius stopped");
     Ok(())
 }
+
+/// `start_local` was stopped (Ctrl-C) before the cluster was up.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped while starting")]
+pub struct StoppedWhileStarting;
 
 /// Why a part of the in-process cluster ended before it was asked to.
 fn failed(done: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
