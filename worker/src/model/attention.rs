@@ -28,8 +28,11 @@ const QUERY_BLOCK: usize = 32;
 
 /// One layer's attention weights.
 pub struct Attention<B: Backend> {
-    q: QueryProjection<B>,
-    kv_a: Linear<B>,
+    input: InputProjection<B>,
+    /// Outputs of q's first projection: `q_lora_rank`, or every head's query.
+    q_width: usize,
+    /// q's low-rank second half (`q_a_layernorm`, `q_b_proj`); `None` when `q_proj` is direct.
+    q_b: Option<(Vec<f32>, Linear<B>)>,
     kv_a_norm: Vec<f32>,
     /// `kv_b_proj` on the host: per head, `nope` rows of `W_UK` then `v` rows of `W_UV`.
     kv_b: Vec<f32>,
@@ -43,12 +46,15 @@ pub struct Attention<B: Backend> {
     scale: f32,
 }
 
-enum QueryProjection<B: Backend> {
-    Direct(Linear<B>),
-    LowRank {
-        a: Linear<B>,
-        norm: Vec<f32>,
-        b: Linear<B>,
+/// The products that read the hidden state: q's first (`q_proj` or `q_a_proj`) and
+/// `kv_a_proj_with_mqa`. They are one product where their biases agree: a decode step is bound
+/// by reading weights, and every product it splits over the cores costs a fork and a join.
+enum InputProjection<B: Backend> {
+    /// q's rows, then kv_a's.
+    Stacked(Linear<B>),
+    Apart {
+        q: Linear<B>,
+        kv_a: Linear<B>,
     },
 }
 
@@ -70,27 +76,33 @@ impl<B: Backend> Attention<B> {
         let heads = config.num_attention_heads;
         let qk = config.qk_head_dim();
         let bias = config.attention_bias;
-        let q = match config.q_lora_rank {
-            None => QueryProjection::Direct(loader.linear(
-                &[(&format!("{prefix}.q_proj"), heads * qk)],
-                hidden,
-                false,
-            )?),
-            Some(rank) => QueryProjection::LowRank {
-                a: loader.linear(&[(&format!("{prefix}.q_a_proj"), rank)], hidden, bias)?,
-                norm: loader.vector(&format!("{prefix}.q_a_layernorm.weight"), rank)?,
-                b: loader.linear(&[(&format!("{prefix}.q_b_proj"), heads * qk)], rank, false)?,
-            },
-        };
         let lora = config.kv_lora_rank;
-        let kv_a = loader.linear(
-            &[(
-                &format!("{prefix}.kv_a_proj_with_mqa"),
-                lora + config.qk_rope_head_dim,
-            )],
-            hidden,
-            bias,
-        )?;
+        let kv_a = (
+            format!("{prefix}.kv_a_proj_with_mqa"),
+            lora + config.qk_rope_head_dim,
+        );
+        // transformers gives q_proj no bias, q_a_proj and kv_a_proj_with_mqa `attention_bias`.
+        let (q_first, q_bias, q_b) = match config.q_lora_rank {
+            None => ((format!("{prefix}.q_proj"), heads * qk), false, None),
+            Some(rank) => {
+                let norm = loader.vector(&format!("{prefix}.q_a_layernorm.weight"), rank)?;
+                let b =
+                    loader.linear(&[(&format!("{prefix}.q_b_proj"), heads * qk)], rank, false)?;
+                ((format!("{prefix}.q_a_proj"), rank), bias, Some((norm, b)))
+            }
+        };
+        let input = if q_bias == bias {
+            InputProjection::Stacked(loader.linear(
+                &[(&q_first.0, q_first.1), (&kv_a.0, kv_a.1)],
+                hidden,
+                bias,
+            )?)
+        } else {
+            InputProjection::Apart {
+                q: loader.linear(&[(&q_first.0, q_first.1)], hidden, q_bias)?,
+                kv_a: loader.linear(&[(&kv_a.0, kv_a.1)], hidden, bias)?,
+            }
+        };
         let kv_a_norm = loader.vector(&format!("{prefix}.kv_a_layernorm.weight"), lora)?;
         let kv_b = loader.host_matrix(
             &format!("{prefix}.kv_b_proj.weight"),
@@ -103,8 +115,9 @@ impl<B: Backend> Attention<B> {
             bias,
         )?;
         Ok(Self {
-            q,
-            kv_a,
+            input,
+            q_width: q_first.1,
+            q_b,
             kv_a_norm,
             kv_b,
             o_proj,
@@ -125,16 +138,15 @@ impl<B: Backend> Attention<B> {
 
     /// Bytes of this layer's weights.
     pub fn bytes(&self, backend: &B) -> usize {
-        let q = match &self.q {
-            QueryProjection::Direct(l) => l.bytes(backend),
-            QueryProjection::LowRank { a, norm, b } => {
-                a.bytes(backend) + norm.len() * 4 + b.bytes(backend)
-            }
+        let input = match &self.input {
+            InputProjection::Stacked(l) => l.bytes(backend),
+            InputProjection::Apart { q, kv_a } => q.bytes(backend) + kv_a.bytes(backend),
         };
-        q + self.kv_a.bytes(backend)
-            + self.kv_a_norm.len() * 4
-            + self.kv_b.len() * 4
-            + self.o_proj.bytes(backend)
+        let q_b = self
+            .q_b
+            .as_ref()
+            .map_or(0, |(norm, b)| norm.len() * 4 + b.bytes(backend));
+        input + q_b + self.kv_a_norm.len() * 4 + self.kv_b.len() * 4 + self.o_proj.bytes(backend)
     }
 
     /// Attention for all rows of `x` (`n` rows, already normalised), sequence by sequence;
@@ -154,26 +166,45 @@ impl<B: Backend> Attention<B> {
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
         let positions = row_positions(segments, n);
 
-        // Queries: [n, h, qk], rotary part rotated.
-        let mut q = vec![0.0; n * h * qk];
-        match &self.q {
-            QueryProjection::Direct(proj) => proj.forward(backend, x, n, &mut q),
-            QueryProjection::LowRank { a, norm, b } => {
-                let mut low = vec![0.0; n * a.out_features];
-                a.forward(backend, x, n, &mut low);
-                rms_norm(&mut low, norm, self.eps);
-                b.forward(backend, &low, n, &mut q);
+        // q's first projection [n, q_width] and the new cache rows [n, lora + rope].
+        let mut first = vec![0.0; n * self.q_width];
+        let mut kv = vec![0.0; n * width];
+        match &self.input {
+            InputProjection::Stacked(both) => {
+                let mut out = vec![0.0; n * both.out_features];
+                both.forward(backend, x, n, &mut out);
+                let rows = out.chunks_exact(both.out_features);
+                let split = first
+                    .chunks_exact_mut(self.q_width)
+                    .zip(kv.chunks_exact_mut(width));
+                for (row, (q_row, kv_row)) in rows.zip(split) {
+                    q_row.copy_from_slice(&row[..self.q_width]);
+                    kv_row.copy_from_slice(&row[self.q_width..]);
+                }
+            }
+            InputProjection::Apart { q, kv_a } => {
+                q.forward(backend, x, n, &mut first);
+                kv_a.forward(backend, x, n, &mut kv);
             }
         }
+
+        // Queries: [n, h, qk], rotary part rotated.
+        let mut q = match &self.q_b {
+            None => first,
+            Some((norm, b)) => {
+                rms_norm(&mut first, norm, self.eps);
+                let mut q = vec![0.0; n * h * qk];
+                b.forward(backend, &first, n, &mut q);
+                q
+            }
+        };
         for (row, &pos) in q.chunks_exact_mut(h * qk).zip(&positions) {
             for head in row.chunks_exact_mut(qk) {
                 rope.rotate(&mut head[self.nope..], pos);
             }
         }
 
-        // New cache rows: [n, lora + rope], latent normalised, key rotated.
-        let mut kv = vec![0.0; n * width];
-        self.kv_a.forward(backend, x, n, &mut kv);
+        // New cache rows: latent normalised, key rotated.
         for (row, &pos) in kv.chunks_exact_mut(width).zip(&positions) {
             let (latent, k_pe) = row.split_at_mut(self.lora);
             rms_norm(latent, &self.kv_a_norm, self.eps);
