@@ -390,6 +390,26 @@ fn a_broken_checkpoint_is_named_in_one_line() {
     }
 }
 
+/// `moebius [global] generate` of `ids` for `n` tokens on `model`, greedy to the end, as JSON,
+/// with `extra` options.
+fn greedy(global: &[&str], model: &Path, ids: &str, n: &str, extra: &[&str]) -> Output {
+    let model = model.to_str().expect("utf-8 path");
+    let mut args = global.to_vec();
+    args.extend([
+        "generate",
+        "--model",
+        model,
+        "--prompt-ids",
+        ids,
+        "--max-new-tokens",
+        n,
+        "--ignore-eos",
+        "--json",
+    ]);
+    args.extend(extra);
+    moebius(&args)
+}
+
 /// `--kernels` forces a kernel family: the portable one gives the golden's tokens too, a
 /// family that does not exist is refused with exit code 2 and one line.
 #[test]
@@ -397,21 +417,7 @@ fn a_forced_kernel_family_gives_the_golden_and_a_wrong_one_is_refused() {
     let case = golden_case("tiny-v3", 0);
     let model = fixture("tiny-v3");
     let (ids, n) = prompt_and_length(&case);
-    let run = |kernels: &str| {
-        moebius(&[
-            "--kernels",
-            kernels,
-            "generate",
-            "--model",
-            model.to_str().expect("utf-8 path"),
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            &n,
-            "--ignore-eos",
-            "--json",
-        ])
-    };
+    let run = |kernels: &str| greedy(&["--kernels", kernels], &model, &ids, &n, &[]);
     for kernels in ["portable", "auto"] {
         let v = json_of(&run(kernels));
         assert_eq!(v["token_ids"], case["new_token_ids"], "--kernels {kernels}");
@@ -430,21 +436,7 @@ fn the_device_flag_runs_on_the_cpu_and_refuses_what_it_cannot_open() {
     let case = golden_case("tiny-v3", 0);
     let model = fixture("tiny-v3");
     let (ids, n) = prompt_and_length(&case);
-    let run = |device: &str| {
-        moebius(&[
-            "generate",
-            "--model",
-            model.to_str().expect("utf-8 path"),
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            &n,
-            "--ignore-eos",
-            "--json",
-            "--device",
-            device,
-        ])
-    };
+    let run = |device: &str| greedy(&[], &model, &ids, &n, &["--device", device]);
     let v = json_of(&run("cpu"));
     assert_eq!(v["token_ids"], case["new_token_ids"], "--device cpu");
 
