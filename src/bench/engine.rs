@@ -242,18 +242,15 @@ fn warm_up(
     Ok(())
 }
 
-/// Weight bytes one batch-1 decode step must read: everything replicated except the
-/// embedding table (one row), plus `top_k` experts per MoE layer.
+/// Weight bytes one batch-1 decode step must read: the replicated weights decode reads (see
+/// `SharedWeights::decode_bytes`), plus `top_k` experts per MoE layer.
 fn decode_bytes_per_step(model: &LoadedModel, all_expert_bytes: usize) -> usize {
     let c = &model.config;
-    let embed = c.vocab_size * c.hidden_size * 4;
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&l| c.is_moe_layer(l))
         .count();
     let per_layer_expert = all_expert_bytes / (moe_layers * c.n_routed_experts).max(1);
-    model.shared.bytes() - embed
-        + c.hidden_size * 4
-        + moe_layers * c.num_experts_per_tok * per_layer_expert
+    model.shared.decode_bytes() + moe_layers * c.num_experts_per_tok * per_layer_expert
 }
 
 /// Sustained read bandwidth of this machine in GB/s: sums a buffer far larger than the caches

@@ -73,6 +73,17 @@ impl Block {
     }
 }
 
+/// One product `out[m, n] = x[m, k] · w[n, k]ᵀ` of a group that [`run_grouped`] splits: its
+/// extents, the bytes of one weight value, and its output.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub weight_bytes: usize,
+    pub out: Block,
+}
+
 /// Runs `kernel(i0, im, j0, jn, block)` over blocks that cover `out` (`m × n`, row-major),
 /// where `block` starts at `out[i0 * n + j0]` and the kernel writes its `im × jn` values there.
 /// `align` is the kernel's register tile width: weight blocks are a multiple of it.
@@ -93,30 +104,116 @@ pub fn run<F>(
         return;
     }
     assert!(out.len() >= m * n, "blocks: output too small");
-    let k = k.max(1);
-    let mut bn = (WEIGHT_BYTES / (weight_bytes * k)).max(1);
-    if m <= STREAM_ROWS {
-        bn = bn.max(n.div_ceil(STREAM_TASKS * rayon::current_num_threads()));
-    }
-    let bn = bn.div_ceil(align) * align;
-    let bm = (ACTIVATION_BYTES / (4 * k)).max(8).min(m);
-    let (mb, nb) = (m.div_ceil(bm), n.div_ceil(bn));
-    let whole = Block::new(out, n);
-    let task = |t: usize| {
-        let (i0, j0) = (t / nb * bm, t % nb * bn);
-        let (im, jn) = (bm.min(m - i0), bn.min(n - j0));
-        kernel(i0, im, j0, jn, whole.offset(i0, j0));
+    let product = Product {
+        m,
+        n,
+        k,
+        weight_bytes,
+        out: Block::new(out, n),
     };
-    if parallel {
-        (0..mb * nb).into_par_iter().for_each(task);
+    run_grouped(&[product], align, parallel, |_, i0, im, j0, jn, block| {
+        kernel(i0, im, j0, jn, block)
+    });
+}
+
+/// [`run`] for independent products at once, as one set of tasks: `kernel(g, i0, im, j0, jn,
+/// block)` computes a block of product `g`. Decode-sized products (at most [`STREAM_ROWS`]
+/// rows) share [`STREAM_TASKS`] blocks per thread by weight bytes, so that many small products
+/// (an attention layer's heads, a MoE layer's experts) stream like one large one, with one fork.
+///
+/// Each product's `out` must have `m` rows of at least `n` values at its stride, written by
+/// nothing else while this runs.
+pub fn run_grouped<F>(products: &[Product], align: usize, parallel: bool, kernel: F)
+where
+    F: Fn(usize, usize, usize, usize, usize, Block) + Sync,
+{
+    let threads = if parallel {
+        rayon::current_num_threads()
     } else {
-        (0..mb * nb).for_each(task);
+        1
+    };
+    let streamed: usize = products
+        .iter()
+        .filter(|p| p.m <= STREAM_ROWS)
+        .map(|p| p.n * p.k * p.weight_bytes)
+        .sum();
+    let stream_task_bytes = streamed.div_ceil(STREAM_TASKS * threads);
+    // (product, row block, column block) of every task, with each product's block sizes.
+    let mut tasks = Vec::new();
+    let mut sizes = Vec::with_capacity(products.len());
+    for (g, p) in products.iter().enumerate() {
+        let k = p.k.max(1);
+        let row_bytes = p.weight_bytes * k;
+        let mut bn = (WEIGHT_BYTES / row_bytes).max(1);
+        if p.m <= STREAM_ROWS {
+            bn = bn.max(stream_task_bytes.div_ceil(row_bytes));
+        }
+        let bn = bn.div_ceil(align) * align;
+        let bm = (ACTIVATION_BYTES / (4 * k)).max(8).min(p.m);
+        sizes.push((bm, bn));
+        if p.m == 0 || p.n == 0 {
+            continue;
+        }
+        for i in 0..p.m.div_ceil(bm) {
+            for j in 0..p.n.div_ceil(bn) {
+                tasks.push((g, i * bm, j * bn));
+            }
+        }
+    }
+    let task = |&(g, i0, j0): &(usize, usize, usize)| {
+        let (p, (bm, bn)) = (&products[g], sizes[g]);
+        let (im, jn) = (bm.min(p.m - i0), bn.min(p.n - j0));
+        kernel(g, i0, im, j0, jn, p.out.offset(i0, j0));
+    };
+    if parallel && tasks.len() > 1 {
+        tasks.par_iter().for_each(task);
+    } else {
+        tasks.iter().for_each(task);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouped_blocks_cover_every_output_once() {
+        let shapes = [
+            (1, 256, 64),
+            (2, 1000, 300),
+            (1, 1, 1),
+            (0, 5, 5),
+            (700, 33, 1024),
+        ];
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(m, n, _)| vec![0.0; m * n]).collect();
+        let products: Vec<Product> = shapes
+            .iter()
+            .zip(&mut outs)
+            .map(|(&(m, n, k), out)| Product {
+                m,
+                n,
+                k,
+                weight_bytes: 2,
+                out: Block::new(out, n),
+            })
+            .collect();
+        for parallel in [false, true] {
+            run_grouped(&products, 32, parallel, |g, i0, im, j0, jn, block| {
+                for r in 0..im {
+                    // SAFETY: the block's rows hold jn values of this task's own.
+                    let row = unsafe { block.row(r, jn) };
+                    for (c, v) in row.iter_mut().enumerate() {
+                        *v += ((i0 + r) * shapes[g].1 + j0 + c + g) as f32;
+                    }
+                }
+            });
+        }
+        for (g, out) in outs.iter().enumerate() {
+            for (at, v) in out.iter().enumerate() {
+                assert_eq!(*v, 2.0 * (at + g) as f32, "product {g} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn blocks_cover_the_output_once() {

@@ -10,7 +10,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::packed::{self, PackedBf16};
-use super::{Backend, View};
+use super::{Backend, Product, View};
 
 /// Products with fewer multiply-adds than this run on one thread. A decode step's products
 /// (one row) are bound by reading their weights, and one core alone does not draw the memory
@@ -224,6 +224,29 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn linear_grouped(&self, products: &mut [Product<'_, CpuMatrix>]) {
+        // Products of packed bf16 weights with f32 activations are one set of tasks; others
+        // (f32 weights, activations rounded to bf16) run one by one.
+        let mut grouped = Vec::with_capacity(products.len());
+        let mut flops = 0usize;
+        for p in products.iter_mut() {
+            match &p.w.data {
+                Storage::Bf16(w) if !(self.bf16_activations && p.m > BF16_MIN_ROWS) => {
+                    flops += p.m * p.w.rows * p.w.cols;
+                    grouped.push(packed::Product {
+                        x: p.x,
+                        m: p.m,
+                        w,
+                        out: &mut *p.out,
+                    });
+                }
+                _ => self.linear(p.x, p.m, p.w, p.out),
+            }
+        }
+        let parallel = self.parallel(flops, 1, 1);
+        packed::matmul_grouped(&mut grouped, parallel);
+    }
+
     fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {
         if self.threads == 1 || n < 2 {
             (0..n).map(f).collect()
@@ -356,6 +379,43 @@ mod tests {
                     "{m}x{rows}x{cols}: {o} vs {e}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn grouped_products_of_bf16_and_f32_weights_equal_their_linears() {
+        let b = CpuBackend::new(0);
+        let shapes = [(1, 256, 64, true), (3, 70, 33, false), (20, 45, 100, true)];
+        let made: Vec<(Vec<f32>, CpuMatrix)> = shapes
+            .iter()
+            .map(|&(m, n, k, bf16)| {
+                let x = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+                let bits: Vec<u16> = (0..n * k)
+                    .map(|i| half::bf16::from_f32((i % 5) as f32 / 4.0).to_bits())
+                    .collect();
+                let w = if bf16 {
+                    b.matrix_bf16(n, k, bits)
+                } else {
+                    b.matrix(n, k, bits.iter().map(|&v| bf16_to_f32(v)).collect())
+                };
+                (x, w)
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(m, n, _, _)| vec![f32::NAN; m * n])
+            .collect();
+        let mut products: Vec<Product<CpuMatrix>> = made
+            .iter()
+            .zip(&shapes)
+            .zip(&mut outs)
+            .map(|(((x, w), &(m, ..)), out)| Product { x, m, w, out })
+            .collect();
+        b.linear_grouped(&mut products);
+        for (((x, w), &(m, n, ..)), got) in made.iter().zip(&shapes).zip(&outs) {
+            let mut want = vec![f32::NAN; m * n];
+            b.linear(x, m, w, &mut want);
+            assert_eq!(got, &want, "{m}x{n}");
         }
     }
 

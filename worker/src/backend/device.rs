@@ -2,7 +2,8 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::{Backend, CpuBackend, View};
+use super::cpu::CpuMatrix;
+use super::{Backend, CpuBackend, Product, View};
 use crate::error::Result;
 
 /// A `--device` value: `cpu`, or `cuda` / `cuda:N` (GPU N, 0 by default).
@@ -137,6 +138,43 @@ impl Backend for AnyBackend {
             (AnyBackend::Cuda(b), AnyMatrix::Cuda(w)) => b.linear(x, m, w, out),
             #[cfg(feature = "cuda")]
             _ => mixed(),
+        }
+    }
+
+    fn linear_grouped(&self, products: &mut [Product<'_, AnyMatrix>]) {
+        match self {
+            AnyBackend::Cpu(b) => {
+                let mut cpu: Vec<Product<'_, CpuMatrix>> = products
+                    .iter_mut()
+                    .map(|p| Product {
+                        x: p.x,
+                        m: p.m,
+                        w: match p.w {
+                            AnyMatrix::Cpu(w) => w,
+                            #[cfg(feature = "cuda")]
+                            _ => mixed(),
+                        },
+                        out: &mut *p.out,
+                    })
+                    .collect();
+                b.linear_grouped(&mut cpu);
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => {
+                let mut cuda: Vec<Product<'_, super::cuda::CudaMatrix>> = products
+                    .iter_mut()
+                    .map(|p| Product {
+                        x: p.x,
+                        m: p.m,
+                        w: match p.w {
+                            AnyMatrix::Cuda(w) => w,
+                            _ => mixed(),
+                        },
+                        out: &mut *p.out,
+                    })
+                    .collect();
+                b.linear_grouped(&mut cuda);
+            }
         }
     }
 

@@ -33,6 +33,15 @@ pub struct View<'a> {
     pub row_stride: usize,
 }
 
+/// One of the independent products of [`Backend::linear_grouped`]:
+/// `out[m, rows] = x[m, cols] · wᵀ`.
+pub struct Product<'a, M> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub w: &'a M,
+    pub out: &'a mut [f32],
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -61,6 +70,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `out[m, rows] = x[m, cols] · wᵀ`: a linear layer without bias.
     fn linear(&self, x: &[f32], m: usize, w: &Self::Matrix, out: &mut [f32]);
+
+    /// Independent products as one batch: an attention layer's heads, a MoE layer's experts. A
+    /// backend may run them as one grouped launch, so that many small products cost what one
+    /// large one does; the default runs them one by one.
+    fn linear_grouped(&self, products: &mut [Product<'_, Self::Matrix>]) {
+        for p in products {
+            self.linear(p.x, p.m, p.w, p.out);
+        }
+    }
 
     /// `out[m, n] (row stride out_stride) = a[m, k] · b[n, k]ᵀ`, for attention over caches.
     fn matmul_nt(

@@ -112,18 +112,52 @@ pub fn matmul_with(
     out: &mut [f32],
     parallel: bool,
 ) {
-    let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k, "packed matmul: x too small");
-    assert!(out.len() >= m * n, "packed matmul: out too small");
+    matmul_grouped_with(family, &mut [Product { x, m, w, out }], parallel);
+}
+
+/// One of the products of [`matmul_grouped`]: `out[m, w.rows] = x[m, w.cols] · wᵀ`.
+pub struct Product<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub w: &'a PackedBf16,
+    pub out: &'a mut [f32],
+}
+
+/// Independent products as one set of tasks (see [`super::blocks::run_grouped`]), with the
+/// active kernels.
+pub fn matmul_grouped(products: &mut [Product], parallel: bool) {
+    matmul_grouped_with(kernels::active(), products, parallel);
+}
+
+/// [`matmul_grouped`] with the kernels of `family`, which this CPU must support.
+pub fn matmul_grouped_with(family: Family, products: &mut [Product], parallel: bool) {
     assert!(
         family.supported(),
         "packed matmul: this CPU cannot run the {} kernels",
         family.name()
     );
-    super::blocks::run(m, n, k, 2, PANEL, parallel, out, |i0, im, j0, jn, block| {
+    let inputs: Vec<(&[f32], &PackedBf16)> = products.iter().map(|p| (p.x, p.w)).collect();
+    let blocks: Vec<super::blocks::Product> = products
+        .iter_mut()
+        .map(|p| {
+            let (n, k) = (p.w.rows, p.w.cols);
+            assert!(p.x.len() >= p.m * k, "packed matmul: x too small");
+            assert!(p.out.len() >= p.m * n, "packed matmul: out too small");
+            super::blocks::Product {
+                m: p.m,
+                n,
+                k,
+                weight_bytes: 2,
+                out: Block::new(p.out, n),
+            }
+        })
+        .collect();
+    super::blocks::run_grouped(&blocks, PANEL, parallel, |g, i0, im, j0, jn, block| {
+        let (x, w) = inputs[g];
+        let k = w.cols;
+        let x = &x[i0 * k..(i0 + im) * k];
         for_panels(j0, jn, |p, col, cols| {
             let panel = w.panel(p);
-            let x = &x[i0 * k..(i0 + im) * k];
             let out = block.offset(0, col);
             // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32 rows;
             // `out` has im rows of `cols` values that belong to this task alone (blocks::run);
@@ -900,6 +934,46 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_products_equal_the_products_one_by_one_in_every_family() {
+        // Decode-sized and prefill-sized products of different shapes in one group.
+        let shapes = [
+            (1, 256, 64),
+            (1, 64, 256),
+            (2, 33, 37),
+            (12, 130, 1024),
+            (61, 20, 257),
+        ];
+        let made: Vec<(Vec<f32>, PackedBf16)> = shapes
+            .iter()
+            .map(|&(m, n, k)| {
+                let (x, bits) = inputs(m, n, k);
+                (x, PackedBf16::pack(n, k, &bits))
+            })
+            .collect();
+        for family in Family::supported_here() {
+            for parallel in [false, true] {
+                let mut outs: Vec<Vec<f32>> = shapes
+                    .iter()
+                    .map(|&(m, n, _)| vec![f32::NAN; m * n])
+                    .collect();
+                let mut products: Vec<Product> = made
+                    .iter()
+                    .zip(&shapes)
+                    .zip(&mut outs)
+                    .map(|(((x, w), &(m, _, _)), out)| Product { x, m, w, out })
+                    .collect();
+                matmul_grouped_with(family, &mut products, parallel);
+                for (((x, w), &(m, n, k)), got) in made.iter().zip(&shapes).zip(&outs) {
+                    let mut want = vec![f32::NAN; m * n];
+                    matmul_with(family, x, m, w, &mut want, false);
+                    // Each output is one task's sum over k, whatever the blocks: bit for bit.
+                    assert_eq!(got, &want, "{} {m}x{n}x{k}", family.name());
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Linear layers, the SwiGLU MLP, and the loader that reads them from a checkpoint.
 
-use crate::backend::{add_bias, silu_mul, Backend};
+use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, Product};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
@@ -24,6 +24,32 @@ impl<B: Backend> Linear<B> {
     /// Bytes of the weight and bias.
     pub fn bytes(&self, backend: &B) -> usize {
         backend.matrix_bytes(&self.weight) + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    /// Applies each layer of `runs` to its own `m` rows, as one grouped product (see
+    /// [`Backend::linear_grouped`]); returns each run's `m × out_features` values.
+    pub fn forward_grouped(backend: &B, runs: &[(&Self, &[f32], usize)]) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = runs
+            .iter()
+            .map(|(layer, _, m)| vec![0.0; m * layer.out_features])
+            .collect();
+        let mut products: Vec<Product<'_, B::Matrix>> = runs
+            .iter()
+            .zip(&mut outs)
+            .map(|(&(layer, x, m), out)| Product {
+                x,
+                m,
+                w: &layer.weight,
+                out,
+            })
+            .collect();
+        backend.linear_grouped(&mut products);
+        for ((layer, _, _), out) in runs.iter().zip(&mut outs) {
+            if let Some(bias) = &layer.bias {
+                add_bias(out, bias);
+            }
+        }
+        outs
     }
 }
 
@@ -68,6 +94,31 @@ impl<B: Backend> Mlp<B> {
         self.down.forward(backend, &act, m, out);
     }
 
+    /// Runs each MLP of `runs` on its own `m` rows of `x`, as two grouped products (every
+    /// `gate_up`, then every `down`): a MoE layer's experts with one fork each instead of one
+    /// per expert; returns each run's `m × hidden` values.
+    pub fn forward_grouped(backend: &B, runs: &[(&Self, &[f32], usize)]) -> Vec<Vec<f32>> {
+        let gate_up: Vec<(&Linear<B>, &[f32], usize)> = runs
+            .iter()
+            .map(|&(mlp, x, m)| (&mlp.gate_up, x, m))
+            .collect();
+        let acts: Vec<Vec<f32>> = Linear::forward_grouped(backend, &gate_up)
+            .iter()
+            .zip(runs)
+            .map(|(gate_up, &(mlp, _, m))| {
+                let mut act = vec![0.0; m * mlp.width];
+                silu_mul(gate_up, mlp.width, &mut act);
+                act
+            })
+            .collect();
+        let down: Vec<(&Linear<B>, &[f32], usize)> = runs
+            .iter()
+            .zip(&acts)
+            .map(|(&(mlp, _, m), act)| (&mlp.down, &act[..], m))
+            .collect();
+        Linear::forward_grouped(backend, &down)
+    }
+
     pub fn bytes(&self, backend: &B) -> usize {
         self.gate_up.bytes(backend) + self.down.bytes(backend)
     }
@@ -90,37 +141,23 @@ impl<B: Backend> Loader<'_, B> {
         self.checkpoint.load_f32(name, &[rows, cols])
     }
 
+    /// The weight `name` (`[rows, cols]`) as stored: bf16 bits, or f32 for every other dtype.
+    pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        Ok(match self.checkpoint.load_bf16_bits(name, &[rows, cols])? {
+            Some(bits) => Weight::Bf16(bits),
+            None => Weight::F32(self.checkpoint.load_f32(name, &[rows, cols])?),
+        })
+    }
+
     /// The layers `parts` (`(prefix, rows)`, each reading `{prefix}.weight`) stacked row-wise
     /// into one linear layer of input width `cols`; biases `{prefix}.bias` when `bias`.
     pub fn linear(&self, parts: &[(&str, usize)], cols: usize, bias: bool) -> Result<Linear<B>> {
         let rows: usize = parts.iter().map(|(_, r)| r).sum();
-        // Weights stored as bf16 stay bf16 in the backend (half the bytes a decode step reads);
-        // every other dtype becomes f32.
-        let mut bf16 = Some(Vec::with_capacity(rows * cols));
+        let mut stacked = Weight::Bf16(Vec::with_capacity(rows * cols));
         for (prefix, part_rows) in parts {
-            let name = format!("{prefix}.weight");
-            match (
-                self.checkpoint.load_bf16_bits(&name, &[*part_rows, cols])?,
-                bf16.as_mut(),
-            ) {
-                (Some(bits), Some(all)) => all.extend(bits),
-                _ => {
-                    bf16 = None;
-                    break;
-                }
-            }
+            stacked.append(self.weight(&format!("{prefix}.weight"), *part_rows, cols)?);
         }
-        let weight = match bf16 {
-            Some(bits) => self.backend.matrix_bf16(rows, cols, bits),
-            None => {
-                let mut data = Vec::with_capacity(rows * cols);
-                for (prefix, part_rows) in parts {
-                    let name = format!("{prefix}.weight");
-                    data.extend(self.checkpoint.load_f32(&name, &[*part_rows, cols])?);
-                }
-                self.backend.matrix(rows, cols, data)
-            }
-        };
+        let weight = stacked.matrix(self.backend, rows, cols);
         let mut biases = Vec::new();
         if bias {
             for (prefix, part_rows) in parts {
@@ -135,5 +172,68 @@ impl<B: Backend> Loader<'_, B> {
             bias: bias.then_some(biases),
             out_features: rows,
         })
+    }
+}
+
+/// A weight as the checkpoint stores it. Weights stored as bf16 stay bf16 in the backend (half
+/// the bytes a decode step reads); every other dtype becomes f32.
+pub enum Weight {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl Weight {
+    /// Appends `more`'s values; the result is bf16 only if both are.
+    fn append(&mut self, more: Weight) {
+        match (&mut *self, more) {
+            (Weight::Bf16(a), Weight::Bf16(b)) => a.extend(b),
+            (Weight::F32(a), more) => a.extend(more.into_f32()),
+            (Weight::Bf16(a), Weight::F32(b)) => {
+                let mut all: Vec<f32> = a.iter().map(|&v| bf16_to_f32(v)).collect();
+                all.extend(b);
+                *self = Weight::F32(all);
+            }
+        }
+    }
+
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Weight::Bf16(bits) => bits.into_iter().map(bf16_to_f32).collect(),
+            Weight::F32(values) => values,
+        }
+    }
+
+    /// The whole weight as a backend matrix `[rows, cols]`.
+    pub fn matrix<B: Backend>(self, backend: &B, rows: usize, cols: usize) -> B::Matrix {
+        match self {
+            Weight::Bf16(bits) => backend.matrix_bf16(rows, cols, bits),
+            Weight::F32(values) => backend.matrix(rows, cols, values),
+        }
+    }
+
+    /// A backend matrix `[rows, cols]` whose value at `(r, c)` is this weight's value at flat
+    /// index `at(r, c)`: a slice, a transpose, or both.
+    pub fn gather<B: Backend>(
+        &self,
+        backend: &B,
+        rows: usize,
+        cols: usize,
+        at: impl Fn(usize, usize) -> usize,
+    ) -> B::Matrix {
+        fn pick<T: Copy>(
+            v: &[T],
+            rows: usize,
+            cols: usize,
+            at: impl Fn(usize, usize) -> usize,
+        ) -> Vec<T> {
+            (0..rows)
+                .flat_map(|r| (0..cols).map(move |c| (r, c)))
+                .map(|(r, c)| v[at(r, c)])
+                .collect()
+        }
+        match self {
+            Weight::Bf16(bits) => backend.matrix_bf16(rows, cols, pick(bits, rows, cols, at)),
+            Weight::F32(values) => backend.matrix(rows, cols, pick(values, rows, cols, at)),
+        }
     }
 }

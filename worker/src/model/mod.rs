@@ -145,6 +145,18 @@ impl<B: Backend> SharedWeights<B> {
             .sum();
         self.embed.len() * 4 + layers + self.norm.len() * 4 + self.lm_head.bytes(b)
     }
+
+    /// Bytes of the replicated weights that a decode step of one row reads: all but the
+    /// embedding table (one row of it) and what only prefill reads.
+    pub fn decode_bytes(&self) -> usize {
+        let b = &*self.backend;
+        let prefill_only: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attention.bytes(b) - l.attention.decode_bytes(b))
+            .sum();
+        self.bytes() - self.embed.len() * 4 + self.config.hidden_size * 4 - prefill_only
+    }
 }
 
 /// One rank's routed experts: for every layer, one MLP per physical slot with the logical

@@ -243,24 +243,34 @@ impl<B: Backend> MoeLayer<'_, B> {
                 members.push((src, i));
             }
         }
-        // Experts are independent tasks; the largest go first so that the last task to start
-        // is a small one.
-        let mut active: Vec<usize> = (0..self.slots.len())
+        // This rank's experts and the shared experts are one grouped product each for their
+        // gate_up and down projections: two forks, balanced over the threads.
+        let active: Vec<usize> = (0..self.slots.len())
             .filter(|&s| !by_slot[s].is_empty())
             .collect();
-        active.sort_by_key(|&s| std::cmp::Reverse(by_slot[s].len()));
-        let outputs = backend.map_tasks(active.len(), |a| {
-            let members = &by_slot[active[a]];
-            let mut rows = Vec::with_capacity(members.len() * hidden);
-            for &(src, i) in members {
-                rows.extend_from_slice(incoming[src].row(i));
-            }
-            let mut out = vec![0.0; members.len() * hidden];
-            self.slots[active[a]]
-                .1
-                .forward(backend, &rows, members.len(), &mut out);
-            out
-        });
+        let inputs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|&s| {
+                let mut rows = Vec::with_capacity(by_slot[s].len() * hidden);
+                for &(src, i) in &by_slot[s] {
+                    rows.extend_from_slice(incoming[src].row(i));
+                }
+                rows
+            })
+            .collect();
+        let mut runs: Vec<(&Mlp<B>, &[f32], usize)> = active
+            .iter()
+            .zip(&inputs)
+            .map(|(&s, rows)| (&*self.slots[s].1, &rows[..], by_slot[s].len()))
+            .collect();
+        if let Some(shared) = self.shared {
+            runs.push((shared, x, n));
+        }
+        let mut outputs = Mlp::forward_grouped(backend, &runs);
+        let shared_out = match self.shared {
+            Some(_) => outputs.pop(),
+            None => None,
+        };
         let mut replies: Vec<Vec<u8>> = incoming
             .iter()
             .map(|m| exchange::reply_buffer(m.slots.len(), hidden))
@@ -295,9 +305,7 @@ impl<B: Backend> MoeLayer<'_, B> {
                 *r += v;
             }
         }
-        if let Some(shared) = self.shared {
-            let mut out = vec![0.0; n * hidden];
-            shared.forward(backend, x, n, &mut out);
+        if let Some(out) = shared_out {
             // transformers adds the shared experts to the routed sum before the residual.
             for (r, v) in residual.iter_mut().zip(&out) {
                 *r += v;
