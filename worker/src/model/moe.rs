@@ -247,8 +247,8 @@ impl<B: Backend> MoeLayer<'_, B> {
                 members.push((src, i));
             }
         }
-        // This rank's experts and the shared experts are one grouped product each for their
-        // gate_up and down projections: two forks, balanced over the threads.
+        // This rank's experts and the shared experts: in decode, one grouped product for every
+        // gate_up and one for every down (two forks, balanced over the threads).
         let active: Vec<usize> = (0..self.slots.len())
             .filter(|&s| !by_slot[s].is_empty())
             .collect();
