@@ -2,7 +2,6 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::cpu::CpuMatrix;
 use super::{Backend, CpuBackend, Product, View};
 use crate::error::Result;
 
@@ -77,6 +76,22 @@ impl From<CpuBackend> for AnyBackend {
     }
 }
 
+/// `products` with each matrix as the one device's own, by `pick`.
+fn narrow<'a, M>(
+    products: &'a mut [Product<'_, AnyMatrix>],
+    pick: impl Fn(&'a AnyMatrix) -> &'a M,
+) -> Vec<Product<'a, M>> {
+    products
+        .iter_mut()
+        .map(|p| Product {
+            x: p.x,
+            m: p.m,
+            w: pick(p.w),
+            out: &mut *p.out,
+        })
+        .collect()
+}
+
 /// A matrix made by one backend reached another: the process mixes devices, which it never
 /// does on purpose.
 #[cfg(feature = "cuda")]
@@ -143,38 +158,16 @@ impl Backend for AnyBackend {
 
     fn linear_grouped(&self, products: &mut [Product<'_, AnyMatrix>]) {
         match self {
-            AnyBackend::Cpu(b) => {
-                let mut cpu: Vec<Product<'_, CpuMatrix>> = products
-                    .iter_mut()
-                    .map(|p| Product {
-                        x: p.x,
-                        m: p.m,
-                        w: match p.w {
-                            AnyMatrix::Cpu(w) => w,
-                            #[cfg(feature = "cuda")]
-                            _ => mixed(),
-                        },
-                        out: &mut *p.out,
-                    })
-                    .collect();
-                b.linear_grouped(&mut cpu);
-            }
+            AnyBackend::Cpu(b) => b.linear_grouped(&mut narrow(products, |w| match w {
+                AnyMatrix::Cpu(w) => w,
+                #[cfg(feature = "cuda")]
+                _ => mixed(),
+            })),
             #[cfg(feature = "cuda")]
-            AnyBackend::Cuda(b) => {
-                let mut cuda: Vec<Product<'_, super::cuda::CudaMatrix>> = products
-                    .iter_mut()
-                    .map(|p| Product {
-                        x: p.x,
-                        m: p.m,
-                        w: match p.w {
-                            AnyMatrix::Cuda(w) => w,
-                            _ => mixed(),
-                        },
-                        out: &mut *p.out,
-                    })
-                    .collect();
-                b.linear_grouped(&mut cuda);
-            }
+            AnyBackend::Cuda(b) => b.linear_grouped(&mut narrow(products, |w| match w {
+                AnyMatrix::Cuda(w) => w,
+                _ => mixed(),
+            })),
         }
     }
 
