@@ -34,11 +34,11 @@ def ratio(nums, dens):
 
 def main() -> None:
     runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
-    # (label, batch) -> {"prefill": {round: tok/s}, "decode": {round: tok/s}}
-    rows = defaultdict(lambda: {"prefill": {}, "decode": {}})
-    # {round: batch-1 decode ceiling}: the best of the round's runs, since a busy moment of the
-    # machine can only lower a measured bandwidth
-    ceilings = {}
+    # (label, batch) -> {"prefill": {round: tok/s}, "decode": {round: tok/s},
+    #                    "of_ceiling": {round: batch-1 decode / ceiling}}
+    rows = defaultdict(lambda: {"prefill": {}, "decode": {}, "of_ceiling": {}})
+    # {round: batch-1 decode ceilings of the round's runs}
+    ceilings = defaultdict(list)
     names = {}  # family -> label of the Moebius rows
     llama_of = {}  # family -> label of its llama.cpp rows
     for run in runs:
@@ -46,10 +46,12 @@ def main() -> None:
         if run["engine"] == "moebius":
             label = f"moebius {run['kernels']}" + (" (auto)" if run["family"] == "auto" else "")
             names[run["family"]] = label
-            ceilings[r] = max(ceilings.get(r, 0.0), run["batch1_decode_ceiling_tok_s"])
+            ceilings[r].append(run["batch1_decode_ceiling_tok_s"])
             for res in run["results"]:
                 rows[(label, res["batch"])]["prefill"][r] = res["prefill_tok_s"]
                 rows[(label, res["batch"])]["decode"][r] = res["decode_tok_s"]
+                if "decode_ceiling_ratio" in res:
+                    rows[(label, res["batch"])]["of_ceiling"][r] = res["decode_ceiling_ratio"]
         elif run["engine"] == "llama.cpp":
             label = f"llama.cpp bf16 ({run['build']} build)"
             llama_of[run["family"]] = label
@@ -94,11 +96,16 @@ def main() -> None:
         if base and not label.startswith("transformers float32"):
             vs_tf = f"{ratio(row['prefill'], base['prefill'])} / {ratio(row['decode'], base['decode'])}"
         if family is not None and batch == 1:
-            vs_ceiling = ratio(row["decode"], ceilings)
+            # each run holds its passes against the bandwidth measured around them (moebius
+            # bench engine's decode_ceiling_ratio); older runs against the round's best ceiling
+            if row["of_ceiling"]:
+                vs_ceiling = f"{statistics.median(row['of_ceiling'].values()):.2f}"
+            else:
+                vs_ceiling = ratio(row["decode"], {r: max(c) for r, c in ceilings.items()})
         print(f"{label:<34} {batch:>5} {spread(row['prefill'].values()):>22} "
               f"{spread(row['decode'].values()):>20} {vs_llama:>17} {vs_tf:>24} {vs_ceiling:>17}")
-    print(f"batch-1 decode ceiling (weights per step / best read bandwidth of the round): "
-          f"{spread(ceilings.values())} tok/s")
+    print(f"batch-1 decode ceiling (weights per step / median read bandwidth of a run): "
+          f"{spread([c for cs in ceilings.values() for c in cs])} tok/s")
 
 
 if __name__ == "__main__":

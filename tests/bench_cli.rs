@@ -309,6 +309,12 @@ fn bench_engine_tiny() {
         ],
         &[],
     );
+    // The bandwidth is measured before the first pass of each batch and after every pass.
+    let samples = v["read_bandwidth_samples_gb_s"]
+        .as_array()
+        .expect("bandwidth samples");
+    assert_eq!(samples.len(), 2 * (2 + 1), "{v}");
+    assert!(samples.iter().all(|s| s.as_f64() > Some(0.0)), "{v}");
     for row in results(&v, 2) {
         assert_fields(
             row,
@@ -323,6 +329,13 @@ fn bench_engine_tiny() {
             ],
             &[],
         );
+        // Only batch 1 is held against the batch-1 ceiling.
+        let ratio = row["decode_ceiling_ratio"].as_f64();
+        if row["batch"] == 1 {
+            assert!(ratio > Some(0.0), "{row}");
+        } else {
+            assert_eq!(ratio, None, "{row}");
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! `moebius bench engine`: prefill and decode throughput of one rank on a checkpoint, and how
 //! close decode comes to the memory-bandwidth limit of reading the weights once per step. The
 //! rank is an engine thread running the loop every worker runs; step times are read off the
-//! arrival of the tokens each step makes. The bandwidth is the best of three reads of a buffer
-//! far larger than the caches on every core: a plain sum, the f32 matrix-vector product, and the
-//! best packed bf16 product this CPU has (whatever `--kernels` forces for the run itself).
+//! arrival of the tokens each step makes. The bandwidth ([`Roofline`]) is measured before and
+//! after every timed pass, and each batch-1 pass is held against the mean of the two: the
+//! reported `decode_ceiling_ratio` is the median of those ratios.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -18,6 +18,8 @@ use moebius_worker::engine::{
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+
+use super::roofline::Roofline;
 
 #[derive(Args, Debug)]
 pub struct EngineArgs {
@@ -67,33 +69,46 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let backend = AnyBackend::open(args.device, args.threads, args.bf16_activations)?;
     let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
-    let bandwidth = read_bandwidth_gbs()
-        .max(gemv_bandwidth_gbs(&model))
-        .max(bf16_gemv_bandwidth_gbs());
+    let mut roofline = Roofline::new(&model.shared.backend);
     let expert_bytes = model.rank_models(1)?[0]
         .experts
         .bytes(&*model.shared.backend);
     let step_bytes = decode_bytes_per_step(&model, expert_bytes);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
+    let mut bandwidths = Vec::new();
     warm_up(&model, args.prompt_len, args.threads, &mut rng)?;
     for &batch in &args.batch {
         let engine = one_rank(&model, batch * args.prompt_len, args.threads)?;
         let mut prefill = Vec::with_capacity(args.repeats);
         let mut decode = Vec::with_capacity(args.repeats);
+        let mut of_ceiling = Vec::with_capacity(args.repeats);
+        let mut before = roofline.measure();
+        bandwidths.push(before);
         for _ in 0..args.repeats {
             let (prefill_s, decode_s) = measure(&engine, &model, &args, batch, &mut rng)?;
+            let after = roofline.measure();
+            bandwidths.push(after);
+            let tok_s = (batch * args.decode_tokens) as f64 / decode_s;
+            let ceiling = (before + after) / 2.0 * 1e9 / step_bytes as f64;
             prefill.push((batch * args.prompt_len) as f64 / prefill_s);
-            decode.push((batch * args.decode_tokens) as f64 / decode_s);
+            decode.push(tok_s);
+            of_ceiling.push(tok_s / ceiling);
+            before = after;
         }
         let decode_tok_s = median(&mut decode);
-        rows.push(json!({
+        let mut row = json!({
             "batch": batch, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
             "repeats": args.repeats,
             "prefill_tok_s": median(&mut prefill), "decode_tok_s": decode_tok_s,
             "decode_step_ms": batch as f64 * 1e3 / decode_tok_s,
-        }));
+        });
+        if batch == 1 {
+            row["decode_ceiling_ratio"] = json!(median(&mut of_ceiling));
+        }
+        rows.push(row);
     }
+    let bandwidth = median(&mut bandwidths.clone());
     let ceiling = bandwidth * 1e9 / step_bytes as f64;
     let report = json!({
         "model": args.model.display().to_string(),
@@ -106,6 +121,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         "weights_bytes": model.shared.bytes() + expert_bytes,
         "decode_bytes_per_step": step_bytes,
         "read_bandwidth_gb_s": bandwidth,
+        "read_bandwidth_samples_gb_s": bandwidths,
         "batch1_decode_ceiling_tok_s": ceiling,
         "results": rows,
     });
@@ -118,16 +134,20 @@ pub fn run(args: EngineArgs) -> Result<()> {
             moebius_worker::backend::kernels::active().name()
         );
         println!(
-            "decode reads {:.1} MB of weights per step; memory read bandwidth {bandwidth:.1} GB/s -> batch-1 ceiling {ceiling:.1} tok/s",
-            step_bytes as f64 / 1e6
+            "decode reads {:.1} MB of weights per step; memory read bandwidth {bandwidth:.1} GB/s (median of {} measurements) -> batch-1 ceiling {ceiling:.1} tok/s",
+            step_bytes as f64 / 1e6,
+            bandwidths.len()
         );
         println!(
-            "{:>6} {:>14} {:>14} {:>16}",
-            "batch", "prefill tok/s", "decode tok/s", "decode step ms"
+            "{:>6} {:>14} {:>14} {:>16} {:>16}",
+            "batch", "prefill tok/s", "decode tok/s", "decode step ms", "decode/ceiling"
         );
         for r in report["results"].as_array().into_iter().flatten() {
+            let of_ceiling = r["decode_ceiling_ratio"]
+                .as_f64()
+                .map_or(String::new(), |v| format!("{v:.2}"));
             println!(
-                "{:>6} {:>14.1} {:>14.1} {:>16.2}",
+                "{:>6} {:>14.1} {:>14.1} {:>16.2} {of_ceiling:>16}",
                 r["batch"],
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
@@ -251,76 +271,4 @@ fn decode_bytes_per_step(model: &LoadedModel, all_expert_bytes: usize) -> usize 
         .count();
     let per_layer_expert = all_expert_bytes / (moe_layers * c.n_routed_experts).max(1);
     model.shared.decode_bytes() + moe_layers * c.num_experts_per_tok * per_layer_expert
-}
-
-/// Sustained read bandwidth of this machine in GB/s: sums a buffer far larger than the caches
-/// with every core, the way decode streams its weights.
-fn read_bandwidth_gbs() -> f64 {
-    let len = 256 << 20; // 1 GiB of f32
-    let data = vec![1.0f32; len];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let total: f32 = std::thread::scope(|s| {
-            let chunks = data.chunks(len.div_ceil(threads));
-            let handles: Vec<_> = chunks.map(|c| s.spawn(move || lane_sum(c))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-        });
-        std::hint::black_box(total);
-        best = best.max((len * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Read bandwidth that the backend's own matrix-vector product reaches on a 256 MiB weight:
-/// the practical roofline of a batch-1 decode step on this machine.
-fn gemv_bandwidth_gbs(model: &LoadedModel) -> f64 {
-    use moebius_worker::backend::Backend;
-    let (rows, cols) = (16384, 4096);
-    let backend = &*model.shared.backend;
-    let w = backend.matrix(rows, cols, vec![0.5; rows * cols]);
-    let x = vec![1.0f32; cols];
-    let mut out = vec![0.0f32; rows];
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        backend.linear(&x, 1, &w, &mut out);
-        std::hint::black_box(&out);
-        best = best.max((rows * cols * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Read bandwidth of the best packed bf16 product this CPU has on a 256 MiB weight, on every
-/// core: the weights of a decode step are bf16, so this is how fast they can stream, whichever
-/// family `--kernels` forces for the rest of the run.
-fn bf16_gemv_bandwidth_gbs() -> f64 {
-    use moebius_worker::backend::{kernels, packed};
-    let (rows, cols) = (16384, 8192);
-    let w = packed::PackedBf16::pack(rows, cols, &vec![0x3f00; rows * cols]);
-    let x = vec![1.0f32; cols];
-    let mut out = vec![0.0f32; rows];
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        packed::matmul_with(kernels::Family::best(), &x, 1, &w, &mut out, true);
-        std::hint::black_box(&out);
-        best = best.max(w.bytes() as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Sums with sixteen independent accumulators so the loop vectorises and is bound by memory,
-/// not by the latency of one chain of additions.
-fn lane_sum(data: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let chunks = data.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (l, v) in lanes.iter_mut().zip(chunk) {
-            *l += v;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }

@@ -11,6 +11,7 @@ mod alltoall;
 mod engine;
 mod failover;
 mod openai;
+mod roofline;
 mod router;
 mod serve;
 
