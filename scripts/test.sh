@@ -26,18 +26,25 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # PyPI packages of the tests, in a virtual environment: real Helm as a library and the
-# Kubernetes API schemas (tests/deploy.rs), and OpenAI's own client (tests/openai_api.rs).
+# Kubernetes API schemas (tests/deploy.rs), OpenAI's own client (tests/openai_api.rs), and
+# NVIDIA's NVRTC (the GPU backend's kernels compile with it on any machine, GPU or not).
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, openai' >/dev/null 2>&1; then
-  echo "test.sh: installing helm-python-sdk, kubernetes-validate and openai into $venv"
+nvrtc="$venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib"
+if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, openai' >/dev/null 2>&1 ||
+  ! compgen -G "$nvrtc/libnvrtc.so.12" >/dev/null; then
+  echo "test.sh: installing helm-python-sdk, kubernetes-validate, openai and NVRTC into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.4 \
-    openai==3.63.0
+    openai==3.63.0 nvidia-cuda-nvrtc-cu12==12.9.86
 fi
 export MOEBIUS_TEST_PYTHON="$PWD/$venv/bin/python"
+nvrtc=$(compgen -G "$PWD/$nvrtc" | head -1)
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU backend builds and lints without CUDA: cudarc loads its libraries at run time.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
 cargo test --workspace --locked
+# The GPU backend's kernels, compiled by NVRTC (their GPU tests skip here without a GPU).
+MOEBIUS_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --locked --features cuda -p moebius-worker --lib nvrtc

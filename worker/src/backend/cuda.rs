@@ -8,15 +8,23 @@
 //! shows, as an [`Error::Device`] that names it.
 //!
 //! bf16 weights multiply bf16 activations (rounded on the host) with f32 accumulation and f32
-//! output, as PyTorch's bf16 path does; f32 weights multiply f32 activations.
+//! output, as PyTorch's bf16 path does; f32 weights multiply f32 activations. Block-quantised
+//! FP8 weights stay FP8 with their scales: products of up to [`FP8_GEMV_ROWS`] rows (decode)
+//! read them at one byte a value in a kernel of this crate ([`super::nvrtc`]), in f32; larger
+//! ones dequantise the weight to bf16 on the GPU first and run as the bf16 weights do.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
+    PushKernelArg,
+};
 
+use super::nvrtc::{Kernels, FP8_GEMV_ROWS, FP8_GEMV_THREADS};
 use super::{Backend, CpuBackend, View};
+use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
 
 /// Runs the products with weights on one GPU.
@@ -26,6 +34,8 @@ pub struct CudaBackend {
     blas: Arc<Mutex<CudaBlas>>,
     /// Attention over the caches, on the host.
     host: CpuBackend,
+    /// This crate's kernels, compiled when the first FP8 weight arrives.
+    kernels: OnceLock<std::result::Result<Kernels, String>>,
     ordinal: usize,
 }
 
@@ -48,6 +58,12 @@ enum DeviceWeights {
     F32(CudaSlice<f32>),
     /// bf16 bits.
     Bf16(CudaSlice<u16>),
+    /// E4M3FN codes, with one f32 factor per `block` (rows, columns) of them.
+    Fp8 {
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        block: (usize, usize),
+    },
 }
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -83,6 +99,7 @@ impl CudaBackend {
             stream,
             blas: Arc::new(Mutex::new(blas)),
             host: CpuBackend::new(host_threads),
+            kernels: OnceLock::new(),
             ordinal,
         })
     }
@@ -95,9 +112,27 @@ impl CudaBackend {
             .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
     }
 
+    /// This crate's kernels, compiled on first use.
+    fn kernels(&self) -> Result<&Kernels> {
+        self.kernels
+            .get_or_init(|| Kernels::load(self.stream.context()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| Error::Device(e.clone()))
+    }
+
     /// `out[m, rows] = x[m, cols] · wᵀ` on the GPU; errors are the driver's or cuBLAS'.
     fn try_linear(&self, x: &[f32], m: usize, w: &CudaMatrix, out: &mut [f32]) -> Result<()> {
         let (n, k) = (w.rows, w.cols);
+        if let DeviceWeights::Fp8 {
+            codes,
+            scales,
+            block,
+        } = &w.data
+        {
+            if m <= FP8_GEMV_ROWS {
+                return self.fp8_gemv(&x[..m * k], m, (n, k), (codes, scales, *block), out);
+            }
+        }
         let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
         let (yp, y_written) = y.device_ptr_mut(&self.stream);
@@ -112,23 +147,101 @@ impl CudaBackend {
                 unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_32F, wp, xp, yp) }?;
             }
             DeviceWeights::Bf16(wd) => {
-                let rounded: Vec<u16> = x[..m * k]
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                let xd = self.stream.clone_htod(&rounded).map_err(driver)?;
+                let xd = self.bf16_activations(&x[..m * k])?;
                 let (wp, _w) = wd.device_ptr(&self.stream);
                 let (xp, _x) = xd.device_ptr(&self.stream);
                 // SAFETY: as above, with bf16 operands.
                 unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_16BF, wp, xp, yp) }?;
             }
+            DeviceWeights::Fp8 {
+                codes,
+                scales,
+                block,
+            } => {
+                let mut wide: CudaSlice<u16> = self.stream.alloc_zeros(n * k).map_err(driver)?;
+                let kernels = self.kernels()?;
+                let (rows, cols) = (dim(n)?, dim(k)?);
+                let (br, bc) = (dim(block.0)?, dim(block.1)?);
+                let blocks = (n * k).div_ceil(256).min(65_535) as u32;
+                let config = LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut launch = self.stream.launch_builder(&kernels.fp8_to_bf16);
+                launch.arg(codes).arg(scales).arg(&mut wide);
+                launch.arg(&rows).arg(&cols).arg(&br).arg(&bc);
+                // SAFETY: fp8_to_bf16(w, scales, out, rows, cols, br, bc) reads n × k codes
+                // and the scale grid of those blocks, and writes n × k values of `wide`.
+                unsafe { launch.launch(config) }.map_err(driver)?;
+                let xd = self.bf16_activations(&x[..m * k])?;
+                let (wp, _w) = wide.device_ptr(&self.stream);
+                let (xp, _x) = xd.device_ptr(&self.stream);
+                // SAFETY: as for the bf16 weights: `wide` holds n × k of them.
+                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_16BF, wp, xp, yp) }?;
+            }
         }
         drop(y_written);
-        self.stream
-            .memcpy_dtoh(&y, &mut out[..m * n])
-            .map_err(driver)?;
+        self.finish(&y, &mut out[..m * n])
+    }
+
+    /// `out[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`] rows, in
+    /// f32, reading the weight at one byte a value.
+    fn fp8_gemv(
+        &self,
+        x: &[f32],
+        m: usize,
+        (n, k): (usize, usize),
+        (codes, scales, block): (&CudaSlice<u8>, &CudaSlice<f32>, (usize, usize)),
+        out: &mut [f32],
+    ) -> Result<()> {
+        let xd = self.stream.clone_htod(x).map_err(driver)?;
+        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
+        let kernels = self.kernels()?;
+        let (rows, cols, m32) = (dim(n)?, dim(k)?, dim(m)?);
+        let (br, bc) = (dim(block.0)?, dim(block.1)?);
+        let warps = FP8_GEMV_THREADS / 32;
+        let config = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            block_dim: (FP8_GEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&kernels.fp8_gemv);
+        launch.arg(codes).arg(scales).arg(&xd).arg(&mut y);
+        launch.arg(&rows).arg(&cols).arg(&m32).arg(&br).arg(&bc);
+        // SAFETY: fp8_gemv(w, scales, x, y, n, k, m, br, bc) reads n × k codes, the scale grid
+        // of their blocks and m × k activations, and writes m × n values: these buffers' sizes.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        self.finish(&y, &mut out[..m * n])
+    }
+
+    /// Activations rounded to bf16 on the host, on the GPU.
+    fn bf16_activations(&self, x: &[f32]) -> Result<CudaSlice<u16>> {
+        let rounded: Vec<u16> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        self.stream.clone_htod(&rounded).map_err(driver)
+    }
+
+    /// Copies a product's result back to the host and waits for it.
+    fn finish(&self, y: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+        self.stream.memcpy_dtoh(y, out).map_err(driver)?;
         self.stream.synchronize().map_err(driver)
     }
+
+    /// Uploads `data`, or stops the process with the driver's reason: the trait that asks for
+    /// a weight has no error path, and a rank without its weights cannot serve.
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> CudaSlice<T> {
+        self.stream
+            .clone_htod(data)
+            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal))
+    }
+}
+
+/// A size as the kernels' and cuBLAS' `int`.
+fn dim(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")))
 }
 
 /// `n` weight rows, `m` activation rows, `k` values in each.
@@ -153,7 +266,6 @@ unsafe fn gemm(
     x: CUdeviceptr,
     y: CUdeviceptr,
 ) -> Result<()> {
-    let dim = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")));
     let (n, m, k) = (dim(n)?, dim(m)?, dim(k)?);
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
@@ -195,26 +307,30 @@ impl Backend for CudaBackend {
     }
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaMatrix {
-        let data = self
-            .stream
-            .clone_htod(&data)
-            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal));
         CudaMatrix {
             rows,
             cols,
-            data: DeviceWeights::F32(data),
+            data: DeviceWeights::F32(self.upload(&data)),
         }
     }
 
     fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> CudaMatrix {
-        let data = self
-            .stream
-            .clone_htod(&bits)
-            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal));
         CudaMatrix {
             rows,
             cols,
-            data: DeviceWeights::Bf16(data),
+            data: DeviceWeights::Bf16(self.upload(&bits)),
+        }
+    }
+
+    fn matrix_fp8(&self, blocks: Fp8Blocks) -> CudaMatrix {
+        CudaMatrix {
+            rows: blocks.rows,
+            cols: blocks.cols,
+            data: DeviceWeights::Fp8 {
+                codes: self.upload(&blocks.codes),
+                scales: self.upload(&blocks.scales),
+                block: blocks.block,
+            },
         }
     }
 
@@ -226,6 +342,7 @@ impl Backend for CudaBackend {
         match &w.data {
             DeviceWeights::F32(d) => d.len() * 4,
             DeviceWeights::Bf16(d) => d.len() * 2,
+            DeviceWeights::Fp8 { codes, scales, .. } => codes.len() + scales.len() * 4,
         }
     }
 

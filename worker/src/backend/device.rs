@@ -3,6 +3,7 @@
 //! the engine and the service hold; it hands each call to the backend chosen.
 
 use super::{Backend, CpuBackend, Product, View};
+use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
 /// A `--device` value: `cpu`, or `cuda` / `cuda:N` (GPU N, 0 by default).
@@ -123,6 +124,14 @@ impl Backend for AnyBackend {
             AnyBackend::Cpu(b) => AnyMatrix::Cpu(b.matrix_bf16(rows, cols, bits)),
             #[cfg(feature = "cuda")]
             AnyBackend::Cuda(b) => AnyMatrix::Cuda(b.matrix_bf16(rows, cols, bits)),
+        }
+    }
+
+    fn matrix_fp8(&self, blocks: Fp8Blocks) -> AnyMatrix {
+        match self {
+            AnyBackend::Cpu(b) => AnyMatrix::Cpu(b.matrix_fp8(blocks)),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => AnyMatrix::Cuda(b.matrix_fp8(blocks)),
         }
     }
 

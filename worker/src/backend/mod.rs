@@ -9,7 +9,8 @@
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
 //!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
-//! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS;
+//! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS and, for FP8
+//!   weights, in `nvrtc`'s kernels (compiled at run time);
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
@@ -20,10 +21,14 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod kernels;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod packed;
 
 pub use cpu::CpuBackend;
 pub use device::{AnyBackend, Device};
+
+use crate::checkpoint::Fp8Blocks;
 
 /// A dense row-major view with explicit strides, for products on activations and caches.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +65,13 @@ pub trait Backend: Send + Sync + 'static {
     /// bytes a value (products still accumulate in f32); the default widens it to f32.
     fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> Self::Matrix {
         self.matrix(rows, cols, bits.iter().map(|&b| bf16_to_f32(b)).collect())
+    }
+
+    /// Takes a block-quantised FP8 weight as stored. A backend may keep it at one byte a value
+    /// with its block scales; the default dequantises it to f32, exactly as the checkpoint
+    /// reads it ([`Checkpoint::load_f32`](crate::checkpoint::Checkpoint::load_f32)).
+    fn matrix_fp8(&self, blocks: Fp8Blocks) -> Self::Matrix {
+        self.matrix(blocks.rows, blocks.cols, blocks.dequantize())
     }
 
     /// `(rows, cols)` of a matrix.

@@ -16,6 +16,45 @@ pub(crate) fn scale_shape(rows: usize, cols: usize, block: (usize, usize)) -> Op
     Some([rows.div_ceil(br), cols.div_ceil(bc)])
 }
 
+/// A block-quantised FP8 weight as the checkpoint stores it, for a backend that keeps it at one
+/// byte a value: `w[i][j] = fp8(codes[i][j]) * scales[i / br][j / bc]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Blocks {
+    pub rows: usize,
+    pub cols: usize,
+    /// Row-major E4M3FN codes, `rows × cols`.
+    pub codes: Vec<u8>,
+    /// Row-major factors, [`scale_shape`] of the weight.
+    pub scales: Vec<f32>,
+    /// `(br, bc)`: rows and columns of a block.
+    pub block: (usize, usize),
+}
+
+impl Fp8Blocks {
+    /// The weight in f32, as [`super::Checkpoint::load_f32`] reads it.
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize_blocks(&self.codes, self.rows, self.cols, &self.scales, self.block)
+    }
+
+    /// Stacks `below`'s rows under this weight's, when the two share their columns and blocks
+    /// and this weight ends on a whole band of blocks (so `below`'s scales start a band of
+    /// their own); otherwise gives `below` back.
+    pub fn stack(&mut self, below: Fp8Blocks) -> Result<(), Fp8Blocks> {
+        let (br, _) = self.block;
+        if below.cols != self.cols
+            || below.block != self.block
+            || br == 0
+            || !self.rows.is_multiple_of(br)
+        {
+            return Err(below);
+        }
+        self.rows += below.rows;
+        self.codes.extend(below.codes);
+        self.scales.extend(below.scales);
+        Ok(())
+    }
+}
+
 /// Dequantises the row-major `[rows, cols]` FP8 `codes` with the row-major block `scale`.
 ///
 /// The caller has checked `codes.len() == rows * cols` and that `scale` has the shape
@@ -70,6 +109,42 @@ mod tests {
             4.0, 4.0, 5.0, 5.0, 6.0,
         ];
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn stacking_on_whole_bands_equals_dequantising_apart() {
+        let part = |rows: usize, first: u8| Fp8Blocks {
+            rows,
+            cols: 3,
+            codes: (0..rows * 3)
+                .map(|i| first.wrapping_add(i as u8) & 0x77)
+                .collect(),
+            scales: (0..rows.div_ceil(2) * 2).map(|i| 0.5 + i as f32).collect(),
+            block: (2, 2),
+        };
+        let (top, below) = (part(4, 3), part(3, 40));
+        let mut stacked = top.clone();
+        assert_eq!(stacked.stack(below.clone()), Ok(()));
+        let mut apart = top.dequantize();
+        apart.extend(below.dequantize());
+        assert_eq!(stacked.rows, 7);
+        assert_eq!(stacked.dequantize(), apart);
+        // A partial band of blocks at the bottom cannot take more rows under it.
+        assert_eq!(stacked.stack(part(2, 9)), Err(part(2, 9)));
+        // Nor can a weight of other columns or blocks.
+        let mut top = part(4, 3);
+        let wide = Fp8Blocks {
+            cols: 4,
+            codes: vec![0x38; 8],
+            ..part(2, 0)
+        };
+        assert_eq!(top.stack(wide.clone()), Err(wide));
+        let other = Fp8Blocks {
+            block: (1, 2),
+            scales: vec![1.0; 4],
+            ..part(2, 0)
+        };
+        assert_eq!(top.stack(other.clone()), Err(other));
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! [`Checkpoint::open`] maps every shard once and parses only the headers into an index of
 //! tensor name → (shard, dtype, shape, byte range). [`Checkpoint::load_f32`] then reads one tensor
 //! straight out of the map and converts it to `f32` (`dtype`), dequantising FP8 weights with
-//! their block scales (`fp8`). Nothing is read that is not asked for, so a rank that holds a
+//! their block scales (`fp8`); [`Checkpoint::load_bf16_bits`] and [`Checkpoint::load_fp8`] keep
+//! bf16 and FP8 weights as stored, for a backend that multiplies them so. Nothing is read that is not asked for, so a rank that holds a
 //! few experts touches only their pages.
 
 mod dtype;
 mod fp8;
 #[cfg(test)]
 mod tests;
+
+pub use fp8::Fp8Blocks;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -173,7 +176,7 @@ impl Checkpoint {
     pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let entry = self.entry_of_shape(name, expected)?;
         if entry.dtype == Dtype::F8_E4M3 {
-            return self.load_fp8(name, entry);
+            return Ok(self.fp8_blocks(name, entry)?.dequantize());
         }
         let values = self.convert_float(name, entry)?;
         self.count(entry);
@@ -195,6 +198,17 @@ impl Checkpoint {
             .collect();
         self.count(entry);
         Ok(Some(bits))
+    }
+
+    /// Reads tensor `name` as its FP8 codes and block scales when it is stored as F8_E4M3 (shape
+    /// and scales checked as in [`Checkpoint::load_f32`]), so a backend can keep it at one byte
+    /// a value; `None` for any other dtype.
+    pub fn load_fp8(&self, name: &str, expected: &[usize]) -> Result<Option<Fp8Blocks>> {
+        let entry = self.entry_of_shape(name, expected)?;
+        if entry.dtype != Dtype::F8_E4M3 {
+            return Ok(None);
+        }
+        self.fp8_blocks(name, entry).map(Some)
     }
 
     /// Total bytes of tensor data read (as stored on disk, including scale tensors) since open;
@@ -264,7 +278,7 @@ impl Checkpoint {
         Ok(convert(self.data(entry)?))
     }
 
-    fn load_fp8(&self, name: &str, entry: &Entry) -> Result<Vec<f32>> {
+    fn fp8_blocks(&self, name: &str, entry: &Entry) -> Result<Fp8Blocks> {
         let &[rows, cols] = entry.shape.as_slice() else {
             return Err(Error::UnsupportedDtype {
                 name: name.into(),
@@ -289,11 +303,17 @@ impl Checkpoint {
                 found: scale_entry.shape.clone(),
             });
         }
-        let scale = self.convert_float(&scale_name, scale_entry)?;
-        let values = fp8::dequantize_blocks(self.data(entry)?, rows, cols, &scale, self.fp8_block);
+        let scales = self.convert_float(&scale_name, scale_entry)?;
+        let codes = self.data(entry)?.to_vec();
         self.count(entry);
         self.count(scale_entry);
-        Ok(values)
+        Ok(Fp8Blocks {
+            rows,
+            cols,
+            codes,
+            scales,
+            block: self.fp8_block,
+        })
     }
 
     fn count(&self, entry: &Entry) {

@@ -16,7 +16,7 @@
 use crate::backend::{rms_norm, softmax, Backend, Product, View};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::linear::{Linear, Loader};
+use crate::model::linear::{Linear, Loader, Weight};
 use crate::model::rope::RotaryEmbedding;
 
 /// Upper bound on the attention scores held at once (floats), to bound memory in long prefills.
@@ -114,11 +114,20 @@ impl<B: Backend> Attention<B> {
         let kv_b_rows = heads * (nope + v);
         let kv_b = loader.weight(&format!("{prefix}.kv_b_proj.weight"), kv_b_rows, lora)?;
         let b = loader.backend;
+        // Every head gathers from the whole weight: an FP8 one is dequantised once for all.
+        let dequantised;
+        let heads_of = match &kv_b {
+            Weight::Fp8(blocks) => {
+                dequantised = Weight::F32(blocks.dequantize());
+                &dequantised
+            }
+            stored => stored,
+        };
         let uk_t = (0..heads)
-            .map(|h| kv_b.gather(b, lora, nope, |r, c| (h * (nope + v) + c) * lora + r))
+            .map(|h| heads_of.gather(b, lora, nope, |r, c| (h * (nope + v) + c) * lora + r))
             .collect();
         let uv = (0..heads)
-            .map(|h| kv_b.gather(b, v, lora, |r, c| (h * (nope + v) + nope + r) * lora + c))
+            .map(|h| heads_of.gather(b, v, lora, |r, c| (h * (nope + v) + nope + r) * lora + c))
             .collect();
         let kv_b = Linear {
             weight: kv_b.matrix(b, kv_b_rows, lora),

@@ -1,7 +1,7 @@
 //! Linear layers, the SwiGLU MLP, and the loader that reads them from a checkpoint.
 
 use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, Product};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Fp8Blocks};
 use crate::error::Result;
 
 /// A linear layer `y = x·Wᵀ (+ b)`; several checkpoint tensors may be fused row-wise into one.
@@ -141,23 +141,34 @@ impl<B: Backend> Loader<'_, B> {
         self.checkpoint.load_f32(name, &[rows, cols])
     }
 
-    /// The weight `name` (`[rows, cols]`) as stored: bf16 bits, or f32 for every other dtype.
+    /// The weight `name` (`[rows, cols]`) as stored: bf16 bits, FP8 codes with their block
+    /// scales, or f32 for every other dtype.
     pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
-        Ok(match self.checkpoint.load_bf16_bits(name, &[rows, cols])? {
-            Some(bits) => Weight::Bf16(bits),
-            None => Weight::F32(self.checkpoint.load_f32(name, &[rows, cols])?),
-        })
+        let shape = [rows, cols];
+        if let Some(bits) = self.checkpoint.load_bf16_bits(name, &shape)? {
+            return Ok(Weight::Bf16(bits));
+        }
+        if let Some(blocks) = self.checkpoint.load_fp8(name, &shape)? {
+            return Ok(Weight::Fp8(blocks));
+        }
+        Ok(Weight::F32(self.checkpoint.load_f32(name, &shape)?))
     }
 
     /// The layers `parts` (`(prefix, rows)`, each reading `{prefix}.weight`) stacked row-wise
     /// into one linear layer of input width `cols`; biases `{prefix}.bias` when `bias`.
     pub fn linear(&self, parts: &[(&str, usize)], cols: usize, bias: bool) -> Result<Linear<B>> {
         let rows: usize = parts.iter().map(|(_, r)| r).sum();
-        let mut stacked = Weight::Bf16(Vec::with_capacity(rows * cols));
+        let mut stacked: Option<Weight> = None;
         for (prefix, part_rows) in parts {
-            stacked.append(self.weight(&format!("{prefix}.weight"), *part_rows, cols)?);
+            let part = self.weight(&format!("{prefix}.weight"), *part_rows, cols)?;
+            stacked = Some(match stacked {
+                None => part,
+                Some(above) => above.stack(part),
+            });
         }
-        let weight = stacked.matrix(self.backend, rows, cols);
+        let weight = stacked
+            .unwrap_or(Weight::F32(Vec::new()))
+            .matrix(self.backend, rows, cols);
         let mut biases = Vec::new();
         if bias {
             for (prefix, part_rows) in parts {
@@ -176,22 +187,31 @@ impl<B: Backend> Loader<'_, B> {
 }
 
 /// A weight as the checkpoint stores it. Weights stored as bf16 stay bf16 in the backend (half
-/// the bytes a decode step reads); every other dtype becomes f32.
+/// the bytes a decode step reads), FP8 weights stay FP8 with their block scales where the
+/// backend keeps them so ([`Backend::matrix_fp8`]); every other dtype becomes f32.
 pub enum Weight {
     Bf16(Vec<u16>),
+    Fp8(Fp8Blocks),
     F32(Vec<f32>),
 }
 
 impl Weight {
-    /// Appends `more`'s values; the result is bf16 only if both are.
-    fn append(&mut self, more: Weight) {
-        match (&mut *self, more) {
-            (Weight::Bf16(a), Weight::Bf16(b)) => a.extend(b),
-            (Weight::F32(a), more) => a.extend(more.into_f32()),
-            (Weight::Bf16(a), Weight::F32(b)) => {
-                let mut all: Vec<f32> = a.iter().map(|&v| bf16_to_f32(v)).collect();
-                all.extend(b);
-                *self = Weight::F32(all);
+    /// This weight with `below`'s rows under it: in the dtype both share where they can be
+    /// stacked so, else in f32.
+    fn stack(self, below: Weight) -> Weight {
+        match (self, below) {
+            (Weight::Bf16(mut a), Weight::Bf16(b)) => {
+                a.extend(b);
+                Weight::Bf16(a)
+            }
+            (Weight::Fp8(mut a), Weight::Fp8(b)) => match a.stack(b) {
+                Ok(()) => Weight::Fp8(a),
+                Err(b) => Weight::F32(Weight::Fp8(a).into_f32()).stack(Weight::Fp8(b)),
+            },
+            (above, below) => {
+                let mut all = above.into_f32();
+                all.extend(below.into_f32());
+                Weight::F32(all)
             }
         }
     }
@@ -199,6 +219,7 @@ impl Weight {
     fn into_f32(self) -> Vec<f32> {
         match self {
             Weight::Bf16(bits) => bits.into_iter().map(bf16_to_f32).collect(),
+            Weight::Fp8(blocks) => blocks.dequantize(),
             Weight::F32(values) => values,
         }
     }
@@ -207,6 +228,7 @@ impl Weight {
     pub fn matrix<B: Backend>(self, backend: &B, rows: usize, cols: usize) -> B::Matrix {
         match self {
             Weight::Bf16(bits) => backend.matrix_bf16(rows, cols, bits),
+            Weight::Fp8(blocks) => backend.matrix_fp8(blocks),
             Weight::F32(values) => backend.matrix(rows, cols, values),
         }
     }
@@ -233,7 +255,59 @@ impl Weight {
         }
         match self {
             Weight::Bf16(bits) => backend.matrix_bf16(rows, cols, pick(bits, rows, cols, at)),
+            // A gathered block no longer lines up with its scales.
+            Weight::Fp8(blocks) => {
+                backend.matrix(rows, cols, pick(&blocks.dequantize(), rows, cols, at))
+            }
             Weight::F32(values) => backend.matrix(rows, cols, pick(values, rows, cols, at)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rows × 2` codes from `first` on, in blocks of 2 × 2 with a factor of 2 each.
+    fn fp8(rows: usize, first: u8) -> Fp8Blocks {
+        Fp8Blocks {
+            rows,
+            cols: 2,
+            codes: (0..rows * 2).map(|i| first + i as u8).collect(),
+            scales: vec![2.0; rows.div_ceil(2)],
+            block: (2, 2),
+        }
+    }
+
+    fn values(w: Weight) -> (&'static str, Vec<f32>) {
+        match w {
+            Weight::Bf16(_) => ("bf16", w.into_f32()),
+            Weight::Fp8(_) => ("fp8", w.into_f32()),
+            Weight::F32(_) => ("f32", w.into_f32()),
+        }
+    }
+
+    #[test]
+    fn stacked_parts_keep_their_stored_dtype_where_they_can() {
+        let apart = |a: &Fp8Blocks, b: &Fp8Blocks| [a.dequantize(), b.dequantize()].concat();
+        // FP8 under a whole band of blocks stays FP8.
+        let (top, below) = (fp8(2, 0x30), fp8(3, 0x40));
+        let want = apart(&top, &below);
+        let stacked = Weight::Fp8(top).stack(Weight::Fp8(below));
+        assert_eq!(values(stacked), ("fp8", want));
+        // Under a partial band it becomes f32, with the same values.
+        let (top, below) = (fp8(3, 0x30), fp8(2, 0x40));
+        let want = apart(&top, &below);
+        let stacked = Weight::Fp8(top).stack(Weight::Fp8(below));
+        assert_eq!(values(stacked), ("f32", want));
+        // bf16 stays bf16; bf16 over FP8 becomes f32.
+        let bf16 = |v: f32| Weight::Bf16(vec![half::bf16::from_f32(v).to_bits(); 2]);
+        assert_eq!(
+            values(bf16(1.5).stack(bf16(-2.0))),
+            ("bf16", vec![1.5, 1.5, -2.0, -2.0])
+        );
+        let below = fp8(1, 0x38);
+        let want = [vec![1.5, 1.5], below.dequantize()].concat();
+        assert_eq!(values(bf16(1.5).stack(Weight::Fp8(below))), ("f32", want));
     }
 }
