@@ -1,25 +1,57 @@
 #!/usr/bin/env bash
-# The GPU check of issue #17, in one go on a machine with an NVIDIA GPU, its driver and CUDA 12's
-# cuBLAS: builds moebius with `--features cuda`, runs the GPU test (worker/tests/gpu.rs: every
-# fixture against its transformers golden on the GPU), checks `generate --device cuda` against
-# `--device cpu` through the CLI, and runs a short `bench engine` on the GPU (the bench model when
-# bench-models/v3-bench exists, else the demo fixture). Writes a summary for BENCHMARKS.md to
-# target/gpu_check.md and prints it. Exits non-zero when a check fails.
+# The GPU check of issue #17, in one go on a machine with an NVIDIA GPU, its driver and CUDA's
+# cuBLAS and NVRTC (12, or 13 through unversioned links this script makes): builds moebius with
+# `--features cuda` (or, where there is no cargo, runs the binaries of `scripts/gpu_bundle.sh`
+# from target/gpu-bundle), runs the GPU test (worker/tests/gpu.rs: every fixture against its
+# transformers golden on the GPU), checks `generate --device cuda` against `--device cpu`
+# through the CLI, and runs a short `bench engine` on the GPU (the bench model, made with
+# python3's torch and transformers where it is missing and they are there, else the demo
+# fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
+# non-zero when a check fails.
 #   bash scripts/gpu_check.sh [gpu]        (gpu: the CUDA device number, 0 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpu=${1:-0}
 summary=target/gpu_check.md
+bundle=target/gpu-bundle
 mkdir -p target
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
   --format=csv,noheader || echo "gpu_check.sh: nvidia-smi not found; the test says whether a GPU answers"
 
-cargo build --release --features cuda --quiet
-echo "== GPU test (worker/tests/gpu.rs)"
+# cudarc (built for CUDA 12.8) loads libcublas.so / libnvrtc.so, or their .so.12. A machine with
+# CUDA 13 alone has only .so.13: link the unversioned names to what is there (the C API of the
+# calls Moebius makes is the same), and put their folders on the library path.
+links=target/gpu-libs
+mkdir -p "$links"
+for lib in cublas nvrtc; do
+  if ! "$(command -v ldconfig || echo /sbin/ldconfig)" -p | grep -q -E "lib$lib\.so(\.12)? "; then
+    found=$(find /usr/local /usr/lib /opt -name "lib$lib.so.1[0-9]*" 2>/dev/null | grep -v -E 'alt|builtins' |
+      sort -V | tail -1 || true)
+    if [ -n "$found" ]; then
+      echo "gpu_check.sh: lib$lib.so -> $found"
+      ln -sf "$found" "$links/lib$lib.so"
+      export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  fi
+done
+export LD_LIBRARY_PATH="$PWD/$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
-cargo test --release --features cuda -p moebius-worker --test gpu -- --nocapture 2>&1 | tee "$test_log"
+echo "== GPU test (worker/tests/gpu.rs)"
+if command -v cargo >/dev/null; then
+  cargo build --release --features cuda --quiet
+  moebius=./target/release/moebius
+  cargo test --release --features cuda -p moebius-worker --test gpu -- --nocapture 2>&1 | tee "$test_log"
+elif [ -x "$bundle/moebius" ] && [ -x "$bundle/gpu-test" ]; then
+  echo "gpu_check.sh: no cargo here; running the binaries of $bundle (commit $(cat "$bundle/commit"))"
+  moebius=$bundle/moebius
+  MOEBIUS_FIXTURES="$PWD/fixtures" "$bundle/gpu-test" --nocapture 2>&1 | tee "$test_log"
+else
+  echo "gpu_check.sh: no cargo here and no $bundle: run scripts/gpu_bundle.sh on a machine with Rust" >&2
+  exit 1
+fi
 if grep -q '^skipped' "$test_log"; then
   echo "gpu_check.sh: the GPU test skipped (above): nothing here ran on a GPU" >&2
   exit 1
@@ -28,16 +60,20 @@ fi
 echo "== generate through the CLI: --device cuda:$gpu against --device cpu"
 fixture=fixtures/tiny-v2  # f32 weights: the GPU keeps f32 activations, so tokens must agree
 args=(generate --model "$fixture" --prompt-ids 0,5,9,17 --max-new-tokens 16 --ignore-eos --json)
-cpu=$(./target/release/moebius "${args[@]}" --device cpu | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')
-gpu_tokens=$(./target/release/moebius "${args[@]}" --device "cuda:$gpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')
+cpu=$("$moebius" "${args[@]}" --device cpu | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')
+gpu_tokens=$("$moebius" "${args[@]}" --device "cuda:$gpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')
 echo "cpu: $cpu"
 echo "gpu: $gpu_tokens"
 [ "$cpu" = "$gpu_tokens" ] || { echo "gpu_check.sh: the GPU's tokens differ from the CPU's" >&2; exit 1; }
 
 model=bench-models/v3-bench
+if [ ! -f "$model/config.json" ] && python3 -c 'import torch, transformers, tokenizers' 2>/dev/null; then
+  echo "== making the bench model ($model) with python3's torch and transformers"
+  python3 scripts/make_fixtures.py --bench-model "$model" || rm -rf "$model"
+fi
 [ -f "$model/config.json" ] || model=fixtures/demo
 echo "== bench engine on cuda:$gpu ($model)"
-bench=$(./target/release/moebius bench engine --device "cuda:$gpu" --model "$model" \
+bench=$("$moebius" bench engine --device "cuda:$gpu" --model "$model" \
   --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)
 echo "$bench"
 python3 - "$bench" "$model" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n "$((gpu + 1))p")" > "$summary" <<'PY'
@@ -48,8 +84,9 @@ print("| batch | prefill tok/s | decode tok/s |")
 print("| --- | --- | --- |")
 for r in run["results"]:
     print(f"| {r['batch']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
-print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU, every product with a weight in "
-      "cuBLAS, activations copied to the GPU and back for each product, attention on the host.")
+print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
+      "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
+      "activations copied to the GPU and back for each product, attention on the host.")
 PY
 echo "== summary ($summary)"
 cat "$summary"

@@ -33,9 +33,13 @@ pub const FIXTURES: [&str; 6] = [
     "tiny-v2-lite",
 ];
 
+/// The fixture `name`: under `MOEBIUS_FIXTURES` where set (a test binary run from another
+/// checkout than it was built in, as `scripts/gpu_check.sh` does with a prebuilt bundle), else
+/// in this checkout.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
+    std::env::var_os("MOEBIUS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"))
         .join(name)
 }
 
