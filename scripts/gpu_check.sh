@@ -4,9 +4,10 @@
 # `--features cuda` (or, where there is no cargo, runs the binaries of `scripts/gpu_bundle.sh`
 # from target/gpu-bundle), runs the GPU test (worker/tests/gpu.rs: every fixture against its
 # transformers golden on the GPU), checks `generate --device cuda` against `--device cpu`
-# through the CLI, and runs a short `bench engine` on the GPU (the bench model, made with
-# python3's torch and transformers where it is missing and they are there, else the demo
-# fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
+# through the CLI and a GPU rank beside a CPU rank (`up --device cuda:N,cpu`, expert parallel
+# over the tcp data plane) against the CPU alone, and runs a short `bench engine` on the GPU
+# (the bench model, made with python3's torch and transformers where it is missing and they
+# are there, else the demo fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
 # non-zero when a check fails.
 #   bash scripts/gpu_check.sh [gpu]        (gpu: the CUDA device number, 0 by default)
 set -euo pipefail
@@ -65,6 +66,35 @@ gpu_tokens=$("$moebius" "${args[@]}" --device "cuda:$gpu" | python3 -c 'import j
 echo "cpu: $cpu"
 echo "gpu: $gpu_tokens"
 [ "$cpu" = "$gpu_tokens" ] || { echo "gpu_check.sh: the GPU's tokens differ from the CPU's" >&2; exit 1; }
+
+echo "== a GPU rank beside a CPU rank over the tcp data plane: up --device cuda:$gpu,cpu"
+up_log=$(mktemp)
+"$moebius" up --model "$fixture" --workers 2 --device "cuda:$gpu,cpu" --threads 1 \
+  --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$up_log" 2>&1 &
+up_pid=$!
+trap 'kill "$up_pid" 2>/dev/null; rm -f "$test_log" "$up_log"' EXIT
+http=""
+for _ in $(seq 1 120); do
+  http=$(sed -n 's|^watch it: dashboard https\?://\([^/]*\)/.*|\1|p' "$up_log")
+  [ -n "$http" ] && grep -q "^epoch .* active with 2 workers" "$up_log" && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$up_log" >&2; echo "gpu_check.sh: up stopped" >&2; exit 1; }
+  sleep 0.5
+done
+[ -n "$http" ] || { cat "$up_log" >&2; echo "gpu_check.sh: up did not come up in 60 s" >&2; exit 1; }
+grep "^epoch .* active" "$up_log"
+mixed=$(python3 - "$http" <<'PY'
+import json, sys, urllib.request
+body = {"prompt": [0, 5, 9, 17], "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+req = urllib.request.Request(f"http://{sys.argv[1]}/v1/completions", json.dumps(body).encode(),
+                             {"content-type": "application/json"})
+tokens = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["logprobs"]["tokens"]
+print([int(t.removeprefix("token_id:")) for t in tokens])
+PY
+)
+kill "$up_pid"
+echo "cpu alone:     $cpu"
+echo "cuda:$gpu + cpu: $mixed"
+[ "$cpu" = "$mixed" ] || { echo "gpu_check.sh: the GPU and CPU ranks' tokens differ from the CPU's alone" >&2; exit 1; }
 
 model=bench-models/v3-bench
 if [ ! -f "$model/config.json" ] && python3 -c 'import torch, transformers, tokenizers' 2>/dev/null; then

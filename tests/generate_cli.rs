@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -460,13 +462,85 @@ fn the_device_flag_runs_on_the_cpu_and_refuses_what_it_cannot_open() {
         "{stderr}"
     );
 
-    // `up` checks every worker's device before it starts anything.
-    let out = moebius(&["up", "--device", "cuda", "--listen", "127.0.0.1:0"]);
+    // `up` checks every worker's device before it starts anything: one for all, or each of a
+    // list (here the second worker's).
+    for devices in ["cuda", "cpu,cuda:0"] {
+        let out = moebius(&[
+            "up",
+            "--device",
+            devices,
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{devices}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+        assert!(
+            stderr.contains("cuda:0 needs a moebius built with the cuda feature"),
+            "{devices}: {stderr}"
+        );
+    }
+}
+
+/// `up --device` takes one device per worker, so that one machine can put a GPU rank beside
+/// CPU ranks (`scripts/gpu_check.sh` does): a list of two CPUs serves, over the OpenAI API, the
+/// tokens `generate` makes alone; a list of another length than `--workers` is refused with
+/// exit code 2 and one line.
+#[test]
+fn up_takes_one_device_per_worker() {
+    let model = fixture("tiny-v2");
+    let path = model.to_str().expect("utf-8 path");
+    let alone = json_of(&moebius(&[
+        "generate",
+        "--model",
+        path,
+        "--prompt-ids",
+        "0,5,9,17",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ]));
+    let want: Vec<String> = (alone["token_ids"].as_array().expect("token ids").iter())
+        .map(|id| format!("token_id:{id}"))
+        .collect();
+
+    let up = common::up::Up::start_with(&model, &["--workers", "2", "--device", "cpu,cpu"]);
+    up.router_addr();
+    let body = br#"{"prompt": [0, 5, 9, 17], "max_tokens": 8, "temperature": 0,
+        "ignore_eos": true, "logprobs": 1}"#;
+    let (status, reply) = common::http::post(
+        &up.http_addr(),
+        "/v1/completions",
+        Some("application/json"),
+        body,
+    );
+    assert_eq!(status, 200, "{reply}");
+    let reply: Value = serde_json::from_str(&reply).expect("a JSON reply");
+    let tokens: Vec<String> =
+        serde_json::from_value(reply["choices"][0]["logprobs"]["tokens"].clone())
+            .expect("the completion's tokens");
+    assert_eq!(tokens, want, "two CPU workers against generate alone");
+    drop(up);
+
+    let out = moebius(&[
+        "up",
+        "--model",
+        path,
+        "--device",
+        "cpu,cpu,cpu",
+        "--workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
     assert!(
-        stderr.contains("cuda:0 needs a moebius built with the cuda feature"),
+        stderr.contains("--device lists 3 devices for 2 workers"),
         "{stderr}"
     );
 }

@@ -68,9 +68,10 @@ pub struct UpArgs {
     #[arg(long)]
     pub bf16_activations: bool,
     /// Where the workers compute: cpu, or cuda / cuda:N, which puts worker i on GPU N + i
-    /// (a moebius built with `--features cuda`).
+    /// (a moebius built with `--features cuda`); or one device per worker, comma-separated
+    /// (`cuda:0,cpu`: a GPU rank and a CPU rank, one machine's GPU tested against the CPU).
     #[arg(long, default_value = "cpu")]
-    pub device: Device,
+    pub device: WorkerDevices,
     /// Lease TTL of workers and coordinator, in seconds (how fast a dead worker is noticed).
     #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
@@ -134,7 +135,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     args.balance.interval()?;
     stats_interval(args.stats_interval_s)?;
-    check_devices(args.device, args.workers)?;
+    args.device.check(args.workers)?;
     let security = args.security.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -153,26 +154,61 @@ pub fn run(args: UpArgs) -> Result<()> {
     })
 }
 
-/// The device of worker `i` when `up` runs on `device`: GPU N + i for `cuda:N`, so that each
-/// worker has a GPU of its own.
-fn worker_device(device: Device, i: usize) -> Device {
-    match device {
-        Device::Cpu => Device::Cpu,
-        Device::Cuda(n) => Device::Cuda(n + i),
+/// `--device` of `up`: one device for every worker, or one per worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerDevices(Vec<Device>);
+
+impl WorkerDevices {
+    /// The same device for every worker: `cuda:N` puts worker i on GPU N + i.
+    pub fn all(device: Device) -> Self {
+        Self(vec![device])
+    }
+
+    /// The device of worker `i`: GPU N + i for one `cuda:N`, so that each worker has a GPU of
+    /// its own; entry `i` of a list.
+    pub fn of(&self, i: usize) -> Device {
+        match self.0.as_slice() {
+            [Device::Cpu] => Device::Cpu,
+            [Device::Cuda(n)] => Device::Cuda(n + i),
+            list => list[i.min(list.len() - 1)],
+        }
+    }
+
+    /// Checks that a list names one device per worker, then opens, and lets go of, the device
+    /// of every worker before anything starts: a GPU that is missing (or a build without the
+    /// `cuda` feature) is one line and exit code 2, not workers that fail and are restarted.
+    fn check(&self, workers: usize) -> Result<()> {
+        if self.0.len() > 1 && self.0.len() != workers {
+            return Err(moebius_worker::Error::InvalidRequest(format!(
+                "--device lists {} devices for {workers} workers: give one device, or one per worker",
+                self.0.len()
+            ))
+            .into());
+        }
+        for i in 0..workers {
+            if self.of(i) != Device::Cpu {
+                moebius_worker::backend::AnyBackend::open(self.of(i), 1, false)?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Opens, and lets go of, the device of every worker before anything starts: a GPU that is
-/// missing (or a build without the `cuda` feature) is one line and exit code 2, not workers
-/// that fail and are restarted.
-fn check_devices(device: Device, workers: usize) -> Result<()> {
-    if device == Device::Cpu {
-        return Ok(());
+impl std::str::FromStr for WorkerDevices {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        s.split(',')
+            .map(str::parse)
+            .collect::<std::result::Result<_, _>>()
+            .map(Self)
     }
-    for i in 0..workers {
-        moebius_worker::backend::AnyBackend::open(worker_device(device, i), 1, false)?;
+}
+
+impl std::fmt::Display for WorkerDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.0.iter().map(Device::to_string).collect();
+        f.write_str(&names.join(","))
     }
-    Ok(())
 }
 
 /// `--stats-interval-s` as a duration, or a one-line error naming the flag.
@@ -233,7 +269,7 @@ pub struct LocalOptions<'a> {
     pub capacity: u32,
     pub threads: usize,
     pub bf16_activations: bool,
-    pub device: Device,
+    pub device: WorkerDevices,
     pub lease_ttl: Duration,
     pub admin_listen: SocketAddr,
     pub stats_interval: Duration,
@@ -264,7 +300,7 @@ impl<'a> LocalOptions<'a> {
             capacity: 64,
             threads: 0,
             bf16_activations: false,
-            device: Device::Cpu,
+            device: WorkerDevices::all(Device::Cpu),
             lease_ttl: Duration::from_secs(5),
             admin_listen: any,
             stats_interval: moebius_worker::service::WorkerConfig::default().stats_interval,
@@ -393,7 +429,7 @@ pub async fn start_local(
             capacity: options.capacity,
             threads: options.threads,
             bf16_activations: options.bf16_activations,
-            device: worker_device(options.device, i),
+            device: options.device.of(i),
             lease_ttl: options.lease_ttl,
             stats_interval: options.stats_interval,
             metrics: moebius_worker::metrics::WorkerMetrics::register(
@@ -526,7 +562,7 @@ async fn in_process(
         capacity: args.capacity,
         threads: args.threads,
         bf16_activations: args.bf16_activations,
-        device: args.device,
+        device: args.device.clone(),
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         admin_listen: args.admin_listen,
         stats_interval: stats_interval(args.stats_interval_s)?,
@@ -808,7 +844,7 @@ async fn with_processes(
             "--threads".into(),
             args.threads.to_string(),
             "--device".into(),
-            worker_device(args.device, i).to_string(),
+            args.device.of(i).to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
             "--stats-interval-s".into(),
