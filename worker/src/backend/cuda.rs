@@ -1,7 +1,9 @@
-//! The CUDA backend (feature `cuda`), first step: weights live in GPU memory in their checkpoint
-//! precision (bf16 stays bf16, f32 stays f32) and every product with a weight runs in cuBLAS;
-//! activations cross to the GPU and back for each product, and the products of attention over
-//! the KV cache (activations by activations) run on the host's CPU backend.
+//! The CUDA backend (feature `cuda`), first steps: weights live in GPU memory in their
+//! checkpoint precision (bf16 stays bf16, f32 stays f32, FP8 stays FP8) and every product with a
+//! weight runs on the GPU; activations cross to the GPU and back for each product, or for each
+//! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download), and
+//! the products of attention over the KV cache (activations by activations) run on the host's
+//! CPU backend.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver or device
@@ -23,7 +25,7 @@ use cudarc::driver::{
 };
 
 use super::nvrtc::{Kernels, FP8_GEMV_ROWS, FP8_GEMV_THREADS};
-use super::{Backend, CpuBackend, View};
+use super::{Backend, CpuBackend, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
 
@@ -52,6 +54,18 @@ pub struct CudaMatrix {
     rows: usize,
     cols: usize,
     data: DeviceWeights,
+}
+
+impl CudaMatrix {
+    /// Whether a product of `m` rows with this weight takes bf16 activations: bf16 weights, and
+    /// FP8 ones too many rows for the FP8 kernel (dequantised to bf16 first).
+    fn takes_bf16(&self, m: usize) -> bool {
+        match self.data {
+            DeviceWeights::F32(_) => false,
+            DeviceWeights::Bf16(_) => true,
+            DeviceWeights::Fp8 { .. } => m > FP8_GEMV_ROWS,
+        }
+    }
 }
 
 enum DeviceWeights {
@@ -120,114 +134,180 @@ impl CudaBackend {
             .map_err(|e| Error::Device(e.clone()))
     }
 
-    /// `out[m, rows] = x[m, cols] · wᵀ` on the GPU; errors are the driver's or cuBLAS'.
-    fn try_linear(&self, x: &[f32], m: usize, w: &CudaMatrix, out: &mut [f32]) -> Result<()> {
-        let (n, k) = (w.rows, w.cols);
-        if let DeviceWeights::Fp8 {
-            codes,
-            scales,
-            block,
-        } = &w.data
+    /// `products` in order on the stream, with one upload of their activations (f32, and
+    /// rounded to bf16 for the products that multiply bf16), their launches, one download and
+    /// one wait: a MoE layer's experts or attention's heads cost one round trip, not one each.
+    /// Errors are the driver's or cuBLAS'.
+    fn try_linear_grouped(&self, products: &mut [Product<'_, CudaMatrix>]) -> Result<()> {
+        // Where each product's activations and outputs lie in the shared buffers.
+        let (mut wide_x, mut bf16_x) = (Vec::new(), Vec::new());
+        let mut at = Vec::with_capacity(products.len());
+        let mut outputs = 0;
+        for p in products.iter() {
+            let x = &p.x[..p.m * p.w.cols];
+            let x_at = if p.w.takes_bf16(p.m) {
+                bf16_x.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+                bf16_x.len() - x.len()
+            } else {
+                wide_x.extend_from_slice(x);
+                wide_x.len() - x.len()
+            };
+            at.push((x_at, outputs));
+            outputs += p.m * p.w.rows;
+        }
+        if outputs == 0 {
+            return Ok(());
+        }
+        let wide_x = self.upload_activations(&wide_x)?;
+        let bf16_x = self.upload_activations(&bf16_x)?;
+        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(outputs).map_err(driver)?;
+        // Dequantised FP8 weights, kept until the products that read them have run.
+        let mut scratch: Vec<CudaSlice<u16>> = Vec::new();
         {
-            if m <= FP8_GEMV_ROWS {
-                return self.fp8_gemv(&x[..m * k], m, (n, k), (codes, scales, *block), out);
+            let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+            let (yp, _y) = y.device_ptr_mut(&self.stream);
+            let wide = wide_x.as_ref().map(|d| d.device_ptr(&self.stream));
+            let bf16 = bf16_x.as_ref().map(|d| d.device_ptr(&self.stream));
+            let (wide_p, bf16_p) = (
+                wide.as_ref().map_or(0, |d| d.0),
+                bf16.as_ref().map_or(0, |d| d.0),
+            );
+            for (p, &(x_at, y_at)) in products.iter().zip(&at) {
+                let (n, k, m) = (p.w.rows, p.w.cols, p.m);
+                if m * n == 0 {
+                    continue;
+                }
+                let shape = Shape { n, m, k };
+                let y = yp + (y_at * 4) as u64;
+                let (x_f32, x_bf16) = (wide_p + (x_at * 4) as u64, bf16_p + (x_at * 2) as u64);
+                match &p.w.data {
+                    DeviceWeights::F32(wd) => {
+                        let (wp, _w) = wd.device_ptr(&self.stream);
+                        // SAFETY: the weight holds n × k values, the activations m × k from
+                        // x_f32 on, the output m × n from y; all f32 on this stream.
+                        unsafe {
+                            gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_32F, wp, x_f32, y)
+                        }?;
+                    }
+                    DeviceWeights::Bf16(wd) => {
+                        let (wp, _w) = wd.device_ptr(&self.stream);
+                        // SAFETY: as above, with bf16 weights and activations.
+                        unsafe {
+                            gemm(
+                                &blas,
+                                shape,
+                                sys::cudaDataType_t::CUDA_R_16BF,
+                                wp,
+                                x_bf16,
+                                y,
+                            )
+                        }?;
+                    }
+                    DeviceWeights::Fp8 {
+                        codes,
+                        scales,
+                        block,
+                    } if m <= FP8_GEMV_ROWS => {
+                        self.fp8_gemv(shape, (codes, scales, *block), x_f32, y)?;
+                    }
+                    DeviceWeights::Fp8 {
+                        codes,
+                        scales,
+                        block,
+                    } => {
+                        let wide = self.fp8_to_bf16((n, k), (codes, scales, *block))?;
+                        let (wp, reading) = wide.device_ptr(&self.stream);
+                        // SAFETY: as for bf16 weights: `wide` holds the n × k of them.
+                        unsafe {
+                            gemm(
+                                &blas,
+                                shape,
+                                sys::cudaDataType_t::CUDA_R_16BF,
+                                wp,
+                                x_bf16,
+                                y,
+                            )
+                        }?;
+                        drop(reading);
+                        scratch.push(wide);
+                    }
+                }
             }
         }
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
-        let (yp, y_written) = y.device_ptr_mut(&self.stream);
-        let shape = Shape { n, m, k };
-        match &w.data {
-            DeviceWeights::F32(wd) => {
-                let xd = self.stream.clone_htod(&x[..m * k]).map_err(driver)?;
-                let (wp, _w) = wd.device_ptr(&self.stream);
-                let (xp, _x) = xd.device_ptr(&self.stream);
-                // SAFETY: the buffers hold n × k, m × k and m × n values of these types on
-                // this stream.
-                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_32F, wp, xp, yp) }?;
-            }
-            DeviceWeights::Bf16(wd) => {
-                let xd = self.bf16_activations(&x[..m * k])?;
-                let (wp, _w) = wd.device_ptr(&self.stream);
-                let (xp, _x) = xd.device_ptr(&self.stream);
-                // SAFETY: as above, with bf16 operands.
-                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_16BF, wp, xp, yp) }?;
-            }
-            DeviceWeights::Fp8 {
-                codes,
-                scales,
-                block,
-            } => {
-                let mut wide: CudaSlice<u16> = self.stream.alloc_zeros(n * k).map_err(driver)?;
-                let kernels = self.kernels()?;
-                let (rows, cols) = (dim(n)?, dim(k)?);
-                let (br, bc) = (dim(block.0)?, dim(block.1)?);
-                let blocks = (n * k).div_ceil(256).min(65_535) as u32;
-                let config = LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut launch = self.stream.launch_builder(&kernels.fp8_to_bf16);
-                launch.arg(codes).arg(scales).arg(&mut wide);
-                launch.arg(&rows).arg(&cols).arg(&br).arg(&bc);
-                // SAFETY: fp8_to_bf16(w, scales, out, rows, cols, br, bc) reads n × k codes
-                // and the scale grid of those blocks, and writes n × k values of `wide`.
-                unsafe { launch.launch(config) }.map_err(driver)?;
-                let xd = self.bf16_activations(&x[..m * k])?;
-                let (wp, _w) = wide.device_ptr(&self.stream);
-                let (xp, _x) = xd.device_ptr(&self.stream);
-                // SAFETY: as for the bf16 weights: `wide` holds n × k of them.
-                unsafe { gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_16BF, wp, xp, yp) }?;
-            }
+        let mut host = vec![0.0f32; outputs];
+        self.stream.memcpy_dtoh(&y, &mut host).map_err(driver)?;
+        self.stream.synchronize().map_err(driver)?;
+        drop(scratch);
+        for (p, &(_, y_at)) in products.iter_mut().zip(&at) {
+            let len = p.m * p.w.rows;
+            p.out[..len].copy_from_slice(&host[y_at..y_at + len]);
         }
-        drop(y_written);
-        self.finish(&y, &mut out[..m * n])
+        Ok(())
     }
 
-    /// `out[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`] rows, in
-    /// f32, reading the weight at one byte a value.
+    /// Activations on the GPU; `None` for none.
+    fn upload_activations<T: cudarc::driver::DeviceRepr>(
+        &self,
+        x: &[T],
+    ) -> Result<Option<CudaSlice<T>>> {
+        if x.is_empty() {
+            return Ok(None);
+        }
+        self.stream.clone_htod(x).map(Some).map_err(driver)
+    }
+
+    /// Enqueues `y[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`]
+    /// rows, in f32, reading the weight at one byte a value; `x` and `y` are f32 on the GPU.
     fn fp8_gemv(
         &self,
-        x: &[f32],
-        m: usize,
-        (n, k): (usize, usize),
+        Shape { n, m, k }: Shape,
         (codes, scales, block): (&CudaSlice<u8>, &CudaSlice<f32>, (usize, usize)),
-        out: &mut [f32],
+        x: CUdeviceptr,
+        y: CUdeviceptr,
     ) -> Result<()> {
-        let xd = self.stream.clone_htod(x).map_err(driver)?;
-        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(m * n).map_err(driver)?;
         let kernels = self.kernels()?;
-        let (rows, cols, m32) = (dim(n)?, dim(k)?, dim(m)?);
+        let (rows, cols, m) = (dim(n)?, dim(k)?, dim(m)?);
         let (br, bc) = (dim(block.0)?, dim(block.1)?);
+        let (codes_p, _c) = codes.device_ptr(&self.stream);
+        let (scales_p, _s) = scales.device_ptr(&self.stream);
         let warps = FP8_GEMV_THREADS / 32;
         let config = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            grid_dim: (u32::try_from(n).unwrap_or(u32::MAX).div_ceil(warps), 1, 1),
             block_dim: (FP8_GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&kernels.fp8_gemv);
-        launch.arg(codes).arg(scales).arg(&xd).arg(&mut y);
-        launch.arg(&rows).arg(&cols).arg(&m32).arg(&br).arg(&bc);
+        launch.arg(&codes_p).arg(&scales_p).arg(&x).arg(&y);
+        launch.arg(&rows).arg(&cols).arg(&m).arg(&br).arg(&bc);
         // SAFETY: fp8_gemv(w, scales, x, y, n, k, m, br, bc) reads n × k codes, the scale grid
-        // of their blocks and m × k activations, and writes m × n values: these buffers' sizes.
+        // of their blocks and m × k activations from x, and writes m × n values from y: the
+        // caller's buffers hold them.
         unsafe { launch.launch(config) }.map_err(driver)?;
-        self.finish(&y, &mut out[..m * n])
+        Ok(())
     }
 
-    /// Activations rounded to bf16 on the host, on the GPU.
-    fn bf16_activations(&self, x: &[f32]) -> Result<CudaSlice<u16>> {
-        let rounded: Vec<u16> = x
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
-        self.stream.clone_htod(&rounded).map_err(driver)
-    }
-
-    /// Copies a product's result back to the host and waits for it.
-    fn finish(&self, y: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
-        self.stream.memcpy_dtoh(y, out).map_err(driver)?;
-        self.stream.synchronize().map_err(driver)
+    /// Enqueues the dequantisation of an FP8 weight `[n, k]` to bf16, into a new buffer.
+    fn fp8_to_bf16(
+        &self,
+        (n, k): (usize, usize),
+        (codes, scales, block): (&CudaSlice<u8>, &CudaSlice<f32>, (usize, usize)),
+    ) -> Result<CudaSlice<u16>> {
+        let mut wide: CudaSlice<u16> = self.stream.alloc_zeros(n * k).map_err(driver)?;
+        let kernels = self.kernels()?;
+        let (rows, cols) = (dim(n)?, dim(k)?);
+        let (br, bc) = (dim(block.0)?, dim(block.1)?);
+        let config = LaunchConfig {
+            grid_dim: ((n * k).div_ceil(256).min(65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&kernels.fp8_to_bf16);
+        launch.arg(codes).arg(scales).arg(&mut wide);
+        launch.arg(&rows).arg(&cols).arg(&br).arg(&bc);
+        // SAFETY: fp8_to_bf16(w, scales, out, rows, cols, br, bc) reads n × k codes and the
+        // scale grid of their blocks, and writes n × k values of `wide`.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        Ok(wide)
     }
 
     /// Uploads `data`, or stops the process with the driver's reason: the trait that asks for
@@ -350,9 +430,15 @@ impl Backend for CudaBackend {
         if m == 0 || w.rows == 0 {
             return;
         }
-        assert!(x.len() >= m * w.cols, "cuda linear: x too small");
-        assert!(out.len() >= m * w.rows, "cuda linear: out too small");
-        if let Err(e) = self.try_linear(x, m, w, out) {
+        self.linear_grouped(&mut [Product { x, m, w, out }]);
+    }
+
+    fn linear_grouped(&self, products: &mut [Product<'_, CudaMatrix>]) {
+        for p in products.iter() {
+            assert!(p.x.len() >= p.m * p.w.cols, "cuda linear: x too small");
+            assert!(p.out.len() >= p.m * p.w.rows, "cuda linear: out too small");
+        }
+        if let Err(e) = self.try_linear_grouped(products) {
             // The trait has no error path: a GPU that fails mid-step stops the process with
             // the driver's reason rather than returning wrong numbers.
             panic!("cuda:{}: {e}", self.ordinal);
