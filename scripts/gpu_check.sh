@@ -8,7 +8,8 @@
 # over the tcp data plane) against the CPU alone, and runs a short `bench engine` on the GPU
 # (the bench model, made with python3's torch and transformers where it is missing and they
 # are there, else the demo fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
-# non-zero when a check fails.
+# non-zero when a check fails. Also measures the products alone (`bench products`, bf16 and FP8
+# weights) against cuBLAS' bf16 peak that python3's torch reaches in the same run.
 #   bash scripts/gpu_check.sh [gpu]        (gpu: the CUDA device number, 0 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,17 +107,62 @@ echo "== bench engine on cuda:$gpu ($model)"
 bench=$("$moebius" bench engine --device "cuda:$gpu" --model "$model" \
   --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)
 echo "$bench"
-python3 - "$bench" "$model" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n "$((gpu + 1))p")" > "$summary" <<'PY'
+# DeepSeek-V3's expert gate_up and down and a square one, as decode (1 row) and prefill rows.
+shapes=4096x7168,7168x2048,7168x7168
+echo "== bench products on cuda:$gpu (bf16 and fp8 weights: $shapes)"
+products=()
+for dtype in bf16 fp8; do
+  products+=("$("$moebius" bench products --device "cuda:$gpu" --dtype "$dtype" --shapes "$shapes" \
+    --rows 1,64,2048 --repeats 5 --json)")
+  echo "${products[-1]}"
+done
+echo "== cuBLAS' own peak in this run: torch's bf16 8192^3 matmul, operands on the GPU"
+peak=$(python3 - <<'PY' || echo '{"error": "python3 failed"}'
+import json
+try:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / 10
+    print(json.dumps({"tflop_s": 2 * 8192**3 / ms / 1e9}))
+except Exception as e:  # no torch, or no GPU for it: the summary says so
+    print(json.dumps({"error": str(e)}))
+PY
+)
+echo "$peak"
+python3 - "$bench" "$model" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n "$((gpu + 1))p")" \
+  "$peak" "${products[@]}" > "$summary" <<'PY'
 import json, sys
 run, model, name = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] or "unknown GPU"
+peak = json.loads(sys.argv[4])
 print(f"### {name}: `moebius bench engine --device cuda` ({model})\n")
 print("| batch | prefill tok/s | decode tok/s |")
 print("| --- | --- | --- |")
 for r in run["results"]:
     print(f"| {r['batch']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+print("\n`moebius bench products --device cuda` (activations from the host and back, as the engine "
+      "calls them), against cuBLAS' bf16 peak measured by torch in the same run: "
+      + (f"{peak['tflop_s']:.0f} TFLOP/s" if "tflop_s" in peak else f"not measured ({peak.get('error')})")
+      + "\n")
+print("| weights | rows | weight | TFLOP/s | of the peak | weight GB/s |")
+print("| --- | --- | --- | --- | --- | --- |")
+for products in map(json.loads, sys.argv[5:]):
+    for r in products["results"]:
+        share = f"{r['tflop_s'] / peak['tflop_s']:.3f}" if "tflop_s" in peak else "-"
+        print(f"| {products['dtype']} | {r['rows']} | {r['out']}x{r['in']} | {r['tflop_s']:.2f} "
+              f"| {share} | {r['weight_gb_s']:.0f} |")
 print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
       "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
-      "activations copied to the GPU and back for each product, attention on the host.")
+      "activations copied to the GPU and back for each product or group of products, attention "
+      "on the host.")
 PY
 echo "== summary ($summary)"
 cat "$summary"

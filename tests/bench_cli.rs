@@ -340,6 +340,50 @@ fn bench_engine_tiny() {
 }
 
 #[test]
+fn bench_products_tiny() {
+    for dtype in ["bf16", "f32", "fp8"] {
+        let v = bench_json(&[
+            "bench",
+            "products",
+            "--dtype",
+            dtype,
+            "--shapes",
+            "64x32,200x130",
+            "--rows",
+            "1,3",
+            "--threads",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(v["dtype"], dtype, "{v}");
+        let rows = results(&v, 4);
+        let shapes: Vec<(u64, u64, u64)> = rows
+            .iter()
+            .map(|r| {
+                assert_fields(r, &["seconds", "tflop_s", "weight_gb_s"], &[]);
+                let n = |k: &str| r[k].as_u64().expect("a count");
+                (n("out"), n("in"), n("rows"))
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            [(64, 32, 1), (64, 32, 3), (200, 130, 1), (200, 130, 3)]
+        );
+    }
+    // A shape that is not OUTxIN is the user's to fix: exit code 2 and one line naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_moebius"))
+        .args(["bench", "products", "--shapes", "64by32"])
+        .output()
+        .expect("moebius runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("\"64by32\" is not OUTxIN"), "{stderr}");
+}
+
+#[test]
 fn bench_router_tiny() {
     let model = fixture("tiny-v3");
     let v = bench_json(&[

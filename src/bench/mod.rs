@@ -1,6 +1,8 @@
 //! `moebius bench`: the numbers of BENCHMARKS.md, measured by the binary itself.
 //!
-//! - [`engine`]: prefill and decode tokens/s of one rank, against the memory-bandwidth limit;
+//! - [`engine`]: prefill and decode tokens/s of one rank, against the memory-bandwidth limit
+//!   ([`roofline`]);
+//! - [`products`]: the backend's products with a weight alone, per shape: TFLOP/s and GB/s;
 //! - [`router`]: what the router's hop costs against calls sent straight to a worker;
 //! - [`serve`]: a load generator against a running router (throughput, TTFT, TPOT, ITL), over
 //!   gRPC or the OpenAI-compatible HTTP API ([`openai`]: its client);
@@ -11,6 +13,7 @@ mod alltoall;
 mod engine;
 mod failover;
 mod openai;
+mod products;
 mod roofline;
 mod router;
 mod serve;
@@ -22,6 +25,9 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Prefill and decode tokens/s of the engine on one rank.
     Engine(engine::EngineArgs),
+    /// The backend's products with a weight alone, per weight shape and activation rows, as
+    /// the engine calls them: time, TFLOP/s and weight GB/s.
+    Products(products::ProductsArgs),
     /// The router's cost: one-token Generate calls through the router against the same calls
     /// sent straight to the worker, on an in-process cluster of one worker.
     Router(router::RouterArgs),
@@ -41,6 +47,7 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Engine(args) => engine::run(args),
+        BenchCommand::Products(args) => products::run(args),
         BenchCommand::Router(args) => router::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Alltoall(args) => alltoall::run(args),
