@@ -10,7 +10,9 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::packed::{self, PackedBf16};
+use super::packed_fp8::{self, PackedFp8};
 use super::{Backend, Product, View};
+use crate::checkpoint::Fp8Blocks;
 
 /// Products with fewer multiply-adds than this run on one thread. A decode step's products
 /// (one row) are bound by reading their weights, and one core alone does not draw the memory
@@ -41,6 +43,8 @@ enum Storage {
     F32(Vec<f32>),
     /// bf16, packed for [`packed`]'s kernels, which widen it to f32 in registers.
     Bf16(PackedBf16),
+    /// Block-quantised FP8, packed for [`packed_fp8`].
+    Fp8(PackedFp8),
 }
 
 /// Runs the model on the host CPU.
@@ -195,6 +199,21 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn matrix_fp8(&self, blocks: Fp8Blocks) -> CpuMatrix {
+        let (rows, cols) = (blocks.rows, blocks.cols);
+        assert_eq!(
+            blocks.codes.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        let data = match PackedFp8::pack(blocks) {
+            Ok(packed) => Storage::Fp8(packed),
+            // Blocks that split a panel: dequantised, as the checkpoint reads them.
+            Err(blocks) => Storage::F32(blocks.dequantize()),
+        };
+        CpuMatrix { rows, cols, data }
+    }
+
     fn shape(&self, w: &CpuMatrix) -> (usize, usize) {
         (w.rows, w.cols)
     }
@@ -203,6 +222,7 @@ impl Backend for CpuBackend {
         match &w.data {
             Storage::F32(d) => d.len() * 4,
             Storage::Bf16(p) => p.bytes(),
+            Storage::Fp8(p) => p.bytes(),
         }
     }
 
@@ -220,6 +240,9 @@ impl Backend for CpuBackend {
                 if !rounded {
                     packed::matmul(x, m, packed, out, parallel);
                 }
+            }
+            Storage::Fp8(packed) => {
+                packed_fp8::matmul(x, m, packed, out, self.parallel(m, w.rows, w.cols))
             }
         }
     }

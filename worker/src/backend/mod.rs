@@ -8,6 +8,7 @@
 //!   bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
 //!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
+//! - [`packed_fp8`]: block-quantised FP8 weights at one byte a value, through the bf16 kernels;
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
 //! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS and, for FP8
 //!   weights, in `nvrtc`'s kernels (compiled at run time);
@@ -24,6 +25,7 @@ pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod packed;
+pub mod packed_fp8;
 
 pub use cpu::CpuBackend;
 pub use device::{AnyBackend, Device};

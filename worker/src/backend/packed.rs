@@ -56,27 +56,11 @@ impl PackedBf16 {
             rows * cols,
             "matrix data does not match its shape"
         );
-        let pairs = cols.div_ceil(2);
-        let panels = rows.div_ceil(PANEL);
-        // Written in order, so that the new pages are touched once each and front to back.
-        let mut data = Vec::with_capacity(panels * pairs * 2 * PANEL);
-        for p in 0..panels {
-            let panel_rows: Vec<&[u16]> = (p * PANEL..rows.min((p + 1) * PANEL))
-                .map(|r| &bits[r * cols..(r + 1) * cols])
-                .collect();
-            for c in 0..pairs {
-                for row in &panel_rows {
-                    data.push(row[2 * c]);
-                    data.push(row.get(2 * c + 1).copied().unwrap_or(0));
-                }
-                data.resize(data.len() + 2 * (PANEL - panel_rows.len()), 0);
-            }
-        }
         Self {
             rows,
             cols,
-            pairs,
-            data,
+            pairs: cols.div_ceil(2),
+            data: pack_panels(rows, cols, bits),
         }
     }
 
@@ -90,6 +74,28 @@ impl PackedBf16 {
         let len = self.pairs * 2 * PANEL;
         &self.data[p * len..(p + 1) * len]
     }
+}
+
+/// A row-major `[rows, cols]` matrix in panels of [`PANEL`] rows by column pairs (the layout
+/// above), padded with zeros; for bf16 bits, or FP8 codes ([`super::packed_fp8`]).
+pub(super) fn pack_panels<T: Copy + Default>(rows: usize, cols: usize, values: &[T]) -> Vec<T> {
+    let pairs = cols.div_ceil(2);
+    let panels = rows.div_ceil(PANEL);
+    // Written in order, so that the new pages are touched once each and front to back.
+    let mut data = Vec::with_capacity(panels * pairs * 2 * PANEL);
+    for p in 0..panels {
+        let panel_rows: Vec<&[T]> = (p * PANEL..rows.min((p + 1) * PANEL))
+            .map(|r| &values[r * cols..(r + 1) * cols])
+            .collect();
+        for c in 0..pairs {
+            for row in &panel_rows {
+                data.push(row[2 * c]);
+                data.push(row.get(2 * c + 1).copied().unwrap_or_default());
+            }
+            data.resize(data.len() + 2 * (PANEL - panel_rows.len()), T::default());
+        }
+    }
+    data
 }
 
 /// Whether the active kernels can multiply with bf16 activations (AVX512-BF16).
@@ -157,26 +163,44 @@ pub fn matmul_grouped_with(family: Family, products: &mut [Product], parallel: b
         let k = w.cols;
         let x = &x[i0 * k..(i0 + im) * k];
         for_panels(j0, jn, |p, col, cols| {
-            let panel = w.panel(p);
-            let out = block.offset(0, col);
             // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32 rows;
             // `out` has im rows of `cols` values that belong to this task alone (blocks::run);
-            // each kernel runs only where its instructions are present (asserted above).
-            unsafe {
-                match family {
-                    #[cfg(target_arch = "x86_64")]
-                    Family::Avx512Bf16 | Family::Avx512 => {
-                        f32_rows(x, im, k, panel, w.pairs, out, cols)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Family::Avx2 => f32_rows_avx2(x, im, k, panel, out, cols),
-                    #[cfg(target_arch = "aarch64")]
-                    Family::Neon => f32_rows_neon(x, im, k, panel, out, cols),
-                    _ => portable_rows(x, im, k, panel, out, cols),
-                }
-            }
+            // the family's instructions are present (asserted above).
+            unsafe { panel_product(family, x, im, k, w.panel(p), block.offset(0, col), cols) };
         });
     });
+}
+
+/// `im` rows of `x` (`k` values each) against one panel (`k.div_ceil(2)` pairs), into the
+/// first `cols` columns of `im` rows of `out`, with the kernels of `family`.
+///
+/// # Safety
+/// The CPU runs `family`'s instructions; `x.len() >= im * k`; the panel holds
+/// `k.div_ceil(2)` pairs of [`PANEL`] rows; `cols <= PANEL`; those values of `out` are lent to
+/// this call alone.
+pub(super) unsafe fn panel_product(
+    family: Family,
+    x: &[f32],
+    im: usize,
+    k: usize,
+    panel: &[u16],
+    out: Block,
+    cols: usize,
+) {
+    // SAFETY: the caller's contract is each kernel's.
+    unsafe {
+        match family {
+            #[cfg(target_arch = "x86_64")]
+            Family::Avx512Bf16 | Family::Avx512 => {
+                f32_rows(x, im, k, panel, k.div_ceil(2), out, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Family::Avx2 => f32_rows_avx2(x, im, k, panel, out, cols),
+            #[cfg(target_arch = "aarch64")]
+            Family::Neon => f32_rows_neon(x, im, k, panel, out, cols),
+            _ => portable_rows(x, im, k, panel, out, cols),
+        }
+    }
 }
 
 /// `out[m, rows] = bf16(x)[m, cols] · wᵀ`, accumulated in f32; `None` (and nothing written)
@@ -234,7 +258,7 @@ pub fn matmul_bf16(
 
 /// Calls `f(panel, first column in the block, columns)` for the panels that cover the block of
 /// output columns `j0..j0 + jn` (`j0` is a multiple of [`PANEL`]).
-fn for_panels(j0: usize, jn: usize, mut f: impl FnMut(usize, usize, usize)) {
+pub(super) fn for_panels(j0: usize, jn: usize, mut f: impl FnMut(usize, usize, usize)) {
     let mut col = 0;
     while col < jn {
         let cols = PANEL.min(jn - col);

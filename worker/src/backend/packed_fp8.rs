@@ -1,0 +1,406 @@
+//! Block-quantised FP8 weights on the CPU, at one byte a value: DeepSeek-V3's checkpoints as
+//! released, in a quarter of the memory their f32 widening took.
+//!
+//! The E4M3FN codes lie in [`super::packed`]'s panels, one byte where the bf16 matrices have
+//! two. A task turns the codes of one panel and one block of columns into bf16 (exactly:
+//! every E4M3FN value is a bf16 value) in a buffer of its own, runs the bf16 panel kernels of
+//! the active family on it, and adds the result times the block's scale: `Σ_c x_c · fp8(w_c) ·
+//! s = s · Σ_c x_c · fp8(w_c)` over a block's columns, since one scale covers them. The panels
+//! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
+
+use super::blocks::{self, Block};
+use super::kernels::{self, Family};
+use super::packed::{for_panels, pack_panels, panel_product, PANEL};
+use crate::checkpoint::Fp8Blocks;
+
+/// An FP8 matrix in panels, with its block scales.
+#[derive(Debug)]
+pub struct PackedFp8 {
+    rows: usize,
+    cols: usize,
+    codes: Vec<u8>,
+    /// Row-major `[rows / br, cols / bc]` (rounded up).
+    scales: Vec<f32>,
+    block: (usize, usize),
+}
+
+impl PackedFp8 {
+    /// Packs `w`; gives it back when its blocks do not fit the panels (block rows not a
+    /// multiple of [`PANEL`], or block columns odd), for the caller to dequantise instead.
+    pub fn pack(w: Fp8Blocks) -> Result<Self, Fp8Blocks> {
+        let (br, bc) = w.block;
+        if br == 0 || bc == 0 || br % PANEL != 0 || bc % 2 != 0 {
+            return Err(w);
+        }
+        Ok(Self {
+            rows: w.rows,
+            cols: w.cols,
+            codes: pack_panels(w.rows, w.cols, &w.codes),
+            scales: w.scales,
+            block: w.block,
+        })
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held: codes (padding included) and scales.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + self.scales.len() * 4
+    }
+
+    /// The codes of panel `p`.
+    fn panel(&self, p: usize) -> &[u8] {
+        let len = self.cols.div_ceil(2) * 2 * PANEL;
+        &self.codes[p * len..(p + 1) * len]
+    }
+}
+
+/// `out[m, rows] = x[m, cols] · wᵀ` in f32, with the active kernels; `parallel` spreads tasks
+/// over rayon's threads.
+pub fn matmul(x: &[f32], m: usize, w: &PackedFp8, out: &mut [f32], parallel: bool) {
+    matmul_with(kernels::active(), x, m, w, out, parallel);
+}
+
+/// [`matmul`] with the kernels of `family`, which this CPU must support.
+pub fn matmul_with(
+    family: Family,
+    x: &[f32],
+    m: usize,
+    w: &PackedFp8,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= m * k, "fp8 matmul: x too small");
+    assert!(out.len() >= m * n, "fp8 matmul: out too small");
+    assert!(
+        family.supported(),
+        "fp8 matmul: this CPU cannot run the {} kernels",
+        family.name()
+    );
+    let (br, bc) = w.block;
+    let col_blocks = k.div_ceil(bc);
+    blocks::run(m, n, k, 1, PANEL, parallel, out, |i0, im, j0, jn, block| {
+        // This task's rows of x, block of columns by block of columns, each contiguous.
+        let x = &x[i0 * k..(i0 + im) * k];
+        let mut by_block = Vec::with_capacity(im * k);
+        for cb in 0..col_blocks {
+            let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
+            for row in x.chunks_exact(k) {
+                by_block.extend_from_slice(&row[c0..c1]);
+            }
+        }
+        let mut wide = vec![0u16; bc * PANEL];
+        let mut part = vec![0.0f32; im * PANEL];
+        for_panels(j0, jn, |p, col, cols| {
+            let out = block.offset(0, col);
+            let scales = &w.scales[(p * PANEL / br) * col_blocks..][..col_blocks];
+            let codes = w.panel(p);
+            for (cb, &scale) in scales.iter().enumerate() {
+                let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
+                let width = c1 - c0;
+                let pairs = width.div_ceil(2);
+                let block_codes = &codes[c0 * PANEL..(c0 / 2 + pairs) * 2 * PANEL];
+                widen(block_codes, &mut wide[..block_codes.len()]);
+                // SAFETY: `by_block` holds the block's im rows of `width` values from im · c0
+                // on, `wide` its `pairs` pairs of PANEL rows, and `part` im rows of PANEL
+                // values, this closure's own; this CPU runs the family (asserted above).
+                unsafe {
+                    panel_product(
+                        family,
+                        &by_block[im * c0..im * c1],
+                        im,
+                        width,
+                        &wide,
+                        Block::new(&mut part, PANEL),
+                        cols,
+                    );
+                }
+                for (r, sums) in part.chunks_exact(PANEL).enumerate() {
+                    for (j, &v) in sums[..cols].iter().enumerate() {
+                        // SAFETY: row r < im and column j < cols of `out`, which blocks::run
+                        // lends this task alone.
+                        unsafe {
+                            let o = out.ptr().add(r * out.stride() + j);
+                            *o = if cb == 0 { scale * v } else { *o + scale * v };
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// The bf16 bits of `codes` into `out` (as long).
+fn widen(codes: &[u8], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the slices are as long as each other.
+        unsafe { widen_avx2(codes, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("ssse3") {
+        // SAFETY: SSSE3 is present; the slices are as long as each other.
+        unsafe { widen_ssse3(codes, out) };
+        return;
+    }
+    for (w, &c) in out.iter_mut().zip(codes) {
+        *w = BF16_OF_E4M3FN[usize::from(c)];
+    }
+}
+
+/// [`widen`], 16 codes at a time, each code's two bf16 bytes computed apart: for a normal
+/// code (exponent e > 0, mantissa m) the high byte is `0x3C + (code & 0x7f) >> 4` (e + 120
+/// over the top bit of m) and the low byte `m << 4` with e's low bit; subnormal codes (e = 0)
+/// and NaN take theirs from 8-entry tables; the sign goes onto the high byte.
+///
+/// # Safety
+/// SSSE3; `out.len() == codes.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn widen_ssse3(codes: &[u8], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(codes.len(), out.len());
+    let chunks = codes.len() / 16;
+    // SAFETY: chunk i reads codes 16 i..16 i + 16 and writes out 16 i..16 i + 16, in bounds
+    // for i < chunks; the tail goes through the table.
+    unsafe {
+        let byte = |v: u8| _mm_set1_epi8(v as i8);
+        // By mantissa, for exponent 0: man · 2^-9 in bf16.
+        let sub_hi = _mm_setr_epi8(
+            0, 0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0,
+        );
+        let sub_lo = _mm_setr_epi8(
+            0,
+            0,
+            0x80u8 as i8,
+            0xC0u8 as i8,
+            0,
+            0x20,
+            0x40,
+            0x60,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        );
+        for i in 0..chunks {
+            let c = _mm_loadu_si128(codes.as_ptr().add(16 * i) as *const __m128i);
+            let mag = _mm_and_si128(c, byte(0x7f));
+            let man = _mm_and_si128(c, byte(0x07));
+            let hi = _mm_add_epi8(
+                _mm_and_si128(_mm_srli_epi16(mag, 4), byte(0x0f)),
+                byte(0x3C),
+            );
+            let lo = _mm_and_si128(_mm_slli_epi16(mag, 4), byte(0xf0));
+            let subnormal = _mm_cmpeq_epi8(_mm_and_si128(c, byte(0x78)), _mm_setzero_si128());
+            let nan = _mm_cmpeq_epi8(mag, byte(0x7f));
+            let pick = |mask, a, b| _mm_or_si128(_mm_and_si128(mask, b), _mm_andnot_si128(mask, a));
+            let hi = pick(subnormal, hi, _mm_shuffle_epi8(sub_hi, man));
+            let lo = pick(subnormal, lo, _mm_shuffle_epi8(sub_lo, man));
+            let hi = _mm_or_si128(pick(nan, hi, byte(0x7f)), _mm_and_si128(c, byte(0x80)));
+            let lo = pick(nan, lo, byte(0xC0));
+            let o = out.as_mut_ptr().add(16 * i) as *mut __m128i;
+            _mm_storeu_si128(o, _mm_unpacklo_epi8(lo, hi));
+            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi8(lo, hi));
+        }
+    }
+    for (w, &c) in out[chunks * 16..].iter_mut().zip(&codes[chunks * 16..]) {
+        *w = BF16_OF_E4M3FN[usize::from(c)];
+    }
+}
+
+/// [`widen_ssse3`] on 32 codes at a time.
+///
+/// # Safety
+/// AVX2; `out.len() == codes.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2(codes: &[u8], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(codes.len(), out.len());
+    let chunks = codes.len() / 32;
+    // SAFETY: chunk i reads codes 32 i..32 i + 32 and writes out 32 i..32 i + 32, in bounds
+    // for i < chunks; the rest goes through the SSSE3 version (AVX2 implies SSSE3).
+    unsafe {
+        let byte = |v: u8| _mm256_set1_epi8(v as i8);
+        // The tables of widen_ssse3, in both 128-bit lanes (vpshufb looks up within a lane).
+        let sub_hi = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+            0, 0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0,
+        ));
+        let sub_lo = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+            0,
+            0,
+            0x80u8 as i8,
+            0xC0u8 as i8,
+            0,
+            0x20,
+            0x40,
+            0x60,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ));
+        for i in 0..chunks {
+            let c = _mm256_loadu_si256(codes.as_ptr().add(32 * i) as *const __m256i);
+            let mag = _mm256_and_si256(c, byte(0x7f));
+            let man = _mm256_and_si256(c, byte(0x07));
+            let hi = _mm256_add_epi8(
+                _mm256_and_si256(_mm256_srli_epi16(mag, 4), byte(0x0f)),
+                byte(0x3C),
+            );
+            let lo = _mm256_and_si256(_mm256_slli_epi16(mag, 4), byte(0xf0));
+            let subnormal =
+                _mm256_cmpeq_epi8(_mm256_and_si256(c, byte(0x78)), _mm256_setzero_si256());
+            let nan = _mm256_cmpeq_epi8(mag, byte(0x7f));
+            let hi = _mm256_blendv_epi8(hi, _mm256_shuffle_epi8(sub_hi, man), subnormal);
+            let lo = _mm256_blendv_epi8(lo, _mm256_shuffle_epi8(sub_lo, man), subnormal);
+            let hi = _mm256_or_si256(
+                _mm256_blendv_epi8(hi, byte(0x7f), nan),
+                _mm256_and_si256(c, byte(0x80)),
+            );
+            let lo = _mm256_blendv_epi8(lo, byte(0xC0), nan);
+            // Per lane: codes 0-7 and 16-23, then 8-15 and 24-31; put them in order.
+            let (first, second) = (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi));
+            let o = out.as_mut_ptr().add(32 * i) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(first, second));
+            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(first, second));
+        }
+        widen_ssse3(&codes[chunks * 32..], &mut out[chunks * 32..]);
+    }
+}
+
+/// The bf16 bits of every E4M3FN code: exact, since bf16 has E4M3FN's exponents and more
+/// mantissa bits (NaN codes give a NaN).
+static BF16_OF_E4M3FN: [u16; 256] = bf16_table();
+
+const fn bf16_table() -> [u16; 256] {
+    let mut table = [0u16; 256];
+    let mut code = 0;
+    while code < 256 {
+        let (exp, man) = ((code >> 3) & 15, code & 7);
+        let magnitude: u16 = if exp == 15 && man == 7 {
+            0x7fc0
+        } else if exp == 0 {
+            // man / 8 · 2^-6 = man · 2^-9: normalised, 2^(e - 9) · (man / 2^e) for man's top bit e.
+            match man {
+                0 => 0,
+                1 => 118 << 7,
+                2 | 3 => (119 << 7) | (((man as u16) & 1) << 6),
+                _ => (120 << 7) | (((man as u16) & 3) << 5),
+            }
+        } else {
+            // 2^(exp - 7) · (1 + man / 8): bf16 exponent exp - 7 + 127, mantissa man at the top.
+            ((exp as u16 + 120) << 7) | ((man as u16) << 4)
+        };
+        table[code] = magnitude | if code & 128 != 0 { 0x8000 } else { 0 };
+        code += 1;
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::bf16_to_f32;
+
+    #[test]
+    fn the_bf16_table_holds_every_code_exactly() {
+        for code in 0..=255u8 {
+            let (exp, man) = (i32::from((code >> 3) & 15), f32::from(code & 7));
+            let magnitude = match (exp, man) {
+                (15, 7.0) => f32::NAN,
+                (0, _) => man / 8.0 * 2f32.powi(-6),
+                _ => (1.0 + man / 8.0) * 2f32.powi(exp - 7),
+            };
+            let want = if code & 128 != 0 {
+                -magnitude
+            } else {
+                magnitude
+            };
+            let got = bf16_to_f32(BF16_OF_E4M3FN[usize::from(code)]);
+            assert!(
+                got == want || (got.is_nan() && want.is_nan()),
+                "code {code:#04x}: {got} against {want}"
+            );
+        }
+    }
+
+    /// The packed product equals the product with the dequantised weight, for shapes with
+    /// partial blocks and panels, odd columns, and each kernel family this CPU has.
+    #[test]
+    fn the_product_follows_the_dequantised_weight() {
+        let (rows, cols, block) = (200usize, 301usize, (64usize, 128usize));
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|i| (i * 37 % 0x77) as u8 | (((i / 3) & 1) << 7) as u8)
+            .collect();
+        let scale_count = rows.div_ceil(block.0) * cols.div_ceil(block.1);
+        let scales: Vec<f32> = (0..scale_count).map(|i| 0.01 * (i + 1) as f32).collect();
+        let w = Fp8Blocks {
+            rows,
+            cols,
+            codes,
+            scales,
+            block,
+        };
+        let dense = w.dequantize();
+        let packed = PackedFp8::pack(w).expect("blocks fit the panels");
+        for m in [1, 2, 5, 30] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0)
+                .collect();
+            let want: Vec<f32> = (0..m * rows)
+                .map(|i| {
+                    let (r, o) = (i / rows, i % rows);
+                    let xr = &x[r * cols..(r + 1) * cols];
+                    let wo = &dense[o * cols..(o + 1) * cols];
+                    xr.iter().zip(wo).map(|(a, b)| a * b).sum()
+                })
+                .collect();
+            for family in Family::supported_here() {
+                let mut out = vec![f32::NAN; m * rows];
+                matmul_with(family, &x, m, &packed, &mut out, true);
+                let worst = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-4, "{} m={m}: off by {worst}", family.name());
+            }
+        }
+    }
+
+    #[test]
+    fn widening_agrees_with_the_table_at_every_position() {
+        let codes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).chain(0..45).collect();
+        let mut out = vec![0u16; codes.len()];
+        widen(&codes, &mut out);
+        for (i, (&c, &w)) in codes.iter().zip(&out).enumerate() {
+            assert_eq!(w, BF16_OF_E4M3FN[usize::from(c)], "code {c:#04x} at {i}");
+        }
+    }
+
+    #[test]
+    fn blocks_that_split_a_panel_are_given_back() {
+        let w = Fp8Blocks {
+            rows: 2,
+            cols: 2,
+            codes: vec![0x38; 4],
+            scales: vec![1.0; 2],
+            block: (1, 2),
+        };
+        assert_eq!(PackedFp8::pack(w.clone()).err(), Some(w));
+    }
+}
