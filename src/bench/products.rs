@@ -1,7 +1,8 @@
 //! `moebius bench products`: the backend's products with a weight as the engine calls them
 //! (activations from the host and back), at the weight shapes and activation rows given, in the
 //! weight dtype given: the median time of each, its TFLOP/s, and the weight bytes it read per
-//! second. On a GPU this is what `scripts/gpu_check.sh` sets against cuBLAS' own peak measured
+//! second. Each run takes the next of enough copies of the weight (256 MiB in all) that it
+//! comes from memory, not from a cache, as in a decode step. On a GPU this is what `scripts/gpu_check.sh` sets against cuBLAS' own peak measured
 //! in the same run; on a CPU, what a kernel family reaches beside the bandwidth of
 //! `bench engine`.
 
@@ -51,6 +52,11 @@ enum WeightDtype {
     Fp8,
 }
 
+/// Bytes of weight copies a run cycles through: past a CPU's last-level cache and a GPU's L2.
+const COLD_BYTES: usize = 256 << 20;
+/// At most this many copies of one weight.
+const MAX_COPIES: usize = 64;
+
 /// FP8 block side, as DeepSeek-V3's checkpoints have it.
 const FP8_BLOCK: usize = 128;
 
@@ -67,16 +73,23 @@ pub fn run(args: ProductsArgs) -> Result<()> {
     let backend = AnyBackend::open(args.device, args.threads, false)?;
     let mut results = Vec::new();
     for &(out, inputs) in &shapes {
-        let w = weight(&backend, args.dtype, out, inputs);
-        let bytes = backend.matrix_bytes(&w);
+        // Copies enough to leave the caches between two runs on the same one, as a decode
+        // step's weights do: each run takes the next.
+        let first = weight(&backend, args.dtype, out, inputs);
+        let bytes = backend.matrix_bytes(&first);
+        let copies = COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, MAX_COPIES);
+        let weights: Vec<_> = std::iter::once(first)
+            .chain((1..copies).map(|_| weight(&backend, args.dtype, out, inputs)))
+            .collect();
         for &m in &args.rows {
             let x: Vec<f32> = (0..m * inputs).map(|i| value(i, 7)).collect();
             let mut y = vec![0.0f32; m * out];
-            backend.linear(&x, m, &w, &mut y);
+            backend.linear(&x, m, &weights[copies - 1], &mut y);
             let mut times: Vec<f64> = (0..args.repeats)
-                .map(|_| {
+                .map(|run| {
+                    let w = &weights[run % copies];
                     let t = Instant::now();
-                    backend.linear(&x, m, &w, &mut y);
+                    backend.linear(&x, m, w, &mut y);
                     std::hint::black_box(&y);
                     t.elapsed().as_secs_f64()
                 })
