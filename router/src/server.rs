@@ -102,6 +102,9 @@ pub async fn run(
         background_stop.clone(),
     ));
     let (reporter, health) = moebius_coordinator::health::health_service().await;
+    // Registered before the first request can come, so that a probe at start-up reads
+    // NOT_SERVING rather than "service not registered" until the task below first reports.
+    set_health(&reporter, ServingStatus::NotServing).await;
     let health_stop = shutdown.child_token();
     background.spawn(report_health(
         reporter,
