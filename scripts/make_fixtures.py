@@ -589,8 +589,10 @@ def run_fixtures(only):
 
 # --------------------------------------------------------------------------- bench model
 
-def bench_model(out_dir):
-    """Random DeepSeek-V3-shaped bf16 checkpoint (~1.6 GB), DeepSeek naming, 4 shards."""
+def bench_model(out_dir, fp8=False):
+    """Random DeepSeek-V3-shaped bf16 checkpoint (~1.6 GB), DeepSeek naming, 4 shards; with
+    `fp8`, its attention and MLP weights block-quantised to FP8 as DeepSeek-V3 is released
+    (E4M3FN and a float32 `weight_scale_inv` per 128x128 block)."""
     from safetensors.torch import save_file
 
     cfg = v3_cfg(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
@@ -600,6 +602,9 @@ def bench_model(out_dir):
                  n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5,
                  vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
                  rope_interleave=True, torch_dtype="bfloat16")
+    if fp8:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     # Shapes only; the values are cheap random numbers (std chosen like random_state_dict).
@@ -655,12 +660,25 @@ def bench_model(out_dir):
             cur, cur_b = [], 0
     if cur:
         shards.append(cur)
+    def stored(part):
+        """The tensors of a shard as written: FP8 targets as codes and scales when `fp8`."""
+        out = {}
+        for n in part:
+            t = make(n, shapes[n])
+            if fp8 and is_fp8_target(n, t):
+                out[n], out[n + "_scale_inv"] = fp8_quantize(t.float())
+            else:
+                out[n] = t
+        return {n: t.contiguous() for n, t in out.items()}
+
     weight_map = {}
+    total_bytes = 0
     for s, part in enumerate(shards):
         fn = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: make(n, shapes[n]).contiguous() for n in part}, os.path.join(out_dir, fn),
-                  metadata={"format": "pt"})
-        weight_map.update({n: fn for n in part})
+        tensors = stored(part)
+        save_file(tensors, os.path.join(out_dir, fn), metadata={"format": "pt"})
+        weight_map.update({n: fn for n in tensors})
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         print(f"wrote {fn} ({len(part)} tensors)")
     write_json(os.path.join(out_dir, "model.safetensors.index.json"),
                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
@@ -673,11 +691,13 @@ def bench_model(out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench-model", metavar="OUT_DIR", help="write the random benchmark checkpoint instead")
+    ap.add_argument("--fp8", action="store_true",
+                    help="with --bench-model: FP8 block-quantised weights, as DeepSeek-V3 is released")
     ap.add_argument("--only", nargs="*", help="fixture names to (re)create")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.bench_model:
-        bench_model(args.bench_model)
+        bench_model(args.bench_model, fp8=args.fp8)
     else:
         run_fixtures(set(args.only or []))
 

@@ -9,7 +9,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::packed::{self, PackedBf16};
+use super::packed::{self, PackedBf16, Weights};
 use super::packed_fp8::{self, PackedFp8};
 use super::{Backend, Product, View};
 use crate::checkpoint::Fp8Blocks;
@@ -248,8 +248,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear_grouped(&self, products: &mut [Product<'_, CpuMatrix>]) {
-        // Products of packed bf16 weights with f32 activations are one set of tasks; others
-        // (f32 weights, activations rounded to bf16) run one by one.
+        // Products of packed bf16 or FP8 weights with f32 activations are one set of tasks;
+        // others (f32 weights, activations rounded to bf16) run one by one.
         let mut grouped = Vec::with_capacity(products.len());
         let mut flops = 0usize;
         for p in products.iter_mut() {
@@ -259,7 +259,16 @@ impl Backend for CpuBackend {
                     grouped.push(packed::Product {
                         x: p.x,
                         m: p.m,
-                        w,
+                        w: Weights::Bf16(w),
+                        out: &mut *p.out,
+                    });
+                }
+                Storage::Fp8(w) => {
+                    flops += p.m * p.w.rows * p.w.cols;
+                    grouped.push(packed::Product {
+                        x: p.x,
+                        m: p.m,
+                        w: Weights::Fp8(w),
                         out: &mut *p.out,
                     });
                 }

@@ -24,6 +24,7 @@
 use super::bf16_to_f32;
 use super::blocks::Block;
 use super::kernels::{self, Family};
+use super::packed_fp8::{self, PackedFp8};
 
 /// Rows per panel: two 16-lane vectors.
 pub const PANEL: usize = 32;
@@ -118,14 +119,40 @@ pub fn matmul_with(
     out: &mut [f32],
     parallel: bool,
 ) {
+    let w = Weights::Bf16(w);
     matmul_grouped_with(family, &mut [Product { x, m, w, out }], parallel);
 }
 
-/// One of the products of [`matmul_grouped`]: `out[m, w.rows] = x[m, w.cols] · wᵀ`.
+/// The weights of a product: bf16 panels, or FP8 ones ([`super::packed_fp8`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    Bf16(&'a PackedBf16),
+    Fp8(&'a PackedFp8),
+}
+
+impl Weights<'_> {
+    /// `(rows, cols)`.
+    fn shape(self) -> (usize, usize) {
+        match self {
+            Weights::Bf16(w) => (w.rows, w.cols),
+            Weights::Fp8(w) => w.shape(),
+        }
+    }
+
+    /// Bytes of one value.
+    fn value_bytes(self) -> usize {
+        match self {
+            Weights::Bf16(_) => 2,
+            Weights::Fp8(_) => 1,
+        }
+    }
+}
+
+/// One of the products of [`matmul_grouped`]: `out[m, rows] = x[m, cols] · wᵀ`.
 pub struct Product<'a> {
     pub x: &'a [f32],
     pub m: usize,
-    pub w: &'a PackedBf16,
+    pub w: Weights<'a>,
     pub out: &'a mut [f32],
 }
 
@@ -142,32 +169,35 @@ pub fn matmul_grouped_with(family: Family, products: &mut [Product], parallel: b
         "packed matmul: this CPU cannot run the {} kernels",
         family.name()
     );
-    let inputs: Vec<(&[f32], &PackedBf16)> = products.iter().map(|p| (p.x, p.w)).collect();
+    let inputs: Vec<(&[f32], Weights)> = products.iter().map(|p| (p.x, p.w)).collect();
     let blocks: Vec<super::blocks::Product> = products
         .iter_mut()
         .map(|p| {
-            let (n, k) = (p.w.rows, p.w.cols);
+            let (n, k) = p.w.shape();
             assert!(p.x.len() >= p.m * k, "packed matmul: x too small");
             assert!(p.out.len() >= p.m * n, "packed matmul: out too small");
             super::blocks::Product {
                 m: p.m,
                 n,
                 k,
-                weight_bytes: 2,
+                weight_bytes: p.w.value_bytes(),
                 out: Block::new(p.out, n),
             }
         })
         .collect();
     super::blocks::run_grouped(&blocks, PANEL, parallel, |g, i0, im, j0, jn, block| {
         let (x, w) = inputs[g];
-        let k = w.cols;
+        let k = w.shape().1;
         let x = &x[i0 * k..(i0 + im) * k];
-        for_panels(j0, jn, |p, col, cols| {
-            // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32 rows;
-            // `out` has im rows of `cols` values that belong to this task alone (blocks::run);
-            // the family's instructions are present (asserted above).
-            unsafe { panel_product(family, x, im, k, w.panel(p), block.offset(0, col), cols) };
-        });
+        match w {
+            Weights::Bf16(w) => for_panels(j0, jn, |p, col, cols| {
+                // SAFETY: `x` holds im rows of k values and the panel `pairs` pairs of 32
+                // rows; `out` has im rows of `cols` values that belong to this task alone
+                // (blocks::run); the family's instructions are present (asserted above).
+                unsafe { panel_product(family, x, im, k, w.panel(p), block.offset(0, col), cols) };
+            }),
+            Weights::Fp8(w) => packed_fp8::task(family, x, im, w, j0, jn, block),
+        }
     });
 }
 
@@ -965,7 +995,8 @@ mod tests {
 
     #[test]
     fn grouped_products_equal_the_products_one_by_one_in_every_family() {
-        // Decode-sized and prefill-sized products of different shapes in one group.
+        // Decode-sized and prefill-sized products of different shapes and weights (bf16, FP8)
+        // in one group.
         let shapes = [
             (1, 256, 64),
             (1, 64, 256),
@@ -973,13 +1004,34 @@ mod tests {
             (12, 130, 1024),
             (61, 20, 257),
         ];
-        let made: Vec<(Vec<f32>, PackedBf16)> = shapes
+        // Every other weight FP8 (codes from the bf16 bits' low byte, NaN codes avoided).
+        let made: Vec<(Vec<f32>, Result<PackedBf16, PackedFp8>)> = shapes
             .iter()
-            .map(|&(m, n, k)| {
+            .enumerate()
+            .map(|(i, &(m, n, k))| {
                 let (x, bits) = inputs(m, n, k);
-                (x, PackedBf16::pack(n, k, &bits))
+                if i % 2 == 0 {
+                    return (x, Ok(PackedBf16::pack(n, k, &bits)));
+                }
+                let block = (64, 128);
+                let fp8 = crate::checkpoint::Fp8Blocks {
+                    rows: n,
+                    cols: k,
+                    codes: bits.iter().map(|&b| (b as u8) & 0xf7).collect(),
+                    scales: (0..n.div_ceil(block.0) * k.div_ceil(block.1))
+                        .map(|i| 0.5 + i as f32)
+                        .collect(),
+                    block,
+                };
+                (x, Err(PackedFp8::pack(fp8).expect("blocks fit")))
             })
             .collect();
+        fn weights(w: &Result<PackedBf16, PackedFp8>) -> Weights<'_> {
+            match w {
+                Ok(w) => Weights::Bf16(w),
+                Err(w) => Weights::Fp8(w),
+            }
+        }
         for family in Family::supported_here() {
             for parallel in [false, true] {
                 let mut outs: Vec<Vec<f32>> = shapes
@@ -990,12 +1042,20 @@ mod tests {
                     .iter()
                     .zip(&shapes)
                     .zip(&mut outs)
-                    .map(|(((x, w), &(m, _, _)), out)| Product { x, m, w, out })
+                    .map(|(((x, w), &(m, _, _)), out)| Product {
+                        x,
+                        m,
+                        w: weights(w),
+                        out,
+                    })
                     .collect();
                 matmul_grouped_with(family, &mut products, parallel);
                 for (((x, w), &(m, n, k)), got) in made.iter().zip(&shapes).zip(&outs) {
                     let mut want = vec![f32::NAN; m * n];
-                    matmul_with(family, x, m, w, &mut want, false);
+                    match w {
+                        Ok(w) => matmul_with(family, x, m, w, &mut want, false),
+                        Err(w) => packed_fp8::matmul_with(family, x, m, w, &mut want, false),
+                    }
                     // Each output is one task's sum over k, whatever the blocks: bit for bit.
                     assert_eq!(got, &want, "{} {m}x{n}x{k}", family.name());
                 }

@@ -8,9 +8,11 @@
 //! s = s · Σ_c x_c · fp8(w_c)` over a block's columns, since one scale covers them. The panels
 //! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
 
-use super::blocks::{self, Block};
+use super::blocks::Block;
 use super::kernels::{self, Family};
-use super::packed::{for_panels, pack_panels, panel_product, PANEL};
+use super::packed::{
+    for_panels, matmul_grouped_with, pack_panels, panel_product, Product, Weights, PANEL,
+};
 use crate::checkpoint::Fp8Blocks;
 
 /// An FP8 matrix in panels, with its block scales.
@@ -72,64 +74,70 @@ pub fn matmul_with(
     out: &mut [f32],
     parallel: bool,
 ) {
-    let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k, "fp8 matmul: x too small");
-    assert!(out.len() >= m * n, "fp8 matmul: out too small");
-    assert!(
-        family.supported(),
-        "fp8 matmul: this CPU cannot run the {} kernels",
-        family.name()
-    );
+    let w = Weights::Fp8(w);
+    matmul_grouped_with(family, &mut [Product { x, m, w, out }], parallel);
+}
+
+/// One task of a product (see [`super::blocks::run_grouped`]): `im` rows of `x` against the
+/// output columns `j0..j0 + jn` of `w`, into `block`. The family's instructions must be
+/// present.
+pub(super) fn task(
+    family: Family,
+    x: &[f32],
+    im: usize,
+    w: &PackedFp8,
+    j0: usize,
+    jn: usize,
+    block: Block,
+) {
+    let k = w.cols;
     let (br, bc) = w.block;
     let col_blocks = k.div_ceil(bc);
-    blocks::run(m, n, k, 1, PANEL, parallel, out, |i0, im, j0, jn, block| {
-        // This task's rows of x, block of columns by block of columns, each contiguous.
-        let x = &x[i0 * k..(i0 + im) * k];
-        let mut by_block = Vec::with_capacity(im * k);
-        for cb in 0..col_blocks {
-            let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
-            for row in x.chunks_exact(k) {
-                by_block.extend_from_slice(&row[c0..c1]);
-            }
+    // The rows of x, block of columns by block of columns, each contiguous.
+    let mut by_block = Vec::with_capacity(im * k);
+    for cb in 0..col_blocks {
+        let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
+        for row in x.chunks_exact(k).take(im) {
+            by_block.extend_from_slice(&row[c0..c1]);
         }
-        let mut wide = vec![0u16; bc * PANEL];
-        let mut part = vec![0.0f32; im * PANEL];
-        for_panels(j0, jn, |p, col, cols| {
-            let out = block.offset(0, col);
-            let scales = &w.scales[(p * PANEL / br) * col_blocks..][..col_blocks];
-            let codes = w.panel(p);
-            for (cb, &scale) in scales.iter().enumerate() {
-                let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
-                let width = c1 - c0;
-                let pairs = width.div_ceil(2);
-                let block_codes = &codes[c0 * PANEL..(c0 / 2 + pairs) * 2 * PANEL];
-                widen(block_codes, &mut wide[..block_codes.len()]);
-                // SAFETY: `by_block` holds the block's im rows of `width` values from im · c0
-                // on, `wide` its `pairs` pairs of PANEL rows, and `part` im rows of PANEL
-                // values, this closure's own; this CPU runs the family (asserted above).
-                unsafe {
-                    panel_product(
-                        family,
-                        &by_block[im * c0..im * c1],
-                        im,
-                        width,
-                        &wide,
-                        Block::new(&mut part, PANEL),
-                        cols,
-                    );
-                }
-                for (r, sums) in part.chunks_exact(PANEL).enumerate() {
-                    for (j, &v) in sums[..cols].iter().enumerate() {
-                        // SAFETY: row r < im and column j < cols of `out`, which blocks::run
-                        // lends this task alone.
-                        unsafe {
-                            let o = out.ptr().add(r * out.stride() + j);
-                            *o = if cb == 0 { scale * v } else { *o + scale * v };
-                        }
+    }
+    let mut wide = vec![0u16; bc * PANEL];
+    let mut part = vec![0.0f32; im * PANEL];
+    for_panels(j0, jn, |p, col, cols| {
+        let out = block.offset(0, col);
+        let scales = &w.scales[(p * PANEL / br) * col_blocks..][..col_blocks];
+        let codes = w.panel(p);
+        for (cb, &scale) in scales.iter().enumerate() {
+            let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
+            let width = c1 - c0;
+            let pairs = width.div_ceil(2);
+            let block_codes = &codes[c0 * PANEL..(c0 / 2 + pairs) * 2 * PANEL];
+            widen(block_codes, &mut wide[..block_codes.len()]);
+            // SAFETY: `by_block` holds the block's im rows of `width` values from im · c0 on,
+            // `wide` its `pairs` pairs of PANEL rows, and `part` im rows of PANEL values, this
+            // closure's own; the caller vouches for the family.
+            unsafe {
+                panel_product(
+                    family,
+                    &by_block[im * c0..im * c1],
+                    im,
+                    width,
+                    &wide,
+                    Block::new(&mut part, PANEL),
+                    cols,
+                );
+            }
+            for (r, sums) in part.chunks_exact(PANEL).enumerate() {
+                for (j, &v) in sums[..cols].iter().enumerate() {
+                    // SAFETY: row r < im and column j < cols of `out`, which the task's caller
+                    // lends it alone.
+                    unsafe {
+                        let o = out.ptr().add(r * out.stride() + j);
+                        *o = if cb == 0 { scale * v } else { *o + scale * v };
                     }
                 }
             }
-        });
+        }
     });
 }
 
