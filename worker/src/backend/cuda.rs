@@ -180,28 +180,20 @@ impl CudaBackend {
                 let shape = Shape { n, m, k };
                 let y = yp + (y_at * 4) as u64;
                 let (x_f32, x_bf16) = (wide_p + (x_at * 4) as u64, bf16_p + (x_at * 2) as u64);
+                let product = |w: CUdeviceptr, dtype, x: CUdeviceptr| {
+                    // SAFETY: every caller passes `w` with the n × k weights of `dtype`, and
+                    // `x` with m × k activations of it; `y` has m × n f32 outputs; all on this
+                    // stream.
+                    unsafe { gemm(&blas, shape, dtype, w, x, y) }
+                };
                 match &p.w.data {
                     DeviceWeights::F32(wd) => {
                         let (wp, _w) = wd.device_ptr(&self.stream);
-                        // SAFETY: the weight holds n × k values, the activations m × k from
-                        // x_f32 on, the output m × n from y; all f32 on this stream.
-                        unsafe {
-                            gemm(&blas, shape, sys::cudaDataType_t::CUDA_R_32F, wp, x_f32, y)
-                        }?;
+                        product(wp, sys::cudaDataType_t::CUDA_R_32F, x_f32)?;
                     }
                     DeviceWeights::Bf16(wd) => {
                         let (wp, _w) = wd.device_ptr(&self.stream);
-                        // SAFETY: as above, with bf16 weights and activations.
-                        unsafe {
-                            gemm(
-                                &blas,
-                                shape,
-                                sys::cudaDataType_t::CUDA_R_16BF,
-                                wp,
-                                x_bf16,
-                                y,
-                            )
-                        }?;
+                        product(wp, sys::cudaDataType_t::CUDA_R_16BF, x_bf16)?;
                     }
                     DeviceWeights::Fp8 {
                         codes,
@@ -217,17 +209,7 @@ impl CudaBackend {
                     } => {
                         let wide = self.fp8_to_bf16((n, k), (codes, scales, *block))?;
                         let (wp, reading) = wide.device_ptr(&self.stream);
-                        // SAFETY: as for bf16 weights: `wide` holds the n × k of them.
-                        unsafe {
-                            gemm(
-                                &blas,
-                                shape,
-                                sys::cudaDataType_t::CUDA_R_16BF,
-                                wp,
-                                x_bf16,
-                                y,
-                            )
-                        }?;
+                        product(wp, sys::cudaDataType_t::CUDA_R_16BF, x_bf16)?;
                         drop(reading);
                         scratch.push(wide);
                     }

@@ -143,103 +143,39 @@ pub(super) fn task(
 
 /// The bf16 bits of `codes` into `out` (as long).
 fn widen(codes: &[u8], out: &mut [u16]) {
+    #[allow(unused_mut)] // only x86-64 has a vector version
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present; the slices are as long as each other.
-        unsafe { widen_avx2(codes, out) };
-        return;
+        done = unsafe { widen_avx2(codes, out) };
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("ssse3") {
-        // SAFETY: SSSE3 is present; the slices are as long as each other.
-        unsafe { widen_ssse3(codes, out) };
-        return;
-    }
-    for (w, &c) in out.iter_mut().zip(codes) {
+    for (w, &c) in out[done..].iter_mut().zip(&codes[done..]) {
         *w = BF16_OF_E4M3FN[usize::from(c)];
     }
 }
 
-/// [`widen`], 16 codes at a time, each code's two bf16 bytes computed apart: for a normal
+/// [`widen`], 32 codes at a time, each code's two bf16 bytes computed apart: for a normal
 /// code (exponent e > 0, mantissa m) the high byte is `0x3C + (code & 0x7f) >> 4` (e + 120
 /// over the top bit of m) and the low byte `m << 4` with e's low bit; subnormal codes (e = 0)
 /// and NaN take theirs from 8-entry tables; the sign goes onto the high byte.
 ///
-/// # Safety
-/// SSSE3; `out.len() == codes.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "ssse3")]
-unsafe fn widen_ssse3(codes: &[u8], out: &mut [u16]) {
-    use std::arch::x86_64::*;
-    debug_assert_eq!(codes.len(), out.len());
-    let chunks = codes.len() / 16;
-    // SAFETY: chunk i reads codes 16 i..16 i + 16 and writes out 16 i..16 i + 16, in bounds
-    // for i < chunks; the tail goes through the table.
-    unsafe {
-        let byte = |v: u8| _mm_set1_epi8(v as i8);
-        // By mantissa, for exponent 0: man · 2^-9 in bf16.
-        let sub_hi = _mm_setr_epi8(
-            0, 0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0,
-        );
-        let sub_lo = _mm_setr_epi8(
-            0,
-            0,
-            0x80u8 as i8,
-            0xC0u8 as i8,
-            0,
-            0x20,
-            0x40,
-            0x60,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        );
-        for i in 0..chunks {
-            let c = _mm_loadu_si128(codes.as_ptr().add(16 * i) as *const __m128i);
-            let mag = _mm_and_si128(c, byte(0x7f));
-            let man = _mm_and_si128(c, byte(0x07));
-            let hi = _mm_add_epi8(
-                _mm_and_si128(_mm_srli_epi16(mag, 4), byte(0x0f)),
-                byte(0x3C),
-            );
-            let lo = _mm_and_si128(_mm_slli_epi16(mag, 4), byte(0xf0));
-            let subnormal = _mm_cmpeq_epi8(_mm_and_si128(c, byte(0x78)), _mm_setzero_si128());
-            let nan = _mm_cmpeq_epi8(mag, byte(0x7f));
-            let pick = |mask, a, b| _mm_or_si128(_mm_and_si128(mask, b), _mm_andnot_si128(mask, a));
-            let hi = pick(subnormal, hi, _mm_shuffle_epi8(sub_hi, man));
-            let lo = pick(subnormal, lo, _mm_shuffle_epi8(sub_lo, man));
-            let hi = _mm_or_si128(pick(nan, hi, byte(0x7f)), _mm_and_si128(c, byte(0x80)));
-            let lo = pick(nan, lo, byte(0xC0));
-            let o = out.as_mut_ptr().add(16 * i) as *mut __m128i;
-            _mm_storeu_si128(o, _mm_unpacklo_epi8(lo, hi));
-            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi8(lo, hi));
-        }
-    }
-    for (w, &c) in out[chunks * 16..].iter_mut().zip(&codes[chunks * 16..]) {
-        *w = BF16_OF_E4M3FN[usize::from(c)];
-    }
-}
-
-/// [`widen_ssse3`] on 32 codes at a time.
+/// Returns how many codes it did: all but the last `len % 32`.
 ///
 /// # Safety
 /// AVX2; `out.len() == codes.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn widen_avx2(codes: &[u8], out: &mut [u16]) {
+unsafe fn widen_avx2(codes: &[u8], out: &mut [u16]) -> usize {
     use std::arch::x86_64::*;
     debug_assert_eq!(codes.len(), out.len());
     let chunks = codes.len() / 32;
     // SAFETY: chunk i reads codes 32 i..32 i + 32 and writes out 32 i..32 i + 32, in bounds
-    // for i < chunks; the rest goes through the SSSE3 version (AVX2 implies SSSE3).
+    // for i < chunks.
     unsafe {
         let byte = |v: u8| _mm256_set1_epi8(v as i8);
-        // The tables of widen_ssse3, in both 128-bit lanes (vpshufb looks up within a lane).
+        // By mantissa, for exponent 0: man · 2^-9 in bf16; in both 128-bit lanes (vpshufb
+        // looks up within a lane).
         let sub_hi = _mm256_broadcastsi128_si256(_mm_setr_epi8(
             0, 0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0,
         ));
@@ -286,8 +222,8 @@ unsafe fn widen_avx2(codes: &[u8], out: &mut [u16]) {
             _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(first, second));
             _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(first, second));
         }
-        widen_ssse3(&codes[chunks * 32..], &mut out[chunks * 32..]);
     }
+    chunks * 32
 }
 
 /// The bf16 bits of every E4M3FN code: exact, since bf16 has E4M3FN's exponents and more
