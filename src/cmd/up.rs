@@ -168,7 +168,6 @@ impl WorkerDevices {
     /// its own; entry `i` of a list.
     pub fn of(&self, i: usize) -> Device {
         match self.0.as_slice() {
-            [Device::Cpu] => Device::Cpu,
             [Device::Cuda(n)] => Device::Cuda(n + i),
             list => list[i.min(list.len() - 1)],
         }
@@ -201,13 +200,6 @@ impl std::str::FromStr for WorkerDevices {
             .map(str::parse)
             .collect::<std::result::Result<_, _>>()
             .map(Self)
-    }
-}
-
-impl std::fmt::Display for WorkerDevices {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.0.iter().map(Device::to_string).collect();
-        f.write_str(&names.join(","))
     }
 }
 

@@ -34,6 +34,11 @@ impl PackedFp8 {
         if br == 0 || bc == 0 || br % PANEL != 0 || bc % 2 != 0 {
             return Err(w);
         }
+        assert_eq!(
+            w.scales.len(),
+            w.rows.div_ceil(br) * w.cols.div_ceil(bc),
+            "fp8 weight: one scale per block"
+        );
         Ok(Self {
             rows: w.rows,
             cols: w.cols,
@@ -93,14 +98,20 @@ pub(super) fn task(
     let k = w.cols;
     let (br, bc) = w.block;
     let col_blocks = k.div_ceil(bc);
-    // The rows of x, block of columns by block of columns, each contiguous.
-    let mut by_block = Vec::with_capacity(im * k);
-    for cb in 0..col_blocks {
-        let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
-        for row in x.chunks_exact(k).take(im) {
-            by_block.extend_from_slice(&row[c0..c1]);
+    // The rows of x, block of columns by block of columns, each contiguous: x itself for one
+    // row (decode) or one block.
+    let by_block: std::borrow::Cow<[f32]> = if im == 1 || col_blocks == 1 {
+        std::borrow::Cow::Borrowed(&x[..im * k])
+    } else {
+        let mut by_block = Vec::with_capacity(im * k);
+        for cb in 0..col_blocks {
+            let (c0, c1) = (cb * bc, k.min((cb + 1) * bc));
+            for row in x.chunks_exact(k).take(im) {
+                by_block.extend_from_slice(&row[c0..c1]);
+            }
         }
-    }
+        std::borrow::Cow::Owned(by_block)
+    };
     let mut wide = vec![0u16; bc * PANEL];
     let mut part = vec![0.0f32; im * PANEL];
     for_panels(j0, jn, |p, col, cols| {
