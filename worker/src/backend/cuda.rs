@@ -24,7 +24,8 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::nvrtc::{Kernels, FP8_GEMV_ROWS, FP8_GEMV_THREADS};
+use super::grid::{self, Grid, FP8_GEMV_ROWS};
+use super::nvrtc::Kernels;
 use super::{Backend, CpuBackend, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
@@ -252,12 +253,7 @@ impl CudaBackend {
         let (br, bc) = (dim(block.0)?, dim(block.1)?);
         let (codes_p, _c) = codes.device_ptr(&self.stream);
         let (scales_p, _s) = scales.device_ptr(&self.stream);
-        let warps = FP8_GEMV_THREADS / 32;
-        let config = LaunchConfig {
-            grid_dim: (u32::try_from(n).unwrap_or(u32::MAX).div_ceil(warps), 1, 1),
-            block_dim: (FP8_GEMV_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = launch_config(grid::fp8_gemv(n));
         let mut launch = self.stream.launch_builder(&kernels.fp8_gemv);
         launch.arg(&codes_p).arg(&scales_p).arg(&x).arg(&y);
         launch.arg(&rows).arg(&cols).arg(&m).arg(&br).arg(&bc);
@@ -278,11 +274,7 @@ impl CudaBackend {
         let kernels = self.kernels()?;
         let (rows, cols) = (dim(n)?, dim(k)?);
         let (br, bc) = (dim(block.0)?, dim(block.1)?);
-        let config = LaunchConfig {
-            grid_dim: ((n * k).div_ceil(256).min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = launch_config(grid::elementwise(n * k));
         let mut launch = self.stream.launch_builder(&kernels.fp8_to_bf16);
         launch.arg(codes).arg(scales).arg(&mut wide);
         launch.arg(&rows).arg(&cols).arg(&br).arg(&bc);
@@ -298,6 +290,14 @@ impl CudaBackend {
         self.stream
             .clone_htod(data)
             .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal))
+    }
+}
+
+fn launch_config(grid: Grid) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid.blocks,
+        block_dim: grid.threads,
+        shared_mem_bytes: 0,
     }
 }
 

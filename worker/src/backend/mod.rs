@@ -12,6 +12,7 @@
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
 //! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS and, for FP8
 //!   weights, in `nvrtc`'s kernels (compiled at run time);
+//! - [`grid`]: the launch shape of each CUDA kernel;
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
@@ -21,6 +22,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod grid;
 pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;

@@ -1,0 +1,62 @@
+//! How the CUDA backend launches the kernels of `nvrtc.cu`: each kernel's grid and block
+//! shape. Not behind the `cuda` feature, so that the tests that run those kernels on the CPU
+//! (`tests/nvrtc_kernels.rs`) launch them exactly as the backend does.
+
+/// Activation rows `fp8_gemv` takes at once; more go through `fp8_to_bf16` and cuBLAS.
+pub const FP8_GEMV_ROWS: usize = 8;
+
+/// Threads of a `fp8_gemv` block: 8 warps, one weight row each.
+pub const FP8_GEMV_THREADS: u32 = 256;
+
+/// Threads of a block of the element-wise kernels, which loop over their values with the
+/// grid's stride.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// Most blocks of an element-wise launch: beyond it each thread takes more values.
+const ELEMENTWISE_BLOCKS: usize = 65_535;
+
+/// A launch's shape: blocks in the grid and threads in a block, as `(x, y, z)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: (u32, u32, u32),
+    pub threads: (u32, u32, u32),
+}
+
+/// `fp8_gemv` over a weight of `n` rows: one warp per row.
+pub fn fp8_gemv(n: usize) -> Grid {
+    let warps = (FP8_GEMV_THREADS / 32) as usize;
+    Grid {
+        blocks: (blocks(n.div_ceil(warps)), 1, 1),
+        threads: (FP8_GEMV_THREADS, 1, 1),
+    }
+}
+
+/// An element-wise kernel over `len` values, with a grid-stride loop.
+pub fn elementwise(len: usize) -> Grid {
+    let blocks = len
+        .div_ceil(ELEMENTWISE_THREADS as usize)
+        .clamp(1, ELEMENTWISE_BLOCKS);
+    Grid {
+        blocks: (blocks as u32, 1, 1),
+        threads: (ELEMENTWISE_THREADS, 1, 1),
+    }
+}
+
+fn blocks(n: usize) -> u32 {
+    u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_cover_their_work() {
+        assert_eq!(fp8_gemv(1).blocks, (1, 1, 1));
+        assert_eq!(fp8_gemv(8).blocks, (1, 1, 1));
+        assert_eq!(fp8_gemv(9).blocks, (2, 1, 1));
+        assert_eq!(elementwise(0).blocks, (1, 1, 1));
+        assert_eq!(elementwise(257).blocks, (2, 1, 1));
+        assert_eq!(elementwise(usize::MAX / 2).blocks, (65_535, 1, 1));
+    }
+}

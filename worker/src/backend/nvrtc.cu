@@ -1,0 +1,69 @@
+// The CUDA backend's kernels, compiled at run time by NVRTC (`nvrtc.rs`). The tests also
+// compile this file for the CPU (`tests/cuda_host/cuda_host.h`) and check every kernel there
+// against the CPU backend, so it includes nothing and uses only what that header provides.
+#define GEMV_ROWS 8
+
+// E4M3FN: a sign, 4 exponent bits (bias 7) and 3 mantissa bits; no infinities, and
+// S.1111.111 is NaN.
+__device__ __forceinline__ float e4m3fn(unsigned int code) {
+    unsigned int exp = (code >> 3) & 15u, man = code & 7u;
+    float v;
+    if (exp == 15u && man == 7u) {
+        v = __int_as_float(0x7fc00000);
+    } else if (exp == 0u) {
+        v = (float)man * 0.001953125f;  // man / 8 * 2^-6
+    } else {
+        v = __int_as_float(((exp + 120u) << 23) | (man << 20));  // 2^(exp - 7) * (1 + man / 8)
+    }
+    return (code & 128u) ? -v : v;
+}
+
+// y[i, row] = sum over c of x[i, c] * fp8(w[row, c]) * scales[row / br, c / bc], i < m <= 8.
+extern "C" __global__ void fp8_gemv(const unsigned char* __restrict__ w,
+                                    const float* __restrict__ scales,
+                                    const float* __restrict__ x, float* __restrict__ y,
+                                    int n, int k, int m, int br, int bc) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;  // the whole warp: the shuffles below need every lane
+    int scale_cols = (k + bc - 1) / bc;
+    const float* s = scales + (long long)(row / br) * scale_cols;
+    const unsigned char* wr = w + (long long)row * k;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int i = 0; i < GEMV_ROWS; i++) acc[i] = 0.0f;
+    for (int c = lane; c < k; c += 32) {
+        float v = e4m3fn(wr[c]) * s[c / bc];
+#pragma unroll
+        for (int i = 0; i < GEMV_ROWS; i++) {
+            if (i < m) acc[i] += v * x[(long long)i * k + c];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < GEMV_ROWS; i++) {
+        float a = acc[i];
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_down_sync(0xffffffffu, a, o);
+        if (lane == 0 && i < m) y[(long long)i * n + row] = a;
+    }
+}
+
+// out = bf16(fp8(w) * scales), rounded to nearest even, over a grid-stride loop.
+extern "C" __global__ void fp8_to_bf16(const unsigned char* __restrict__ w,
+                                       const float* __restrict__ scales,
+                                       unsigned short* __restrict__ out,
+                                       int rows, int cols, int br, int bc) {
+    long long total = (long long)rows * cols;
+    int scale_cols = (cols + bc - 1) / bc;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        int r = (int)(i / cols), c = (int)(i % cols);
+        float v = e4m3fn(w[i]) * scales[(long long)(r / br) * scale_cols + c / bc];
+        unsigned int bits = __float_as_uint(v);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) {
+            bits |= 0x00400000u;  // a NaN stays a NaN
+        } else {
+            bits += 0x7fffu + ((bits >> 16) & 1u);
+        }
+        out[i] = (unsigned short)(bits >> 16);
+    }
+}

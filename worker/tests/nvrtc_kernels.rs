@@ -1,0 +1,120 @@
+//! The CUDA backend's kernels (`src/backend/nvrtc.cu`), run on the CPU under `cuda_host.h`'s
+//! model of CUDA threads and checked against the CPU backend's functions. They show that each
+//! kernel computes the right values with the launch shape the backend uses ([`grid`]); they do
+//! not show that it runs on a GPU, which only `scripts/gpu_check.sh` on a GPU does.
+
+mod cuda_host;
+
+use cuda_host::{kernel_names, Args, HostKernels};
+use moebius_worker::backend::grid::{self, FP8_GEMV_ROWS};
+use moebius_worker::checkpoint::Fp8Blocks;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Every kernel of nvrtc.cu, each with a test below.
+const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16"];
+
+#[test]
+fn every_kernel_has_a_test() {
+    let source = include_str!("../src/backend/nvrtc.cu");
+    let names = kernel_names(source);
+    assert!(!names.is_empty(), "no kernels found in nvrtc.cu");
+    for name in &names {
+        assert!(
+            TESTED.contains(&name.as_str()),
+            "kernel {name} has no test here"
+        );
+    }
+    assert_eq!(names.len(), TESTED.len(), "{names:?} against {TESTED:?}");
+}
+
+/// A weight of `rows × cols` random finite codes, with blocks of `block` that the edges cut.
+fn fp8_weight(rng: &mut ChaCha8Rng, rows: usize, cols: usize, block: (usize, usize)) -> Fp8Blocks {
+    let codes = (0..rows * cols)
+        .map(|_| loop {
+            let code: u8 = rng.random();
+            if code & 0x7f != 0x7f {
+                break code; // not NaN
+            }
+        })
+        .collect();
+    let scale_count = rows.div_ceil(block.0) * cols.div_ceil(block.1);
+    let scales = (0..scale_count)
+        .map(|_| rng.random_range(0.001f32..0.01))
+        .collect();
+    Fp8Blocks {
+        rows,
+        cols,
+        codes,
+        scales,
+        block,
+    }
+}
+
+fn values(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+#[test]
+fn fp8_gemv_matches_the_dequantised_product() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    // 37 rows: a last block of 8 weight rows (warps) with 5 live; 50 columns in blocks of 8 and
+    // rows in blocks of 4, both cut at the edge; every row count the kernel takes.
+    let (n, k, block) = (37, 50, (4, 8));
+    let w = fp8_weight(&mut rng, n, k, block);
+    let dense = w.dequantize();
+    for m in [1, 3, FP8_GEMV_ROWS] {
+        let x = values(&mut rng, m * k);
+        let mut y = vec![f32::NAN; m * n];
+        let args = Args::default()
+            .arg(w.codes.as_ptr())
+            .arg(w.scales.as_ptr())
+            .arg(x.as_ptr())
+            .arg(y.as_mut_ptr())
+            .arg(n as i32)
+            .arg(k as i32)
+            .arg(m as i32)
+            .arg(block.0 as i32)
+            .arg(block.1 as i32);
+        // SAFETY: the buffers hold the n × k codes, their scale grid, m × k inputs and m × n
+        // outputs.
+        unsafe { HostKernels::get().launch("fp8_gemv", grid::fp8_gemv(n), args) };
+        for i in 0..m {
+            for r in 0..n {
+                let terms = (0..k).map(|c| f64::from(x[i * k + c]) * f64::from(dense[r * k + c]));
+                let want: f64 = terms.clone().sum();
+                let scale: f64 = terms.map(f64::abs).sum();
+                let got = f64::from(y[i * n + r]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                    "m={m} y[{i}, {r}] = {got}, want {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_to_bf16_rounds_the_dequantised_weight_to_nearest_even() {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let (n, k, block) = (19, 300, (8, 128));
+    let w = fp8_weight(&mut rng, n, k, block);
+    let mut out = vec![0u16; n * k];
+    let args = Args::default()
+        .arg(w.codes.as_ptr())
+        .arg(w.scales.as_ptr())
+        .arg(out.as_mut_ptr())
+        .arg(n as i32)
+        .arg(k as i32)
+        .arg(block.0 as i32)
+        .arg(block.1 as i32);
+    // SAFETY: the buffers hold the n × k codes, their scale grid and n × k outputs.
+    unsafe { HostKernels::get().launch("fp8_to_bf16", grid::elementwise(n * k), args) };
+    for (i, (&got, want)) in out.iter().zip(w.dequantize()).enumerate() {
+        assert_eq!(
+            got,
+            half::bf16::from_f32(want).to_bits(),
+            "value {i}: {want}"
+        );
+    }
+}
