@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real: etcd (the topology store), Prometheus (scrapes a
 # cluster), Chromium (loads the built-in dashboard), buildah (builds the container image), an
-# English word list (the demo model's text is checked against it) and Python's venv (for the
-# tests' Python packages, below).
+# English word list (the demo model's text is checked against it), Python's venv (for the
+# tests' Python packages, below) and a C++20 compiler (the GPU kernels run on the CPU in
+# worker/tests/nvrtc_kernels.rs).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
@@ -17,6 +18,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v buildah >/dev/null 2>&1 || missing+=(buildah)
 [ -f /usr/share/dict/words ] || missing+=(wamerican)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages) for the end-to-end tests"
   sudo_cmd=""

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Every kernel of nvrtc.cu, each with a test below.
-const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16"];
+const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16", "silu_mul"];
 
 #[test]
 fn every_kernel_has_a_test() {
@@ -115,6 +115,46 @@ fn fp8_to_bf16_rounds_the_dequantised_weight_to_nearest_even() {
             got,
             half::bf16::from_f32(want).to_bits(),
             "value {i}: {want}"
+        );
+    }
+}
+
+#[test]
+fn silu_mul_matches_the_cpu_into_f32_and_into_bf16() {
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let (rows, width) = (5, 300);
+    let gate_up: Vec<f32> = (0..rows * 2 * width)
+        .map(|_| rng.random_range(-8.0f32..8.0))
+        .collect();
+    let mut want = vec![0.0; rows * width];
+    moebius_worker::backend::silu_mul(&gate_up, width, &mut want);
+
+    let launch = |f32_out: *mut f32, bf16_out: *mut u16| {
+        let args = Args::default()
+            .arg(gate_up.as_ptr())
+            .arg(f32_out)
+            .arg(bf16_out)
+            .arg(rows as i32)
+            .arg(width as i32);
+        // SAFETY: gate_up holds rows × 2·width values and the output that is not null
+        // rows × width.
+        unsafe { HostKernels::get().launch("silu_mul", grid::elementwise(rows * width), args) };
+    };
+    let mut wide = vec![f32::NAN; rows * width];
+    launch(wide.as_mut_ptr(), std::ptr::null_mut());
+    for (i, (&got, &want)) in wide.iter().zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1e-6),
+            "value {i}: {got}, want {want}"
+        );
+    }
+    let mut narrow = vec![0u16; rows * width];
+    launch(std::ptr::null_mut(), narrow.as_mut_ptr());
+    for (i, (&got, &wide)) in narrow.iter().zip(&wide).enumerate() {
+        assert_eq!(
+            got,
+            half::bf16::from_f32(wide).to_bits(),
+            "value {i}: {wide}"
         );
     }
 }

@@ -15,7 +15,7 @@ const ACTIVATION_BYTES: usize = 256 << 10;
 
 /// Products of at most this many activation rows (decode) read each weight once: their weight
 /// blocks need not fit in L2, and fewer, longer blocks stream better.
-const STREAM_ROWS: usize = 2;
+pub(super) const STREAM_ROWS: usize = 2;
 
 /// Tasks per thread for such products, of equal weight bytes: enough that a thread that started
 /// late (woken for the product) or ran slower still finds work to steal near the end. Batch-1

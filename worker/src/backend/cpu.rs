@@ -9,9 +9,10 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::blocks::STREAM_ROWS;
 use super::packed::{self, PackedBf16, Weights};
 use super::packed_fp8::{self, PackedFp8};
-use super::{Backend, Product, View};
+use super::{mlp_by_products, silu_mul, Backend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 
 /// Products with fewer multiply-adds than this run on one thread. A decode step's products
@@ -277,6 +278,33 @@ impl Backend for CpuBackend {
         }
         let parallel = self.parallel(flops, 1, 1);
         packed::matmul_grouped(&mut grouped, parallel);
+    }
+
+    /// Decode-sized runs (at most [`STREAM_ROWS`] rows each) as two grouped products, each
+    /// balanced over the threads; prefill-sized ones each on one thread, where an expert with
+    /// many rows keeps its activations in L2, the largest first so that the last task to start
+    /// is a small one.
+    fn mlp_grouped(&self, runs: &mut [MlpRun<'_, CpuMatrix>]) {
+        if runs.iter().all(|r| r.m <= STREAM_ROWS) {
+            return mlp_by_products(self, runs);
+        }
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(runs[i].m));
+        let shared: &[MlpRun<'_, CpuMatrix>] = runs;
+        let outs = self.map_tasks(order.len(), |t| {
+            let r = &shared[order[t]];
+            let width = r.down.cols;
+            let mut gate_up = vec![0.0; r.m * 2 * width];
+            self.linear(r.x, r.m, r.gate_up, &mut gate_up);
+            let mut act = vec![0.0; r.m * width];
+            silu_mul(&gate_up, width, &mut act);
+            let mut out = vec![0.0; r.m * r.down.rows];
+            self.linear(&act, r.m, r.down, &mut out);
+            out
+        });
+        for (&i, out) in order.iter().zip(outs) {
+            runs[i].out[..out.len()].copy_from_slice(&out);
+        }
     }
 
     fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {

@@ -1,21 +1,23 @@
 //! The CUDA backend (feature `cuda`), first steps: weights live in GPU memory in their
 //! checkpoint precision (bf16 stays bf16, f32 stays f32, FP8 stays FP8) and every product with a
 //! weight runs on the GPU; activations cross to the GPU and back for each product, or for each
-//! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download), and
-//! the products of attention over the KV cache (activations by activations) run on the host's
-//! CPU backend.
+//! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download). A
+//! group of gated MLPs ([`Backend::mlp_grouped`], a MoE layer's experts) is one round trip too:
+//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. The products
+//! of attention over the KV cache (activations by activations) run on the host's CPU backend.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
-//! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver or device
-//! shows, as an [`Error::Device`] that names it.
+//! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
+//! cuBLAS or NVRTC shows, as an [`Error::Device`] that names it.
 //!
-//! bf16 weights multiply bf16 activations (rounded on the host) with f32 accumulation and f32
-//! output, as PyTorch's bf16 path does; f32 weights multiply f32 activations. Block-quantised
-//! FP8 weights stay FP8 with their scales: products of up to [`FP8_GEMV_ROWS`] rows (decode)
-//! read them at one byte a value in a kernel of this crate ([`super::nvrtc`]), in f32; larger
-//! ones dequantise the weight to bf16 on the GPU first and run as the bf16 weights do.
+//! bf16 weights multiply bf16 activations (rounded on the host, or by `silu_mul` on the GPU)
+//! with f32 accumulation and f32 output, as PyTorch's bf16 path does; f32 weights multiply f32
+//! activations. Block-quantised FP8 weights stay FP8 with their scales: products of up to
+//! [`FP8_GEMV_ROWS`] rows (decode) read them at one byte a value in a kernel of this crate
+//! ([`super::nvrtc`]), in f32; larger ones dequantise the weight to bf16 on the GPU first and run
+//! as the bf16 weights do.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::sys::CUdeviceptr;
@@ -26,7 +28,7 @@ use cudarc::driver::{
 
 use super::grid::{self, Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
-use super::{Backend, CpuBackend, Product, View};
+use super::{Backend, CpuBackend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
 
@@ -37,8 +39,8 @@ pub struct CudaBackend {
     blas: Arc<Mutex<CudaBlas>>,
     /// Attention over the caches, on the host.
     host: CpuBackend,
-    /// This crate's kernels, compiled when the first FP8 weight arrives.
-    kernels: OnceLock<std::result::Result<Kernels, String>>,
+    /// This crate's kernels, compiled by NVRTC when the backend opens.
+    kernels: Kernels,
     ordinal: usize,
 }
 
@@ -110,11 +112,12 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(|e| device_error("opening the GPU", e))?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
+        let kernels = Kernels::load(stream.context())?;
         Ok(Self {
             stream,
             blas: Arc::new(Mutex::new(blas)),
             host: CpuBackend::new(host_threads),
-            kernels: OnceLock::new(),
+            kernels,
             ordinal,
         })
     }
@@ -127,100 +130,34 @@ impl CudaBackend {
             .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
     }
 
-    /// This crate's kernels, compiled on first use.
-    fn kernels(&self) -> Result<&Kernels> {
-        self.kernels
-            .get_or_init(|| Kernels::load(self.stream.context()).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| Error::Device(e.clone()))
-    }
-
     /// `products` in order on the stream, with one upload of their activations (f32, and
     /// rounded to bf16 for the products that multiply bf16), their launches, one download and
     /// one wait: a MoE layer's experts or attention's heads cost one round trip, not one each.
     /// Errors are the driver's or cuBLAS'.
     fn try_linear_grouped(&self, products: &mut [Product<'_, CudaMatrix>]) -> Result<()> {
-        // Where each product's activations and outputs lie in the shared buffers.
-        let (mut wide_x, mut bf16_x) = (Vec::new(), Vec::new());
+        let mut inputs = Staged::default();
         let mut at = Vec::with_capacity(products.len());
         let mut outputs = 0;
         for p in products.iter() {
             let x = &p.x[..p.m * p.w.cols];
-            let x_at = if p.w.takes_bf16(p.m) {
-                bf16_x.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
-                bf16_x.len() - x.len()
-            } else {
-                wide_x.extend_from_slice(x);
-                wide_x.len() - x.len()
-            };
-            at.push((x_at, outputs));
+            at.push((inputs.push(x, p.w.takes_bf16(p.m)), outputs));
             outputs += p.m * p.w.rows;
         }
         if outputs == 0 {
             return Ok(());
         }
-        let wide_x = self.upload_activations(&wide_x)?;
-        let bf16_x = self.upload_activations(&bf16_x)?;
-        let mut y: CudaSlice<f32> = self.stream.alloc_zeros(outputs).map_err(driver)?;
-        // Dequantised FP8 weights, kept until the products that read them have run.
-        let mut scratch: Vec<CudaSlice<u16>> = Vec::new();
+        let inputs = inputs.upload(&self.stream)?;
+        let mut y = self.alloc::<f32>(outputs)?;
+        let mut run = Enqueued::default();
         {
             let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-            let (yp, _y) = y.device_ptr_mut(&self.stream);
-            let wide = wide_x.as_ref().map(|d| d.device_ptr(&self.stream));
-            let bf16 = bf16_x.as_ref().map(|d| d.device_ptr(&self.stream));
-            let (wide_p, bf16_p) = (
-                wide.as_ref().map_or(0, |d| d.0),
-                bf16.as_ref().map_or(0, |d| d.0),
-            );
+            let y_p = ptr_mut(&mut y, &self.stream);
             for (p, &(x_at, y_at)) in products.iter().zip(&at) {
-                let (n, k, m) = (p.w.rows, p.w.cols, p.m);
-                if m * n == 0 {
-                    continue;
-                }
-                let shape = Shape { n, m, k };
-                let y = yp + (y_at * 4) as u64;
-                let (x_f32, x_bf16) = (wide_p + (x_at * 4) as u64, bf16_p + (x_at * 2) as u64);
-                let product = |w: CUdeviceptr, dtype, x: CUdeviceptr| {
-                    // SAFETY: every caller passes `w` with the n × k weights of `dtype`, and
-                    // `x` with m × k activations of it; `y` has m × n f32 outputs; all on this
-                    // stream.
-                    unsafe { gemm(&blas, shape, dtype, w, x, y) }
-                };
-                match &p.w.data {
-                    DeviceWeights::F32(wd) => {
-                        let (wp, _w) = wd.device_ptr(&self.stream);
-                        product(wp, sys::cudaDataType_t::CUDA_R_32F, x_f32)?;
-                    }
-                    DeviceWeights::Bf16(wd) => {
-                        let (wp, _w) = wd.device_ptr(&self.stream);
-                        product(wp, sys::cudaDataType_t::CUDA_R_16BF, x_bf16)?;
-                    }
-                    DeviceWeights::Fp8 {
-                        codes,
-                        scales,
-                        block,
-                    } if m <= FP8_GEMV_ROWS => {
-                        self.fp8_gemv(shape, (codes, scales, *block), x_f32, y)?;
-                    }
-                    DeviceWeights::Fp8 {
-                        codes,
-                        scales,
-                        block,
-                    } => {
-                        let wide = self.fp8_to_bf16((n, k), (codes, scales, *block))?;
-                        let (wp, reading) = wide.device_ptr(&self.stream);
-                        product(wp, sys::cudaDataType_t::CUDA_R_16BF, x_bf16)?;
-                        drop(reading);
-                        scratch.push(wide);
-                    }
-                }
+                let x = inputs.at(&self.stream, x_at);
+                self.enqueue_product(&blas, &mut run, p.w, p.m, x, y_p + (y_at * 4) as u64)?;
             }
         }
-        let mut host = vec![0.0f32; outputs];
-        self.stream.memcpy_dtoh(&y, &mut host).map_err(driver)?;
-        self.stream.synchronize().map_err(driver)?;
-        drop(scratch);
+        let host = self.download(&y, outputs, run)?;
         for (p, &(_, y_at)) in products.iter_mut().zip(&at) {
             let len = p.m * p.w.rows;
             p.out[..len].copy_from_slice(&host[y_at..y_at + len]);
@@ -228,15 +165,164 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Activations on the GPU; `None` for none.
-    fn upload_activations<T: cudarc::driver::DeviceRepr>(
+    /// The MLPs of `runs` in one round trip: one upload of their inputs; for each run its
+    /// `gate_up` product, `silu_mul` into f32 or bf16 (whichever its `down` takes) and its
+    /// `down` product, with the intermediate activations left on the GPU; one download.
+    fn try_mlp_grouped(&self, runs: &mut [MlpRun<'_, CudaMatrix>]) -> Result<()> {
+        let mut inputs = Staged::default();
+        // Per run: its input, gate_up output, activation and output offsets.
+        let mut at = Vec::with_capacity(runs.len());
+        let (mut gate_ups, mut acts, mut acts_bf16, mut outputs) = (0, 0, 0, 0);
+        for r in runs.iter() {
+            let width = r.down.cols;
+            if r.gate_up.rows != 2 * width || r.gate_up.cols != r.down.rows {
+                return Err(Error::Device(format!(
+                    "an MLP of gate_up {}×{} and down {}×{width} does not chain",
+                    r.gate_up.rows, r.gate_up.cols, r.down.rows
+                )));
+            }
+            let x_at = inputs.push(&r.x[..r.m * r.gate_up.cols], r.gate_up.takes_bf16(r.m));
+            let act_at = if r.down.takes_bf16(r.m) {
+                acts_bf16 += r.m * width;
+                Staged::BF16 | (acts_bf16 - r.m * width)
+            } else {
+                acts += r.m * width;
+                acts - r.m * width
+            };
+            at.push((x_at, gate_ups, act_at, outputs));
+            gate_ups += r.m * 2 * width;
+            outputs += r.m * r.down.rows;
+        }
+        if outputs == 0 {
+            return Ok(());
+        }
+        let kernels = &self.kernels;
+        let inputs = inputs.upload(&self.stream)?;
+        let mut gate_up = self.alloc::<f32>(gate_ups)?;
+        let mut act = self.alloc::<f32>(acts)?;
+        let mut act_bf16 = self.alloc::<u16>(acts_bf16)?;
+        let mut y = self.alloc::<f32>(outputs)?;
+        let mut run = Enqueued::default();
+        {
+            let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+            let gate_up_p = ptr_mut(&mut gate_up, &self.stream);
+            let act_p = ptr_mut(&mut act, &self.stream);
+            let act_bf16_p = ptr_mut(&mut act_bf16, &self.stream);
+            let y_p = ptr_mut(&mut y, &self.stream);
+            for (r, &(x_at, gu_at, act_at, y_at)) in runs.iter().zip(&at) {
+                if r.m == 0 {
+                    continue;
+                }
+                let width = r.down.cols;
+                let x = inputs.at(&self.stream, x_at);
+                let gu = gate_up_p + (gu_at * 4) as u64;
+                self.enqueue_product(&blas, &mut run, r.gate_up, r.m, x, gu)?;
+                let (f32_out, bf16_out) = if act_at & Staged::BF16 != 0 {
+                    (0, act_bf16_p + ((act_at & !Staged::BF16) * 2) as u64)
+                } else {
+                    (act_p + (act_at * 4) as u64, 0)
+                };
+                let (rows, cols) = (dim(r.m)?, dim(width)?);
+                let mut launch = self.stream.launch_builder(&kernels.silu_mul);
+                launch
+                    .arg(&gu)
+                    .arg(&f32_out)
+                    .arg(&bf16_out)
+                    .arg(&rows)
+                    .arg(&cols);
+                // SAFETY: silu_mul(gate_up, out_f32, out_bf16, rows, width) reads rows × 2·width
+                // values at `gu` and writes rows × width values to the one output that is not
+                // null; this run's slices of the buffers hold them.
+                unsafe { launch.launch(launch_config(grid::elementwise(r.m * width))) }
+                    .map_err(driver)?;
+                let act = Activations {
+                    f32: f32_out,
+                    bf16: bf16_out,
+                };
+                let y = y_p + (y_at * 4) as u64;
+                self.enqueue_product(&blas, &mut run, r.down, r.m, act, y)?;
+            }
+        }
+        let host = self.download(&y, outputs, run)?;
+        for (r, &(_, _, _, y_at)) in runs.iter_mut().zip(&at) {
+            let len = r.m * r.down.rows;
+            r.out[..len].copy_from_slice(&host[y_at..y_at + len]);
+        }
+        Ok(())
+    }
+
+    /// Enqueues `y[m, n] = x[m, k] · wᵀ`, with `x` in f32 or bf16 as [`CudaMatrix::takes_bf16`]
+    /// says and `y` in f32; a dequantised FP8 weight it makes goes into `run`, to live until the
+    /// stream has run.
+    fn enqueue_product(
         &self,
-        x: &[T],
+        blas: &CudaBlas,
+        run: &mut Enqueued,
+        w: &CudaMatrix,
+        m: usize,
+        x: Activations,
+        y: CUdeviceptr,
+    ) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        if m * n == 0 {
+            return Ok(());
+        }
+        let shape = Shape { n, m, k };
+        let product = |w: CUdeviceptr, dtype, x: CUdeviceptr| {
+            // SAFETY: every caller passes `w` with the n × k weights of `dtype`, and `x` with
+            // m × k activations of it; `y` has m × n f32 outputs; all on this stream.
+            unsafe { gemm(blas, shape, dtype, w, x, y) }
+        };
+        match &w.data {
+            DeviceWeights::F32(wd) => {
+                let (wp, _w) = wd.device_ptr(&self.stream);
+                product(wp, sys::cudaDataType_t::CUDA_R_32F, x.f32)
+            }
+            DeviceWeights::Bf16(wd) => {
+                let (wp, _w) = wd.device_ptr(&self.stream);
+                product(wp, sys::cudaDataType_t::CUDA_R_16BF, x.bf16)
+            }
+            DeviceWeights::Fp8 {
+                codes,
+                scales,
+                block,
+            } if m <= FP8_GEMV_ROWS => self.fp8_gemv(shape, (codes, scales, *block), x.f32, y),
+            DeviceWeights::Fp8 {
+                codes,
+                scales,
+                block,
+            } => {
+                let wide = self.fp8_to_bf16((n, k), (codes, scales, *block))?;
+                let (wp, reading) = wide.device_ptr(&self.stream);
+                product(wp, sys::cudaDataType_t::CUDA_R_16BF, x.bf16)?;
+                drop(reading);
+                run.scratch.push(wide);
+                Ok(())
+            }
+        }
+    }
+
+    /// A new buffer of `len` values on the GPU; `None` for none.
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
     ) -> Result<Option<CudaSlice<T>>> {
-        if x.is_empty() {
+        if len == 0 {
             return Ok(None);
         }
-        self.stream.clone_htod(x).map(Some).map_err(driver)
+        self.stream.alloc_zeros(len).map(Some).map_err(driver)
+    }
+
+    /// Copies the first `len` values of `y` to the host once the stream has run everything
+    /// enqueued before, then lets `run`'s buffers go.
+    fn download(&self, y: &Option<CudaSlice<f32>>, len: usize, run: Enqueued) -> Result<Vec<f32>> {
+        let mut host = vec![0.0f32; len];
+        if let Some(y) = y {
+            self.stream.memcpy_dtoh(y, &mut host).map_err(driver)?;
+        }
+        self.stream.synchronize().map_err(driver)?;
+        drop(run);
+        Ok(host)
     }
 
     /// Enqueues `y[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`]
@@ -248,7 +334,7 @@ impl CudaBackend {
         x: CUdeviceptr,
         y: CUdeviceptr,
     ) -> Result<()> {
-        let kernels = self.kernels()?;
+        let kernels = &self.kernels;
         let (rows, cols, m) = (dim(n)?, dim(k)?, dim(m)?);
         let (br, bc) = (dim(block.0)?, dim(block.1)?);
         let (codes_p, _c) = codes.device_ptr(&self.stream);
@@ -271,7 +357,7 @@ impl CudaBackend {
         (codes, scales, block): (&CudaSlice<u8>, &CudaSlice<f32>, (usize, usize)),
     ) -> Result<CudaSlice<u16>> {
         let mut wide: CudaSlice<u16> = self.stream.alloc_zeros(n * k).map_err(driver)?;
-        let kernels = self.kernels()?;
+        let kernels = &self.kernels;
         let (rows, cols) = (dim(n)?, dim(k)?);
         let (br, bc) = (dim(block.0)?, dim(block.1)?);
         let config = launch_config(grid::elementwise(n * k));
@@ -304,6 +390,94 @@ fn launch_config(grid: Grid) -> LaunchConfig {
 /// A size as the kernels' and cuBLAS' `int`.
 fn dim(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")))
+}
+
+/// Activations on the host, gathered for one upload: f32 values, and bf16 bits for products
+/// that multiply bf16.
+#[derive(Default)]
+struct Staged {
+    wide: Vec<f32>,
+    bf16: Vec<u16>,
+}
+
+impl Staged {
+    /// Marks an offset into the bf16 buffer, where offsets of both buffers share one `usize`.
+    const BF16: usize = 1 << (usize::BITS - 1);
+
+    /// Appends `x`, rounded to bf16 when `bf16`; returns its offset (with [`Self::BF16`]).
+    fn push(&mut self, x: &[f32], bf16: bool) -> usize {
+        if bf16 {
+            self.bf16
+                .extend(x.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+            Self::BF16 | (self.bf16.len() - x.len())
+        } else {
+            self.wide.extend_from_slice(x);
+            self.wide.len() - x.len()
+        }
+    }
+
+    fn upload(self, stream: &Arc<CudaStream>) -> Result<Uploaded> {
+        Ok(Uploaded {
+            wide: upload_activations(stream, &self.wide)?,
+            bf16: upload_activations(stream, &self.bf16)?,
+        })
+    }
+}
+
+/// [`Staged`] activations on the GPU.
+struct Uploaded {
+    wide: Option<CudaSlice<f32>>,
+    bf16: Option<CudaSlice<u16>>,
+}
+
+impl Uploaded {
+    /// The activations at offset `at` of [`Staged::push`].
+    fn at(&self, stream: &Arc<CudaStream>, at: usize) -> Activations {
+        if at & Staged::BF16 != 0 {
+            let base = self.bf16.as_ref().map_or(0, |d| d.device_ptr(stream).0);
+            Activations {
+                f32: 0,
+                bf16: base + ((at & !Staged::BF16) * 2) as u64,
+            }
+        } else {
+            let base = self.wide.as_ref().map_or(0, |d| d.device_ptr(stream).0);
+            Activations {
+                f32: base + (at * 4) as u64,
+                bf16: 0,
+            }
+        }
+    }
+}
+
+/// A product's activations on the GPU: f32 or bf16, whichever its weight takes (the other is
+/// null).
+#[derive(Clone, Copy)]
+struct Activations {
+    f32: CUdeviceptr,
+    bf16: CUdeviceptr,
+}
+
+/// What the work enqueued on the stream needs until it has run.
+#[derive(Default)]
+struct Enqueued {
+    scratch: Vec<CudaSlice<u16>>,
+}
+
+/// Activations on the GPU; `None` for none.
+fn upload_activations<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    x: &[T],
+) -> Result<Option<CudaSlice<T>>> {
+    if x.is_empty() {
+        return Ok(None);
+    }
+    stream.clone_htod(x).map(Some).map_err(driver)
+}
+
+/// The device address of an optional buffer (0 for none), for writing. Everything runs on one
+/// stream, whose order is the only order the buffers need, so the access guard goes at once.
+fn ptr_mut<T>(buffer: &mut Option<CudaSlice<T>>, stream: &Arc<CudaStream>) -> CUdeviceptr {
+    buffer.as_mut().map_or(0, |d| d.device_ptr_mut(stream).0)
 }
 
 /// `n` weight rows, `m` activation rows, `k` values in each.
@@ -423,6 +597,16 @@ impl Backend for CudaBackend {
         if let Err(e) = self.try_linear_grouped(products) {
             // The trait has no error path: a GPU that fails mid-step stops the process with
             // the driver's reason rather than returning wrong numbers.
+            panic!("cuda:{}: {e}", self.ordinal);
+        }
+    }
+
+    fn mlp_grouped(&self, runs: &mut [MlpRun<'_, CudaMatrix>]) {
+        for r in runs.iter() {
+            assert!(r.x.len() >= r.m * r.gate_up.cols, "cuda mlp: x too small");
+            assert!(r.out.len() >= r.m * r.down.rows, "cuda mlp: out too small");
+        }
+        if let Err(e) = self.try_mlp_grouped(runs) {
             panic!("cuda:{}: {e}", self.ordinal);
         }
     }

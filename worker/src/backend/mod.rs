@@ -51,6 +51,17 @@ pub struct Product<'a, M> {
     pub out: &'a mut [f32],
 }
 
+/// One gated MLP of [`Backend::mlp_grouped`]: `out[m, hidden] = down(silu(gate) · up)` with
+/// `[gate | up] = x[m, hidden] · gate_upᵀ`; `gate_up` is `[2·width, hidden]` (gate rows above up
+/// rows) and `down` is `[hidden, width]`.
+pub struct MlpRun<'a, M> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub gate_up: &'a M,
+    pub down: &'a M,
+    pub out: &'a mut [f32],
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -96,6 +107,14 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
+    /// Gated MLPs without biases, each on its own rows: a MoE layer's experts and shared experts.
+    /// A backend may keep the intermediate activations where the products run; the default runs
+    /// every `gate_up` as one group, SiLU-and-multiply on the host, then every `down` as one
+    /// group ([`mlp_by_products`]).
+    fn mlp_grouped(&self, runs: &mut [MlpRun<'_, Self::Matrix>]) {
+        mlp_by_products(self, runs);
+    }
+
     /// `out[m, n] (row stride out_stride) = a[m, k] · b[n, k]ᵀ`, for attention over caches.
     fn matmul_nt(
         &self,
@@ -125,6 +144,47 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut [f32],
         out_stride: usize,
     );
+}
+
+/// [`Backend::mlp_grouped`] as two groups of products ([`Backend::linear_grouped`]) with
+/// SiLU-and-multiply between them on the host.
+pub fn mlp_by_products<B: Backend + ?Sized>(backend: &B, runs: &mut [MlpRun<'_, B::Matrix>]) {
+    let mut gate_up: Vec<Vec<f32>> = runs
+        .iter()
+        .map(|r| vec![0.0; r.m * backend.shape(r.gate_up).0])
+        .collect();
+    let mut products: Vec<Product<'_, B::Matrix>> = runs
+        .iter()
+        .zip(&mut gate_up)
+        .map(|(r, out)| Product {
+            x: r.x,
+            m: r.m,
+            w: r.gate_up,
+            out,
+        })
+        .collect();
+    backend.linear_grouped(&mut products);
+    let acts: Vec<Vec<f32>> = runs
+        .iter()
+        .zip(&gate_up)
+        .map(|(r, gate_up)| {
+            let width = backend.shape(r.down).1;
+            let mut act = vec![0.0; r.m * width];
+            silu_mul(gate_up, width, &mut act);
+            act
+        })
+        .collect();
+    let mut products: Vec<Product<'_, B::Matrix>> = runs
+        .iter_mut()
+        .zip(&acts)
+        .map(|(r, act)| Product {
+            x: act,
+            m: r.m,
+            w: r.down,
+            out: &mut *r.out,
+        })
+        .collect();
+    backend.linear_grouped(&mut products);
 }
 
 /// The f32 value of bf16 bits (exact: bf16 is the top half of an f32).

@@ -47,6 +47,17 @@ extern "C" __global__ void fp8_gemv(const unsigned char* __restrict__ w,
     }
 }
 
+// The bf16 bits of v, rounded to nearest even; a NaN stays a NaN.
+__device__ __forceinline__ unsigned short bf16_bits(float v) {
+    unsigned int bits = __float_as_uint(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        bits |= 0x00400000u;
+    } else {
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+    }
+    return (unsigned short)(bits >> 16);
+}
+
 // out = bf16(fp8(w) * scales), rounded to nearest even, over a grid-stride loop.
 extern "C" __global__ void fp8_to_bf16(const unsigned char* __restrict__ w,
                                        const float* __restrict__ scales,
@@ -57,13 +68,25 @@ extern "C" __global__ void fp8_to_bf16(const unsigned char* __restrict__ w,
     long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         int r = (int)(i / cols), c = (int)(i % cols);
-        float v = e4m3fn(w[i]) * scales[(long long)(r / br) * scale_cols + c / bc];
-        unsigned int bits = __float_as_uint(v);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) {
-            bits |= 0x00400000u;  // a NaN stays a NaN
+        out[i] = bf16_bits(e4m3fn(w[i]) * scales[(long long)(r / br) * scale_cols + c / bc]);
+    }
+}
+
+// For rows laid out [gate (width) | up (width)]: silu(gate) * up, rows × width values, into
+// out_f32 or, rounded, into out_bf16 (the other is null), over a grid-stride loop.
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up,
+                                    float* __restrict__ out_f32,
+                                    unsigned short* __restrict__ out_bf16, int rows, int width) {
+    long long total = (long long)rows * width;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        long long r = i / width, c = i % width;
+        float g = gate_up[r * 2 * width + c], u = gate_up[r * 2 * width + width + c];
+        float v = g / (1.0f + expf(-g)) * u;
+        if (out_bf16) {
+            out_bf16[i] = bf16_bits(v);
         } else {
-            bits += 0x7fffu + ((bits >> 16) & 1u);
+            out_f32[i] = v;
         }
-        out[i] = (unsigned short)(bits >> 16);
     }
 }

@@ -4,9 +4,11 @@
 //! - `fp8_gemv`: `y[m, n] = x[m, k] · wᵀ` for a few rows (decode), reading a block-quantised
 //!   FP8 E4M3FN weight at one byte a value and multiplying in f32: one warp per weight row;
 //! - `fp8_to_bf16`: the same weight dequantised to bf16, for cuBLAS' products of many rows
-//!   (prefill).
+//!   (prefill);
+//! - `silu_mul`: SiLU-and-multiply of an MLP's gate and up products, into the f32 or bf16
+//!   activations of its down product.
 //!
-//! Both dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
+//! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
 
 use std::sync::Arc;
@@ -22,6 +24,7 @@ const SOURCE: &str = include_str!("nvrtc.cu");
 pub struct Kernels {
     pub fp8_gemv: CudaFunction,
     pub fp8_to_bf16: CudaFunction,
+    pub silu_mul: CudaFunction,
 }
 
 impl Kernels {
@@ -38,6 +41,7 @@ impl Kernels {
         Ok(Self {
             fp8_gemv: function("fp8_gemv")?,
             fp8_to_bf16: function("fp8_to_bf16")?,
+            silu_mul: function("silu_mul")?,
         })
     }
 }
@@ -74,7 +78,7 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        for entry in ["fp8_gemv", "fp8_to_bf16"] {
+        for entry in ["fp8_gemv", "fp8_to_bf16", "silu_mul"] {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),
                 "no entry point {entry} in the PTX"

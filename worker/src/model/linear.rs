@@ -1,6 +1,6 @@
 //! Linear layers, the SwiGLU MLP, and the loader that reads them from a checkpoint.
 
-use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, Product};
+use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, MlpRun, Product};
 use crate::checkpoint::{Checkpoint, Fp8Blocks};
 use crate::error::Result;
 
@@ -87,36 +87,45 @@ impl<B: Backend> Mlp<B> {
 
     /// Runs the MLP on `m` rows of `x`, writing `m × hidden` values into `out`.
     pub fn forward(&self, backend: &B, x: &[f32], m: usize, out: &mut [f32]) {
-        let mut gate_up = vec![0.0; m * 2 * self.width];
-        self.gate_up.forward(backend, x, m, &mut gate_up);
-        let mut act = vec![0.0; m * self.width];
-        silu_mul(&gate_up, self.width, &mut act);
-        self.down.forward(backend, &act, m, out);
+        let hidden = self.down.out_features;
+        let outs = Self::forward_grouped(backend, &[(self, x, m)]);
+        out[..m * hidden].copy_from_slice(&outs[0]);
     }
 
-    /// Runs each MLP of `runs` on its own `m` rows of `x`, as two grouped products (every
-    /// `gate_up`, then every `down`): a MoE layer's experts with one fork each instead of one
-    /// per expert; returns each run's `m × hidden` values.
+    /// Runs each MLP of `runs` on its own `m` rows of `x`, as one [`Backend::mlp_grouped`]:
+    /// a MoE layer's experts with one fork (CPU) or one round trip (GPU) for all of them;
+    /// returns each run's `m × hidden` values.
     pub fn forward_grouped(backend: &B, runs: &[(&Self, &[f32], usize)]) -> Vec<Vec<f32>> {
-        let gate_up: Vec<(&Linear<B>, &[f32], usize)> = runs
+        let mut outs: Vec<Vec<f32>> = runs
             .iter()
-            .map(|&(mlp, x, m)| (&mlp.gate_up, x, m))
+            .map(|&(mlp, _, m)| vec![0.0; m * mlp.down.out_features])
             .collect();
-        let acts: Vec<Vec<f32>> = Linear::forward_grouped(backend, &gate_up)
+        if runs
             .iter()
-            .zip(runs)
-            .map(|(gate_up, &(mlp, _, m))| {
+            .any(|(mlp, _, _)| mlp.gate_up.bias.is_some() || mlp.down.bias.is_some())
+        {
+            for (&(mlp, x, m), out) in runs.iter().zip(&mut outs) {
+                let mut gate_up = vec![0.0; m * 2 * mlp.width];
+                mlp.gate_up.forward(backend, x, m, &mut gate_up);
                 let mut act = vec![0.0; m * mlp.width];
-                silu_mul(gate_up, mlp.width, &mut act);
-                act
+                silu_mul(&gate_up, mlp.width, &mut act);
+                mlp.down.forward(backend, &act, m, out);
+            }
+            return outs;
+        }
+        let mut group: Vec<MlpRun<'_, B::Matrix>> = runs
+            .iter()
+            .zip(&mut outs)
+            .map(|(&(mlp, x, m), out)| MlpRun {
+                x,
+                m,
+                gate_up: &mlp.gate_up.weight,
+                down: &mlp.down.weight,
+                out,
             })
             .collect();
-        let down: Vec<(&Linear<B>, &[f32], usize)> = runs
-            .iter()
-            .zip(&acts)
-            .map(|(&(mlp, _, m), act)| (&mlp.down, &act[..], m))
-            .collect();
-        Linear::forward_grouped(backend, &down)
+        backend.mlp_grouped(&mut group);
+        outs
     }
 
     pub fn bytes(&self, backend: &B) -> usize {

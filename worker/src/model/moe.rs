@@ -17,10 +17,6 @@ use crate::model::exchange::{self, Dispatch};
 use crate::model::linear::{Linear, Loader, Mlp};
 use crate::model::load::ExpertLoad;
 
-/// Experts with at most this many rows each (decode) run as grouped products; more (prefill),
-/// each on one thread.
-const DECODE_ROWS: usize = 2;
-
 /// The gate of one MoE layer (replicated on every rank).
 pub struct Gate<B: Backend> {
     weight: Linear<B>,
@@ -247,8 +243,7 @@ impl<B: Backend> MoeLayer<'_, B> {
                 members.push((src, i));
             }
         }
-        // This rank's experts and the shared experts: in decode, one grouped product for every
-        // gate_up and one for every down (two forks, balanced over the threads).
+        // This rank's experts and the shared experts, as one group (see Backend::mlp_grouped).
         let active: Vec<usize> = (0..self.slots.len())
             .filter(|&s| !by_slot[s].is_empty())
             .collect();
@@ -270,23 +265,7 @@ impl<B: Backend> MoeLayer<'_, B> {
         if let Some(shared) = self.shared {
             runs.push((shared, x, n));
         }
-        let mut outputs = if runs.iter().all(|&(_, _, m)| m <= DECODE_ROWS) {
-            Mlp::forward_grouped(backend, &runs)
-        } else {
-            // Prefill: an expert with many rows is compute-bound and keeps its activations in
-            // L2 best on one thread; the largest go first, so that the last task to start is
-            // a small one.
-            let mut order: Vec<usize> = (0..runs.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(runs[i].2));
-            let mut outs = backend.map_tasks(order.len(), |t| {
-                let (mlp, x, m) = runs[order[t]];
-                let mut out = vec![0.0; m * hidden];
-                mlp.forward(backend, x, m, &mut out);
-                (order[t], out)
-            });
-            outs.sort_by_key(|(i, _)| *i);
-            outs.into_iter().map(|(_, out)| out).collect()
-        };
+        let mut outputs = Mlp::forward_grouped(backend, &runs);
         let shared_out = match self.shared {
             Some(_) => outputs.pop(),
             None => None,
