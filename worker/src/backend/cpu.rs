@@ -290,21 +290,21 @@ impl Backend for CpuBackend {
         }
         let mut order: Vec<usize> = (0..runs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(runs[i].m));
-        let shared: &[MlpRun<'_, CpuMatrix>] = runs;
-        let outs = self.map_tasks(order.len(), |t| {
-            let r = &shared[order[t]];
+        // Each task writes its own run's output; the locks only hand the borrows over.
+        let runs: Vec<std::sync::Mutex<&mut MlpRun<'_, CpuMatrix>>> =
+            runs.iter_mut().map(std::sync::Mutex::new).collect();
+        self.map_tasks(order.len(), |t| {
+            let mut run = runs[order[t]]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let r = &mut **run;
             let width = r.down.cols;
             let mut gate_up = vec![0.0; r.m * 2 * width];
             self.linear(r.x, r.m, r.gate_up, &mut gate_up);
             let mut act = vec![0.0; r.m * width];
             silu_mul(&gate_up, width, &mut act);
-            let mut out = vec![0.0; r.m * r.down.rows];
-            self.linear(&act, r.m, r.down, &mut out);
-            out
+            self.linear(&act, r.m, r.down, r.out);
         });
-        for (&i, out) in order.iter().zip(outs) {
-            runs[i].out[..out.len()].copy_from_slice(&out);
-        }
     }
 
     fn map_tasks<T: Send, F: Fn(usize) -> T + Sync>(&self, n: usize, f: F) -> Vec<T> {
