@@ -6,7 +6,7 @@
 # transformers golden on the GPU), checks `generate --device cuda` against `--device cpu`
 # through the CLI and a GPU rank beside a CPU rank (`up --device cuda:N,cpu`, expert parallel
 # over the tcp data plane) against the CPU alone, and runs a short `bench engine` on the GPU
-# (the bench model, made with python3's torch and transformers where it is missing and they
+# (the bench model in bf16 and in FP8, made with python3's torch and transformers where missing and they
 # are there, else the demo fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
 # non-zero when a check fails. Also measures the products alone (`bench products`, bf16 and FP8
 # weights) against cuBLAS' bf16 peak that python3's torch reaches in the same run.
@@ -97,16 +97,25 @@ echo "cpu alone:     $cpu"
 echo "cuda:$gpu + cpu: $mixed"
 [ "$cpu" = "$mixed" ] || { echo "gpu_check.sh: the GPU and CPU ranks' tokens differ from the CPU's alone" >&2; exit 1; }
 
-model=bench-models/v3-bench
-if [ ! -f "$model/config.json" ] && python3 -c 'import torch, transformers, tokenizers' 2>/dev/null; then
-  echo "== making the bench model ($model) with python3's torch and transformers"
-  python3 scripts/make_fixtures.py --bench-model "$model" || rm -rf "$model"
-fi
-[ -f "$model/config.json" ] || model=fixtures/demo
-echo "== bench engine on cuda:$gpu ($model)"
-bench=$("$moebius" bench engine --device "cuda:$gpu" --model "$model" \
-  --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)
-echo "$bench"
+# The bench model as bf16 and as FP8 (block-quantised as DeepSeek-V3 is released), made with
+# the machine's torch and transformers where missing.
+models=()
+for variant in "" -fp8; do
+  model=bench-models/v3-bench$variant
+  if [ ! -f "$model/config.json" ] && python3 -c 'import torch, transformers, tokenizers' 2>/dev/null; then
+    echo "== making the bench model ($model) with python3's torch and transformers"
+    python3 scripts/make_fixtures.py --bench-model "$model" ${variant:+--fp8} || rm -rf "$model"
+  fi
+  [ -f "$model/config.json" ] && models+=("$model")
+done
+[ ${#models[@]} -gt 0 ] || models=(fixtures/demo)
+benches=()
+for model in "${models[@]}"; do
+  echo "== bench engine on cuda:$gpu ($model)"
+  benches+=("$model" "$("$moebius" bench engine --device "cuda:$gpu" --model "$model" \
+    --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)")
+  echo "${benches[-1]}"
+done
 # DeepSeek-V3's expert gate_up and down and a square one, as decode (1 row) and prefill rows.
 shapes=4096x7168,7168x2048,7168x7168
 echo "== bench products on cuda:$gpu (bf16 and fp8 weights: $shapes)"
@@ -138,31 +147,34 @@ except Exception as e:  # no torch, or no GPU for it: the summary says so
 PY
 )
 echo "$peak"
-python3 - "$bench" "$model" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n "$((gpu + 1))p")" \
-  "$peak" "${products[@]}" > "$summary" <<'PY'
+python3 - "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n "$((gpu + 1))p")" \
+  "$peak" "${#benches[@]}" "${benches[@]}" "${products[@]}" > "$summary" <<'PY'
 import json, sys
-run, model, name = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] or "unknown GPU"
-peak = json.loads(sys.argv[4])
-print(f"### {name}: `moebius bench engine --device cuda` ({model})\n")
-print("| batch | prefill tok/s | decode tok/s |")
-print("| --- | --- | --- |")
-for r in run["results"]:
-    print(f"| {r['batch']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+name, peak = sys.argv[1] or "unknown GPU", json.loads(sys.argv[2])
+count = int(sys.argv[3])
+benches = sys.argv[4:4 + count]
+print(f"### {name}: `moebius bench engine --device cuda`\n")
+print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s |")
+print("| --- | --- | --- | --- | --- |")
+for model, run in zip(benches[::2], map(json.loads, benches[1::2])):
+    for r in run["results"]:
+        print(f"| {model} | {run['weights_bytes'] / 1e9:.2f} GB | {r['batch']} "
+              f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
 print("\n`moebius bench products --device cuda` (activations from the host and back, as the engine "
       "calls them), against cuBLAS' bf16 peak measured by torch in the same run: "
       + (f"{peak['tflop_s']:.0f} TFLOP/s" if "tflop_s" in peak else f"not measured ({peak.get('error')})")
       + "\n")
 print("| weights | rows | weight | TFLOP/s | of the peak | weight GB/s |")
 print("| --- | --- | --- | --- | --- | --- |")
-for products in map(json.loads, sys.argv[5:]):
+for products in map(json.loads, sys.argv[4 + count:]):
     for r in products["results"]:
         share = f"{r['tflop_s'] / peak['tflop_s']:.3f}" if "tflop_s" in peak else "-"
         print(f"| {products['dtype']} | {r['rows']} | {r['out']}x{r['in']} | {r['tflop_s']:.2f} "
               f"| {share} | {r['weight_gb_s']:.0f} |")
 print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
       "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
-      "activations copied to the GPU and back for each product or group of products, attention "
-      "on the host.")
+      "activations copied to the GPU and back for each product or group of products (a MoE "
+      "layer's experts with SiLU-and-multiply on the GPU), attention on the host.")
 PY
 echo "== summary ($summary)"
 cat "$summary"
