@@ -132,3 +132,158 @@ mod gpu {
         (tokens, logprobs)
     }
 }
+
+/// The backend's grouped products and MLPs on the GPU against the CPU backend on the same
+/// weights widened to f32: f32, bf16 and FP8 weights mixed in one group, with row counts on
+/// both sides of the FP8 kernel's limit (`FP8_GEMV_ROWS`). bf16 and large FP8 products round
+/// their activations to bf16, hence the bar of 2% of the largest output.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_groups_match_the_cpu() {
+    use moebius_worker::backend::cuda::CudaBackend;
+    use moebius_worker::backend::{Backend, CpuBackend, MlpRun, Product};
+    use rand::{Rng, SeedableRng};
+
+    let gpu = match CudaBackend::open(0, 1) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("skipped: no GPU to run on ({e})");
+            return;
+        }
+    };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (hidden, width) = (256, 128);
+    let mut weight = |dtype: usize, rows: usize, cols: usize| match dtype {
+        0 => {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-0.1..0.1))
+                .collect();
+            (gpu.matrix(rows, cols, w.clone()), cpu.matrix(rows, cols, w))
+        }
+        1 => {
+            let bits: Vec<u16> = (0..rows * cols)
+                .map(|_| half::bf16::from_f32(rng.random_range(-0.1..0.1)).to_bits())
+                .collect();
+            let wide = bits
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            (
+                gpu.matrix_bf16(rows, cols, bits),
+                cpu.matrix(rows, cols, wide),
+            )
+        }
+        _ => {
+            let blocks = moebius_worker::checkpoint::Fp8Blocks {
+                rows,
+                cols,
+                codes: (0..rows * cols)
+                    .map(|_| loop {
+                        let c: u8 = rng.random();
+                        if c & 0x7f != 0x7f {
+                            break c;
+                        }
+                    })
+                    .collect(),
+                scales: (0..rows.div_ceil(128) * cols.div_ceil(128))
+                    .map(|_| rng.random_range(1e-4..1e-3))
+                    .collect(),
+                block: (128, 128),
+            };
+            let wide = blocks.dequantize();
+            (gpu.matrix_fp8(blocks), cpu.matrix(rows, cols, wide))
+        }
+    };
+    let rows = [1, 3, 8, 9, 40];
+    let mlps: Vec<_> = (0..rows.len())
+        .map(|i| {
+            (
+                weight(i % 3, 2 * width, hidden),
+                weight((i + 1) % 3, hidden, width),
+            )
+        })
+        .collect();
+    let xs: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|&m| {
+            (0..m * hidden)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        })
+        .collect();
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst <= 0.02 * scale + 1e-5,
+            "{what}: off by {worst} at a scale of {scale}"
+        );
+        eprintln!("{what}: worst difference {worst:.2e} at a scale of {scale:.2e}");
+    };
+
+    // linear_grouped: each MLP's gate_up, one group.
+    let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * 2 * width]).collect();
+    let mut on_cpu = on_gpu.clone();
+    let mut group: Vec<Product<'_, _>> = xs
+        .iter()
+        .zip(&rows)
+        .zip(&mlps)
+        .zip(&mut on_gpu)
+        .map(|(((x, &m), ((w, _), _)), out)| Product { x, m, w, out })
+        .collect();
+    gpu.linear_grouped(&mut group);
+    let mut group: Vec<Product<'_, _>> = xs
+        .iter()
+        .zip(&rows)
+        .zip(&mlps)
+        .zip(&mut on_cpu)
+        .map(|(((x, &m), ((_, w), _)), out)| Product { x, m, w, out })
+        .collect();
+    cpu.linear_grouped(&mut group);
+    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        close(
+            &format!("linear_grouped, product {i} ({} rows)", rows[i]),
+            g,
+            c,
+        );
+    }
+
+    // mlp_grouped: the whole MLPs, one group.
+    let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * hidden]).collect();
+    let mut on_cpu = on_gpu.clone();
+    let mut runs: Vec<MlpRun<'_, _>> = xs
+        .iter()
+        .zip(&rows)
+        .zip(&mlps)
+        .zip(&mut on_gpu)
+        .map(|(((x, &m), ((gate_up, _), (down, _))), out)| MlpRun {
+            x,
+            m,
+            gate_up,
+            down,
+            out,
+        })
+        .collect();
+    gpu.mlp_grouped(&mut runs);
+    let mut runs: Vec<MlpRun<'_, _>> = xs
+        .iter()
+        .zip(&rows)
+        .zip(&mlps)
+        .zip(&mut on_cpu)
+        .map(|(((x, &m), ((_, gate_up), (_, down))), out)| MlpRun {
+            x,
+            m,
+            gate_up,
+            down,
+            out,
+        })
+        .collect();
+    cpu.mlp_grouped(&mut runs);
+    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        close(&format!("mlp_grouped, run {i} ({} rows)", rows[i]), g, c);
+    }
+}
