@@ -21,14 +21,15 @@ mkdir -p target
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
   --format=csv,noheader || echo "gpu_check.sh: nvidia-smi not found; the test says whether a GPU answers"
 
-# cudarc (built for CUDA 12.8) loads libcublas.so / libnvrtc.so, or their .so.12. A machine with
-# CUDA 13 alone has only .so.13: link the unversioned names to what is there (the C API of the
-# calls Moebius makes is the same), and put their folders on the library path.
+# cudarc (built for CUDA 12.8) loads libcublas.so / libnvrtc.so, or their .so.12, and
+# libnccl.so. A machine with CUDA 13 alone has only .so.13, and NCCL's wheel only .so.2: link
+# the unversioned names to what is there (the C API of the calls Moebius makes is the same), and
+# put their folders on the library path.
 links=target/gpu-libs
 mkdir -p "$links"
-for lib in cublas nvrtc; do
+for lib in cublas nvrtc nccl; do
   if ! "$(command -v ldconfig || echo /sbin/ldconfig)" -p | grep -q -E "lib$lib\.so(\.12)? "; then
-    found=$(find /usr/local /usr/lib /opt -name "lib$lib.so.1[0-9]*" 2>/dev/null | grep -v -E 'alt|builtins' |
+    found=$(find /usr/local /usr/lib /opt -name "lib$lib.so.[0-9]*" 2>/dev/null | grep -v -E 'alt|builtins' |
       sort -V | tail -1 || true)
     if [ -n "$found" ]; then
       echo "gpu_check.sh: lib$lib.so -> $found"

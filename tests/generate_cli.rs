@@ -544,3 +544,66 @@ fn up_takes_one_device_per_worker() {
         "{stderr}"
     );
 }
+
+/// `--data-plane nccl` joins GPUs only: `up` and `worker` refuse it for CPU workers with exit
+/// code 2 and one line naming the fix, before anything starts; an unknown data plane is named.
+#[test]
+fn the_nccl_data_plane_needs_gpu_workers() {
+    let model = fixture("tiny-v2");
+    let path = model.to_str().expect("utf-8 path");
+    let refused = |args: &[&str], want: &str| {
+        let out = moebius(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        stderr.into_owned()
+    };
+    let stderr = refused(
+        &[
+            "up",
+            "--model",
+            path,
+            "--workers",
+            "2",
+            "--data-plane",
+            "nccl",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "--data-plane nccl exchanges tokens between GPUs, but worker 0 is on the cpu",
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    refused(
+        &[
+            "worker",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--id",
+            "w0",
+            "--model",
+            path,
+            "--data-plane",
+            "nccl",
+            "--check-config",
+        ],
+        "--data-plane nccl exchanges tokens between GPUs: give --device cuda:N (not cpu)",
+    );
+    refused(
+        &["up", "--model", path, "--data-plane", "udp"],
+        "unknown data plane \"udp\": use tcp or nccl",
+    );
+    // The default, and what --check-config reports.
+    let out = moebius(&[
+        "worker",
+        "--etcd",
+        "http://127.0.0.1:1",
+        "--id",
+        "w0",
+        "--model",
+        path,
+        "--check-config",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("tcp data plane"), "{stdout}");
+}

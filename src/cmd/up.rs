@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use moebius_worker::backend::Device;
+use moebius_worker::comm::DataPlane;
 use moebius_worker::config::ModelConfig;
 
 use super::coordinator::BalanceArgs;
@@ -72,6 +73,11 @@ pub struct UpArgs {
     /// (`cuda:0,cpu`: a GPU rank and a CPU rank, one machine's GPU tested against the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: WorkerDevices,
+    /// What the workers exchange tokens over in every MoE layer: tcp (any devices, any
+    /// machines), or nccl between GPUs, with tcp beside it for control (every worker on a GPU;
+    /// a moebius built with `--features cuda`).
+    #[arg(long, default_value = "tcp")]
+    pub data_plane: DataPlane,
     /// Lease TTL of workers and coordinator, in seconds (how fast a dead worker is noticed).
     #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
@@ -136,6 +142,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     args.balance.interval()?;
     stats_interval(args.stats_interval_s)?;
     args.device.check(args.workers)?;
+    args.device.check_plane(args.data_plane, args.workers)?;
     let security = args.security.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -188,6 +195,20 @@ impl WorkerDevices {
             if self.of(i) != Device::Cpu {
                 moebius_worker::backend::AnyBackend::open(self.of(i), 1, false)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that the data plane suits the devices: nccl joins GPUs only.
+    fn check_plane(&self, plane: DataPlane, workers: usize) -> Result<()> {
+        if let Some(i) =
+            (0..workers).find(|&i| plane == DataPlane::Nccl && self.of(i) == Device::Cpu)
+        {
+            return Err(moebius_worker::Error::InvalidRequest(format!(
+                "--data-plane nccl exchanges tokens between GPUs, but worker {i} is on the cpu: \
+                 give every worker a GPU (--device cuda:N), or use --data-plane tcp"
+            ))
+            .into());
         }
         Ok(())
     }
@@ -262,6 +283,7 @@ pub struct LocalOptions<'a> {
     pub threads: usize,
     pub bf16_activations: bool,
     pub device: WorkerDevices,
+    pub data_plane: DataPlane,
     pub lease_ttl: Duration,
     pub admin_listen: SocketAddr,
     pub stats_interval: Duration,
@@ -293,6 +315,7 @@ impl<'a> LocalOptions<'a> {
             threads: 0,
             bf16_activations: false,
             device: WorkerDevices::all(Device::Cpu),
+            data_plane: DataPlane::Tcp,
             lease_ttl: Duration::from_secs(5),
             admin_listen: any,
             stats_interval: moebius_worker::service::WorkerConfig::default().stats_interval,
@@ -422,6 +445,7 @@ pub async fn start_local(
             threads: options.threads,
             bf16_activations: options.bf16_activations,
             device: options.device.of(i),
+            data_plane: options.data_plane,
             lease_ttl: options.lease_ttl,
             stats_interval: options.stats_interval,
             metrics: moebius_worker::metrics::WorkerMetrics::register(
@@ -555,6 +579,7 @@ async fn in_process(
         threads: args.threads,
         bf16_activations: args.bf16_activations,
         device: args.device.clone(),
+        data_plane: args.data_plane,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         admin_listen: args.admin_listen,
         stats_interval: stats_interval(args.stats_interval_s)?,
@@ -837,6 +862,8 @@ async fn with_processes(
             args.threads.to_string(),
             "--device".into(),
             args.device.of(i).to_string(),
+            "--data-plane".into(),
+            args.data_plane.to_string(),
             "--lease-ttl-secs".into(),
             ttl.clone(),
             "--stats-interval-s".into(),

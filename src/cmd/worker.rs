@@ -10,7 +10,7 @@ use clap::Args;
 use moebius_coordinator::telemetry::Registry;
 use moebius_coordinator::EtcdStore;
 use moebius_worker::backend::Device;
-use moebius_worker::comm::ClusterSecret;
+use moebius_worker::comm::{ClusterSecret, DataPlane};
 use moebius_worker::metrics::WorkerMetrics;
 use moebius_worker::service::{self, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,11 @@ pub struct WorkerArgs {
     /// `--features cuda`).
     #[arg(long, env = "MOEBIUS_WORKER_DEVICE", default_value = "cpu")]
     device: Device,
+    /// What the ranks exchange tokens over: tcp (any devices, any machines), or nccl between
+    /// GPUs, with tcp beside it for control (every worker of the cluster on a GPU and on nccl; a
+    /// moebius built with `--features cuda`).
+    #[arg(long, env = "MOEBIUS_WORKER_DATA_PLANE", default_value = "tcp")]
+    data_plane: DataPlane,
     /// TTL of the registration lease in seconds; keep-alives go out at a third of it.
     #[arg(long, env = "MOEBIUS_WORKER_LEASE_TTL_SECS", default_value_t = 5)]
     lease_ttl_secs: u64,
@@ -129,6 +134,13 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
                 args.data_timeout_s
             )
         })?;
+    if args.data_plane == DataPlane::Nccl && !matches!(args.device, Device::Cuda(_)) {
+        return Err(super::UsageError(format!(
+            "--data-plane nccl exchanges tokens between GPUs: give --device cuda:N (not {})",
+            args.device
+        ))
+        .into());
+    }
     let config = WorkerConfig {
         id: args.id.clone(),
         cluster: args.cluster.clone(),
@@ -141,6 +153,7 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
         threads: args.threads,
         bf16_activations: args.bf16_activations,
         device: args.device,
+        data_plane: args.data_plane,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         data_timeout,
         stats_interval: super::up::stats_interval(args.stats_interval_s)?,
@@ -165,11 +178,12 @@ pub fn check(args: &WorkerArgs) -> Result<String> {
         ClusterSecret::from_file,
     )?;
     Ok(format!(
-        "worker {} of cluster {}: gRPC {}, data plane {} {data_plane}, advertised as {}, \
+        "worker {} of cluster {}: gRPC {}, {} data plane {} {data_plane}, advertised as {}, \
          model {}, etcd {}, {}",
         config.id,
         config.cluster,
         config.listen,
+        config.data_plane,
         config.data_listen,
         config.advertise_host,
         super::check::model(&config.model_dir),

@@ -287,3 +287,98 @@ fn cuda_groups_match_the_cpu() {
         close(&format!("mlp_grouped, run {i} ({} rows)", rows[i]), g, c);
     }
 }
+
+/// The `nccl` data plane between GPUs of this machine, one rank per GPU over a `tcp` mesh on
+/// localhost: every rank gets exactly what each sent it, from empty messages to 4 MiB, and a
+/// rank that leaves is blamed by the others. NCCL does not put two ranks of one communicator
+/// on one GPU, so on a machine with one GPU only a group of one is formed and the test says so.
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_exchanges_exactly_what_was_sent() {
+    use moebius_worker::comm::nccl::NcclComm;
+    use moebius_worker::comm::{tcp_group_localhost, Communicator};
+    use std::time::Duration;
+
+    let gpus = match cudarc::driver::CudaContext::device_count() {
+        Ok(n) if n > 0 => n as usize,
+        Ok(_) => return eprintln!("skipped: no GPU to run on"),
+        Err(e) => return eprintln!("skipped: no GPU to run on ({e})"),
+    };
+    // SAFETY: only tries to load the library by name.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        // Not "skipped:" at the start of the line: gpu_check.sh takes that for a missing GPU.
+        return eprintln!("nccl: skipped, NCCL (libnccl.so.2) is not on the library path");
+    }
+    let world = gpus.min(4);
+    let payload = |from: usize, to: usize, round: usize| -> Vec<u8> {
+        const SIZES: [usize; 5] = [0, 1, 4097, 65_537, (4 << 20) + 3];
+        let len = SIZES[(from * 3 + to * 2 + round) % SIZES.len()];
+        (0..len)
+            .map(|i| {
+                (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add((from * 64 + to * 8 + round) as u32) as u8
+            })
+            .collect()
+    };
+    let meshes = tcp_group_localhost(world).expect("a tcp mesh on localhost");
+    // The survivors stay until all have seen the leaver go, so that none blames another.
+    let survivors = std::sync::Barrier::new(world.saturating_sub(1).max(1));
+    let survivors = &survivors;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = meshes
+            .into_iter()
+            .map(|mesh| {
+                s.spawn(move || {
+                    let me = mesh.rank();
+                    let mut comm = NcclComm::form(
+                        mesh,
+                        me,
+                        Duration::from_secs(60),
+                        Some(Duration::from_secs(20)),
+                    )
+                    .expect("the NCCL communicator forms");
+                    assert_eq!(comm.backend(), "nccl");
+                    for round in 0..5 {
+                        let send = (0..world).map(|to| payload(me, to, round)).collect();
+                        let recv = comm.all_to_all_v(send).expect("an exchange");
+                        for (from, got) in recv.iter().enumerate() {
+                            assert!(
+                                *got == payload(from, me, round),
+                                "rank {me} round {round}: wrong bytes from rank {from}"
+                            );
+                        }
+                    }
+                    if world > 1 && me == world - 1 {
+                        drop(comm);
+                        return None;
+                    }
+                    let error = comm.all_gather(vec![1]).err();
+                    survivors.wait();
+                    Some(error)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect()
+    });
+    if world == 1 {
+        eprintln!(
+            "nccl: a group of one formed and exchanged; NCCL between ranks needs two GPUs and \
+             this machine has one, so that part did not run"
+        );
+        return;
+    }
+    for (rank, result) in results.into_iter().enumerate().take(world - 1) {
+        let error = result
+            .flatten()
+            .expect("the gather after a rank left fails");
+        assert!(
+            matches!(&error, moebius_worker::Error::PeerFailed { peers, .. } if peers == &[world - 1]),
+            "rank {rank}: {error}"
+        );
+    }
+    eprintln!("nccl: {world} ranks on {world} GPUs exchanged 5 rounds exactly");
+}

@@ -6,6 +6,8 @@
 //!   ([`frame`] is the wire format, [`listener`] accepts connections for the life of a worker
 //!   and forms each epoch's mesh; [`auth`] is the proof of the cluster secret that every
 //!   connection gives before its first frame when the cluster has one);
+//! - `nccl` (feature `cuda`): messages between GPUs through NCCL's grouped send/recv, with the
+//!   epoch's `tcp` mesh beside them for lengths, failures and wake-ups ([`DataPlane`] chooses);
 //! - `inbox`: the receiving side both share, with the attribution of a failure to the ranks at
 //!   fault.
 //!
@@ -21,6 +23,8 @@ mod frame;
 mod inbox;
 pub mod listener;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 pub use auth::ClusterSecret;
@@ -38,6 +42,71 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+
+/// What the ranks of an EP group exchange tokens over, between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPlane {
+    /// The `tcp` mesh alone: any devices, any machines.
+    #[default]
+    Tcp,
+    /// NCCL between GPUs, with the `tcp` mesh beside it (feature `cuda`; every rank on a GPU).
+    Nccl,
+}
+
+impl std::str::FromStr for DataPlane {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "nccl" => Ok(Self::Nccl),
+            _ => Err(format!("unknown data plane {s:?}: use tcp or nccl")),
+        }
+    }
+}
+
+impl std::fmt::Display for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Nccl => "nccl",
+        })
+    }
+}
+
+impl DataPlane {
+    /// The communicator of an epoch whose `tcp` mesh has formed (with its data timeout set):
+    /// the mesh itself, or an NCCL communicator on GPU `gpu` beside it. Every rank of the group
+    /// calls it at the same point.
+    pub fn communicator(
+        self,
+        mesh: TcpComm,
+        gpu: Option<usize>,
+        connect_timeout: Duration,
+        data_timeout: Option<Duration>,
+    ) -> Result<Box<dyn Communicator>> {
+        match (self, gpu) {
+            (Self::Tcp, _) => Ok(Box::new(mesh)),
+            #[cfg(feature = "cuda")]
+            (Self::Nccl, Some(gpu)) => Ok(Box::new(nccl::NcclComm::form(
+                mesh,
+                gpu,
+                connect_timeout,
+                data_timeout,
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            (Self::Nccl, Some(_)) => {
+                let _ = (connect_timeout, data_timeout);
+                Err(Error::Device(
+                    "the nccl data plane needs a moebius built with --features cuda".into(),
+                ))
+            }
+            (Self::Nccl, None) => Err(Error::Config(
+                "the nccl data plane needs every worker on a GPU (--device cuda:N)".into(),
+            )),
+        }
+    }
+}
 
 /// Ends the collective a rank is waiting in, and every later one, from another thread: the rank
 /// leaves its group now instead of waiting for peers that will not come.

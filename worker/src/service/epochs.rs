@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backend::AnyBackend;
-use crate::comm::{DataListener, GroupSpec, TcpComm};
+use crate::comm::{Communicator, DataListener, DataPlane, GroupSpec};
 use crate::engine::{EngineHandle, GroupFailure, Installation, LoadedModel};
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
@@ -56,6 +56,9 @@ pub struct EpochFollower {
     pub engine: Arc<EngineHandle>,
     pub connect_timeout: Duration,
     pub data_timeout: Duration,
+    /// What the epoch's ranks exchange tokens over, and the GPU this worker's NCCL uses.
+    pub data_plane: DataPlane,
+    pub gpu: Option<usize>,
     /// Asks the registration task to register anew (after an exclusion or a lost lease).
     pub renew: mpsc::UnboundedSender<()>,
 }
@@ -73,7 +76,7 @@ struct Formed {
     rank: usize,
     model: Model<AnyBackend>,
     reload: ExpertReload,
-    comm: TcpComm,
+    comm: Box<dyn Communicator>,
 }
 
 #[derive(Default)]
@@ -261,6 +264,8 @@ impl EpochFollower {
                 engine: self.engine.clone(),
                 connect_timeout: self.connect_timeout,
                 data_timeout: self.data_timeout,
+                data_plane: self.data_plane,
+                gpu: self.gpu,
                 abort: abort.clone(),
             },
             record,
@@ -305,7 +310,7 @@ impl EpochFollower {
                 epoch,
                 rank,
                 model,
-                comm: Box::new(comm),
+                comm,
                 reload,
             })
             .wait()
@@ -469,6 +474,8 @@ struct Forming {
     engine: Arc<EngineHandle>,
     connect_timeout: Duration,
     data_timeout: Duration,
+    data_plane: DataPlane,
+    gpu: Option<usize>,
     abort: Arc<AtomicBool>,
 }
 
@@ -509,10 +516,11 @@ async fn form(f: Forming, record: EpochRecord, rank: usize, pause_first: bool) -
     };
     let (data, abort) = (f.data.clone(), f.abort.clone());
     let (connect_timeout, data_timeout) = (f.connect_timeout, f.data_timeout);
+    let (plane, gpu) = (f.data_plane, f.gpu);
     let comm = blocking(move || {
-        let mut comm = data.form(&spec, connect_timeout, &abort)?;
-        comm.set_timeout(Some(data_timeout))?;
-        Ok(comm)
+        let mut mesh = data.form(&spec, connect_timeout, &abort)?;
+        mesh.set_timeout(Some(data_timeout))?;
+        plane.communicator(mesh, gpu, connect_timeout, Some(data_timeout))
     })
     .await?;
     Ok(Formed {

@@ -36,7 +36,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::{AnyBackend, Device};
-use crate::comm::{ClusterSecret, DataListener};
+use crate::comm::{ClusterSecret, DataListener, DataPlane};
 use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
 };
@@ -95,6 +95,8 @@ pub struct WorkerConfig {
     pub tls: Option<moebius_coordinator::tls::Tls>,
     /// The secret every data-plane connection must prove; `None`: an open data plane.
     pub data_secret: Option<ClusterSecret>,
+    /// What the ranks exchange tokens over: the `tcp` mesh, or NCCL between GPUs beside it.
+    pub data_plane: DataPlane,
 }
 
 impl Default for WorkerConfig {
@@ -121,6 +123,7 @@ impl Default for WorkerConfig {
             metrics: WorkerMetrics::default(),
             tls: None,
             data_secret: None,
+            data_plane: DataPlane::Tcp,
         }
     }
 }
@@ -151,6 +154,13 @@ impl WorkerConfig {
         }
         if self.capacity == 0 {
             return bad("capacity must be at least 1".into());
+        }
+        if self.data_plane == DataPlane::Nccl && !matches!(self.device, Device::Cuda(_)) {
+            return bad(format!(
+                "the nccl data plane exchanges tokens between GPUs: give a GPU device \
+                 (cuda:N), not {}",
+                self.device
+            ));
         }
         if self.token_budget == 0 {
             return bad("token_budget must be at least 1".into());
@@ -364,6 +374,11 @@ pub async fn start(
         engine: engine.clone(),
         connect_timeout: config.connect_timeout,
         data_timeout: config.data_timeout,
+        data_plane: config.data_plane,
+        gpu: match config.device {
+            Device::Cuda(n) => Some(n),
+            Device::Cpu => None,
+        },
         renew: renew_tx,
     };
     let epochs = tokio::spawn(follower.run(records_rx, registered.clone(), tasks_stop.clone()));
