@@ -391,6 +391,15 @@ def check_chart(binary, local):
         fail("the GPU profile's workers lack a GPU or host networking")
     print("ok: gpu: workers request nvidia.com/gpu with host networking")
 
+    # GPU workers on the nccl data plane: the binary takes the variables (--check-config).
+    nccl_objects = render(merge(gpu, {"model": MODEL, "worker": {"device": "cuda:0", "dataPlane": "nccl"}}))
+    check_objects(nccl_objects, binary, "gpu-nccl", local)
+    nccl_pod = [o for _, o in nccl_objects if o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-worker")][0]["spec"]["template"]["spec"]
+    nccl_env = {v["name"]: v.get("value") for v in nccl_pod["containers"][0]["env"]}
+    if nccl_env.get("MOEBIUS_WORKER_DEVICE") != "cuda:0" or nccl_env.get("MOEBIUS_WORKER_DATA_PLANE") != "nccl":
+        fail(f"gpu-nccl: the workers' device variables are wrong: {nccl_env}")
+    print("ok: gpu-nccl: workers run MOEBIUS_WORKER_DEVICE=cuda:0 MOEBIUS_WORKER_DATA_PLANE=nccl")
+
     everything = render({
         "model": {"existingClaim": "deepseek-v3"},
         "etcd": {"replicas": 3},
@@ -451,6 +460,9 @@ def check_chart(binary, local):
     refused({"model": MODEL, "coordinator": {"rebalanceThreshold": 0.5}}, "/coordinator/rebalanceThreshold")
     refused({"model": MODEL, "etcd": {"enabled": False}}, "etcd.externalUrl")
     refused({"model": MODEL, "profile": "gpu"}, "nvidia.com/gpu")
+    refused({"model": MODEL, "worker": {"device": "gpu0"}}, "/worker/device")
+    refused({"model": MODEL, "worker": {"dataPlane": "udp"}}, "/worker/dataPlane")
+    refused({"model": MODEL, "worker": {"dataPlane": "nccl"}}, "worker.dataPlane nccl", "worker.device")
     refused({"model": MODEL, "tls": {"enabled": True}}, "tls.secretName")
     refused({"model": MODEL, "tls": {"enabled": True, "secretName": "t"}},
             "tls.clusterSecretName", "tls.insecureDataPlane")
