@@ -14,12 +14,16 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `moebius args`, without the test environment's `MOEBIUS_*` variables (which `--check-config`
+/// would refuse as unknown to the part, and which would change the defaults).
 fn moebius(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moebius"))
-        .args(args)
-        .env_remove("MOEBIUS_MODEL")
-        .output()
-        .expect("moebius runs")
+    let mut command = Command::new(env!("CARGO_BIN_EXE_moebius"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MOEBIUS_") {
+            command.env_remove(name);
+        }
+    }
+    command.args(args).output().expect("moebius runs")
 }
 
 fn json_of(out: &Output) -> Value {
