@@ -761,7 +761,7 @@ unsafe fn f32_tile_neon<const R: usize, const V: usize, const SPLIT: bool>(
 
 /// Store masks for the two 16-lane halves of a panel's first `cols` columns.
 #[cfg(target_arch = "x86_64")]
-fn lane_masks(cols: usize) -> (u16, u16) {
+pub(super) fn lane_masks(cols: usize) -> (u16, u16) {
     let bits = |n: usize| if n >= 16 { u16::MAX } else { (1u16 << n) - 1 };
     (bits(cols.min(16)), bits(cols.saturating_sub(16)))
 }

@@ -7,9 +7,41 @@
 //! the active family on it, and adds the result times the block's scale: `Σ_c x_c · fp8(w_c) ·
 //! s = s · Σ_c x_c · fp8(w_c)` over a block's columns, since one scale covers them. The panels
 //! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
+//!
+//! A product of a few rows (decode: at most [`direct_rows`]) reads the codes straight into
+//! registers instead, where the conversion pass would cost more than the product: each code
+//! becomes the f32 `fp8(code) · 2^-120` in three integer instructions (its sign and its seven
+//! low bits moved to the f32's sign and to the top of its exponent and mantissa, which is exact
+//! for every E4M3FN value, subnormals included), the activations come scaled by 2^64, so that
+//! no product is subnormal, and each block's sums are multiplied by `scale · 2^56`. The powers
+//! of two cancel exactly; the sums are those of the dequantised weight but for the order of
+//! their additions.
 
 use super::blocks::Block;
 use super::kernels::{self, Family};
+
+/// The activations' factor in products that read codes into registers: see the module doc.
+const X_FACTOR: f32 = 18_446_744_073_709_551_616.0; // 2^64
+
+/// The factor of each block's scale there: 2^120 / 2^64.
+const SCALE_FACTOR: f32 = 72_057_594_037_927_936.0; // 2^56
+
+/// Bytes ahead of the codes being read that the direct kernels prefetch.
+const PREFETCH_BYTES: usize = 8192;
+
+/// Activation rows up to which `family` multiplies FP8 codes in registers; 0 where it has no
+/// such kernel (products then widen each panel to bf16 first).
+pub fn direct_rows(family: Family) -> usize {
+    match family {
+        #[cfg(target_arch = "x86_64")]
+        Family::Avx512Bf16 | Family::Avx512 => 4,
+        #[cfg(target_arch = "x86_64")]
+        Family::Avx2 => 2,
+        _ => 0,
+    }
+}
+#[cfg(target_arch = "x86_64")]
+use super::packed::lane_masks;
 use super::packed::{
     for_panels, matmul_grouped_with, pack_panels, panel_product, Product, Weights, PANEL,
 };
@@ -98,6 +130,29 @@ pub(super) fn task(
     let k = w.cols;
     let (br, bc) = w.block;
     let col_blocks = k.div_ceil(bc);
+    if im <= direct_rows(family) {
+        let xs: Vec<f32> = x[..im * k].iter().map(|v| v * X_FACTOR).collect();
+        for_panels(j0, jn, |p, col, cols| {
+            let scales = &w.scales[(p * PANEL / br) * col_blocks..][..col_blocks];
+            // SAFETY: xs holds im rows of k values and the panel k.div_ceil(2) pairs of PANEL
+            // codes; the output's im rows and `cols` columns from `col` are the task's own; the
+            // caller vouches for the family.
+            unsafe {
+                direct_rows_product(
+                    family,
+                    &xs,
+                    im,
+                    k,
+                    w.panel(p),
+                    bc,
+                    scales,
+                    block.offset(0, col),
+                    cols,
+                )
+            };
+        });
+        return;
+    }
     // The rows of x, block of columns by block of columns, each contiguous: x itself for one
     // row (decode) or one block.
     let by_block: std::borrow::Cow<[f32]> = if im == 1 || col_blocks == 1 {
@@ -150,6 +205,263 @@ pub(super) fn task(
             }
         }
     });
+}
+
+/// `im` (at most [`direct_rows`]) rows of `xs` (`k` values each, scaled by [`X_FACTOR`])
+/// against one panel of codes, with the codes read into registers; into the first `cols`
+/// columns of `im` rows of `out`.
+///
+/// # Safety
+/// The CPU runs `family`'s instructions and `im <= direct_rows(family)`; `xs.len() >= im * k`;
+/// the panel holds `k.div_ceil(2)` pairs of [`PANEL`] codes; `scales` has one factor per block
+/// of `bc` (even) columns; `cols <= PANEL`; those values of `out` are lent to this call alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_rows_product(
+    family: Family,
+    xs: &[f32],
+    im: usize,
+    k: usize,
+    panel: &[u8],
+    bc: usize,
+    scales: &[f32],
+    out: Block,
+    cols: usize,
+) {
+    debug_assert!(xs.len() >= im * k && panel.len() >= k.div_ceil(2) * 2 * PANEL);
+    debug_assert!(bc.is_multiple_of(2) && scales.len() == k.div_ceil(bc) && cols <= PANEL);
+    // SAFETY: the caller's contract is each kernel's.
+    unsafe {
+        match (family, im) {
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx512Bf16 | Family::Avx512, 1) => {
+                direct_avx512::<1>(xs, k, panel, bc, scales, out, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx512Bf16 | Family::Avx512, 2) => {
+                direct_avx512::<2>(xs, k, panel, bc, scales, out, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx512Bf16 | Family::Avx512, 3) => {
+                direct_avx512::<3>(xs, k, panel, bc, scales, out, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx512Bf16 | Family::Avx512, 4) => {
+                direct_avx512::<4>(xs, k, panel, bc, scales, out, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx2, 1) => direct_avx2::<1>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx2, 2) => direct_avx2::<2>(xs, k, panel, bc, scales, out, cols),
+            _ => unreachable!("no direct FP8 kernel for {im} rows of {}", family.name()),
+        }
+    }
+}
+
+/// For each 32-bit lane holding an even column's code in bits 0-7 (`SHIFT` 24) or an odd
+/// column's in bits 8-15 (`SHIFT` 16): the f32 `fp8(code) · 2^-120`. The shift puts the code at
+/// the top; the arithmetic shift by 4 lays its seven low bits over the f32's exponent and
+/// mantissa from bit 20 and copies the sign down over bits 27-30, which the mask clears.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn e4m3_lanes_avx512<const SHIFT: u32>(
+    v: std::arch::x86_64::__m512i,
+    keep: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_srai_epi32::<4>(_mm512_slli_epi32::<SHIFT>(v)),
+        keep,
+    ))
+}
+
+/// [`direct_rows_product`] for `R` rows with AVX-512F: a pair of columns for 16 matrix rows is
+/// one 32-byte load widened to 16 lanes, then each column's codes to f32 in registers.
+///
+/// # Safety
+/// As [`direct_rows_product`], with AVX-512F and `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn direct_avx512<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    panel: &[u8],
+    bc: usize,
+    scales: &[f32],
+    out: Block,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let keep = _mm512_set1_epi32(0x87F0_0000_u32 as i32);
+    let pairs = k / 2;
+    let p = panel.as_ptr();
+    // SAFETY: pair c < k / 2 reads codes c · 64..c · 64 + 64 of the panel and xs[r][2c + 1] <
+    // k; the odd tail reads pair k / 2, which exists when k is odd, and xs[r][k - 1]. Stores
+    // are masked to `cols` columns of the R rows of `out`, the caller's loan.
+    unsafe {
+        let load =
+            |at: usize| _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(at) as *const __m256i));
+        let mut total = [[_mm512_setzero_ps(); 2]; R];
+        for (cb, &scale) in scales.iter().enumerate() {
+            let (first, last) = (cb * bc / 2, ((cb + 1) * bc / 2).min(pairs));
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            for c in first..last {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * 64 + PREFETCH_BYTES) as *const i8);
+                let (v0, v1) = (load(c * 64), load(c * 64 + 32));
+                let (e0, e1) = (
+                    e4m3_lanes_avx512::<24>(v0, keep),
+                    e4m3_lanes_avx512::<24>(v1, keep),
+                );
+                let (o0, o1) = (
+                    e4m3_lanes_avx512::<16>(v0, keep),
+                    e4m3_lanes_avx512::<16>(v1, keep),
+                );
+                for r in 0..R {
+                    let xe = _mm512_set1_ps(*rows[r].get_unchecked(2 * c));
+                    let xo = _mm512_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                    acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+                    acc[r][2] = _mm512_fmadd_ps(xo, o0, acc[r][2]);
+                    acc[r][3] = _mm512_fmadd_ps(xo, o1, acc[r][3]);
+                }
+            }
+            if k % 2 == 1 && last == pairs && (cb + 1) * bc >= k {
+                let (v0, v1) = (load(pairs * 64), load(pairs * 64 + 32));
+                let (e0, e1) = (
+                    e4m3_lanes_avx512::<24>(v0, keep),
+                    e4m3_lanes_avx512::<24>(v1, keep),
+                );
+                for r in 0..R {
+                    let xe = _mm512_set1_ps(rows[r][k - 1]);
+                    acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+                }
+            }
+            let factor = _mm512_set1_ps(scale * SCALE_FACTOR);
+            for r in 0..R {
+                let (lo, hi) = (
+                    _mm512_add_ps(acc[r][0], acc[r][2]),
+                    _mm512_add_ps(acc[r][1], acc[r][3]),
+                );
+                total[r][0] = _mm512_fmadd_ps(lo, factor, total[r][0]);
+                total[r][1] = _mm512_fmadd_ps(hi, factor, total[r][1]);
+            }
+        }
+        let (m0, m1) = lane_masks(cols);
+        for (r, t) in total.iter().enumerate() {
+            let o = out.ptr().add(r * out.stride());
+            _mm512_mask_storeu_ps(o, m0, t[0]);
+            _mm512_mask_storeu_ps(o.add(16), m1, t[1]);
+        }
+    }
+}
+
+/// [`e4m3_lanes_avx512`] on 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn e4m3_lanes_avx2<const SHIFT: i32>(
+    v: std::arch::x86_64::__m256i,
+    keep: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_castsi256_ps(_mm256_and_si256(
+        _mm256_srai_epi32::<4>(_mm256_slli_epi32::<SHIFT>(v)),
+        keep,
+    ))
+}
+
+/// [`direct_rows_product`] for `R` (1 or 2) rows with AVX2 and FMA: each half of the panel (16
+/// matrix rows) in a pass of its own, so that the accumulators fit in 16 registers.
+///
+/// # Safety
+/// As [`direct_rows_product`], with AVX2, FMA and `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_avx2<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    panel: &[u8],
+    bc: usize,
+    scales: &[f32],
+    out: Block,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let keep = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
+    let pairs = k / 2;
+    let p = panel.as_ptr();
+    // SAFETY: as direct_avx512's; each half reads its 32 bytes of every pair; stores write
+    // only the first `cols` columns, in whole vectors where all 8 are wanted and value by value
+    // otherwise.
+    unsafe {
+        let load = |at: usize| _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(at) as *const __m128i));
+        for half in 0..2 {
+            let first_col = half * 16;
+            if first_col >= cols {
+                break;
+            }
+            let base = half * 32;
+            let mut total = [[_mm256_setzero_ps(); 2]; R];
+            for (cb, &scale) in scales.iter().enumerate() {
+                let (first, last) = (cb * bc / 2, ((cb + 1) * bc / 2).min(pairs));
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for c in first..last {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        p.wrapping_add(c * 64 + base + PREFETCH_BYTES) as *const i8
+                    );
+                    let (v0, v1) = (load(c * 64 + base), load(c * 64 + base + 16));
+                    let (e0, e1) = (
+                        e4m3_lanes_avx2::<24>(v0, keep),
+                        e4m3_lanes_avx2::<24>(v1, keep),
+                    );
+                    let (o0, o1) = (
+                        e4m3_lanes_avx2::<16>(v0, keep),
+                        e4m3_lanes_avx2::<16>(v1, keep),
+                    );
+                    for r in 0..R {
+                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
+                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                        acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+                        acc[r][2] = _mm256_fmadd_ps(xo, o0, acc[r][2]);
+                        acc[r][3] = _mm256_fmadd_ps(xo, o1, acc[r][3]);
+                    }
+                }
+                if k % 2 == 1 && last == pairs && (cb + 1) * bc >= k {
+                    let (v0, v1) = (load(pairs * 64 + base), load(pairs * 64 + base + 16));
+                    let (e0, e1) = (
+                        e4m3_lanes_avx2::<24>(v0, keep),
+                        e4m3_lanes_avx2::<24>(v1, keep),
+                    );
+                    for r in 0..R {
+                        let xe = _mm256_set1_ps(rows[r][k - 1]);
+                        acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+                    }
+                }
+                let factor = _mm256_set1_ps(scale * SCALE_FACTOR);
+                for r in 0..R {
+                    let (lo, hi) = (
+                        _mm256_add_ps(acc[r][0], acc[r][2]),
+                        _mm256_add_ps(acc[r][1], acc[r][3]),
+                    );
+                    total[r][0] = _mm256_fmadd_ps(lo, factor, total[r][0]);
+                    total[r][1] = _mm256_fmadd_ps(hi, factor, total[r][1]);
+                }
+            }
+            let width = (cols - first_col).min(16);
+            for (r, t) in total.iter().enumerate() {
+                let o = out.ptr().add(r * out.stride() + first_col);
+                let mut lanes = [0.0f32; 16];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), t[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), t[1]);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), o, width);
+            }
+        }
+    }
 }
 
 /// The bf16 bits of `codes` into `out` (as long).
@@ -312,7 +624,7 @@ mod tests {
         };
         let dense = w.dequantize();
         let packed = PackedFp8::pack(w).expect("blocks fit the panels");
-        for m in [1, 2, 5, 30] {
+        for m in [1, 2, 3, 4, 5, 30] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0)
                 .collect();
