@@ -382,3 +382,67 @@ fn nccl_exchanges_exactly_what_was_sent() {
     }
     eprintln!("nccl: {world} ranks on {world} GPUs exchanged 5 rounds exactly");
 }
+
+/// The cache of latents on the GPU and absorbed attention over it, against the CPU backend's:
+/// rows appended in several steps (the buffer grows on the GPU), a failed step taken back, then
+/// a prefill-sized block of queries and a decode row over it.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_attention_over_cached_rows_matches_the_cpu() {
+    use moebius_worker::backend::cuda::CudaBackend;
+    use moebius_worker::backend::{Backend, CpuBackend};
+    use rand::{Rng, SeedableRng};
+
+    let gpu = match CudaBackend::open(0, 1) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("skipped: no GPU to run on ({e})");
+            return;
+        }
+    };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let (heads, lora, rope) = (16, 512, 64);
+    let width = lora + rope;
+    let mut values =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (mut on_gpu, mut on_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
+    for step in [1usize, 7, 40, 3, 200] {
+        let rows = values(step * width);
+        gpu.append_rows(&mut on_gpu, &rows);
+        cpu.append_rows(&mut on_cpu, &rows);
+    }
+    // A step that failed: its rows come back off.
+    let failed = values(5 * width);
+    gpu.append_rows(&mut on_gpu, &failed);
+    gpu.truncate_rows(&mut on_gpu, 251);
+    let cached = gpu.read_rows(&on_gpu, 251);
+    assert!(
+        cached[..] == cpu.read_rows(&on_cpu, 251)[..],
+        "the cached rows differ"
+    );
+
+    for (position, queries) in [(150usize, 101usize), (250, 1)] {
+        let q = values(queries * heads * width);
+        let (mut got, mut want) = (
+            vec![f32::NAN; queries * heads * lora],
+            vec![f32::NAN; queries * heads * lora],
+        );
+        let scale = 1.0 / (192f32).sqrt();
+        gpu.attend_rows(&q, queries, heads, &on_gpu, position, lora, scale, &mut got);
+        cpu.attend_rows(
+            &q, queries, heads, &on_cpu, position, lora, scale, &mut want,
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst < 1e-4,
+            "{queries} queries at {position}: off by {worst}"
+        );
+        eprintln!(
+            "attention on the GPU, {queries} queries at {position}: worst difference {worst:.2e}"
+        );
+    }
+}

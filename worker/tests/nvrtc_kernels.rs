@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Every kernel of nvrtc.cu, each with a test below.
-const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16", "silu_mul"];
+const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16", "silu_mul", "causal_softmax"];
 
 #[test]
 fn every_kernel_has_a_test() {
@@ -155,6 +155,38 @@ fn silu_mul_matches_the_cpu_into_f32_and_into_bf16() {
             got,
             half::bf16::from_f32(wide).to_bits(),
             "value {i}: {wide}"
+        );
+    }
+}
+
+#[test]
+fn causal_softmax_matches_the_cpu_row_by_row() {
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    // 3 queries × 4 heads over 600 keys (more than a block's threads), the first query seeing
+    // 598: every row has masked columns but the last query's.
+    let (queries, heads, cols, first, scale) = (3usize, 4usize, 600usize, 598usize, 0.3f32);
+    let rows = queries * heads;
+    let scores: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-20.0..20.0))
+        .collect();
+    let mut want = scores.clone();
+    for (r, row) in want.chunks_exact_mut(cols).enumerate() {
+        moebius_worker::backend::attend::causal_softmax(row, first + r / heads, scale);
+    }
+    let mut got = scores;
+    let args = Args::default()
+        .arg(got.as_mut_ptr())
+        .arg(rows as i32)
+        .arg(cols as i32)
+        .arg(heads as i32)
+        .arg(first as i32)
+        .arg(scale);
+    // SAFETY: got holds rows × cols scores.
+    unsafe { HostKernels::get().launch("causal_softmax", grid::causal_softmax(rows), args) };
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+            "score {i}: {g}, want {w}"
         );
     }
 }

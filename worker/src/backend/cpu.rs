@@ -9,6 +9,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::attend::{attend_host, HostRows};
 use super::blocks::STREAM_ROWS;
 use super::packed::{self, PackedBf16, Weights};
 use super::packed_fp8::{self, PackedFp8};
@@ -169,6 +170,44 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
+    type Rows = HostRows;
+
+    fn new_rows(&self, width: usize) -> HostRows {
+        HostRows::new(width)
+    }
+
+    fn append_rows(&self, rows: &mut HostRows, data: &[f32]) {
+        rows.append(data);
+    }
+
+    fn truncate_rows(&self, rows: &mut HostRows, len: usize) {
+        rows.truncate(len);
+    }
+
+    fn rows_bytes(&self, rows: &HostRows) -> usize {
+        rows.bytes()
+    }
+
+    fn read_rows<'a>(&self, rows: &'a HostRows, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Borrowed(&rows.values()[..len * rows.width()])
+    }
+
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &HostRows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let (cache, width) = (rows.values(), rows.width());
+        attend_host(
+            self, q, queries, heads, cache, width, position, values, scale, out,
+        );
+    }
 
     fn name(&self) -> &'static str {
         "cpu"

@@ -71,6 +71,18 @@ impl CudaMatrix {
     }
 }
 
+/// One layer's KV cache of one sequence in GPU memory: rows of `width` f32 values in a buffer
+/// that doubles when it fills.
+pub struct CudaRows {
+    data: Option<CudaSlice<f32>>,
+    /// Rows held.
+    len: usize,
+    width: usize,
+}
+
+/// Most attention scores (floats) one block of queries holds on the GPU.
+const GPU_SCORE_BLOCK: usize = 1 << 26;
+
 enum DeviceWeights {
     F32(CudaSlice<f32>),
     /// bf16 bits.
@@ -325,6 +337,129 @@ impl CudaBackend {
         Ok(host)
     }
 
+    /// Appends `data` (whole rows) to `rows`, growing its buffer on the GPU when full.
+    fn try_append_rows(&self, rows: &mut CudaRows, data: &[f32]) -> Result<()> {
+        let width = rows.width;
+        let (held, need) = (rows.len * width, rows.len * width + data.len());
+        let capacity = rows.data.as_ref().map_or(0, |d| d.len());
+        if need > capacity {
+            let mut grown: CudaSlice<f32> = self
+                .stream
+                .alloc_zeros(need.max(capacity * 2).max(16 * width))
+                .map_err(driver)?;
+            if let (Some(old), true) = (&rows.data, held > 0) {
+                self.stream
+                    .memcpy_dtod(&old.slice(..held), &mut grown.slice_mut(..held))
+                    .map_err(driver)?;
+            }
+            rows.data = Some(grown);
+        }
+        if let Some(buffer) = rows.data.as_mut() {
+            self.stream
+                .memcpy_htod(data, &mut buffer.slice_mut(held..need))
+                .map_err(driver)?;
+        }
+        rows.len += data.len() / width.max(1);
+        Ok(())
+    }
+
+    /// [`Backend::attend_rows`] on the GPU: per block of queries, the scores in cuBLAS,
+    /// `causal_softmax`, and the weighted sum of the latents in cuBLAS; one upload of the
+    /// queries and one download of the outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn try_attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &CudaRows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (width, total) = (rows.width, position + queries);
+        let (Some(cache), true) = (&rows.data, queries > 0) else {
+            return Ok(());
+        };
+        if rows.len < total || values > width {
+            return Err(Error::Device(format!(
+                "attention over {} cached rows of {width} for {total} positions and {values} \
+                 values",
+                rows.len
+            )));
+        }
+        let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, queries);
+        let q_dev = self
+            .stream
+            .clone_htod(&q[..queries * heads * width])
+            .map_err(driver)?;
+        let mut o_dev: CudaSlice<f32> = self
+            .stream
+            .alloc_zeros(queries * heads * values)
+            .map_err(driver)?;
+        let mut scores: CudaSlice<f32> = self
+            .stream
+            .alloc_zeros(block * heads * total)
+            .map_err(driver)?;
+        {
+            let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+            let cache_p = cache.device_ptr(&self.stream).0;
+            let q_p = q_dev.device_ptr(&self.stream).0;
+            let o_p = o_dev.device_ptr_mut(&self.stream).0;
+            let scores_p = scores.device_ptr_mut(&self.stream).0;
+            let mut start = 0;
+            while start < queries {
+                let n = block.min(queries - start);
+                let (keys, pairs) = (position + start + n, n * heads);
+                let q_at = q_p + (start * heads * width * 4) as u64;
+                // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
+                // buffers hold them (keys <= rows.len), all on this stream.
+                unsafe {
+                    gemm(
+                        &blas,
+                        Shape {
+                            n: keys,
+                            m: pairs,
+                            k: width,
+                        },
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        cache_p,
+                        q_at,
+                        scores_p,
+                    )?
+                };
+                let (rows_i, keys_i, heads_i) = (dim(pairs)?, dim(keys)?, dim(heads)?);
+                let first = dim(position + start + 1)?;
+                let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
+                launch.arg(&scores_p).arg(&rows_i).arg(&keys_i);
+                launch.arg(&heads_i).arg(&first).arg(&scale);
+                // SAFETY: causal_softmax(scores, rows, cols, heads, first, scale) rewrites
+                // rows × cols scores, which `scores` holds.
+                unsafe { launch.launch(launch_config(grid::causal_softmax(pairs))) }
+                    .map_err(driver)?;
+                // SAFETY: out[pairs, values] = scores[pairs, keys] · cache[keys, ..values]:
+                // the buffers hold them, all on this stream.
+                unsafe {
+                    gemm_nn(
+                        &blas,
+                        (values, pairs, keys),
+                        (cache_p, width),
+                        (scores_p, keys),
+                        (o_p + (start * heads * values * 4) as u64, values),
+                    )?
+                };
+                start += n;
+            }
+        }
+        self.stream
+            .memcpy_dtoh(&o_dev, &mut out[..queries * heads * values])
+            .map_err(driver)?;
+        self.stream.synchronize().map_err(driver)?;
+        drop((q_dev, scores));
+        Ok(())
+    }
+
     /// Enqueues `y[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`]
     /// rows, in f32, reading the weight at one byte a value; `x` and `y` are f32 on the GPU.
     fn fp8_gemv(
@@ -531,12 +666,113 @@ unsafe fn gemm(
     .map_err(|e| device_error("cuBLAS product", e))
 }
 
+/// Column-major `c[m, n] = a[m, k] · b[k, n]` in f32 (cuBLAS' `N, N`), each operand with its
+/// leading dimension: with row-major buffers, `cᵀ = bᵀ · aᵀ`, i.e. row-major `C[n, m] =
+/// B[n, k] · A[k, m]`.
+///
+/// # Safety
+/// The pointers hold the matrices their leading dimensions describe, on the handle's stream.
+unsafe fn gemm_nn(
+    blas: &CudaBlas,
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (CUdeviceptr, usize),
+    (b, ldb): (CUdeviceptr, usize),
+    (c, ldc): (CUdeviceptr, usize),
+) -> Result<()> {
+    let (m, n, k) = (dim(m)?, dim(n)?, dim(k)?);
+    let (lda, ldb, ldc) = (dim(lda)?, dim(ldb)?, dim(ldc)?);
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
+    unsafe {
+        blas::gemm_ex(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            (&alpha) as *const f32 as *const _,
+            a as *const _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            lda,
+            b as *const _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            ldb,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            ldc,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| device_error("cuBLAS product", e))
+}
+
 fn driver(e: DriverError) -> Error {
     device_error("CUDA driver", e)
 }
 
 impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
+    type Rows = CudaRows;
+
+    fn new_rows(&self, width: usize) -> CudaRows {
+        CudaRows {
+            data: None,
+            len: 0,
+            width,
+        }
+    }
+
+    fn append_rows(&self, rows: &mut CudaRows, data: &[f32]) {
+        if let Err(e) = self.try_append_rows(rows, data) {
+            panic!("cuda:{}: caching rows: {e}", self.ordinal);
+        }
+    }
+
+    fn truncate_rows(&self, rows: &mut CudaRows, len: usize) {
+        rows.len = rows.len.min(len);
+    }
+
+    fn rows_bytes(&self, rows: &CudaRows) -> usize {
+        rows.data.as_ref().map_or(0, |d| d.len() * 4)
+    }
+
+    fn read_rows<'a>(&self, rows: &'a CudaRows, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        let mut host = vec![0.0f32; len * rows.width];
+        if let (Some(data), false) = (&rows.data, host.is_empty()) {
+            let read = self
+                .stream
+                .memcpy_dtoh(&data.slice(..host.len()), &mut host)
+                .and_then(|()| self.stream.synchronize());
+            if let Err(e) = read {
+                panic!("cuda:{}: reading cached rows: {e}", self.ordinal);
+            }
+        }
+        std::borrow::Cow::Owned(host)
+    }
+
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &CudaRows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let attended = self.try_attend_rows(q, queries, heads, rows, position, values, scale, out);
+        if let Err(e) = attended {
+            panic!("cuda:{}: attention: {e}", self.ordinal);
+        }
+    }
+
+    fn expands_attention(&self) -> bool {
+        false
+    }
 
     fn name(&self) -> &'static str {
         "cuda"

@@ -2,7 +2,7 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::{Backend, CpuBackend, Product, View};
+use super::{Backend, CpuBackend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
@@ -53,6 +53,13 @@ pub enum AnyMatrix {
     Cuda(super::cuda::CudaMatrix),
 }
 
+/// A cache of an [`AnyBackend`].
+pub enum AnyRows {
+    Cpu(super::attend::HostRows),
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaRows),
+}
+
 impl AnyBackend {
     /// Opens `device`; `threads` are the CPU threads of the products that run on the host
     /// (0: all cores), and `bf16_activations` applies to the CPU's products.
@@ -75,6 +82,22 @@ impl From<CpuBackend> for AnyBackend {
     fn from(b: CpuBackend) -> Self {
         AnyBackend::Cpu(b)
     }
+}
+
+/// `runs` with each matrix as the one device's own, by `pick`.
+fn narrow_mlps<'a, M>(
+    runs: &'a mut [MlpRun<'_, AnyMatrix>],
+    pick: impl Fn(&'a AnyMatrix) -> &'a M,
+) -> Vec<MlpRun<'a, M>> {
+    runs.iter_mut()
+        .map(|r| MlpRun {
+            x: r.x,
+            m: r.m,
+            gate_up: pick(r.gate_up),
+            down: pick(r.down),
+            out: &mut *r.out,
+        })
+        .collect()
 }
 
 /// `products` with each matrix as the one device's own, by `pick`.
@@ -100,8 +123,120 @@ fn mixed() -> ! {
     panic!("a weight matrix of one device was handed to another")
 }
 
+/// The one device's own rows of an [`AnyRows`], by `pick`.
+macro_rules! rows_of {
+    ($rows:expr, $variant:ident) => {
+        match $rows {
+            AnyRows::$variant(r) => r,
+            #[cfg(feature = "cuda")]
+            #[allow(unreachable_patterns)]
+            _ => mixed(),
+        }
+    };
+}
+
 impl Backend for AnyBackend {
     type Matrix = AnyMatrix;
+    type Rows = AnyRows;
+
+    fn new_rows(&self, width: usize) -> AnyRows {
+        match self {
+            AnyBackend::Cpu(b) => AnyRows::Cpu(b.new_rows(width)),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => AnyRows::Cuda(b.new_rows(width)),
+        }
+    }
+
+    fn append_rows(&self, rows: &mut AnyRows, data: &[f32]) {
+        match self {
+            AnyBackend::Cpu(b) => b.append_rows(rows_of!(rows, Cpu), data),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.append_rows(rows_of!(rows, Cuda), data),
+        }
+    }
+
+    fn truncate_rows(&self, rows: &mut AnyRows, len: usize) {
+        match self {
+            AnyBackend::Cpu(b) => b.truncate_rows(rows_of!(rows, Cpu), len),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.truncate_rows(rows_of!(rows, Cuda), len),
+        }
+    }
+
+    fn rows_bytes(&self, rows: &AnyRows) -> usize {
+        match self {
+            AnyBackend::Cpu(b) => b.rows_bytes(rows_of!(rows, Cpu)),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.rows_bytes(rows_of!(rows, Cuda)),
+        }
+    }
+
+    fn read_rows<'a>(&self, rows: &'a AnyRows, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            AnyBackend::Cpu(b) => b.read_rows(rows_of!(rows, Cpu), len),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.read_rows(rows_of!(rows, Cuda), len),
+        }
+    }
+
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &AnyRows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        match self {
+            AnyBackend::Cpu(b) => b.attend_rows(
+                q,
+                queries,
+                heads,
+                rows_of!(rows, Cpu),
+                position,
+                values,
+                scale,
+                out,
+            ),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.attend_rows(
+                q,
+                queries,
+                heads,
+                rows_of!(rows, Cuda),
+                position,
+                values,
+                scale,
+                out,
+            ),
+        }
+    }
+
+    fn expands_attention(&self) -> bool {
+        match self {
+            AnyBackend::Cpu(b) => b.expands_attention(),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.expands_attention(),
+        }
+    }
+
+    fn mlp_grouped(&self, runs: &mut [MlpRun<'_, AnyMatrix>]) {
+        match self {
+            AnyBackend::Cpu(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| match w {
+                AnyMatrix::Cpu(w) => w,
+                #[cfg(feature = "cuda")]
+                _ => mixed(),
+            })),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| match w {
+                AnyMatrix::Cuda(w) => w,
+                _ => mixed(),
+            })),
+        }
+    }
 
     fn name(&self) -> &'static str {
         match self {

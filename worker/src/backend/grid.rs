@@ -42,6 +42,17 @@ pub fn elementwise(len: usize) -> Grid {
     }
 }
 
+/// Threads of a `causal_softmax` block, which takes one row of scores.
+pub const SOFTMAX_THREADS: u32 = 256;
+
+/// `causal_softmax` over `rows` rows of scores: one block per row.
+pub fn causal_softmax(rows: usize) -> Grid {
+    Grid {
+        blocks: (blocks(rows), 1, 1),
+        threads: (SOFTMAX_THREADS, 1, 1),
+    }
+}
+
 fn blocks(n: usize) -> u32 {
     u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }

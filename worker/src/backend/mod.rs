@@ -4,6 +4,7 @@
 //! everything today. The CUDA backend (feature `cuda`; cudarc, cuBLAS) implements the same trait
 //! with device-resident [`Backend::Matrix`]es and leaves the model code as it is.
 //!
+//! - [`attend`]: absorbed attention over a cache on the host (the CPU's, and the reference);
 //! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
 //!   bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
@@ -17,6 +18,7 @@
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
 
+pub mod attend;
 pub mod blocks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -70,6 +72,10 @@ pub trait Backend: Send + Sync + 'static {
     /// A weight matrix `[rows, cols]` (PyTorch's `[out_features, in_features]`) on the device.
     type Matrix: Send + Sync;
 
+    /// One layer's KV cache of one sequence where the backend keeps it: rows of one width,
+    /// appended as the sequence grows.
+    type Rows: Send + Sync;
+
     /// Short name for logs and benchmarks.
     fn name(&self) -> &'static str;
 
@@ -113,6 +119,45 @@ pub trait Backend: Send + Sync + 'static {
     /// group ([`mlp_by_products`]).
     fn mlp_grouped(&self, runs: &mut [MlpRun<'_, Self::Matrix>]) {
         mlp_by_products(self, runs);
+    }
+
+    /// An empty cache of rows `width` values wide.
+    fn new_rows(&self, width: usize) -> Self::Rows;
+
+    /// Appends whole rows: `data.len()` is a multiple of the width.
+    fn append_rows(&self, rows: &mut Self::Rows, data: &[f32]);
+
+    /// Keeps the first `len` rows (a step that failed takes back what it appended).
+    fn truncate_rows(&self, rows: &mut Self::Rows, len: usize);
+
+    /// Bytes the rows hold.
+    fn rows_bytes(&self, rows: &Self::Rows) -> usize;
+
+    /// The first `len` rows, on the host (expanded attention expands them).
+    fn read_rows<'a>(&self, rows: &'a Self::Rows, len: usize) -> std::borrow::Cow<'a, [f32]>;
+
+    /// MLA's absorbed attention over a cache: `queries` rows of `q` (`[queries, heads, width]`,
+    /// query `i` at position `position + i`) attend causally over `rows` (keys: whole rows;
+    /// values: their first `values` columns) with scores scaled by `scale`; writes
+    /// `[queries, heads, values]` into `out`. [`attend::attend_host`] is the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &Self::Rows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    );
+
+    /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which
+    /// reads its cache back ([`Backend::read_rows`]). A backend that keeps the cache on a device
+    /// says no, and every sequence attends absorbed there.
+    fn expands_attention(&self) -> bool {
+        true
     }
 
     /// `out[m, n] (row stride out_stride) = a[m, k] · b[n, k]ᵀ`, for attention over caches.

@@ -90,3 +90,48 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up,
         }
     }
 }
+
+// The maximum (max != 0) or the sum of v over the block's threads, returned to every thread;
+// `red` holds one value per warp. Every thread of the block calls it.
+__device__ float block_reduce(float v, float* red, int max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float t = __shfl_xor_sync(0xffffffffu, v, o);
+        v = max ? fmaxf(v, t) : v + t;
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < warps ? red[lane] : (max ? __int_as_float(0xff800000) : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float t = __shfl_xor_sync(0xffffffffu, v, o);
+        v = max ? fmaxf(v, t) : v + t;
+    }
+    __syncthreads();  // red is free again
+    return v;
+}
+
+// Row r of scores [rows, cols] belongs to query r / heads, which sees the first
+// first + r / heads columns: those are scaled and softmaxed, the rest set to zero. One block
+// per row.
+extern "C" __global__ void causal_softmax(float* __restrict__ scores, int rows, int cols,
+                                          int heads, int first, float scale) {
+    __shared__ float red[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;  // the whole block
+    float* row = scores + (long long)r * cols;
+    int visible = first + r / heads;
+    if (visible > cols) visible = cols;
+    float m = __int_as_float(0xff800000);
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) m = fmaxf(m, row[c] * scale);
+    m = block_reduce(m, red, 1);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+        float e = expf(row[c] * scale - m);
+        row[c] = e;
+        s += e;
+    }
+    s = block_reduce(s, red, 0);
+    float inv = 1.0f / s;
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) row[c] *= inv;
+    for (int c = visible + threadIdx.x; c < cols; c += blockDim.x) row[c] = 0.0f;
+}

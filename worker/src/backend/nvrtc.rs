@@ -6,7 +6,8 @@
 //! - `fp8_to_bf16`: the same weight dequantised to bf16, for cuBLAS' products of many rows
 //!   (prefill);
 //! - `silu_mul`: SiLU-and-multiply of an MLP's gate and up products, into the f32 or bf16
-//!   activations of its down product.
+//!   activations of its down product;
+//! - `causal_softmax`: the scaled, causally masked softmax of attention scores, a block per row.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -25,6 +26,7 @@ pub struct Kernels {
     pub fp8_gemv: CudaFunction,
     pub fp8_to_bf16: CudaFunction,
     pub silu_mul: CudaFunction,
+    pub causal_softmax: CudaFunction,
 }
 
 impl Kernels {
@@ -42,6 +44,7 @@ impl Kernels {
             fp8_gemv: function("fp8_gemv")?,
             fp8_to_bf16: function("fp8_to_bf16")?,
             silu_mul: function("silu_mul")?,
+            causal_softmax: function("causal_softmax")?,
         })
     }
 }
@@ -78,7 +81,7 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        for entry in ["fp8_gemv", "fp8_to_bf16", "silu_mul"] {
+        for entry in ["fp8_gemv", "fp8_to_bf16", "silu_mul", "causal_softmax"] {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),
                 "no entry point {entry} in the PTX"

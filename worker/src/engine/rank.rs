@@ -58,13 +58,13 @@ pub struct Submission {
     pub events: Box<dyn EventSink>,
 }
 
-struct Sequence {
+struct Sequence<B: Backend> {
     /// The request, with its prompt and earlier tokens moved into `tokens`.
     request: GenerateRequest,
     /// The prompt, then every token generated for the request (also by earlier attempts).
     tokens: Vec<u32>,
     prompt_len: usize,
-    cache: KvCache,
+    cache: KvCache<B>,
     sampler: Sampler,
     /// Leading positions of `tokens` in the cache.
     fed: usize,
@@ -73,7 +73,7 @@ struct Sequence {
     events: Box<dyn EventSink>,
 }
 
-impl Sequence {
+impl<B: Backend> Sequence<B> {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -102,7 +102,7 @@ impl RankStats {
 /// The sequences of one rank and the model they run on.
 pub struct RankEngine<B: Backend> {
     model: Model<B>,
-    sequences: Vec<Sequence>,
+    sequences: Vec<Sequence<B>>,
     /// Most prompt tokens prefilled in one step, over all sequences.
     token_budget: usize,
     stats: RankStats,

@@ -13,18 +13,12 @@
 //! - expanded (prefill): the cached latents are expanded once into per-head keys and values,
 //!   and every query attends over `qk_head_dim` values per head, a third as many.
 
-use crate::backend::{rms_norm, softmax, Backend, Product, View};
+use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
+use crate::backend::{rms_norm, Backend, Product, View};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
 use crate::model::rope::RotaryEmbedding;
-
-/// Upper bound on the attention scores held at once (floats), to bound memory in long prefills.
-const SCORE_BLOCK: usize = 1 << 22;
-
-/// Query rows per block in a prefill: a block attends only to the keys up to its last row, so
-/// smaller blocks skip more of the causally masked scores; this many keeps the products large.
-const QUERY_BLOCK: usize = 32;
 
 /// One layer's attention weights.
 pub struct Attention<B: Backend> {
@@ -64,8 +58,9 @@ enum InputProjection<B: Backend> {
     },
 }
 
-/// The rows of one sequence in a batch: where they are, where they start, and its cache.
-pub struct Segment<'a> {
+/// The rows of one sequence in a batch: where they are, where they start, and its cache (`R`:
+/// the backend's [`Backend::Rows`]).
+pub struct Segment<'a, R> {
     /// First row of the sequence in the batch.
     pub row: usize,
     /// Number of new tokens.
@@ -73,7 +68,7 @@ pub struct Segment<'a> {
     /// Position of the first new token (= the cache's length before this step).
     pub position: usize,
     /// This layer's cache rows `[position, kv_lora_rank + qk_rope_head_dim]`, grown in place.
-    pub cache: &'a mut Vec<f32>,
+    pub cache: &'a mut R,
 }
 
 impl<B: Backend> Attention<B> {
@@ -198,7 +193,7 @@ impl<B: Backend> Attention<B> {
         rope: &RotaryEmbedding,
         x: &[f32],
         n: usize,
-        segments: &mut [Segment],
+        segments: &mut [Segment<B::Rows>],
         out: &mut [f32],
     ) {
         if n == 0 {
@@ -254,12 +249,14 @@ impl<B: Backend> Attention<B> {
 
         // Each sequence appends its rows to its cache and attends over all of it; [n, h, v].
         for seg in segments.iter_mut() {
-            seg.cache
-                .extend_from_slice(&kv[seg.row * width..(seg.row + seg.len) * width]);
+            let rows = &kv[seg.row * width..(seg.row + seg.len) * width];
+            backend.append_rows(seg.cache, rows);
         }
         let mut attn = vec![0.0; n * h * self.v];
-        let (expanded, absorbed): (Vec<&Segment>, Vec<&Segment>) =
-            segments.iter().partition(|seg| self.expands(seg));
+        type Segments<'s, 'a, R> = Vec<&'s Segment<'a, R>>;
+        let (expanded, absorbed): (Segments<B::Rows>, Segments<B::Rows>) = segments
+            .iter()
+            .partition(|seg| backend.expands_attention() && self.expands(seg));
         for seg in expanded {
             self.attend_expanded(backend, seg, &q, &mut attn);
         }
@@ -268,7 +265,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Whether `seg` costs fewer multiply-adds expanded than absorbed.
-    fn expands(&self, seg: &Segment) -> bool {
+    fn expands<R>(&self, seg: &Segment<R>) -> bool {
         let (h, qk, lora) = (self.heads, self.nope + self.rope, self.lora);
         let (len, total) = (seg.len, seg.position + seg.len);
         // Keys a query row sees on average, with causal blocks of QUERY_BLOCK rows.
@@ -280,13 +277,14 @@ impl<B: Backend> Attention<B> {
 
     /// Expanded attention of one sequence: keys and values of every position from its latents,
     /// then ordinary causal attention, heads as parallel tasks; writes its rows of `attn`.
-    fn attend_expanded(&self, backend: &B, seg: &Segment, q: &[f32], attn: &mut [f32]) {
+    fn attend_expanded(&self, backend: &B, seg: &Segment<B::Rows>, q: &[f32], attn: &mut [f32]) {
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
         let (nope, v) = (self.nope, self.v);
         let kv_width = nope + v;
         let total = seg.position + seg.len;
+        let cache = backend.read_rows(seg.cache, total);
         // [total, h, nope + v]: per head, W_UK c then W_UV c.
-        let latents: Vec<f32> = seg.cache[..total * width]
+        let latents: Vec<f32> = cache[..total * width]
             .chunks_exact(width)
             .flat_map(|row| &row[..self.lora])
             .copied()
@@ -299,7 +297,7 @@ impl<B: Backend> Attention<B> {
             for (t, key) in keys.chunks_exact_mut(qk).enumerate() {
                 let at = (t * h + head) * kv_width;
                 key[..nope].copy_from_slice(&kv[at..at + nope]);
-                key[nope..].copy_from_slice(&seg.cache[t * width + self.lora..(t + 1) * width]);
+                key[nope..].copy_from_slice(&cache[t * width + self.lora..(t + 1) * width]);
             }
             let mut out = vec![0.0; seg.len * v];
             let mut scores = Vec::new();
@@ -356,7 +354,13 @@ impl<B: Backend> Attention<B> {
 
     /// Absorbed attention of `segments` (their rows gathered into one batch, so decode steps of
     /// many sequences share each product); writes their rows of `attn`.
-    fn attend_absorbed(&self, backend: &B, segments: &[&Segment], q: &[f32], attn: &mut [f32]) {
+    fn attend_absorbed(
+        &self,
+        backend: &B,
+        segments: &[&Segment<B::Rows>],
+        q: &[f32],
+        attn: &mut [f32],
+    ) {
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
         let n: usize = segments.iter().map(|seg| seg.len).sum();
         if n == 0 {
@@ -395,7 +399,16 @@ impl<B: Backend> Attention<B> {
         let mut o_lat = vec![0.0; n * h * self.lora];
         let mut first = 0;
         for seg in segments {
-            self.attend(backend, seg, first, &q_abs, &mut o_lat);
+            backend.attend_rows(
+                &q_abs[first * h * width..(first + seg.len) * h * width],
+                seg.len,
+                h,
+                seg.cache,
+                seg.position,
+                self.lora,
+                self.scale,
+                &mut o_lat[first * h * self.lora..(first + seg.len) * h * self.lora],
+            );
             first += seg.len;
         }
 
@@ -420,76 +433,6 @@ impl<B: Backend> Attention<B> {
             first += seg.len;
         }
     }
-
-    /// Absorbed causal attention of one sequence's new rows over its whole cache; its rows
-    /// start at row `row` of `q_abs` and `o_lat`.
-    fn attend(&self, backend: &B, seg: &Segment, row: usize, q_abs: &[f32], o_lat: &mut [f32]) {
-        let (h, width) = (self.heads, self.cache_width());
-        let total = seg.position + seg.len;
-        let block = (SCORE_BLOCK / (h * total).max(1)).clamp(1, QUERY_BLOCK);
-        let mut start = 0;
-        while start < seg.len {
-            let rows = block.min(seg.len - start);
-            let first = row + start;
-            // Keys needed by this block: positions up to the block's last query.
-            let keys = seg.position + start + rows;
-            // Scores [pairs, keys] as (cache · qᵀ)ᵀ: with the right operand row-major, `gemm`
-            // runs this 2-4 times faster than q · cacheᵀ, whose operands are both read along
-            // their rows (16 heads over 150-4000 keys, on a Zen 4).
-            let pairs = rows * h;
-            let q_t = transpose(
-                &q_abs[first * h * width..(first * h + pairs) * width],
-                width,
-            );
-            let mut scores_t = vec![0.0; keys * pairs];
-            backend.matmul_nn(
-                keys,
-                pairs,
-                width,
-                View {
-                    data: seg.cache,
-                    row_stride: width,
-                },
-                View {
-                    data: &q_t,
-                    row_stride: pairs,
-                },
-                &mut scores_t,
-                pairs,
-            );
-            let mut scores = transpose(&scores_t, pairs);
-            for (i, row_scores) in scores.chunks_exact_mut(h * keys).enumerate() {
-                for head_scores in row_scores.chunks_exact_mut(keys) {
-                    causal_softmax(head_scores, seg.position + start + i + 1, self.scale);
-                }
-            }
-            backend.matmul_nn(
-                rows * h,
-                self.lora,
-                keys,
-                View {
-                    data: &scores,
-                    row_stride: keys,
-                },
-                View {
-                    data: seg.cache,
-                    row_stride: width,
-                },
-                &mut o_lat[first * h * self.lora..],
-                self.lora,
-            );
-            start += rows;
-        }
-    }
-}
-
-/// Softmax of the first `visible` scores of `row`, scaled by `scale`; the rest (future
-/// positions) are set to zero.
-fn causal_softmax(row: &mut [f32], visible: usize, scale: f32) {
-    let (live, masked) = row.split_at_mut(visible);
-    live.iter_mut().for_each(|s| *s *= scale);
-    softmax(live);
-    masked.fill(0.0);
 }
 
 /// `xs[head] · weights[head]ᵀ` for every head (`n` rows each, `out_width` outputs), as one
@@ -509,20 +452,8 @@ fn per_head<B: Backend>(
     outs
 }
 
-/// The transpose of a row-major matrix of `cols` columns.
-fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
-    let rows = m.len() / cols;
-    let mut t = vec![0.0; m.len()];
-    for (r, row) in m.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            t[c * rows + r] = v;
-        }
-    }
-    t
-}
-
 /// The position of every batch row, from the segments that cover them.
-fn row_positions(segments: &[Segment], n: usize) -> Vec<usize> {
+fn row_positions<R>(segments: &[Segment<R>], n: usize) -> Vec<usize> {
     let mut positions = vec![0; n];
     for seg in segments {
         for (i, p) in positions[seg.row..seg.row + seg.len].iter_mut().enumerate() {
@@ -574,11 +505,13 @@ mod tests {
                 rope.rotate(&mut row[attention.lora..], t);
             }
             let q: Vec<f32> = (0..len * h * qk).map(|i| value(i + 13)).collect();
+            let mut rows = backend.new_rows(width);
+            backend.append_rows(&mut rows, &cache);
             let seg = Segment {
                 row: 0,
                 len,
                 position,
-                cache: &mut cache,
+                cache: &mut rows,
             };
             let mut expanded = vec![f32::NAN; len * h * attention.v];
             attention.attend_expanded(&backend, &seg, &q, &mut expanded);
@@ -596,7 +529,7 @@ mod tests {
     #[test]
     fn prefill_expands_and_decode_stays_absorbed() {
         let (_, attention, _) = layer("tiny-v3");
-        let mut cache = Vec::new();
+        let mut cache = ();
         let mut expands = |position, len| {
             attention.expands(&Segment {
                 row: 0,

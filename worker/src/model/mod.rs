@@ -274,20 +274,18 @@ impl<B: Backend> RankExperts<B> {
 ///
 /// A step appends its rows layer by layer and commits them (`len`) only when the whole forward
 /// pass succeeded; [`rollback`](Self::rollback) drops what a failed step appended.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Vec<f32>>,
+pub struct KvCache<B: Backend> {
+    /// Each layer's rows, where the backend keeps them.
+    layers: Vec<B::Rows>,
     len: usize,
-    /// Floats per cached position in every layer.
-    width: usize,
+    backend: Arc<B>,
 }
 
-impl KvCache {
+impl<B: Backend> KvCache<B> {
     /// Drops the rows of a step that did not complete, so that the step can be redone.
     pub fn rollback(&mut self) {
-        let keep = self.len * self.width;
         for layer in &mut self.layers {
-            layer.truncate(keep);
+            self.backend.truncate_rows(layer, self.len);
         }
     }
 
@@ -302,14 +300,14 @@ impl KvCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.len() * 4).sum()
+        self.layers.iter().map(|l| self.backend.rows_bytes(l)).sum()
     }
 }
 
 /// One sequence's part of a step: its new tokens and its cache.
-pub struct StepInput<'a> {
+pub struct StepInput<'a, B: Backend> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub cache: &'a mut KvCache<B>,
 }
 
 /// The model as one rank of an EP group runs it.
@@ -442,12 +440,16 @@ impl<B: Backend> Model<B> {
     }
 
     /// A new, empty cache for a sequence.
-    pub fn new_cache(&self) -> KvCache {
+    pub fn new_cache(&self) -> KvCache<B> {
         let cfg = &self.shared.config;
+        let backend = self.shared.backend.clone();
+        let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
         KvCache {
-            layers: vec![Vec::new(); self.shared.layers.len()],
+            layers: (0..self.shared.layers.len())
+                .map(|_| backend.new_rows(width))
+                .collect(),
             len: 0,
-            width: cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            backend,
         }
     }
 
@@ -456,7 +458,7 @@ impl<B: Backend> Model<B> {
     /// the group calls this once per step, with no inputs when it has none.
     pub fn forward(
         &self,
-        inputs: &mut [StepInput],
+        inputs: &mut [StepInput<B>],
         comm: &mut dyn Communicator,
     ) -> Result<Vec<f32>> {
         let w = &*self.shared;
@@ -497,7 +499,7 @@ impl<B: Backend> Model<B> {
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &layer.input_norm, cfg.rms_norm_eps);
             let mut row = 0;
-            let mut segments: Vec<Segment> = inputs
+            let mut segments: Vec<Segment<B::Rows>> = inputs
                 .iter_mut()
                 .map(|input| {
                     let seg = Segment {
