@@ -3,8 +3,10 @@
 //! weight runs on the GPU; activations cross to the GPU and back for each product, or for each
 //! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download). A
 //! group of gated MLPs ([`Backend::mlp_grouped`], a MoE layer's experts) is one round trip too:
-//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. The products
-//! of attention over the KV cache (activations by activations) run on the host's CPU backend.
+//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. Each
+//! sequence's cache of latents lives in GPU memory ([`CudaRows`], a buffer per layer that
+//! doubles when full), and attention over it runs there in MLA's absorbed form: the scores and
+//! the weighted sum of the latents in cuBLAS, the causal softmax in a kernel of this crate.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
