@@ -39,7 +39,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     /// One cuBLAS handle, used by one thread at a time: ranks of one process share the backend.
     blas: Arc<Mutex<CudaBlas>>,
-    /// Attention over the caches, on the host.
+    /// Products of activations by activations that the model asks for on the host
+    /// (`matmul_nt`, `matmul_nn`): none while every sequence attends absorbed on the GPU.
     host: CpuBackend,
     /// This crate's kernels, compiled by NVRTC when the backend opens.
     kernels: Kernels,
