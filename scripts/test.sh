@@ -47,6 +47,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU backend builds and lints without CUDA: cudarc loads its libraries at run time.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
 cargo test --workspace --locked
-# The GPU backend's kernels, compiled by NVRTC (their GPU tests skip here without a GPU).
+# The GPU backend's kernels, compiled by NVRTC.
 MOEBIUS_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --locked --features cuda -p moebius-worker --lib nvrtc
+# The GPU tests with the feature: here, without a GPU, each says why it skips.
+cargo test --locked --features cuda -p moebius-worker --test gpu

@@ -19,15 +19,7 @@ mod golden;
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_backend_follows_transformers() {
-    use moebius_worker::backend::cuda::CudaBackend;
-
-    let backend = match CudaBackend::open(0, 1) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipped: no GPU to run on ({e})");
-            return;
-        }
-    };
+    let Some(backend) = gpu::open() else { return };
     eprintln!("running on cuda:0, {}", backend.device_name());
     let backend = std::sync::Arc::new(backend);
     for name in ["demo", "tiny-v3", "tiny-v3-fp8", "tiny-v2"] {
@@ -79,6 +71,13 @@ mod gpu {
     use moebius_worker::comm::local_group;
     use moebius_worker::config::ModelConfig;
     use moebius_worker::model::{Model, SharedWeights, StepInput};
+
+    /// GPU 0, or `None` after saying why the test skips.
+    pub fn open() -> Option<CudaBackend> {
+        CudaBackend::open(0, 1)
+            .map_err(|e| eprintln!("skipped: no GPU to run on ({e})"))
+            .ok()
+    }
 
     /// The model of `dir` as one rank holding every expert, on `backend`.
     pub fn model(dir: &Path, backend: Arc<CudaBackend>) -> Model<CudaBackend> {
@@ -140,17 +139,10 @@ mod gpu {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_groups_match_the_cpu() {
-    use moebius_worker::backend::cuda::CudaBackend;
     use moebius_worker::backend::{Backend, CpuBackend, MlpRun, Product};
     use rand::{Rng, SeedableRng};
 
-    let gpu = match CudaBackend::open(0, 1) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipped: no GPU to run on ({e})");
-            return;
-        }
-    };
+    let Some(gpu) = gpu::open() else { return };
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (hidden, width) = (256, 128);
@@ -299,6 +291,12 @@ fn nccl_exchanges_exactly_what_was_sent() {
     use moebius_worker::comm::{tcp_group_localhost, Communicator};
     use std::time::Duration;
 
+    // SAFETY: only tries to load the library by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return eprintln!(
+            "skipped: no GPU to run on (no CUDA driver: libcuda.so is not on the library path)"
+        );
+    }
     let gpus = match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => n as usize,
         Ok(_) => return eprintln!("skipped: no GPU to run on"),
@@ -389,17 +387,10 @@ fn nccl_exchanges_exactly_what_was_sent() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_attention_over_cached_rows_matches_the_cpu() {
-    use moebius_worker::backend::cuda::CudaBackend;
     use moebius_worker::backend::{Backend, CpuBackend};
     use rand::{Rng, SeedableRng};
 
-    let gpu = match CudaBackend::open(0, 1) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipped: no GPU to run on ({e})");
-            return;
-        }
-    };
+    let Some(gpu) = gpu::open() else { return };
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let (heads, lora, rope) = (16, 512, 64);

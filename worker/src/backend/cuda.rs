@@ -640,33 +640,8 @@ unsafe fn gemm(
     x: CUdeviceptr,
     y: CUdeviceptr,
 ) -> Result<()> {
-    let (n, m, k) = (dim(n)?, dim(m)?, dim(k)?);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
-    unsafe {
-        blas::gemm_ex(
-            *blas.handle(),
-            sys::cublasOperation_t::CUBLAS_OP_T,
-            sys::cublasOperation_t::CUBLAS_OP_N,
-            n,
-            m,
-            k,
-            (&alpha) as *const f32 as *const _,
-            w as *const _,
-            operands,
-            k,
-            x as *const _,
-            operands,
-            k,
-            (&beta) as *const f32 as *const _,
-            y as *mut _,
-            sys::cudaDataType_t::CUDA_R_32F,
-            n,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| device_error("cuBLAS product", e))
+    // SAFETY: as the caller vouches.
+    unsafe { gemm_f32_out(blas, (true, operands), (n, m, k), (w, k), (x, k), (y, n)) }
 }
 
 /// Column-major `c[m, n] = a[m, k] · b[k, n]` in f32 (cuBLAS' `N, N`), each operand with its
@@ -678,28 +653,51 @@ unsafe fn gemm(
 unsafe fn gemm_nn(
     blas: &CudaBlas,
     (m, n, k): (usize, usize, usize),
+    a: (CUdeviceptr, usize),
+    b: (CUdeviceptr, usize),
+    c: (CUdeviceptr, usize),
+) -> Result<()> {
+    let f32s = sys::cudaDataType_t::CUDA_R_32F;
+    // SAFETY: as the caller vouches.
+    unsafe { gemm_f32_out(blas, (false, f32s), (m, n, k), a, b, c) }
+}
+
+/// cuBLAS' `gemm_ex` with column-major `c[m, n] = op(a) · b` (`op` transposes `a` when
+/// `transpose_a`), operands of one type, an f32 result and f32 accumulation.
+///
+/// # Safety
+/// As [`gemm`] and [`gemm_nn`].
+unsafe fn gemm_f32_out(
+    blas: &CudaBlas,
+    (transpose_a, operands): (bool, sys::cudaDataType_t),
+    (m, n, k): (usize, usize, usize),
     (a, lda): (CUdeviceptr, usize),
     (b, ldb): (CUdeviceptr, usize),
     (c, ldc): (CUdeviceptr, usize),
 ) -> Result<()> {
     let (m, n, k) = (dim(m)?, dim(n)?, dim(k)?);
     let (lda, ldb, ldc) = (dim(lda)?, dim(ldb)?, dim(ldc)?);
+    let op_a = if transpose_a {
+        sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        sys::cublasOperation_t::CUBLAS_OP_N
+    };
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
     unsafe {
         blas::gemm_ex(
             *blas.handle(),
-            sys::cublasOperation_t::CUBLAS_OP_N,
+            op_a,
             sys::cublasOperation_t::CUBLAS_OP_N,
             m,
             n,
             k,
             (&alpha) as *const f32 as *const _,
             a as *const _,
-            sys::cudaDataType_t::CUDA_R_32F,
+            operands,
             lda,
             b as *const _,
-            sys::cudaDataType_t::CUDA_R_32F,
+            operands,
             ldb,
             (&beta) as *const f32 as *const _,
             c as *mut _,
