@@ -5,7 +5,8 @@
 # from target/gpu-bundle), runs the GPU test (worker/tests/gpu.rs: every fixture against its
 # transformers golden on the GPU), checks `generate --device cuda` against `--device cpu`
 # through the CLI and a GPU rank beside a CPU rank (`up --device cuda:N,cpu`, expert parallel
-# over the tcp data plane) against the CPU alone, and runs a short `bench engine` on the GPU
+# over the tcp data plane) against the CPU alone, with two GPUs or more also two GPU ranks over
+# the nccl data plane (`up --data-plane nccl`), and runs a short `bench engine` on the GPU
 # (the bench model in bf16 and in FP8, made with python3's torch and transformers where missing and they
 # are there, else the demo fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
 # non-zero when a check fails. Also measures the products alone (`bench products`, bf16 and FP8
@@ -69,22 +70,23 @@ echo "cpu: $cpu"
 echo "gpu: $gpu_tokens"
 [ "$cpu" = "$gpu_tokens" ] || { echo "gpu_check.sh: the GPU's tokens differ from the CPU's" >&2; exit 1; }
 
-echo "== a GPU rank beside a CPU rank over the tcp data plane: up --device cuda:$gpu,cpu"
+# up_tokens ARGS...: starts `moebius up` on the fixture with two workers and ARGS, asks it for
+# the same continuation over the OpenAI API, stops it and prints the token ids.
 up_log=$(mktemp)
-"$moebius" up --model "$fixture" --workers 2 --device "cuda:$gpu,cpu" --threads 1 \
-  --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$up_log" 2>&1 &
-up_pid=$!
-trap 'kill "$up_pid" 2>/dev/null; rm -f "$test_log" "$up_log"' EXIT
-http=""
-for _ in $(seq 1 120); do
-  http=$(sed -n 's|^watch it: dashboard https\?://\([^/]*\)/.*|\1|p' "$up_log")
-  [ -n "$http" ] && grep -q "^epoch .* active with 2 workers" "$up_log" && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$up_log" >&2; echo "gpu_check.sh: up stopped" >&2; exit 1; }
-  sleep 0.5
-done
-[ -n "$http" ] || { cat "$up_log" >&2; echo "gpu_check.sh: up did not come up in 60 s" >&2; exit 1; }
-grep "^epoch .* active" "$up_log"
-mixed=$(python3 - "$http" <<'PY'
+trap 'rm -f "$test_log" "$up_log"' EXIT
+up_tokens() {
+  "$moebius" up --model "$fixture" --workers 2 --threads 1 "$@" \
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$up_log" 2>&1 &
+  local up_pid=$! http=""
+  for _ in $(seq 1 120); do
+    http=$(sed -n 's|^watch it: dashboard https\?://\([^/]*\)/.*|\1|p' "$up_log")
+    [ -n "$http" ] && grep -q "^epoch .* active with 2 workers" "$up_log" && break
+    kill -0 "$up_pid" 2>/dev/null || { cat "$up_log" >&2; echo "gpu_check.sh: up $* stopped" >&2; return 1; }
+    sleep 0.5
+  done
+  [ -n "$http" ] || { kill "$up_pid"; cat "$up_log" >&2; echo "gpu_check.sh: up $* did not come up in 60 s" >&2; return 1; }
+  grep "^epoch .* active" "$up_log" >&2
+  python3 - "$http" <<'PY' || { kill "$up_pid"; return 1; }
 import json, sys, urllib.request
 body = {"prompt": [0, 5, 9, 17], "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 1}
 req = urllib.request.Request(f"http://{sys.argv[1]}/v1/completions", json.dumps(body).encode(),
@@ -92,11 +94,26 @@ req = urllib.request.Request(f"http://{sys.argv[1]}/v1/completions", json.dumps(
 tokens = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["logprobs"]["tokens"]
 print([int(t.removeprefix("token_id:")) for t in tokens])
 PY
-)
-kill "$up_pid"
+  kill "$up_pid"
+  wait "$up_pid" 2>/dev/null || true
+}
+
+echo "== a GPU rank beside a CPU rank over the tcp data plane: up --device cuda:$gpu,cpu"
+mixed=$(up_tokens --device "cuda:$gpu,cpu")
 echo "cpu alone:     $cpu"
 echo "cuda:$gpu + cpu: $mixed"
 [ "$cpu" = "$mixed" ] || { echo "gpu_check.sh: the GPU and CPU ranks' tokens differ from the CPU's alone" >&2; exit 1; }
+
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${gpus:-0}" -ge $((gpu + 2)) ]; then
+  echo "== two GPU ranks over the nccl data plane: up --device cuda:$gpu --data-plane nccl"
+  nccl=$(up_tokens --device "cuda:$gpu" --data-plane nccl)
+  echo "cpu alone:       $cpu"
+  echo "cuda x2 on nccl: $nccl"
+  [ "$cpu" = "$nccl" ] || { echo "gpu_check.sh: the tokens over nccl differ from the CPU's alone" >&2; exit 1; }
+else
+  echo "== nccl: this machine has ${gpus:-0} GPU(s) from cuda:$gpu on; up --data-plane nccl needs two (not run)"
+fi
 
 # The bench model as bf16 and as FP8 (block-quantised as DeepSeek-V3 is released), made with
 # the machine's torch and transformers where missing.
