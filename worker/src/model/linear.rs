@@ -1,6 +1,6 @@
 //! Linear layers, the SwiGLU MLP, and the loader that reads them from a checkpoint.
 
-use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, MlpRun, Product};
+use crate::backend::{add_bias, bf16_to_f32, silu_mul, Backend, MlpRun};
 use crate::checkpoint::{Checkpoint, Fp8Blocks};
 use crate::error::Result;
 
@@ -24,32 +24,6 @@ impl<B: Backend> Linear<B> {
     /// Bytes of the weight and bias.
     pub fn bytes(&self, backend: &B) -> usize {
         backend.matrix_bytes(&self.weight) + self.bias.as_ref().map_or(0, |b| b.len() * 4)
-    }
-
-    /// Applies each layer of `runs` to its own `m` rows, as one grouped product (see
-    /// [`Backend::linear_grouped`]); returns each run's `m × out_features` values.
-    pub fn forward_grouped(backend: &B, runs: &[(&Self, &[f32], usize)]) -> Vec<Vec<f32>> {
-        let mut outs: Vec<Vec<f32>> = runs
-            .iter()
-            .map(|(layer, _, m)| vec![0.0; m * layer.out_features])
-            .collect();
-        let mut products: Vec<Product<'_, B::Matrix>> = runs
-            .iter()
-            .zip(&mut outs)
-            .map(|(&(layer, x, m), out)| Product {
-                x,
-                m,
-                w: &layer.weight,
-                out,
-            })
-            .collect();
-        backend.linear_grouped(&mut products);
-        for ((layer, _, _), out) in runs.iter().zip(&mut outs) {
-            if let Some(bias) = &layer.bias {
-                add_bias(out, bias);
-            }
-        }
-        outs
     }
 }
 
