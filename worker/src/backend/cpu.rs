@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::attend::{attend_host, HostRows};
 use super::blocks::STREAM_ROWS;
+use super::f32_rows;
 use super::packed::{self, PackedBf16, Weights};
 use super::packed_fp8::{self, PackedFp8};
 use super::{mlp_by_products, silu_mul, Backend, MlpRun, Product, View};
@@ -269,6 +270,10 @@ impl Backend for CpuBackend {
     fn linear(&self, x: &[f32], m: usize, w: &CpuMatrix, out: &mut [f32]) {
         // out[m, rows] = x[m, cols] · wᵀ; wᵀ[c, r] = w[r * cols + c].
         match &w.data {
+            Storage::F32(data) if m <= f32_rows::MAX_ROWS => {
+                let parallel = self.parallel(m, w.rows, w.cols);
+                f32_rows::matmul(x, m, data, (w.rows, w.cols), out, parallel)
+            }
             Storage::F32(data) => self.gemm(
                 m, w.rows, w.cols, out, w.rows, x, w.cols, 1, data, 1, w.cols,
             ),

@@ -14,6 +14,7 @@
 //! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS and, for FP8
 //!   weights, in `nvrtc`'s kernels (compiled at run time);
 //! - [`grid`]: the launch shape of each CUDA kernel;
+//! - [`f32_rows`]: f32 weights against a few activation rows, where `gemm`'s packing costs most;
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
@@ -24,6 +25,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod f32_rows;
 pub mod grid;
 pub mod kernels;
 #[cfg(feature = "cuda")]
