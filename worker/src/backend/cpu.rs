@@ -1,5 +1,6 @@
-//! The CPU backend: f32 weights and activation products through the `gemm` crate, bf16
-//! weights through the packed kernels of [`super::packed`]; `f32` accumulation, both cores for
+//! The CPU backend: f32 weights and activation products through the `gemm` crate (f32 weights
+//! against at most 16 rows through [`super::f32_rows`]), bf16 and FP8 weights through the packed
+//! kernels of [`super::packed`] and [`super::packed_fp8`]; `f32` accumulation, both cores for
 //! products big enough to pay for the fork.
 //!
 //! Weights a checkpoint stores as bf16 stay bf16 in memory: a decode step is bound by the bytes

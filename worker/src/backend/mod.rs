@@ -5,8 +5,8 @@
 //! with device-resident [`Backend::Matrix`]es and leaves the model code as it is.
 //!
 //! - [`attend`]: absorbed attention over a cache on the host (the CPU's, and the reference);
-//! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products, [`packed`] for
-//!   bf16 weights;
+//! - [`cpu`]: the CPU backend: `gemm` for f32 weights and activation products ([`f32_rows`]
+//!   for f32 weights against few rows), [`packed`] for bf16 weights;
 //! - [`packed`]: bf16 matrices in panels of column pairs, and their AVX-512 kernels (f32 or bf16
 //!   activations), AVX2 and NEON kernels (f32 activations) and a portable fallback;
 //! - [`packed_fp8`]: block-quantised FP8 weights at one byte a value, through the bf16 kernels;
