@@ -8,8 +8,8 @@
 //! s = s · Σ_c x_c · fp8(w_c)` over a block's columns, since one scale covers them. The panels
 //! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
 //!
-//! A product of a few rows (decode: at most [`direct_rows`]) reads the codes straight into
-//! registers instead, where the conversion pass would cost more than the product: each code
+//! On x86-64, a product of a few rows (decode: at most [`direct_rows`]) reads the codes straight
+//! into registers instead, where the conversion pass would cost more than the product: each code
 //! becomes the f32 `fp8(code) · 2^-120` in three integer instructions (its sign and its seven
 //! low bits moved to the f32's sign and to the top of its exponent and mantissa, which is exact
 //! for every E4M3FN value, subnormals included), the activations come scaled by 2^64, so that
@@ -21,12 +21,15 @@ use super::blocks::Block;
 use super::kernels::{self, Family};
 
 /// The activations' factor in products that read codes into registers: see the module doc.
+#[cfg(target_arch = "x86_64")]
 const X_FACTOR: f32 = 18_446_744_073_709_551_616.0; // 2^64
 
 /// The factor of each block's scale there: 2^120 / 2^64.
+#[cfg(target_arch = "x86_64")]
 const SCALE_FACTOR: f32 = 72_057_594_037_927_936.0; // 2^56
 
 /// Bytes ahead of the codes being read that the direct kernels prefetch.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 8192;
 
 /// Activation rows up to which `family` multiplies FP8 codes in registers; 0 where it has no
@@ -130,6 +133,7 @@ pub(super) fn task(
     let k = w.cols;
     let (br, bc) = w.block;
     let col_blocks = k.div_ceil(bc);
+    #[cfg(target_arch = "x86_64")]
     if im <= direct_rows(family) {
         let xs: Vec<f32> = x[..im * k].iter().map(|v| v * X_FACTOR).collect();
         for_panels(j0, jn, |p, col, cols| {
@@ -215,6 +219,7 @@ pub(super) fn task(
 /// The CPU runs `family`'s instructions and `im <= direct_rows(family)`; `xs.len() >= im * k`;
 /// the panel holds `k.div_ceil(2)` pairs of [`PANEL`] codes; `scales` has one factor per block
 /// of `bc` (even) columns; `cols <= PANEL`; those values of `out` are lent to this call alone.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn direct_rows_product(
     family: Family,
@@ -232,25 +237,19 @@ unsafe fn direct_rows_product(
     // SAFETY: the caller's contract is each kernel's.
     unsafe {
         match (family, im) {
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 1) => {
                 direct_avx512::<1>(xs, k, panel, bc, scales, out, cols)
             }
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 2) => {
                 direct_avx512::<2>(xs, k, panel, bc, scales, out, cols)
             }
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 3) => {
                 direct_avx512::<3>(xs, k, panel, bc, scales, out, cols)
             }
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 4) => {
                 direct_avx512::<4>(xs, k, panel, bc, scales, out, cols)
             }
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx2, 1) => direct_avx2::<1>(xs, k, panel, bc, scales, out, cols),
-            #[cfg(target_arch = "x86_64")]
             (Family::Avx2, 2) => direct_avx2::<2>(xs, k, panel, bc, scales, out, cols),
             _ => unreachable!("no direct FP8 kernel for {im} rows of {}", family.name()),
         }
