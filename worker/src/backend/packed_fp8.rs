@@ -8,8 +8,8 @@
 //! s = s · Σ_c x_c · fp8(w_c)` over a block's columns, since one scale covers them. The panels
 //! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
 //!
-//! On x86-64, a product of a few rows (decode: at most [`direct_rows`]) reads the codes straight
-//! into registers instead, where the conversion pass would cost more than the product: each code
+//! On x86-64 and aarch64, a product of a few rows (decode: at most [`direct_rows`]) reads the
+//! codes straight into registers instead, where the conversion pass would cost more than the product: each code
 //! becomes the f32 `fp8(code) · 2^-120` in three integer instructions (its sign and its seven
 //! low bits moved to the f32's sign and to the top of its exponent and mantissa, which is exact
 //! for every E4M3FN value, subnormals included), the activations come scaled by 2^64, so that
@@ -21,11 +21,11 @@ use super::blocks::Block;
 use super::kernels::{self, Family};
 
 /// The activations' factor in products that read codes into registers: see the module doc.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const X_FACTOR: f32 = 18_446_744_073_709_551_616.0; // 2^64
 
 /// The factor of each block's scale there: 2^120 / 2^64.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const SCALE_FACTOR: f32 = 72_057_594_037_927_936.0; // 2^56
 
 /// Bytes ahead of the codes being read that the direct kernels prefetch.
@@ -40,6 +40,8 @@ pub fn direct_rows(family: Family) -> usize {
         Family::Avx512Bf16 | Family::Avx512 => 4,
         #[cfg(target_arch = "x86_64")]
         Family::Avx2 => 2,
+        #[cfg(target_arch = "aarch64")]
+        Family::Neon => 2,
         _ => 0,
     }
 }
@@ -133,7 +135,7 @@ pub(super) fn task(
     let k = w.cols;
     let (br, bc) = w.block;
     let col_blocks = k.div_ceil(bc);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if im <= direct_rows(family) {
         let xs: Vec<f32> = x[..im * k].iter().map(|v| v * X_FACTOR).collect();
         for_panels(j0, jn, |p, col, cols| {
@@ -219,7 +221,7 @@ pub(super) fn task(
 /// The CPU runs `family`'s instructions and `im <= direct_rows(family)`; `xs.len() >= im * k`;
 /// the panel holds `k.div_ceil(2)` pairs of [`PANEL`] codes; `scales` has one factor per block
 /// of `bc` (even) columns; `cols <= PANEL`; those values of `out` are lent to this call alone.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn direct_rows_product(
     family: Family,
@@ -237,20 +239,30 @@ unsafe fn direct_rows_product(
     // SAFETY: the caller's contract is each kernel's.
     unsafe {
         match (family, im) {
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 1) => {
                 direct_avx512::<1>(xs, k, panel, bc, scales, out, cols)
             }
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 2) => {
                 direct_avx512::<2>(xs, k, panel, bc, scales, out, cols)
             }
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 3) => {
                 direct_avx512::<3>(xs, k, panel, bc, scales, out, cols)
             }
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 4) => {
                 direct_avx512::<4>(xs, k, panel, bc, scales, out, cols)
             }
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx2, 1) => direct_avx2::<1>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "x86_64")]
             (Family::Avx2, 2) => direct_avx2::<2>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "aarch64")]
+            (Family::Neon, 1) => direct_neon::<1>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "aarch64")]
+            (Family::Neon, 2) => direct_neon::<2>(xs, k, panel, bc, scales, out, cols),
             _ => unreachable!("no direct FP8 kernel for {im} rows of {}", family.name()),
         }
     }
@@ -457,6 +469,101 @@ unsafe fn direct_avx2<const R: usize>(
                 let mut lanes = [0.0f32; 16];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), t[0]);
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), t[1]);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), o, width);
+            }
+        }
+    }
+}
+
+/// [`direct_rows_product`] for `R` (1 or 2) rows with NEON: as [`direct_avx2`], on 4-lane
+/// vectors, each half of the panel in a pass of its own.
+///
+/// # Safety
+/// As [`direct_rows_product`], with `R` rows.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn direct_neon<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    panel: &[u8],
+    bc: usize,
+    scales: &[f32],
+    out: Block,
+    cols: usize,
+) {
+    use std::arch::aarch64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let pairs = k / 2;
+    let p = panel.as_ptr();
+    // SAFETY: as direct_avx512's; each half reads its 32 bytes of every pair, 8 bytes (4 matrix
+    // rows, both columns) a vector; stores write only the first `cols` columns.
+    unsafe {
+        let keep = vdupq_n_u32(0x87F0_0000);
+        // Four matrix rows' codes of a pair, each lane `even | odd << 8`.
+        let load = |at: usize| vmovl_u16(vld1_u16(p.add(at) as *const u16));
+        let even = |v: uint32x4_t| {
+            vreinterpretq_f32_u32(vandq_u32(
+                vreinterpretq_u32_s32(vshrq_n_s32::<4>(vreinterpretq_s32_u32(vshlq_n_u32::<24>(
+                    v,
+                )))),
+                keep,
+            ))
+        };
+        let odd = |v: uint32x4_t| {
+            vreinterpretq_f32_u32(vandq_u32(
+                vreinterpretq_u32_s32(vshrq_n_s32::<4>(vreinterpretq_s32_u32(vshlq_n_u32::<16>(
+                    v,
+                )))),
+                keep,
+            ))
+        };
+        for half in 0..2 {
+            let first_col = half * 16;
+            if first_col >= cols {
+                break;
+            }
+            let base = half * 32;
+            let mut total = [[vdupq_n_f32(0.0); 4]; R];
+            for (cb, &scale) in scales.iter().enumerate() {
+                let (first, last) = (cb * bc / 2, ((cb + 1) * bc / 2).min(pairs));
+                let mut acc = [[vdupq_n_f32(0.0); 8]; R];
+                for c in first..last {
+                    let xe: [float32x4_t; R] =
+                        std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c)));
+                    let xo: [float32x4_t; R] =
+                        std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c + 1)));
+                    for v in 0..4 {
+                        let lanes = load(c * 64 + base + 8 * v);
+                        let (e, o) = (even(lanes), odd(lanes));
+                        for r in 0..R {
+                            acc[r][v] = vfmaq_f32(acc[r][v], e, xe[r]);
+                            acc[r][4 + v] = vfmaq_f32(acc[r][4 + v], o, xo[r]);
+                        }
+                    }
+                }
+                if k % 2 == 1 && last == pairs && (cb + 1) * bc >= k {
+                    for (acc, row) in acc.iter_mut().zip(&rows) {
+                        let xe = vdupq_n_f32(row[k - 1]);
+                        for (v, a) in acc[..4].iter_mut().enumerate() {
+                            *a = vfmaq_f32(*a, even(load(pairs * 64 + base + 8 * v)), xe);
+                        }
+                    }
+                }
+                let factor = vdupq_n_f32(scale * SCALE_FACTOR);
+                for r in 0..R {
+                    for v in 0..4 {
+                        let sum = vaddq_f32(acc[r][v], acc[r][4 + v]);
+                        total[r][v] = vfmaq_f32(total[r][v], sum, factor);
+                    }
+                }
+            }
+            let width = (cols - first_col).min(16);
+            for (r, t) in total.iter().enumerate() {
+                let o = out.ptr().add(r * out.stride() + first_col);
+                let mut lanes = [0.0f32; 16];
+                for (v, vector) in t.iter().enumerate() {
+                    vst1q_f32(lanes.as_mut_ptr().add(4 * v), *vector);
+                }
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), o, width);
             }
         }
