@@ -39,7 +39,7 @@ pub fn direct_rows(family: Family) -> usize {
         #[cfg(target_arch = "x86_64")]
         Family::Avx512Bf16 | Family::Avx512 => 4,
         #[cfg(target_arch = "x86_64")]
-        Family::Avx2 => 2,
+        Family::Avx2 => 4,
         #[cfg(target_arch = "aarch64")]
         Family::Neon => 2,
         _ => 0,
@@ -259,6 +259,10 @@ unsafe fn direct_rows_product(
             (Family::Avx2, 1) => direct_avx2::<1>(xs, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "x86_64")]
             (Family::Avx2, 2) => direct_avx2::<2>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx2, 3) => direct_avx2_rows::<3>(xs, k, panel, bc, scales, out, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Family::Avx2, 4) => direct_avx2_rows::<4>(xs, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "aarch64")]
             (Family::Neon, 1) => direct_neon::<1>(xs, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "aarch64")]
@@ -381,6 +385,90 @@ fn e4m3_lanes_avx2<const SHIFT: i32>(
         _mm256_srai_epi32::<4>(_mm256_slli_epi32::<SHIFT>(v)),
         keep,
     ))
+}
+
+/// [`direct_rows_product`] for `R` (3 or 4) rows with AVX2 and FMA: as [`direct_avx2`], but with
+/// the even and odd columns in one accumulator and each block's sums added to `out` in memory,
+/// so that four rows' accumulators still fit in 16 registers.
+///
+/// # Safety
+/// As [`direct_rows_product`], with AVX2, FMA and `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_avx2_rows<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    panel: &[u8],
+    bc: usize,
+    scales: &[f32],
+    out: Block,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let keep = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
+    let pairs = k / 2;
+    let p = panel.as_ptr();
+    // SAFETY: as direct_avx2's; the block sums go to a buffer of the panel's 32 columns, copied
+    // to the first `cols` columns of `out` at the end.
+    unsafe {
+        let load = |at: usize| _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(at) as *const __m128i));
+        let mut sums = [[0.0f32; PANEL]; R];
+        for half in 0..2 {
+            let first_col = half * 16;
+            if first_col >= cols {
+                break;
+            }
+            let base = half * 32;
+            for (cb, &scale) in scales.iter().enumerate() {
+                let (first, last) = (cb * bc / 2, ((cb + 1) * bc / 2).min(pairs));
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for c in first..last {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        p.wrapping_add(c * 64 + base + PREFETCH_BYTES) as *const i8
+                    );
+                    let (v0, v1) = (load(c * 64 + base), load(c * 64 + base + 16));
+                    let (e0, e1) = (
+                        e4m3_lanes_avx2::<24>(v0, keep),
+                        e4m3_lanes_avx2::<24>(v1, keep),
+                    );
+                    let (o0, o1) = (
+                        e4m3_lanes_avx2::<16>(v0, keep),
+                        e4m3_lanes_avx2::<16>(v1, keep),
+                    );
+                    for r in 0..R {
+                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
+                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                        acc[r][0] = _mm256_fmadd_ps(xo, o0, _mm256_fmadd_ps(xe, e0, acc[r][0]));
+                        acc[r][1] = _mm256_fmadd_ps(xo, o1, _mm256_fmadd_ps(xe, e1, acc[r][1]));
+                    }
+                }
+                if k % 2 == 1 && last == pairs && (cb + 1) * bc >= k {
+                    let (v0, v1) = (load(pairs * 64 + base), load(pairs * 64 + base + 16));
+                    let (e0, e1) = (
+                        e4m3_lanes_avx2::<24>(v0, keep),
+                        e4m3_lanes_avx2::<24>(v1, keep),
+                    );
+                    for r in 0..R {
+                        let xe = _mm256_set1_ps(rows[r][k - 1]);
+                        acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
+                    }
+                }
+                let factor = _mm256_set1_ps(scale * SCALE_FACTOR);
+                for (sums, acc) in sums.iter_mut().zip(&acc) {
+                    for (v, a) in acc.iter().enumerate() {
+                        let at = sums.as_mut_ptr().add(first_col + 8 * v);
+                        _mm256_storeu_ps(at, _mm256_fmadd_ps(*a, factor, _mm256_loadu_ps(at)));
+                    }
+                }
+            }
+        }
+        for (r, sums) in sums.iter().enumerate() {
+            let o = out.ptr().add(r * out.stride());
+            std::ptr::copy_nonoverlapping(sums.as_ptr(), o, cols);
+        }
+    }
 }
 
 /// [`direct_rows_product`] for `R` (1 or 2) rows with AVX2 and FMA: each half of the panel (16
