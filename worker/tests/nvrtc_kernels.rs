@@ -59,12 +59,18 @@ fn values(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
 fn fp8_gemv_matches_the_dequantised_product() {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     // 37 rows: a last block of 8 weight rows (warps) with 5 live; 50 columns in blocks of 8 and
-    // rows in blocks of 4, both cut at the edge; every row count the kernel takes.
-    let (n, k, block) = (37, 50, (4, 8));
-    let w = fp8_weight(&mut rng, n, k, block);
+    // rows in blocks of 4, both cut at the edge (one code a lane); then 300 columns in blocks of
+    // 128 (four codes a lane, the last block cut); every row count the kernel takes.
+    for (n, k, block) in [(37, 50, (4, 8)), (37, 300, (16, 128))] {
+        fp8_gemv_case(&mut rng, n, k, block);
+    }
+}
+
+fn fp8_gemv_case(rng: &mut ChaCha8Rng, n: usize, k: usize, block: (usize, usize)) {
+    let w = fp8_weight(rng, n, k, block);
     let dense = w.dequantize();
     for m in [1, 3, FP8_GEMV_ROWS] {
-        let x = values(&mut rng, m * k);
+        let x = values(rng, m * k);
         let mut y = vec![f32::NAN; m * n];
         let args = Args::default()
             .arg(w.codes.as_ptr())
@@ -87,7 +93,7 @@ fn fp8_gemv_matches_the_dequantised_product() {
                 let got = f64::from(y[i * n + r]);
                 assert!(
                     (got - want).abs() <= 1e-5 * scale.max(1e-6),
-                    "m={m} y[{i}, {r}] = {got}, want {want}"
+                    "k={k} m={m} y[{i}, {r}] = {got}, want {want}"
                 );
             }
         }

@@ -63,7 +63,16 @@ impl HostKernels {
         let library_path: PathBuf = dir.path().join("libkernels.so");
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let output = Command::new(&compiler)
-            .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-o"])
+            // Kernels read bytes as wider words, as CUDA code may.
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-fno-strict-aliasing",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+            ])
+            .arg("-o")
             .arg(&library_path)
             .arg(&unit_path)
             .output()
