@@ -9,13 +9,13 @@
 //! of a task share one band of block rows, since the blocks' rows are a multiple of a panel's.
 //!
 //! On x86-64 and aarch64, a product of a few rows (decode: at most [`direct_rows`]) reads the
-//! codes straight into registers instead, where the conversion pass would cost more than the product: each code
-//! becomes the f32 `fp8(code) · 2^-120` in three integer instructions (its sign and its seven
-//! low bits moved to the f32's sign and to the top of its exponent and mantissa, which is exact
-//! for every E4M3FN value, subnormals included), the activations come scaled by 2^64, so that
-//! no product is subnormal, and each block's sums are multiplied by `scale · 2^56`. The powers
-//! of two cancel exactly; the sums are those of the dequantised weight but for the order of
-//! their additions.
+//! codes straight into registers instead, where the conversion pass would cost more than the
+//! product: each code becomes the f32 `fp8(code) · 2^-120` in three integer instructions (its
+//! sign and its seven low bits moved to the f32's sign and to the top of its exponent and
+//! mantissa, which is exact for every E4M3FN value, subnormals included), each activation is
+//! scaled by 2^64 as it is broadcast, so that no product is subnormal, and each block's sums are
+//! multiplied by `scale · 2^56`. The powers of two cancel exactly; the sums are those of the
+//! dequantised weight but for the order of their additions.
 
 use super::blocks::Block;
 use super::kernels::{self, Family};
@@ -137,16 +137,15 @@ pub(super) fn task(
     let col_blocks = k.div_ceil(bc);
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if im <= direct_rows(family) {
-        let xs: Vec<f32> = x[..im * k].iter().map(|v| v * X_FACTOR).collect();
         for_panels(j0, jn, |p, col, cols| {
             let scales = &w.scales[(p * PANEL / br) * col_blocks..][..col_blocks];
-            // SAFETY: xs holds im rows of k values and the panel k.div_ceil(2) pairs of PANEL
+            // SAFETY: x holds im rows of k values and the panel k.div_ceil(2) pairs of PANEL
             // codes; the output's im rows and `cols` columns from `col` are the task's own; the
             // caller vouches for the family.
             unsafe {
                 direct_rows_product(
                     family,
-                    &xs,
+                    x,
                     im,
                     k,
                     w.panel(p),
@@ -213,19 +212,20 @@ pub(super) fn task(
     });
 }
 
-/// `im` (at most [`direct_rows`]) rows of `xs` (`k` values each, scaled by [`X_FACTOR`])
+/// `im` (at most [`direct_rows`]) rows of `x` (`k` values each; the kernels scale each by
+/// [`X_FACTOR`] as they broadcast it)
 /// against one panel of codes, with the codes read into registers; into the first `cols`
 /// columns of `im` rows of `out`.
 ///
 /// # Safety
-/// The CPU runs `family`'s instructions and `im <= direct_rows(family)`; `xs.len() >= im * k`;
+/// The CPU runs `family`'s instructions and `im <= direct_rows(family)`; `x.len() >= im * k`;
 /// the panel holds `k.div_ceil(2)` pairs of [`PANEL`] codes; `scales` has one factor per block
 /// of `bc` (even) columns; `cols <= PANEL`; those values of `out` are lent to this call alone.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn direct_rows_product(
     family: Family,
-    xs: &[f32],
+    x: &[f32],
     im: usize,
     k: usize,
     panel: &[u8],
@@ -234,39 +234,39 @@ unsafe fn direct_rows_product(
     out: Block,
     cols: usize,
 ) {
-    debug_assert!(xs.len() >= im * k && panel.len() >= k.div_ceil(2) * 2 * PANEL);
+    debug_assert!(x.len() >= im * k && panel.len() >= k.div_ceil(2) * 2 * PANEL);
     debug_assert!(bc.is_multiple_of(2) && scales.len() == k.div_ceil(bc) && cols <= PANEL);
     // SAFETY: the caller's contract is each kernel's.
     unsafe {
         match (family, im) {
             #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 1) => {
-                direct_avx512::<1>(xs, k, panel, bc, scales, out, cols)
+                direct_avx512::<1>(x, k, panel, bc, scales, out, cols)
             }
             #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 2) => {
-                direct_avx512::<2>(xs, k, panel, bc, scales, out, cols)
+                direct_avx512::<2>(x, k, panel, bc, scales, out, cols)
             }
             #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 3) => {
-                direct_avx512::<3>(xs, k, panel, bc, scales, out, cols)
+                direct_avx512::<3>(x, k, panel, bc, scales, out, cols)
             }
             #[cfg(target_arch = "x86_64")]
             (Family::Avx512Bf16 | Family::Avx512, 4) => {
-                direct_avx512::<4>(xs, k, panel, bc, scales, out, cols)
+                direct_avx512::<4>(x, k, panel, bc, scales, out, cols)
             }
             #[cfg(target_arch = "x86_64")]
-            (Family::Avx2, 1) => direct_avx2::<1>(xs, k, panel, bc, scales, out, cols),
+            (Family::Avx2, 1) => direct_avx2::<1>(x, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "x86_64")]
-            (Family::Avx2, 2) => direct_avx2::<2>(xs, k, panel, bc, scales, out, cols),
+            (Family::Avx2, 2) => direct_avx2::<2>(x, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "x86_64")]
-            (Family::Avx2, 3) => direct_avx2_rows::<3>(xs, k, panel, bc, scales, out, cols),
+            (Family::Avx2, 3) => direct_avx2_rows::<3>(x, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "x86_64")]
-            (Family::Avx2, 4) => direct_avx2_rows::<4>(xs, k, panel, bc, scales, out, cols),
+            (Family::Avx2, 4) => direct_avx2_rows::<4>(x, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "aarch64")]
-            (Family::Neon, 1) => direct_neon::<1>(xs, k, panel, bc, scales, out, cols),
+            (Family::Neon, 1) => direct_neon::<1>(x, k, panel, bc, scales, out, cols),
             #[cfg(target_arch = "aarch64")]
-            (Family::Neon, 2) => direct_neon::<2>(xs, k, panel, bc, scales, out, cols),
+            (Family::Neon, 2) => direct_neon::<2>(x, k, panel, bc, scales, out, cols),
             _ => unreachable!("no direct FP8 kernel for {im} rows of {}", family.name()),
         }
     }
@@ -298,7 +298,7 @@ fn e4m3_lanes_avx512<const SHIFT: u32>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn direct_avx512<const R: usize>(
-    xs: &[f32],
+    x: &[f32],
     k: usize,
     panel: &[u8],
     bc: usize,
@@ -307,12 +307,12 @@ unsafe fn direct_avx512<const R: usize>(
     cols: usize,
 ) {
     use std::arch::x86_64::*;
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     let keep = _mm512_set1_epi32(0x87F0_0000_u32 as i32);
     let pairs = k / 2;
     let p = panel.as_ptr();
-    // SAFETY: pair c < k / 2 reads codes c · 64..c · 64 + 64 of the panel and xs[r][2c + 1] <
-    // k; the odd tail reads pair k / 2, which exists when k is odd, and xs[r][k - 1]. Stores
+    // SAFETY: pair c < k / 2 reads codes c · 64..c · 64 + 64 of the panel and x[r][2c + 1] <
+    // k; the odd tail reads pair k / 2, which exists when k is odd, and x[r][k - 1]. Stores
     // are masked to `cols` columns of the R rows of `out`, the caller's loan.
     unsafe {
         let load =
@@ -333,8 +333,8 @@ unsafe fn direct_avx512<const R: usize>(
                     e4m3_lanes_avx512::<16>(v1, keep),
                 );
                 for r in 0..R {
-                    let xe = _mm512_set1_ps(*rows[r].get_unchecked(2 * c));
-                    let xo = _mm512_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                    let xe = _mm512_set1_ps(*rows[r].get_unchecked(2 * c) * X_FACTOR);
+                    let xo = _mm512_set1_ps(*rows[r].get_unchecked(2 * c + 1) * X_FACTOR);
                     acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
                     acc[r][2] = _mm512_fmadd_ps(xo, o0, acc[r][2]);
@@ -348,7 +348,7 @@ unsafe fn direct_avx512<const R: usize>(
                     e4m3_lanes_avx512::<24>(v1, keep),
                 );
                 for r in 0..R {
-                    let xe = _mm512_set1_ps(rows[r][k - 1]);
+                    let xe = _mm512_set1_ps(rows[r][k - 1] * X_FACTOR);
                     acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
                 }
@@ -396,7 +396,7 @@ fn e4m3_lanes_avx2<const SHIFT: i32>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn direct_avx2_rows<const R: usize>(
-    xs: &[f32],
+    x: &[f32],
     k: usize,
     panel: &[u8],
     bc: usize,
@@ -405,7 +405,7 @@ unsafe fn direct_avx2_rows<const R: usize>(
     cols: usize,
 ) {
     use std::arch::x86_64::*;
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     let keep = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
     let pairs = k / 2;
     let p = panel.as_ptr();
@@ -437,8 +437,8 @@ unsafe fn direct_avx2_rows<const R: usize>(
                         e4m3_lanes_avx2::<16>(v1, keep),
                     );
                     for r in 0..R {
-                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
-                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c) * X_FACTOR);
+                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1) * X_FACTOR);
                         acc[r][0] = _mm256_fmadd_ps(xo, o0, _mm256_fmadd_ps(xe, e0, acc[r][0]));
                         acc[r][1] = _mm256_fmadd_ps(xo, o1, _mm256_fmadd_ps(xe, e1, acc[r][1]));
                     }
@@ -450,7 +450,7 @@ unsafe fn direct_avx2_rows<const R: usize>(
                         e4m3_lanes_avx2::<24>(v1, keep),
                     );
                     for r in 0..R {
-                        let xe = _mm256_set1_ps(rows[r][k - 1]);
+                        let xe = _mm256_set1_ps(rows[r][k - 1] * X_FACTOR);
                         acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
                     }
@@ -479,7 +479,7 @@ unsafe fn direct_avx2_rows<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn direct_avx2<const R: usize>(
-    xs: &[f32],
+    x: &[f32],
     k: usize,
     panel: &[u8],
     bc: usize,
@@ -488,7 +488,7 @@ unsafe fn direct_avx2<const R: usize>(
     cols: usize,
 ) {
     use std::arch::x86_64::*;
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     let keep = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
     let pairs = k / 2;
     let p = panel.as_ptr();
@@ -521,8 +521,8 @@ unsafe fn direct_avx2<const R: usize>(
                         e4m3_lanes_avx2::<16>(v1, keep),
                     );
                     for r in 0..R {
-                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c));
-                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1));
+                        let xe = _mm256_set1_ps(*rows[r].get_unchecked(2 * c) * X_FACTOR);
+                        let xo = _mm256_set1_ps(*rows[r].get_unchecked(2 * c + 1) * X_FACTOR);
                         acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
                         acc[r][2] = _mm256_fmadd_ps(xo, o0, acc[r][2]);
@@ -536,7 +536,7 @@ unsafe fn direct_avx2<const R: usize>(
                         e4m3_lanes_avx2::<24>(v1, keep),
                     );
                     for r in 0..R {
-                        let xe = _mm256_set1_ps(rows[r][k - 1]);
+                        let xe = _mm256_set1_ps(rows[r][k - 1] * X_FACTOR);
                         acc[r][0] = _mm256_fmadd_ps(xe, e0, acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(xe, e1, acc[r][1]);
                     }
@@ -571,7 +571,7 @@ unsafe fn direct_avx2<const R: usize>(
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
 unsafe fn direct_neon<const R: usize>(
-    xs: &[f32],
+    x: &[f32],
     k: usize,
     panel: &[u8],
     bc: usize,
@@ -580,7 +580,7 @@ unsafe fn direct_neon<const R: usize>(
     cols: usize,
 ) {
     use std::arch::aarch64::*;
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k..(r + 1) * k]);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     let pairs = k / 2;
     let p = panel.as_ptr();
     // SAFETY: as direct_avx512's; each half reads its 32 bytes of every pair, 8 bytes (4 matrix
@@ -616,10 +616,12 @@ unsafe fn direct_neon<const R: usize>(
                 let (first, last) = (cb * bc / 2, ((cb + 1) * bc / 2).min(pairs));
                 let mut acc = [[vdupq_n_f32(0.0); 8]; R];
                 for c in first..last {
-                    let xe: [float32x4_t; R] =
-                        std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c)));
-                    let xo: [float32x4_t; R] =
-                        std::array::from_fn(|r| vdupq_n_f32(*rows[r].get_unchecked(2 * c + 1)));
+                    let xe: [float32x4_t; R] = std::array::from_fn(|r| {
+                        vdupq_n_f32(*rows[r].get_unchecked(2 * c) * X_FACTOR)
+                    });
+                    let xo: [float32x4_t; R] = std::array::from_fn(|r| {
+                        vdupq_n_f32(*rows[r].get_unchecked(2 * c + 1) * X_FACTOR)
+                    });
                     for v in 0..4 {
                         let lanes = load(c * 64 + base + 8 * v);
                         let (e, o) = (even(lanes), odd(lanes));
@@ -631,7 +633,7 @@ unsafe fn direct_neon<const R: usize>(
                 }
                 if k % 2 == 1 && last == pairs && (cb + 1) * bc >= k {
                     for (acc, row) in acc.iter_mut().zip(&rows) {
-                        let xe = vdupq_n_f32(row[k - 1]);
+                        let xe = vdupq_n_f32(row[k - 1] * X_FACTOR);
                         for (v, a) in acc[..4].iter_mut().enumerate() {
                             *a = vfmaq_f32(*a, even(load(pairs * 64 + base + 8 * v)), xe);
                         }
