@@ -61,9 +61,29 @@ impl<B: Backend> Mlp<B> {
 
     /// Runs the MLP on `m` rows of `x`, writing `m × hidden` values into `out`.
     pub fn forward(&self, backend: &B, x: &[f32], m: usize, out: &mut [f32]) {
-        let hidden = self.down.out_features;
-        let outs = Self::forward_grouped(backend, &[(self, x, m)]);
-        out[..m * hidden].copy_from_slice(&outs[0]);
+        if self.has_bias() {
+            return self.forward_with_bias(backend, x, m, out);
+        }
+        backend.mlp_grouped(&mut [MlpRun {
+            x,
+            m,
+            gate_up: &self.gate_up.weight,
+            down: &self.down.weight,
+            out,
+        }]);
+    }
+
+    fn has_bias(&self) -> bool {
+        self.gate_up.bias.is_some() || self.down.bias.is_some()
+    }
+
+    /// The MLP product by product, adding the biases.
+    fn forward_with_bias(&self, backend: &B, x: &[f32], m: usize, out: &mut [f32]) {
+        let mut gate_up = vec![0.0; m * 2 * self.width];
+        self.gate_up.forward(backend, x, m, &mut gate_up);
+        let mut act = vec![0.0; m * self.width];
+        silu_mul(&gate_up, self.width, &mut act);
+        self.down.forward(backend, &act, m, out);
     }
 
     /// Runs each MLP of `runs` on its own `m` rows of `x`, as one [`Backend::mlp_grouped`]:
@@ -74,16 +94,9 @@ impl<B: Backend> Mlp<B> {
             .iter()
             .map(|&(mlp, _, m)| vec![0.0; m * mlp.down.out_features])
             .collect();
-        if runs
-            .iter()
-            .any(|(mlp, _, _)| mlp.gate_up.bias.is_some() || mlp.down.bias.is_some())
-        {
+        if runs.iter().any(|(mlp, _, _)| mlp.has_bias()) {
             for (&(mlp, x, m), out) in runs.iter().zip(&mut outs) {
-                let mut gate_up = vec![0.0; m * 2 * mlp.width];
-                mlp.gate_up.forward(backend, x, m, &mut gate_up);
-                let mut act = vec![0.0; m * mlp.width];
-                silu_mul(&gate_up, mlp.width, &mut act);
-                mlp.down.forward(backend, &act, m, out);
+                mlp.forward_with_bias(backend, x, m, out);
             }
             return outs;
         }
