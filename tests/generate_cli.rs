@@ -577,8 +577,9 @@ fn the_nccl_data_plane_needs_gpu_workers() {
         "--data-plane nccl exchanges tokens between GPUs, but worker 0 is on the cpu",
     );
     assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    refused(
-        &[
+    // `moebius worker --check-config` on the fixture, with `extra` flags.
+    let worker = |extra: &[&'static str]| -> Vec<&str> {
+        let base = [
             "worker",
             "--etcd",
             "http://127.0.0.1:1",
@@ -586,10 +587,11 @@ fn the_nccl_data_plane_needs_gpu_workers() {
             "w0",
             "--model",
             path,
-            "--data-plane",
-            "nccl",
-            "--check-config",
-        ],
+        ];
+        [&base[..], extra, &["--check-config"]].concat()
+    };
+    refused(
+        &worker(&["--data-plane", "nccl"]),
         "--data-plane nccl exchanges tokens between GPUs: give --device cuda:N (not cpu)",
     );
     refused(
@@ -597,16 +599,7 @@ fn the_nccl_data_plane_needs_gpu_workers() {
         "unknown data plane \"udp\": use tcp or nccl",
     );
     // The default, and what --check-config reports.
-    let out = moebius(&[
-        "worker",
-        "--etcd",
-        "http://127.0.0.1:1",
-        "--id",
-        "w0",
-        "--model",
-        path,
-        "--check-config",
-    ]);
+    let out = moebius(&worker(&[]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("tcp data plane"), "{stdout}");
