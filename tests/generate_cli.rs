@@ -549,6 +549,48 @@ fn up_takes_one_device_per_worker() {
     );
 }
 
+/// `moebius worker --check-config` on the checkpoint at `model`, with `extra` flags.
+fn worker_check_config<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let base = [
+        "worker",
+        "--etcd",
+        "http://127.0.0.1:1",
+        "--id",
+        "w0",
+        "--model",
+        model,
+    ];
+    [&base[..], extra, &["--check-config"]].concat()
+}
+
+/// `--kv-cache-tokens` is counted in whole blocks of 16, reported by `--check-config`, and a
+/// budget under one block is refused by `worker` and `up` with exit code 2 and one line.
+#[test]
+fn the_kv_cache_budget_is_checked_and_reported() {
+    let model = fixture("tiny-v2");
+    let path = model.to_str().expect("utf-8 path");
+    let out = moebius(&worker_check_config(path, &["--kv-cache-tokens", "100"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("KV cache 96 tokens"), "{stdout}");
+    let out = moebius(&worker_check_config(path, &[]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("KV cache what memory allows"), "{stdout}");
+    for args in [
+        worker_check_config(path, &["--kv-cache-tokens", "15"]),
+        vec!["up", "--model", path, "--kv-cache-tokens", "15"],
+    ] {
+        let out = moebius(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+        assert!(
+            stderr.contains("--kv-cache-tokens 15 is under one block of 16 tokens"),
+            "{stderr}"
+        );
+    }
+}
+
 /// `--data-plane nccl` joins GPUs only: `up` and `worker` refuse it for CPU workers with exit
 /// code 2 and one line naming the fix, before anything starts; an unknown data plane is named.
 #[test]
@@ -577,19 +619,7 @@ fn the_nccl_data_plane_needs_gpu_workers() {
         "--data-plane nccl exchanges tokens between GPUs, but worker 0 is on the cpu",
     );
     assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    // `moebius worker --check-config` on the fixture, with `extra` flags.
-    let worker = |extra: &[&'static str]| -> Vec<&str> {
-        let base = [
-            "worker",
-            "--etcd",
-            "http://127.0.0.1:1",
-            "--id",
-            "w0",
-            "--model",
-            path,
-        ];
-        [&base[..], extra, &["--check-config"]].concat()
-    };
+    let worker = |extra: &[&'static str]| worker_check_config(path, extra);
     refused(
         &worker(&["--data-plane", "nccl"]),
         "--data-plane nccl exchanges tokens between GPUs: give --device cuda:N (not cpu)",

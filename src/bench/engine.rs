@@ -164,6 +164,7 @@ fn one_rank(model: &LoadedModel, token_budget: usize, threads: usize) -> Result<
     let comm = local_group(1).pop().context("one end")?;
     let engine = EngineHandle::spawn(EngineOptions {
         token_budget,
+        kv_cache_tokens: None,
         on_group_failure: OnGroupFailure::Fail,
         metrics: None,
         threads,

@@ -64,6 +64,10 @@ pub struct UpArgs {
     /// CPU threads per worker for matrix products (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Most tokens of KV cache each worker's sequences hold together, in blocks of 16
+    /// (default: 4 GiB of cache on a CPU, what the free memory allows on a GPU).
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
     /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16):
     /// faster prefill, less precise than the default f32 activations.
     #[arg(long)]
@@ -143,6 +147,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     stats_interval(args.stats_interval_s)?;
     args.device.check(args.workers)?;
     args.device.check_plane(args.data_plane, args.workers)?;
+    super::worker::check_kv_cache_tokens(args.kv_cache_tokens)?;
     let security = args.security.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -281,6 +286,7 @@ pub struct LocalOptions<'a> {
     pub cluster: &'a str,
     pub capacity: u32,
     pub threads: usize,
+    pub kv_cache_tokens: Option<usize>,
     pub bf16_activations: bool,
     pub device: WorkerDevices,
     pub data_plane: DataPlane,
@@ -313,6 +319,7 @@ impl<'a> LocalOptions<'a> {
             cluster: "default",
             capacity: 64,
             threads: 0,
+            kv_cache_tokens: None,
             bf16_activations: false,
             device: WorkerDevices::all(Device::Cpu),
             data_plane: DataPlane::Tcp,
@@ -443,6 +450,7 @@ pub async fn start_local(
             model_dir: options.model.to_path_buf(),
             capacity: options.capacity,
             threads: options.threads,
+            kv_cache_tokens: options.kv_cache_tokens,
             bf16_activations: options.bf16_activations,
             device: options.device.of(i),
             data_plane: options.data_plane,
@@ -577,6 +585,7 @@ async fn in_process(
         cluster: &args.cluster,
         capacity: args.capacity,
         threads: args.threads,
+        kv_cache_tokens: args.kv_cache_tokens,
         bf16_activations: args.bf16_activations,
         device: args.device.clone(),
         data_plane: args.data_plane,
@@ -876,6 +885,9 @@ async fn with_processes(
         }
         if args.bf16_activations {
             extra.push("--bf16-activations".into());
+        }
+        if let Some(tokens) = args.kv_cache_tokens {
+            extra.extend(["--kv-cache-tokens".into(), tokens.to_string()]);
         }
         extra.extend(security.worker_args());
         parts.push(part(format!("worker-{i}"), "worker", extra));

@@ -11,6 +11,7 @@ use moebius_coordinator::telemetry::Registry;
 use moebius_coordinator::EtcdStore;
 use moebius_worker::backend::Device;
 use moebius_worker::comm::{ClusterSecret, DataPlane};
+use moebius_worker::engine::kv_budget::{KvBudget, BLOCK_TOKENS};
 use moebius_worker::metrics::WorkerMetrics;
 use moebius_worker::service::{self, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -55,6 +56,11 @@ pub struct WorkerArgs {
     /// Most prompt tokens prefilled per engine step.
     #[arg(long, env = "MOEBIUS_WORKER_TOKEN_BUDGET", default_value_t = 512)]
     token_budget: usize,
+    /// Most tokens of KV cache the worker's sequences hold together, in blocks of 16 (default:
+    /// 4 GiB of cache on a CPU, what the free memory allows on a GPU). Prompts wait for room;
+    /// the newest sequences give theirs up to older ones and prefill again later.
+    #[arg(long, env = "MOEBIUS_WORKER_KV_CACHE_TOKENS")]
+    kv_cache_tokens: Option<usize>,
     /// CPU threads for large products (0: all cores).
     #[arg(long, env = "MOEBIUS_WORKER_THREADS", default_value_t = 0)]
     threads: usize,
@@ -120,6 +126,17 @@ pub fn check_data_plane(tls: bool, secret: bool, insecure: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a KV cache budget under one block.
+pub fn check_kv_cache_tokens(tokens: Option<usize>) -> Result<()> {
+    match tokens {
+        Some(t) if t < BLOCK_TOKENS => Err(super::UsageError(format!(
+            "--kv-cache-tokens {t} is under one block of {BLOCK_TOKENS} tokens"
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// How long connecting to etcd may take at start-up.
 const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -134,6 +151,7 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
                 args.data_timeout_s
             )
         })?;
+    check_kv_cache_tokens(args.kv_cache_tokens)?;
     if args.data_plane == DataPlane::Nccl && !matches!(args.device, Device::Cuda(_)) {
         return Err(super::UsageError(format!(
             "--data-plane nccl exchanges tokens between GPUs: give --device cuda:N (not {})",
@@ -150,6 +168,7 @@ fn config(args: &WorkerArgs) -> Result<WorkerConfig> {
         advertise_host: args.advertise_host.clone(),
         capacity: args.capacity,
         token_budget: args.token_budget,
+        kv_cache_tokens: args.kv_cache_tokens,
         threads: args.threads,
         bf16_activations: args.bf16_activations,
         device: args.device,
@@ -177,9 +196,13 @@ pub fn check(args: &WorkerArgs) -> Result<String> {
         "open",
         ClusterSecret::from_file,
     )?;
+    let kv_cache = config.kv_cache_tokens.map_or_else(
+        || "what memory allows".to_string(),
+        |t| format!("{} tokens", KvBudget::tokens(t).capacity_tokens()),
+    );
     Ok(format!(
         "worker {} of cluster {}: gRPC {}, {} data plane {} {data_plane}, advertised as {}, \
-         model {}, etcd {}, {}",
+         KV cache {kv_cache}, model {}, etcd {}, {}",
         config.id,
         config.cluster,
         config.listen,

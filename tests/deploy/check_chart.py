@@ -392,13 +392,18 @@ def check_chart(binary, local):
     print("ok: gpu: workers request nvidia.com/gpu with host networking")
 
     # GPU workers on the nccl data plane: the binary takes the variables (--check-config).
-    nccl_objects = render(merge(gpu, {"model": MODEL, "worker": {"device": "cuda:0", "dataPlane": "nccl"}}))
+    nccl_objects = render(merge(gpu, {"model": MODEL, "worker": {"device": "cuda:0", "dataPlane": "nccl",
+                                                                 "kvCacheTokens": 65536}}))
     check_objects(nccl_objects, binary, "gpu-nccl", local)
     nccl_pod = [o for _, o in nccl_objects if o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-worker")][0]["spec"]["template"]["spec"]
     nccl_env = {v["name"]: v.get("value") for v in nccl_pod["containers"][0]["env"]}
-    if nccl_env.get("MOEBIUS_WORKER_DEVICE") != "cuda:0" or nccl_env.get("MOEBIUS_WORKER_DATA_PLANE") != "nccl":
+    if (nccl_env.get("MOEBIUS_WORKER_DEVICE") != "cuda:0" or nccl_env.get("MOEBIUS_WORKER_DATA_PLANE") != "nccl"
+            or nccl_env.get("MOEBIUS_WORKER_KV_CACHE_TOKENS") != "65536"):
         fail(f"gpu-nccl: the workers' device variables are wrong: {nccl_env}")
-    print("ok: gpu-nccl: workers run MOEBIUS_WORKER_DEVICE=cuda:0 MOEBIUS_WORKER_DATA_PLANE=nccl")
+    print("ok: gpu-nccl: workers run MOEBIUS_WORKER_DEVICE=cuda:0 MOEBIUS_WORKER_DATA_PLANE=nccl "
+          "MOEBIUS_WORKER_KV_CACHE_TOKENS=65536")
+    if any(v["name"] == "MOEBIUS_WORKER_KV_CACHE_TOKENS" for v in gpu_pod["containers"][0]["env"]):
+        fail("the default worker sets a KV cache budget; it should size it from memory")
 
     everything = render({
         "model": {"existingClaim": "deepseek-v3"},
@@ -462,6 +467,7 @@ def check_chart(binary, local):
     refused({"model": MODEL, "profile": "gpu"}, "nvidia.com/gpu")
     refused({"model": MODEL, "worker": {"device": "gpu0"}}, "/worker/device")
     refused({"model": MODEL, "worker": {"dataPlane": "udp"}}, "/worker/dataPlane")
+    refused({"model": MODEL, "worker": {"kvCacheTokens": 8}}, "/worker/kvCacheTokens")
     refused({"model": MODEL, "worker": {"dataPlane": "nccl"}}, "worker.dataPlane nccl", "worker.device")
     refused({"model": MODEL, "tls": {"enabled": True}}, "tls.secretName")
     refused({"model": MODEL, "tls": {"enabled": True, "secretName": "t"}},

@@ -61,6 +61,10 @@ pub struct WorkerMetrics {
     pub active: Gauge,
     pub queued: Gauge,
     pub kv_cache_bytes: Gauge,
+    /// The rank's KV cache budget, and the tokens its sequences' blocks of it hold.
+    pub kv_cache_capacity_tokens: Gauge,
+    pub kv_cache_used_tokens: Gauge,
+    pub preemptions: Counter,
     pub dispatch: ExchangeMetrics,
     pub combine: ExchangeMetrics,
     pub epoch: Gauge,
@@ -109,6 +113,9 @@ impl Default for WorkerMetrics {
                 .sequences
                 .get_or_create_owned(&State { state: "queued" }),
             kv_cache_bytes: Gauge::default(),
+            kv_cache_capacity_tokens: Gauge::default(),
+            kv_cache_used_tokens: Gauge::default(),
+            preemptions: Counter::default(),
             dispatch: exchange("dispatch"),
             combine: exchange("combine"),
             epoch: Gauge::default(),
@@ -153,6 +160,21 @@ impl WorkerMetrics {
             "worker_kv_cache_bytes",
             "Bytes of KV cache the rank's sequences hold",
             m.kv_cache_bytes.clone(),
+        );
+        r.register(
+            "worker_kv_cache_capacity_tokens",
+            "Tokens of KV cache the rank's sequences may hold together (its budget)",
+            m.kv_cache_capacity_tokens.clone(),
+        );
+        r.register(
+            "worker_kv_cache_used_tokens",
+            "Tokens of the KV cache budget the rank's sequences hold, in whole blocks of 16",
+            m.kv_cache_used_tokens.clone(),
+        );
+        r.register(
+            "worker_preemptions",
+            "Sequences that gave up their KV cache to older ones and prefill again later",
+            m.preemptions.clone(),
         );
         r.register(
             "worker_alltoall_bytes",

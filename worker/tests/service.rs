@@ -14,7 +14,7 @@ use moebius_coordinator::{
 use moebius_proto::v1 as pb;
 use moebius_proto::v1::generate_request::Prompt;
 use moebius_proto::v1::worker_client::WorkerClient;
-use moebius_worker::engine::{run_group, GenerateRequest, GroupOptions, LoadedModel};
+use moebius_worker::engine::{run_group, FinishReason, GenerateRequest, GroupOptions, LoadedModel};
 use moebius_worker::service::{self, WorkerConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -433,6 +433,104 @@ async fn generate_over_grpc_matches_run_group() {
     assert!(stopped.tokens.len() < full.tokens.len());
     assert_eq!(stopped.tokens[..], full.tokens[..stopped.tokens.len()]);
     cluster.stop().await;
+}
+
+/// A KV cache too small for the requests together: prompts wait, the newest sequences give
+/// their blocks to older ones and prefill again, and every request still gets the tokens (and,
+/// to rounding, the log-probabilities) it gets from a cache that holds them all; seeded
+/// sampling too.
+#[test]
+fn a_small_kv_cache_preempts_and_every_request_gets_its_tokens() {
+    let requests: Vec<GenerateRequest> = (0..8u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..4 + 5 * i).map(|t| (t * 13 + 7 * i + 5) % 448).collect();
+            let mut request = GenerateRequest {
+                ignore_eos: true,
+                ..GenerateRequest::greedy(prompt, 24)
+            };
+            if i % 2 == 1 {
+                request.sampling.temperature = 0.8;
+                request.sampling.top_p = 0.9;
+                request.sampling.seed = Some(u64::from(i));
+            }
+            request
+        })
+        .collect();
+    let model = LoadedModel::open(&fixture(), 1).expect("fixture loads");
+    let run = |kv_cache_tokens| {
+        let options = GroupOptions {
+            ranks: 2,
+            threads: 1,
+            token_budget: 16,
+            kv_cache_tokens,
+            ..GroupOptions::default()
+        };
+        run_group(&model, &options, requests.clone(), |_, _| {}).expect("every request runs")
+    };
+    let (want, roomy) = run(None);
+    assert_eq!(roomy.stats[0].preemptions, 0);
+    // 80 tokens: 5 blocks of 16, where the longest request alone needs 4 (39 + 24 tokens).
+    let (got, tight) = run(Some(80));
+    assert!(
+        tight.stats[0].preemptions > 0,
+        "the small cache never preempted: {:?}",
+        tight.stats[0]
+    );
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(got.token_ids, want.token_ids, "request {i}");
+        assert_eq!(got.finish_reason, Some(FinishReason::Length), "request {i}");
+        let diff = got
+            .logprobs
+            .iter()
+            .zip(&want.logprobs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "request {i}: logprobs differ by {diff}");
+    }
+    // The preempted sequences were prefilled again.
+    assert!(tight.stats[0].prefill_tokens > roomy.stats[0].prefill_tokens);
+}
+
+/// A request that can never fit the KV cache is refused with an error that names the cache;
+/// one whose prompt fits but whose generation would not ends with `length` when it fills the
+/// cache, as at the model's last position.
+#[test]
+fn the_kv_cache_bounds_a_request_like_the_context_window() {
+    let model = LoadedModel::open(&fixture(), 1).expect("fixture loads");
+    let options = GroupOptions {
+        threads: 1,
+        kv_cache_tokens: Some(40),
+        ..GroupOptions::default()
+    };
+    let prompt: Vec<u32> = (0..20).collect();
+    let (out, _) = run_group(
+        &model,
+        &options,
+        vec![GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(prompt, 50)
+        }],
+        |_, _| {},
+    )
+    .expect("the prompt fits");
+    // 40 tokens are 2 blocks of 16: 32 cached tokens, and the token sampled after the last.
+    assert_eq!(out[0].token_ids.len(), 32 - 20 + 1);
+    assert_eq!(out[0].finish_reason, Some(FinishReason::Length));
+
+    let err = run_group(
+        &model,
+        &options,
+        vec![GenerateRequest::greedy((0..33).collect(), 4)],
+        |_, _| {},
+    )
+    .expect_err("33 tokens do not fit 32");
+    let message = err.to_string();
+    assert!(
+        matches!(err, moebius_worker::Error::InvalidRequest(_))
+            && message
+                .contains("33 tokens of context do not fit this worker's KV cache of 32 tokens"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

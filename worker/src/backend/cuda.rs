@@ -718,6 +718,18 @@ impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
     type Rows = CudaRows;
 
+    /// Half of 90% of the GPU's free memory: the rest is for activations and cuBLAS, and a
+    /// cache's buffer doubles when it fills, so it may take twice its rows.
+    fn kv_cache_memory(&self) -> Option<usize> {
+        match self.stream.context().mem_get_info() {
+            Ok((free, _)) => Some(free / 10 * 9 / 2),
+            Err(e) => {
+                tracing::warn!(gpu = self.ordinal, "cannot read the free GPU memory: {e}");
+                None
+            }
+        }
+    }
+
     fn new_rows(&self, width: usize) -> CudaRows {
         CudaRows {
             data: None,

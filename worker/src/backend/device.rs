@@ -139,6 +139,14 @@ impl Backend for AnyBackend {
     type Matrix = AnyMatrix;
     type Rows = AnyRows;
 
+    fn kv_cache_memory(&self) -> Option<usize> {
+        match self {
+            AnyBackend::Cpu(b) => b.kv_cache_memory(),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.kv_cache_memory(),
+        }
+    }
+
     fn new_rows(&self, width: usize) -> AnyRows {
         match self {
             AnyBackend::Cpu(b) => AnyRows::Cpu(b.new_rows(width)),

@@ -123,6 +123,12 @@ pub trait Backend: Send + Sync + 'static {
         mlp_by_products(self, runs);
     }
 
+    /// Bytes of memory a rank's KV caches may take on this device when no budget is given,
+    /// measured now (after the weights are in place); `None`: the device cannot tell.
+    fn kv_cache_memory(&self) -> Option<usize> {
+        None
+    }
+
     /// An empty cache of rows `width` values wide.
     fn new_rows(&self, width: usize) -> Self::Rows;
 

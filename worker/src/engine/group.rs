@@ -46,6 +46,8 @@ pub struct GroupOptions {
     pub threads: usize,
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
+    /// Most tokens each rank's KV caches hold; `None`: what the device's memory allows.
+    pub kv_cache_tokens: Option<usize>,
     /// The expert slots of each rank; the even placement over `ranks` when `None`.
     pub placement: Option<Placement>,
 }
@@ -57,6 +59,7 @@ impl Default for GroupOptions {
             transport: Transport::Local,
             threads: 0,
             token_budget: 512,
+            kv_cache_tokens: None,
             placement: None,
         }
     }
@@ -170,6 +173,7 @@ pub fn run_group(
         .collect();
     let engine_options = EngineOptions {
         token_budget: options.token_budget,
+        kv_cache_tokens: options.kv_cache_tokens,
         on_group_failure: OnGroupFailure::Fail,
         metrics: None,
         threads: threads_per_rank(options.threads, options.ranks),

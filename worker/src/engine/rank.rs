@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::comm::Communicator;
+use crate::engine::kv_budget::{KvBudget, BLOCK_TOKENS};
 use crate::engine::request::{FinishReason, GenerateRequest, TokenEvent};
 use crate::engine::sampling::Sampler;
 use crate::error::{Error, Result};
@@ -87,6 +88,8 @@ pub struct RankStats {
     pub max_batch: usize,
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
+    /// Sequences whose caches were dropped to make room for older ones (they prefill again).
+    pub preemptions: u64,
 }
 
 impl RankStats {
@@ -96,26 +99,41 @@ impl RankStats {
         self.max_batch = self.max_batch.max(more.max_batch);
         self.prefill_tokens += more.prefill_tokens;
         self.decode_tokens += more.decode_tokens;
+        self.preemptions += more.preemptions;
     }
 }
 
 /// The sequences of one rank and the model they run on.
+///
+/// The sequences' caches stay within the rank's [`KvBudget`]: a prompt waits until its chunk
+/// fits, and when a decoding sequence needs a block that is not free, the newest sequences
+/// give theirs up (preemption: they prefill again later, from their tokens so far, and go on
+/// with the same tokens). Sequences are served in the order they came, so the oldest always
+/// advances.
 pub struct RankEngine<B: Backend> {
     model: Model<B>,
+    /// In the order they were submitted.
     sequences: Vec<Sequence<B>>,
     /// Most prompt tokens prefilled in one step, over all sequences.
     token_budget: usize,
+    kv_budget: KvBudget,
     stats: RankStats,
 }
 
 impl<B: Backend> RankEngine<B> {
-    pub fn new(model: Model<B>, token_budget: usize) -> Self {
+    pub fn new(model: Model<B>, token_budget: usize, kv_budget: KvBudget) -> Self {
         Self {
             model,
             sequences: Vec::new(),
             token_budget: token_budget.max(1),
+            kv_budget,
             stats: RankStats::default(),
         }
+    }
+
+    /// The KV cache budget the sequences stay within.
+    pub fn kv_budget(&self) -> KvBudget {
+        self.kv_budget
     }
 
     pub fn model(&self) -> &Model<B> {
@@ -141,6 +159,14 @@ impl<B: Backend> RankEngine<B> {
         self.sequences.iter().map(|s| s.cache.bytes()).sum()
     }
 
+    /// Blocks of the [`KvBudget`] the sequences' caches hold.
+    pub fn kv_blocks_used(&self) -> usize {
+        self.sequences
+            .iter()
+            .map(|s| KvBudget::blocks_for(s.cache.len()))
+            .sum()
+    }
+
     /// Checks the request completely and, if it is valid, adds it: it joins at the next step.
     /// An invalid request gets its error on its sink and never joins, so no request can fail
     /// a step.
@@ -156,6 +182,15 @@ impl<B: Backend> RankEngine<B> {
         let mut tokens = std::mem::take(&mut request.prompt);
         let prompt_len = tokens.len();
         tokens.append(&mut request.generated);
+        if !self.kv_budget.holds(tokens.len()) {
+            events.send(Err(Error::InvalidRequest(format!(
+                "{} tokens of context do not fit this worker's KV cache of {} tokens \
+                 (--kv-cache-tokens); shorten the prompt",
+                tokens.len(),
+                self.kv_budget.capacity_tokens()
+            ))));
+            return;
+        }
         self.sequences.push(Sequence {
             cache: self.model.new_cache(),
             sampler: Sampler::new(request.sampling.clone()),
@@ -196,40 +231,27 @@ impl<B: Backend> RankEngine<B> {
         self.sequences.retain(|s| !s.events.is_closed());
     }
 
-    /// One lock-step step of this rank: every live sequence advances by a decode token or a
-    /// prefill chunk. Must be called on every rank of the group, also with no sequences. When
-    /// the step fails (a peer failed), whatever it appended to the KV caches is dropped and no
-    /// sequence has advanced, so the step can be redone in the next epoch.
+    /// One lock-step step of this rank: the sequences the token and KV cache budgets allow
+    /// ([`schedule`](Self::schedule)) advance by a decode token or a prefill chunk. Must be
+    /// called on every rank of the group, also with no sequences. When the step fails (a peer
+    /// failed), whatever it appended to the KV caches is dropped and no sequence has advanced,
+    /// so the step can be redone in the next epoch.
     pub fn step(&mut self, comm: &mut dyn Communicator) -> Result<()> {
         self.drop_cancelled();
-        let mut budget = self.token_budget;
-        let mut chosen = Vec::new();
-        let mut inputs = Vec::new();
-        for (i, seq) in self.sequences.iter_mut().enumerate() {
-            let Sequence {
-                tokens,
-                cache,
-                fed,
-                sampled,
-                ..
-            } = seq;
-            // After a sample exactly one token waits: the one just sampled.
-            let take = if *sampled {
-                tokens.len() - *fed
-            } else {
-                if budget == 0 {
-                    continue;
-                }
-                let take = (tokens.len() - *fed).min(budget);
-                budget -= take;
-                take
-            };
-            chosen.push((i, take));
-            inputs.push(StepInput {
-                tokens: &tokens[*fed..*fed + take],
-                cache,
-            });
-        }
+        let chosen = self.schedule();
+        let mut next = chosen.iter().peekable();
+        let mut inputs: Vec<StepInput<'_, B>> = self
+            .sequences
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, seq)| {
+                let &(_, take) = next.next_if(|&&(j, _)| j == i)?;
+                Some(StepInput {
+                    tokens: &seq.tokens[seq.fed..seq.fed + take],
+                    cache: &mut seq.cache,
+                })
+            })
+            .collect();
         let result = self.model.forward(&mut inputs, comm);
         drop(inputs);
         let logits = match result {
@@ -270,6 +292,7 @@ impl<B: Backend> RankEngine<B> {
                 Some(FinishReason::Eos)
             } else if seq.generated() >= seq.request.max_new_tokens
                 || seq.cache.len() + 1 > max_positions
+                || !self.kv_budget.holds(seq.cache.len() + 1)
             {
                 Some(FinishReason::Length)
             } else {
@@ -287,8 +310,83 @@ impl<B: Backend> RankEngine<B> {
             }
         }
         for i in finished.into_iter().rev() {
-            self.sequences.swap_remove(i);
+            self.sequences.remove(i);
         }
         Ok(())
+    }
+
+    /// Which sequences this step advances, and by how many tokens, in increasing order of
+    /// index; preempts what must give way so that the step's caches fit the budget.
+    ///
+    /// Decoding sequences come first, oldest first: one that needs a block that is not free
+    /// takes it from the newest sequence holding any (or gives up its own when it is the
+    /// newest). Then prompts, oldest first, within the token budget and the blocks left over
+    /// after those the decoding sequences need in the next step, stopping at the first that
+    /// gets nothing so that long prompts are not passed by short ones for ever. A step that
+    /// preempted admits no prompt: it would take the blocks just freed.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let capacity = self.kv_budget.blocks();
+        let blocks = KvBudget::blocks_for;
+        let mut used = self.kv_blocks_used();
+        let preemptions = self.stats.preemptions;
+        let mut decode = Vec::new();
+        let mut reserve = 0;
+        for i in 0..self.sequences.len() {
+            if !self.sequences[i].sampled {
+                continue;
+            }
+            let len = self.sequences[i].cache.len();
+            let need = blocks(len + 1) - blocks(len);
+            while used + need > capacity {
+                let victim = (i..self.sequences.len())
+                    .rev()
+                    .find(|&j| !self.sequences[j].cache.is_empty())
+                    .expect("the sequence itself holds blocks when none are free");
+                used -= blocks(self.sequences[victim].cache.len());
+                self.preempt(victim);
+                if victim == i {
+                    break;
+                }
+            }
+            if self.sequences[i].sampled {
+                used += need;
+                reserve += blocks(len + 2) - blocks(len + 1);
+                decode.push((i, 1));
+            }
+        }
+        if self.stats.preemptions != preemptions {
+            return decode;
+        }
+        let mut free = capacity.saturating_sub(used + reserve);
+        let mut budget = self.token_budget;
+        let mut prefill = Vec::new();
+        for (i, seq) in self.sequences.iter().enumerate() {
+            if seq.sampled {
+                continue;
+            }
+            let len = seq.cache.len();
+            let slack = blocks(len) * BLOCK_TOKENS - len;
+            let fits = slack + free * BLOCK_TOKENS;
+            let take = (seq.tokens.len() - seq.fed).min(budget).min(fits);
+            if take == 0 {
+                break;
+            }
+            budget -= take;
+            free -= blocks(len + take) - blocks(len);
+            prefill.push((i, take));
+        }
+        let mut chosen = decode;
+        chosen.extend(prefill);
+        chosen.sort_unstable();
+        chosen
+    }
+
+    /// Drops sequence `i`'s cache: it prefills its tokens so far again when there is room.
+    fn preempt(&mut self, i: usize) {
+        let seq = &mut self.sequences[i];
+        seq.cache = self.model.new_cache();
+        seq.fed = 0;
+        seq.sampled = false;
+        self.stats.preemptions += 1;
     }
 }

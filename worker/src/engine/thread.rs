@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backend::AnyBackend;
 use crate::comm::{Communicator, Doorbell, Interrupt};
+use crate::engine::kv_budget::{KvBudget, BLOCK_TOKENS};
 use crate::engine::rank::{EventSink, RankEngine, RankStats, Submission};
 use crate::engine::request::GenerateRequest;
 use crate::error::{Error, Result};
@@ -94,6 +95,9 @@ pub enum OnGroupFailure {
 pub struct EngineOptions {
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
+    /// Most tokens the rank's KV caches hold; `None`: what the device's memory allows
+    /// ([`KvBudget::for_model`]).
+    pub kv_cache_tokens: Option<usize>,
     pub on_group_failure: OnGroupFailure,
     /// Where the steps, sequences and epoch switches are counted, if anywhere.
     pub metrics: Option<WorkerMetrics>,
@@ -490,7 +494,18 @@ impl EngineLoop {
             .collect();
         match &mut self.engine {
             Some(engine) => engine.reconfigure(model)?,
-            None => self.engine = Some(RankEngine::new(model, self.options.token_budget)),
+            None => {
+                let kv_budget = KvBudget::for_model(&model, self.options.kv_cache_tokens);
+                if let Some(m) = &self.options.metrics {
+                    m.kv_cache_capacity_tokens
+                        .set(kv_budget.capacity_tokens() as i64);
+                }
+                tracing::info!(
+                    tokens = kv_budget.capacity_tokens(),
+                    "KV cache budget of this rank"
+                );
+                self.engine = Some(RankEngine::new(model, self.options.token_budget, kv_budget))
+            }
         }
         comm.set_doorbell(self.bell.clone());
         *self
@@ -604,6 +619,8 @@ impl EngineLoop {
             m.queued.set(queued as i64);
             m.kv_cache_bytes
                 .set(engine.map_or(0, RankEngine::kv_cache_bytes) as i64);
+            m.kv_cache_used_tokens
+                .set(engine.map_or(0, |e| e.kv_blocks_used() * BLOCK_TOKENS) as i64);
         }
         self.status.send_if_modified(|s| {
             if *s == next {
@@ -629,6 +646,7 @@ fn observe_step(m: &WorkerMetrics, before: &RankStats, after: &RankStats, starte
         m.decode_rows.observe(decode as f64);
         m.decode_tokens.inc_by(decode);
     }
+    m.preemptions.inc_by(after.preemptions - before.preemptions);
 }
 
 fn model_expert_bytes(engine: Option<&RankEngine<AnyBackend>>) -> u64 {

@@ -439,6 +439,19 @@ impl<B: Backend> Model<B> {
         self.rank
     }
 
+    /// Bytes one cached token takes over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let cfg = &self.shared.config;
+        self.shared.layers.len()
+            * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            * std::mem::size_of::<f32>()
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.shared.backend
+    }
+
     /// A new, empty cache for a sequence.
     pub fn new_cache(&self) -> KvCache<B> {
         let cfg = &self.shared.config;

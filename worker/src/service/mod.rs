@@ -37,6 +37,7 @@ use tonic_health::ServingStatus;
 
 use crate::backend::{AnyBackend, Device};
 use crate::comm::{ClusterSecret, DataListener, DataPlane};
+use crate::engine::kv_budget::BLOCK_TOKENS;
 use crate::engine::{
     EngineHandle, EngineOptions, EngineStatus, LoadedModel, OnGroupFailure, Phase,
 };
@@ -68,6 +69,10 @@ pub struct WorkerConfig {
     pub capacity: u32,
     /// Most prompt tokens prefilled per step.
     pub token_budget: usize,
+    /// Most tokens of KV cache the worker's sequences hold together (rounded down to blocks of
+    /// 16); `None`: what the device's memory allows. Prompts wait for room, and the newest
+    /// sequences give theirs up to older ones (they prefill again later).
+    pub kv_cache_tokens: Option<usize>,
     /// CPU threads for large products (0: all cores).
     pub threads: usize,
     /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16):
@@ -111,6 +116,7 @@ impl Default for WorkerConfig {
             advertise_host: "127.0.0.1".into(),
             capacity: 64,
             token_budget: 512,
+            kv_cache_tokens: None,
             threads: 0,
             bf16_activations: false,
             device: Device::Cpu,
@@ -164,6 +170,13 @@ impl WorkerConfig {
         }
         if self.token_budget == 0 {
             return bad("token_budget must be at least 1".into());
+        }
+        if let Some(tokens) = self.kv_cache_tokens {
+            if tokens < BLOCK_TOKENS {
+                return bad(format!(
+                    "kv_cache_tokens {tokens} is under one block of {BLOCK_TOKENS} tokens"
+                ));
+            }
         }
         if self.lease_ttl < Duration::from_secs(1) {
             return bad(format!(
@@ -269,6 +282,7 @@ pub async fn start(
 
     let engine = Arc::new(EngineHandle::spawn(EngineOptions {
         token_budget: config.token_budget,
+        kv_cache_tokens: config.kv_cache_tokens,
         on_group_failure: OnGroupFailure::Keep,
         metrics: Some(config.metrics.clone()),
         threads: config.threads,
