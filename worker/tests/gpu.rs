@@ -387,7 +387,7 @@ fn nccl_exchanges_exactly_what_was_sent() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_attention_over_cached_rows_matches_the_cpu() {
-    use moebius_worker::backend::{Backend, CpuBackend};
+    use moebius_worker::backend::{grid, Backend, CpuBackend};
     use rand::{Rng, SeedableRng};
 
     let Some(gpu) = gpu::open() else { return };
@@ -398,15 +398,21 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
     let mut values =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let (mut on_gpu, mut on_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
+    // Appends within one page (one copy) and across pages (`paged_rows`).
     for step in [1usize, 7, 40, 3, 200] {
         let rows = values(step * width);
         gpu.append_rows(&mut on_gpu, &rows);
         cpu.append_rows(&mut on_cpu, &rows);
     }
-    // A step that failed: its rows come back off.
-    let failed = values(5 * width);
+    // A step that failed: its rows come back off, and the pages past them go back to the pool.
+    let failed = values(30 * width);
     gpu.append_rows(&mut on_gpu, &failed);
     gpu.truncate_rows(&mut on_gpu, 251);
+    assert_eq!(
+        gpu.rows_bytes(&on_gpu),
+        251usize.div_ceil(grid::PAGE_ROWS) * grid::PAGE_ROWS * width * 4,
+        "the cache holds the pages of its rows, no more"
+    );
     let cached = gpu.read_rows(&on_gpu, 251);
     assert!(
         cached[..] == cpu.read_rows(&on_cpu, 251)[..],

@@ -12,7 +12,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Every kernel of nvrtc.cu, each with a test below.
-const TESTED: &[&str] = &["fp8_gemv", "fp8_to_bf16", "silu_mul", "causal_softmax"];
+const TESTED: &[&str] = &[
+    "fp8_gemv",
+    "fp8_to_bf16",
+    "silu_mul",
+    "causal_softmax",
+    "paged_rows",
+];
 
 #[test]
 fn every_kernel_has_a_test() {
@@ -195,4 +201,54 @@ fn causal_softmax_matches_the_cpu_row_by_row() {
             "score {i}: {g}, want {w}"
         );
     }
+}
+
+/// Writes rows into a paged cache and reads them back through `paged_rows`, with the pages out
+/// of order in memory and the rows starting and ending inside pages.
+#[test]
+fn paged_rows_write_and_read_the_rows_where_the_page_table_says() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (width, page_rows) = (600usize, grid::PAGE_ROWS);
+    // 5 pages, laid out in memory in the order 3, 0, 4, 1, 2 of the table.
+    let mut memory = vec![f32::NAN; 5 * page_rows * width];
+    let page_len = page_rows * width;
+    let base = memory.as_mut_ptr() as u64;
+    let order = [1usize, 3, 4, 0, 2];
+    let table: Vec<u64> = order
+        .iter()
+        .map(|&slot| base + (slot * page_len * 4) as u64)
+        .collect();
+    let copy = |flat: &mut [f32], pages: &[u64], first: usize, rows: usize, to_pages: bool| {
+        let args = Args::default()
+            .arg(flat.as_mut_ptr())
+            .arg(pages.as_ptr())
+            .arg(first as i32)
+            .arg(rows as i32)
+            .arg(width as i32)
+            .arg(page_rows as i32)
+            .arg(i32::from(to_pages));
+        // SAFETY: flat holds rows × width values, and every page the rows fall in holds
+        // page_rows × width values of `memory`.
+        unsafe { HostKernels::get().launch("paged_rows", grid::paged_rows(rows), args) };
+    };
+    // Rows 5..70 of the cache: from inside page 0 to inside page 4.
+    let (first, rows) = (5usize, 65usize);
+    let mut written = values(&mut rng, rows * width);
+    copy(&mut written, &table, first, rows, true);
+    for r in 0..rows {
+        let g = first + r;
+        let at = order[g / page_rows] * page_len + (g % page_rows) * width;
+        assert_eq!(
+            memory[at..at + width],
+            written[r * width..(r + 1) * width],
+            "row {g} is not where its page says"
+        );
+    }
+    // A table that starts at page 1, as an append after 16 rows passes it.
+    let mut read = vec![f32::NAN; 20 * width];
+    copy(&mut read, &table[1..], 0, 20, false);
+    assert_eq!(
+        read[..],
+        written[(16 - first) * width..(36 - first) * width]
+    );
 }

@@ -168,6 +168,7 @@ fn per_layer_placements_with_redundant_experts_give_identical_results() {
                 threads: 1,
                 token_budget: 16,
                 placement: Some(placement.clone()),
+                ..GroupOptions::default()
             };
             let (outputs, report) = run_group(&model, &options, requests(&golden), |_, _| {})
                 .expect("generation succeeds");

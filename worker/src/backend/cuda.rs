@@ -4,9 +4,10 @@
 //! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download). A
 //! group of gated MLPs ([`Backend::mlp_grouped`], a MoE layer's experts) is one round trip too:
 //! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. Each
-//! sequence's cache of latents lives in GPU memory ([`CudaRows`], a buffer per layer that
-//! doubles when full), and attention over it runs there in MLA's absorbed form: the scores and
-//! the weighted sum of the latents in cuBLAS, the causal softmax in a kernel of this crate.
+//! sequence's cache of latents lives in GPU memory, in pages of a pool that every sequence and
+//! layer share ([`super::cuda_pages`]), and attention over it runs there in MLA's absorbed form:
+//! the cache gathered from its pages, the scores and the weighted sum of the latents in cuBLAS,
+//! the causal softmax in a kernel of this crate.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
@@ -28,6 +29,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::cuda_pages::{CudaRows, PagePool};
 use super::grid::{self, Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
 use super::{Backend, CpuBackend, MlpRun, Product, View};
@@ -44,6 +46,8 @@ pub struct CudaBackend {
     host: CpuBackend,
     /// This crate's kernels, compiled by NVRTC when the backend opens.
     kernels: Kernels,
+    /// The pages of every KV cache on this GPU.
+    pages: Arc<PagePool>,
     ordinal: usize,
 }
 
@@ -72,15 +76,6 @@ impl CudaMatrix {
             DeviceWeights::Fp8 { .. } => m > FP8_GEMV_ROWS,
         }
     }
-}
-
-/// One layer's KV cache of one sequence in GPU memory: rows of `width` f32 values in a buffer
-/// that doubles when it fills.
-pub struct CudaRows {
-    data: Option<CudaSlice<f32>>,
-    /// Rows held.
-    len: usize,
-    width: usize,
 }
 
 /// Most attention scores (floats) one block of queries holds on the GPU.
@@ -129,6 +124,7 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
         let kernels = Kernels::load(stream.context())?;
         Ok(Self {
+            pages: Arc::new(PagePool::new(stream.clone())),
             stream,
             blas: Arc::new(Mutex::new(blas)),
             host: CpuBackend::new(host_threads),
@@ -340,35 +336,9 @@ impl CudaBackend {
         Ok(host)
     }
 
-    /// Appends `data` (whole rows) to `rows`, growing its buffer on the GPU when full.
-    fn try_append_rows(&self, rows: &mut CudaRows, data: &[f32]) -> Result<()> {
-        let width = rows.width;
-        let (held, need) = (rows.len * width, rows.len * width + data.len());
-        let capacity = rows.data.as_ref().map_or(0, |d| d.len());
-        if need > capacity {
-            let mut grown: CudaSlice<f32> = self
-                .stream
-                .alloc_zeros(need.max(capacity * 2).max(16 * width))
-                .map_err(driver)?;
-            if let (Some(old), true) = (&rows.data, held > 0) {
-                self.stream
-                    .memcpy_dtod(&old.slice(..held), &mut grown.slice_mut(..held))
-                    .map_err(driver)?;
-            }
-            rows.data = Some(grown);
-        }
-        if let Some(buffer) = rows.data.as_mut() {
-            self.stream
-                .memcpy_htod(data, &mut buffer.slice_mut(held..need))
-                .map_err(driver)?;
-        }
-        rows.len += data.len() / width.max(1);
-        Ok(())
-    }
-
-    /// [`Backend::attend_rows`] on the GPU: per block of queries, the scores in cuBLAS,
-    /// `causal_softmax`, and the weighted sum of the latents in cuBLAS; one upload of the
-    /// queries and one download of the outputs.
+    /// [`Backend::attend_rows`] on the GPU: the cache gathered from its pages (`paged_rows`),
+    /// then per block of queries the scores in cuBLAS, `causal_softmax`, and the weighted sum
+    /// of the latents in cuBLAS; one upload of the queries and one download of the outputs.
     #[allow(clippy::too_many_arguments)]
     fn try_attend_rows(
         &self,
@@ -381,17 +351,18 @@ impl CudaBackend {
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        let (width, total) = (rows.width, position + queries);
-        let (Some(cache), true) = (&rows.data, queries > 0) else {
+        let (width, total) = (rows.width(), position + queries);
+        if queries == 0 {
             return Ok(());
-        };
-        if rows.len < total || values > width {
+        }
+        if rows.len() < total || values > width {
             return Err(Error::Device(format!(
                 "attention over {} cached rows of {width} for {total} positions and {values} \
                  values",
-                rows.len
+                rows.len()
             )));
         }
+        let (cache, table) = rows.gather(&self.stream, &self.kernels.paged_rows, total)?;
         let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, queries);
         let q_dev = self
             .stream
@@ -417,7 +388,7 @@ impl CudaBackend {
                 let (keys, pairs) = (position + start + n, n * heads);
                 let q_at = q_p + (start * heads * width * 4) as u64;
                 // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
-                // buffers hold them (keys <= rows.len), all on this stream.
+                // buffers hold them (keys <= total rows gathered), all on this stream.
                 unsafe {
                     gemm(
                         &blas,
@@ -459,7 +430,7 @@ impl CudaBackend {
             .memcpy_dtoh(&o_dev, &mut out[..queries * heads * values])
             .map_err(driver)?;
         self.stream.synchronize().map_err(driver)?;
-        drop((q_dev, scores));
+        drop((q_dev, scores, cache, table));
         Ok(())
     }
 
@@ -718,11 +689,11 @@ impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
     type Rows = CudaRows;
 
-    /// Half of 90% of the GPU's free memory: the rest is for activations and cuBLAS, and a
-    /// cache's buffer doubles when it fills, so it may take twice its rows.
+    /// 80% of the GPU's free memory: the rest is for activations, attention's gathered cache
+    /// and scores, cuBLAS, and a part-filled arena of pages per row width.
     fn kv_cache_memory(&self) -> Option<usize> {
         match self.stream.context().mem_get_info() {
-            Ok((free, _)) => Some(free / 10 * 9 / 2),
+            Ok((free, _)) => Some(free / 10 * 8),
             Err(e) => {
                 tracing::warn!(gpu = self.ordinal, "cannot read the free GPU memory: {e}");
                 None
@@ -731,34 +702,34 @@ impl Backend for CudaBackend {
     }
 
     fn new_rows(&self, width: usize) -> CudaRows {
-        CudaRows {
-            data: None,
-            len: 0,
-            width,
-        }
+        CudaRows::new(self.pages.clone(), width)
     }
 
     fn append_rows(&self, rows: &mut CudaRows, data: &[f32]) {
-        if let Err(e) = self.try_append_rows(rows, data) {
+        if let Err(e) = rows.append(&self.stream, &self.kernels.paged_rows, data) {
             panic!("cuda:{}: caching rows: {e}", self.ordinal);
         }
     }
 
     fn truncate_rows(&self, rows: &mut CudaRows, len: usize) {
-        rows.len = rows.len.min(len);
+        rows.truncate(len);
     }
 
     fn rows_bytes(&self, rows: &CudaRows) -> usize {
-        rows.data.as_ref().map_or(0, |d| d.len() * 4)
+        rows.bytes()
     }
 
     fn read_rows<'a>(&self, rows: &'a CudaRows, len: usize) -> std::borrow::Cow<'a, [f32]> {
-        let mut host = vec![0.0f32; len * rows.width];
-        if let (Some(data), false) = (&rows.data, host.is_empty()) {
-            let read = self
-                .stream
-                .memcpy_dtoh(&data.slice(..host.len()), &mut host)
-                .and_then(|()| self.stream.synchronize());
+        let mut host = vec![0.0f32; len * rows.width()];
+        if len > 0 {
+            let read = rows
+                .gather(&self.stream, &self.kernels.paged_rows, len)
+                .and_then(|(flat, table)| {
+                    self.stream.memcpy_dtoh(&flat, &mut host).map_err(driver)?;
+                    self.stream.synchronize().map_err(driver)?;
+                    drop((flat, table));
+                    Ok(())
+                });
             if let Err(e) = read {
                 panic!("cuda:{}: reading cached rows: {e}", self.ordinal);
             }

@@ -57,7 +57,7 @@ pub enum AnyMatrix {
 pub enum AnyRows {
     Cpu(super::attend::HostRows),
     #[cfg(feature = "cuda")]
-    Cuda(super::cuda::CudaRows),
+    Cuda(super::cuda_pages::CudaRows),
 }
 
 impl AnyBackend {

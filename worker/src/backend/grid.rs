@@ -53,6 +53,22 @@ pub fn causal_softmax(rows: usize) -> Grid {
     }
 }
 
+/// Rows of a page of a paged KV cache: the unit the caches grow and shrink by, and the block
+/// of the rank's KV cache budget.
+pub const PAGE_ROWS: usize = 16;
+
+/// Threads of a `paged_rows` block, which copies one row at a time.
+pub const PAGED_ROWS_THREADS: u32 = 128;
+
+/// `paged_rows` over `rows` rows: a block per row, with the grid's stride beyond the most
+/// blocks of a launch.
+pub fn paged_rows(rows: usize) -> Grid {
+    Grid {
+        blocks: (rows.clamp(1, ELEMENTWISE_BLOCKS) as u32, 1, 1),
+        threads: (PAGED_ROWS_THREADS, 1, 1),
+    }
+}
+
 fn blocks(n: usize) -> u32 {
     u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
@@ -69,5 +85,7 @@ mod tests {
         assert_eq!(elementwise(0).blocks, (1, 1, 1));
         assert_eq!(elementwise(257).blocks, (2, 1, 1));
         assert_eq!(elementwise(usize::MAX / 2).blocks, (65_535, 1, 1));
+        assert_eq!(paged_rows(0).blocks, (1, 1, 1));
+        assert_eq!(paged_rows(70_000).blocks, (65_535, 1, 1));
     }
 }

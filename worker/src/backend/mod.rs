@@ -13,6 +13,8 @@
 //! - [`blocks`]: how those kernels split a product into tasks, and each task's output block;
 //! - `cuda` (feature `cuda`): weights in GPU memory, their products in cuBLAS and, for FP8
 //!   weights, in `nvrtc`'s kernels (compiled at run time);
+//! - `cuda_pages` (feature `cuda`): the GPU's KV caches, in pages of a pool every sequence
+//!   shares;
 //! - [`grid`]: the launch shape of each CUDA kernel;
 //! - [`f32_rows`]: f32 weights against a few activation rows, where `gemm`'s packing costs most;
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
@@ -24,6 +26,8 @@ pub mod blocks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_pages;
 pub mod device;
 pub mod f32_rows;
 pub mod grid;

@@ -155,3 +155,24 @@ extern "C" __global__ void causal_softmax(float* __restrict__ scores, int rows, 
     for (int c = threadIdx.x; c < visible; c += blockDim.x) row[c] *= inv;
     for (int c = visible + threadIdx.x; c < cols; c += blockDim.x) row[c] = 0.0f;
 }
+
+// Copies rows first .. first + rows of a paged cache into `flat` ([rows, width]), or `flat`
+// into those rows (to_pages != 0). The cache's row g is row g % page_rows of page
+// pages[g / page_rows], a device address; a page holds page_rows rows of width floats. A block
+// per row, with the grid's stride.
+extern "C" __global__ void paged_rows(float* __restrict__ flat,
+                                      const unsigned long long* __restrict__ pages, int first,
+                                      int rows, int width, int page_rows, int to_pages) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        long long g = (long long)first + r;
+        float* row = (float*)pages[g / page_rows] + (g % page_rows) * (long long)width;
+        float* f = flat + (long long)r * width;
+        for (int c = threadIdx.x; c < width; c += blockDim.x) {
+            if (to_pages) {
+                row[c] = f[c];
+            } else {
+                f[c] = row[c];
+            }
+        }
+    }
+}

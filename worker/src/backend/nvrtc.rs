@@ -7,7 +7,8 @@
 //!   (prefill);
 //! - `silu_mul`: SiLU-and-multiply of an MLP's gate and up products, into the f32 or bf16
 //!   activations of its down product;
-//! - `causal_softmax`: the scaled, causally masked softmax of attention scores, a block per row.
+//! - `causal_softmax`: the scaled, causally masked softmax of attention scores, a block per row;
+//! - `paged_rows`: rows of a paged KV cache into a dense buffer, or a dense buffer into them.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -27,6 +28,7 @@ pub struct Kernels {
     pub fp8_to_bf16: CudaFunction,
     pub silu_mul: CudaFunction,
     pub causal_softmax: CudaFunction,
+    pub paged_rows: CudaFunction,
 }
 
 impl Kernels {
@@ -45,6 +47,7 @@ impl Kernels {
             fp8_to_bf16: function("fp8_to_bf16")?,
             silu_mul: function("silu_mul")?,
             causal_softmax: function("causal_softmax")?,
+            paged_rows: function("paged_rows")?,
         })
     }
 }
@@ -81,7 +84,13 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        for entry in ["fp8_gemv", "fp8_to_bf16", "silu_mul", "causal_softmax"] {
+        for entry in [
+            "fp8_gemv",
+            "fp8_to_bf16",
+            "silu_mul",
+            "causal_softmax",
+            "paged_rows",
+        ] {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),
                 "no entry point {entry} in the PTX"

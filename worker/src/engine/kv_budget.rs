@@ -7,8 +7,8 @@
 use crate::backend::Backend;
 use crate::model::Model;
 
-/// Tokens in one block: the unit the budget counts in, and the page of a paged cache.
-pub const BLOCK_TOKENS: usize = 16;
+/// Tokens in one block: the unit the budget counts in, and a page of the GPU's paged caches.
+pub const BLOCK_TOKENS: usize = crate::backend::grid::PAGE_ROWS;
 
 /// Bytes of cache a rank takes when no budget is given and its device does not say:
 /// vLLM's default for CPUs.

@@ -73,6 +73,7 @@ pub fn run(
         threads: 1,
         token_budget: 16,
         placement: None,
+        ..GroupOptions::default()
     };
     run_group(model, &options, requests, |_, _| {})
         .expect("generation succeeds")

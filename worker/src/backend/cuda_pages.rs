@@ -1,0 +1,236 @@
+//! The CUDA backend's KV caches (feature `cuda`): pages of [`PAGE_ROWS`] rows in GPU memory,
+//! shared by every sequence and layer of the backend, so that caches grow and shrink by pages
+//! instead of copying whole buffers, and what one sequence lets go another takes.
+//!
+//! The pages come from arenas of [`ARENA_PAGES`] pages, allocated as the caches grow and kept
+//! (the rank's KV cache budget bounds how many are ever needed, as vLLM's preallocated pool
+//! does); a cache lists its pages' device addresses in order ([`CudaRows`]), and gives them
+//! back when it shrinks or is dropped. `paged_rows` (`nvrtc.cu`) copies rows between a cache's
+//! pages and a dense buffer: appending rows that span pages, and gathering a cache for
+//! attention's cuBLAS products.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::grid::{self, PAGE_ROWS};
+use crate::error::{Error, Result};
+
+/// Pages of one arena: 256 pages of 16 rows of DeepSeek-V3's 576 values are 9 MiB.
+pub const ARENA_PAGES: usize = 256;
+
+/// Every page of one GPU's caches, by row width.
+pub struct PagePool {
+    stream: Arc<CudaStream>,
+    widths: Mutex<HashMap<usize, Pages>>,
+}
+
+/// The pages of one row width.
+#[derive(Default)]
+struct Pages {
+    /// Kept for the pool's life: the pages point into them.
+    arenas: Vec<CudaSlice<f32>>,
+    free: Vec<CUdeviceptr>,
+}
+
+impl PagePool {
+    pub fn new(stream: Arc<CudaStream>) -> Self {
+        Self {
+            stream,
+            widths: Mutex::default(),
+        }
+    }
+
+    /// `n` pages of rows `width` values wide, from the free ones or a new arena.
+    fn take(&self, width: usize, n: usize) -> Result<Vec<CUdeviceptr>> {
+        let mut widths = self.widths.lock().unwrap_or_else(PoisonError::into_inner);
+        let pages = widths.entry(width).or_default();
+        while pages.free.len() < n {
+            let page_len = PAGE_ROWS * width;
+            let arena: CudaSlice<f32> = self
+                .stream
+                .alloc_zeros(ARENA_PAGES * page_len)
+                .map_err(|e| Error::Device(format!("allocating KV cache pages: {e}")))?;
+            let base = arena.device_ptr(&self.stream).0;
+            pages.free.extend(
+                (0..ARENA_PAGES)
+                    .rev()
+                    .map(|i| base + (i * page_len * 4) as u64),
+            );
+            pages.arenas.push(arena);
+        }
+        let keep = pages.free.len() - n;
+        Ok(pages.free.split_off(keep))
+    }
+
+    /// Takes back pages of rows `width` values wide. Work enqueued on the stream that still
+    /// reads them runs before any later use, since every use is on the same stream.
+    fn give_back(&self, width: usize, freed: impl Iterator<Item = CUdeviceptr>) {
+        let mut widths = self.widths.lock().unwrap_or_else(PoisonError::into_inner);
+        widths.entry(width).or_default().free.extend(freed);
+    }
+}
+
+/// One layer's KV cache of one sequence: rows of `width` f32 values in pages of the pool.
+pub struct CudaRows {
+    /// Device addresses of the pages, in the order of the rows they hold.
+    pages: Vec<CUdeviceptr>,
+    /// Rows held.
+    len: usize,
+    width: usize,
+    pool: Arc<PagePool>,
+}
+
+impl Drop for CudaRows {
+    fn drop(&mut self) {
+        self.pool.give_back(self.width, self.pages.drain(..));
+    }
+}
+
+impl CudaRows {
+    pub fn new(pool: Arc<PagePool>, width: usize) -> Self {
+        Self {
+            pages: Vec::new(),
+            len: 0,
+            width,
+            pool,
+        }
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Bytes of the pages held.
+    pub fn bytes(&self) -> usize {
+        self.pages.len() * PAGE_ROWS * self.width * 4
+    }
+
+    /// Keeps the first `len` rows, and gives back the pages past them.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        let keep = self.len.div_ceil(PAGE_ROWS);
+        if keep < self.pages.len() {
+            self.pool.give_back(self.width, self.pages.drain(keep..));
+        }
+    }
+
+    /// Appends `data` (whole rows) on `stream`: into one page with one copy, or through a
+    /// dense upload and `paged_rows` when the rows span pages.
+    pub fn append(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        paged_rows: &CudaFunction,
+        data: &[f32],
+    ) -> Result<()> {
+        let n = data.len() / self.width.max(1);
+        if n == 0 {
+            return Ok(());
+        }
+        let pages = (self.len + n).div_ceil(PAGE_ROWS);
+        if pages > self.pages.len() {
+            let more = self.pool.take(self.width, pages - self.pages.len())?;
+            self.pages.extend(more);
+        }
+        let (first_page, last_page) = (self.len / PAGE_ROWS, (self.len + n - 1) / PAGE_ROWS);
+        let offset = self.len % PAGE_ROWS;
+        if first_page == last_page {
+            let at = self.pages[first_page] + (offset * self.width * 4) as u64;
+            // SAFETY: the page holds PAGE_ROWS rows of `width` f32 values, rows offset to
+            // offset + n among them; the copy is ordered on the stream, and returns once the
+            // driver has taken `data` (pageable memory is staged).
+            unsafe { cudarc::driver::result::memcpy_htod_async(at, data, stream.cu_stream()) }
+                .map_err(|e| Error::Device(format!("caching rows: {e}")))?;
+        } else {
+            let mut flat = stream.clone_htod(data).map_err(device)?;
+            let table = stream
+                .clone_htod(&self.pages[first_page..=last_page])
+                .map_err(device)?;
+            copy_paged(
+                stream,
+                paged_rows,
+                &mut flat,
+                &table,
+                (offset, n, self.width),
+                true,
+            )?;
+            // The uploads must outlive the copy.
+            stream.synchronize().map_err(device)?;
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// The first `len` rows (at least one) in one dense buffer `[len, width]`, enqueued on
+    /// `stream`; the page table it was read through comes along, to live until the copy ran.
+    pub fn gather(
+        &self,
+        stream: &Arc<CudaStream>,
+        paged_rows: &CudaFunction,
+        len: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<CUdeviceptr>)> {
+        if len == 0 || len > self.len {
+            return Err(Error::Device(format!(
+                "{len} rows asked of a cache of {}",
+                self.len
+            )));
+        }
+        let mut flat: CudaSlice<f32> = stream.alloc_zeros(len * self.width).map_err(device)?;
+        let table = stream
+            .clone_htod(&self.pages[..len.div_ceil(PAGE_ROWS)])
+            .map_err(device)?;
+        copy_paged(
+            stream,
+            paged_rows,
+            &mut flat,
+            &table,
+            (0, len, self.width),
+            false,
+        )?;
+        Ok((flat, table))
+    }
+}
+
+/// Enqueues `paged_rows`: `rows` rows of `width` from `first` on between the pages of `table`
+/// and `flat`, into the pages when `to_pages`.
+fn copy_paged(
+    stream: &Arc<CudaStream>,
+    paged_rows: &CudaFunction,
+    flat: &mut CudaSlice<f32>,
+    table: &CudaSlice<CUdeviceptr>,
+    (first, rows, width): (usize, usize, usize),
+    to_pages: bool,
+) -> Result<()> {
+    let dim = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")));
+    let (first_i, rows_i, width_i) = (dim(first)?, dim(rows)?, dim(width)?);
+    let (page_rows, to_pages) = (PAGE_ROWS as i32, i32::from(to_pages));
+    let shape = grid::paged_rows(rows);
+    let config = LaunchConfig {
+        grid_dim: shape.blocks,
+        block_dim: shape.threads,
+        shared_mem_bytes: 0,
+    };
+    let mut launch = stream.launch_builder(paged_rows);
+    launch.arg(flat).arg(table).arg(&first_i).arg(&rows_i);
+    launch.arg(&width_i).arg(&page_rows).arg(&to_pages);
+    // SAFETY: paged_rows(flat, pages, first, rows, width, page_rows, to_pages) touches rows × width
+    // values of `flat` and rows first .. first + rows of the pages `table` lists, each page
+    // PAGE_ROWS rows of `width` values: the callers size both so.
+    unsafe { launch.launch(config) }.map_err(device)?;
+    Ok(())
+}
+
+fn device(e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("KV cache pages: {e}"))
+}
