@@ -52,3 +52,11 @@ MOEBIUS_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_P
   cargo test --locked --features cuda -p moebius-worker --lib nvrtc
 # The GPU tests with the feature: here, without a GPU, each says why it skips.
 cargo test --locked --features cuda -p moebius-worker --test gpu
+# The same tests on the CPU's stand-in for CUDA (worker/tests/cuda_host/shim.cpp): the whole CUDA
+# backend runs, its kernels under cuda_host.h and its cuBLAS products in a reference gemm. This
+# checks what the backend asks of the driver and cuBLAS (sizes, offsets, page tables, launch
+# arguments), not a GPU; the device names itself "cuda_host: the CPU standing in for a GPU".
+shim=target/cuda-host-shim
+bash worker/tests/cuda_host/build_shim.sh "$shim"
+MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim" \
+  cargo test --locked --features cuda -p moebius-worker --test gpu

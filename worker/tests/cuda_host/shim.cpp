@@ -1,0 +1,306 @@
+// The CPU standing in for a GPU: the parts of the CUDA driver API, cuBLAS and NVRTC that the
+// CUDA backend calls (through cudarc), on host memory, with the backend's own kernels compiled
+// for the CPU under `cuda_host.h`. `build_shim.sh` builds it as libcuda.so, libcublas.so and
+// libnvrtc.so in one directory; with that directory as LD_LIBRARY_PATH, the GPU tests
+// (`tests/gpu.rs`) run the whole CUDA backend here: its allocations, copies, page tables, launch
+// arguments and cuBLAS shapes (leading dimensions, transposes, offsets), against the CPU backend
+// and the transformers goldens.
+//
+// What it shows: that the backend asks the driver and cuBLAS for the right things in the right
+// order, as far as one in-order stream can tell. What it does not: anything about a GPU's
+// memory model, concurrency, timing, or the real NVRTC, cuBLAS and driver; "device" memory is
+// host memory, every call completes before it returns, and the device is named as a stand-in.
+#include "cuda_host.h"  // first: it sets what the system headers see
+
+#include <dlfcn.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace {
+constexpr int kSuccess = 0;
+constexpr int kInvalidValue = 1;
+constexpr int kInvalidDevice = 101;
+constexpr int kNotFound = 500;
+constexpr size_t kTotalMemory = size_t(16) << 30;
+
+std::mutex allocations_lock;
+std::unordered_map<uintptr_t, size_t> allocations;
+size_t allocated = 0;
+
+int the_context = 0;
+thread_local void* current_context = nullptr;
+
+void* allocate(size_t bytes) {
+    size_t rounded = (bytes + 255) / 256 * 256;
+    void* p = std::aligned_alloc(256, rounded == 0 ? 256 : rounded);
+    if (!p) return nullptr;
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    allocations[reinterpret_cast<uintptr_t>(p)] = rounded;
+    allocated += rounded;
+    return p;
+}
+
+int release(uintptr_t p) {
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    auto at = allocations.find(p);
+    if (at == allocations.end()) return kInvalidValue;
+    allocated -= at->second;
+    allocations.erase(at);
+    std::free(reinterpret_cast<void*>(p));
+    return kSuccess;
+}
+
+// A launch_NAME of this library (`MOEBIUS_EXPORT`), found by name.
+using Launch = void (*)(const unsigned*, const unsigned*, void**);
+Launch find_launch(const char* name) {
+    Dl_info self;
+    if (!dladdr(reinterpret_cast<void*>(&find_launch), &self)) return nullptr;
+    void* library = dlopen(self.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (!library) return nullptr;
+    std::string symbol = std::string("launch_") + name;
+    auto launch = reinterpret_cast<Launch>(dlsym(library, symbol.c_str()));
+    dlclose(library);
+    return launch;
+}
+
+struct Program {
+    std::string source;
+};
+
+// op(M) of cuBLAS' column-major M (leading dimension ld) as `rows` dense rows of `len` f32
+// values: element (r, c) of op(M) at r * len + c when `along_rows`, else its transpose.
+std::vector<float> dense(const void* m, int type, bool transposed, long rows, long cols, long ld,
+                         bool along_rows) {
+    std::vector<float> out(size_t(rows * cols));
+    for (long r = 0; r < rows; r++) {
+        for (long c = 0; c < cols; c++) {
+            long at = transposed ? c + r * ld : r + c * ld;
+            float v;
+            if (type == 0) {  // CUDA_R_32F
+                v = static_cast<const float*>(m)[at];
+            } else {  // CUDA_R_16BF
+                uint32_t wide = uint32_t(static_cast<const uint16_t*>(m)[at]) << 16;
+                std::memcpy(&v, &wide, 4);
+            }
+            out[size_t(along_rows ? r * cols + c : c * rows + r)] = v;
+        }
+    }
+    return out;
+}
+}  // namespace
+
+extern "C" {
+// The driver.
+int cuInit(unsigned) { return kSuccess; }
+int cuDriverGetVersion(int* version) {
+    *version = 12080;
+    return kSuccess;
+}
+int cuDeviceGetCount(int* count) {
+    *count = 1;
+    return kSuccess;
+}
+int cuDeviceGet(int* device, int ordinal) {
+    if (ordinal != 0) return kInvalidDevice;
+    *device = 0;
+    return kSuccess;
+}
+int cuDeviceGetName(char* name, int len, int) {
+    std::snprintf(name, size_t(len), "cuda_host: the CPU standing in for a GPU");
+    return kSuccess;
+}
+int cuDeviceGetAttribute(int* value, int attribute, int) {
+    switch (attribute) {
+        case 75: *value = 9; break;  // compute capability 9.0
+        case 76: *value = 0; break;
+        default: *value = 0;         // no memory pools: cudarc allocates synchronously
+    }
+    return kSuccess;
+}
+int cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = kTotalMemory;
+    return kSuccess;
+}
+int cuDevicePrimaryCtxRetain(void** context, int) {
+    *context = &the_context;
+    return kSuccess;
+}
+int cuDevicePrimaryCtxRelease_v2(int) { return kSuccess; }
+int cuCtxGetCurrent(void** context) {
+    *context = current_context;
+    return kSuccess;
+}
+int cuCtxSetCurrent(void* context) {
+    current_context = context;
+    return kSuccess;
+}
+int cuCtxSynchronize() { return kSuccess; }
+int cuStreamSynchronize(void*) { return kSuccess; }
+int cuStreamWaitEvent(void*, void*, unsigned) { return kSuccess; }
+int cuEventCreate(void** event, unsigned) {
+    *event = new char;
+    return kSuccess;
+}
+int cuEventRecord(void*, void*) { return kSuccess; }
+int cuEventSynchronize(void*) { return kSuccess; }
+int cuEventQuery(void*) { return kSuccess; }
+int cuEventDestroy_v2(void* event) {
+    delete static_cast<char*>(event);
+    return kSuccess;
+}
+int cuMemAlloc_v2(uint64_t* pointer, size_t bytes) {
+    void* p = allocate(bytes);
+    if (!p) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    *pointer = reinterpret_cast<uint64_t>(p);
+    return kSuccess;
+}
+int cuMemFree_v2(uint64_t pointer) { return release(pointer); }
+int cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    *total = kTotalMemory;
+    *free = allocated < kTotalMemory ? kTotalMemory - allocated : 0;
+    return kSuccess;
+}
+int cuMemsetD8Async(uint64_t pointer, unsigned char value, size_t count, void*) {
+    std::memset(reinterpret_cast<void*>(pointer), value, count);
+    return kSuccess;
+}
+int cuMemsetD8_v2(uint64_t pointer, unsigned char value, size_t count) {
+    return cuMemsetD8Async(pointer, value, count, nullptr);
+}
+int cuMemcpyHtoDAsync_v2(uint64_t to, const void* from, size_t bytes, void*) {
+    std::memcpy(reinterpret_cast<void*>(to), from, bytes);
+    return kSuccess;
+}
+int cuMemcpyHtoD_v2(uint64_t to, const void* from, size_t bytes) {
+    return cuMemcpyHtoDAsync_v2(to, from, bytes, nullptr);
+}
+int cuMemcpyDtoHAsync_v2(void* to, uint64_t from, size_t bytes, void*) {
+    std::memcpy(to, reinterpret_cast<const void*>(from), bytes);
+    return kSuccess;
+}
+int cuMemcpyDtoH_v2(void* to, uint64_t from, size_t bytes) {
+    return cuMemcpyDtoHAsync_v2(to, from, bytes, nullptr);
+}
+int cuMemcpyDtoDAsync_v2(uint64_t to, uint64_t from, size_t bytes, void*) {
+    std::memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), bytes);
+    return kSuccess;
+}
+int cuMemcpyDtoD_v2(uint64_t to, uint64_t from, size_t bytes) {
+    return cuMemcpyDtoDAsync_v2(to, from, bytes, nullptr);
+}
+int cuModuleLoadData(void** module, const void*) {
+    *module = &the_context;
+    return kSuccess;
+}
+int cuModuleUnload(void*) { return kSuccess; }
+int cuModuleGetFunction(void** function, void*, const char* name) {
+    Launch launch = find_launch(name);
+    if (!launch) return kNotFound;
+    *function = reinterpret_cast<void*>(launch);
+    return kSuccess;
+}
+int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                   unsigned by, unsigned bz, unsigned shared_bytes, void*, void** params,
+                   void**) {
+    if (shared_bytes != 0) return kInvalidValue;  // no dynamic shared memory here
+    const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    reinterpret_cast<Launch>(function)(grid, block, params);
+    return kSuccess;
+}
+int cuGetErrorString(int, const char** text) {
+    *text = "cuda_host: a call the CPU stand-in refused";
+    return kSuccess;
+}
+int cuGetErrorName(int, const char** text) {
+    *text = "CUDA_HOST_ERROR";
+    return kSuccess;
+}
+
+// NVRTC: the "PTX" is the source, which cuModuleLoadData does not read.
+int nvrtcVersion(int* major, int* minor) {
+    *major = 12;
+    *minor = 8;
+    return 0;
+}
+int nvrtcCreateProgram(Program** program, const char* source, const char*, int,
+                       const char* const*, const char* const*) {
+    *program = new Program{source};
+    return 0;
+}
+int nvrtcCompileProgram(Program*, int, const char* const*) { return 0; }
+int nvrtcGetPTXSize(Program* program, size_t* size) {
+    *size = program->source.size() + 1;
+    return 0;
+}
+int nvrtcGetPTX(Program* program, char* ptx) {
+    std::memcpy(ptx, program->source.c_str(), program->source.size() + 1);
+    return 0;
+}
+int nvrtcGetProgramLogSize(Program*, size_t* size) {
+    *size = 1;
+    return 0;
+}
+int nvrtcGetProgramLog(Program*, char* log) {
+    log[0] = 0;
+    return 0;
+}
+int nvrtcDestroyProgram(Program** program) {
+    delete *program;
+    *program = nullptr;
+    return 0;
+}
+
+// cuBLAS: column-major C = alpha op(A) op(B) + beta C, f32 or bf16 operands, f32 results
+// accumulated in f32.
+int cublasCreate_v2(void** handle) {
+    *handle = new char;
+    return 0;
+}
+int cublasDestroy_v2(void* handle) {
+    delete static_cast<char*>(handle);
+    return 0;
+}
+int cublasSetStream_v2(void*, void*) { return 0; }
+int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha,
+                 const void* a, int a_type, int lda, const void* b, int b_type, int ldb,
+                 const void* beta, void* c, int c_type, int ldc, int compute, int) {
+    const int ok_types[] = {0, 14};  // CUDA_R_32F, CUDA_R_16BF
+    auto known = [&](int t) { return t == ok_types[0] || t == ok_types[1]; };
+    if (!known(a_type) || !known(b_type) || c_type != 0 || compute != 68) {
+        return 7;  // CUBLAS_STATUS_INVALID_VALUE; 68 is CUBLAS_COMPUTE_32F
+    }
+    if (m < 0 || n < 0 || k < 0 || lda < (transa ? k : m) || ldb < (transb ? n : k) ||
+        ldc < m) {
+        return 7;
+    }
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    float* out = static_cast<float*>(c);
+    // op(A) as m rows of k, op(B) as n rows of k (its transpose): dot products of rows.
+    std::vector<float> rows_a = dense(a, a_type, transa != 0, m, k, lda, true);
+    std::vector<float> rows_b = dense(b, b_type, transb != 0, k, n, ldb, false);
+    for (long j = 0; j < n; j++) {
+        const float* bj = rows_b.data() + j * k;
+        for (long i = 0; i < m; i++) {
+            const float* ai = rows_a.data() + i * k;
+            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            long l = 0;
+            for (; l + 8 <= k; l += 8)
+                for (int u = 0; u < 8; u++) part[u] += ai[l + u] * bj[l + u];
+            float sum = 0.0f;
+            for (; l < k; l++) sum += ai[l] * bj[l];
+            for (float p : part) sum += p;
+            float& slot = out[i + j * long(ldc)];
+            slot = al * sum + (be == 0.0f ? 0.0f : be * slot);
+        }
+    }
+    return 0;
+}
+}
