@@ -60,3 +60,6 @@ shim=target/cuda-host-shim
 bash worker/tests/cuda_host/build_shim.sh "$shim"
 MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim" \
   cargo test --locked --features cuda -p moebius-worker --test gpu
+# ...and as a user starts a GPU rank: `generate --device cuda:0`, `up --device cuda:0,cpu`.
+MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim" \
+  cargo test --locked --features cuda --test generate_cli gpu_ranks

@@ -634,3 +634,66 @@ fn the_nccl_data_plane_needs_gpu_workers() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("tcp data plane"), "{stdout}");
 }
+
+/// A GPU rank as a user starts one: `generate --device cuda:0` gives the tokens the CPU gives,
+/// and `up --device cuda:0,cpu` (a GPU rank beside a CPU rank, over tcp) serves them through the
+/// OpenAI API. Runs where a GPU answers, and in `scripts/test.sh` on `cuda_host`'s stand-in for
+/// one (with `MOEBIUS_REQUIRE_GPU`, under which no GPU fails it); says why it skips elsewhere.
+#[test]
+fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
+    if !cfg!(feature = "cuda") {
+        eprintln!("skipped: built without the cuda feature (cargo test --features cuda)");
+        return;
+    }
+    // f32 weights: the GPU multiplies them in f32 too, so the tokens must agree.
+    let model = fixture("tiny-v2");
+    let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
+    let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
+    let out = greedy(&[], &model, &ids, &n, &["--device", "cuda:0"]);
+    if !out.status.success() && std::env::var_os("MOEBIUS_REQUIRE_GPU").is_none() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("skipped: no GPU to run on ({})", stderr.trim());
+        return;
+    }
+    let gpu = json_of(&out);
+    assert_eq!(
+        gpu["token_ids"], cpu["token_ids"],
+        "generate --device cuda:0"
+    );
+    let logprobs = |v: &Value| -> Vec<f64> {
+        (v["logprobs"].as_array().expect("logprobs").iter())
+            .map(|l| l.as_f64().expect("a number"))
+            .collect()
+    };
+    for (g, c) in logprobs(&gpu).iter().zip(logprobs(&cpu)) {
+        assert!(
+            (g - c).abs() < 1e-4,
+            "logprob {g} on the GPU, {c} on the CPU"
+        );
+    }
+
+    let up = common::up::Up::start_with(&model, &["--workers", "2", "--device", "cuda:0,cpu"]);
+    up.router_addr();
+    let body = format!(
+        r#"{{"prompt": [{ids}], "max_tokens": {n}, "temperature": 0, "ignore_eos": true,
+            "logprobs": 1}}"#
+    );
+    let (status, reply) = common::http::post(
+        &up.http_addr(),
+        "/v1/completions",
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let reply: Value = serde_json::from_str(&reply).expect("a JSON reply");
+    let tokens: Vec<String> =
+        serde_json::from_value(reply["choices"][0]["logprobs"]["tokens"].clone())
+            .expect("the completion's tokens");
+    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
+        .map(|id| format!("token_id:{id}"))
+        .collect();
+    assert_eq!(
+        tokens, want,
+        "up --device cuda:0,cpu against generate on the CPU"
+    );
+}

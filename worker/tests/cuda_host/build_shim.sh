@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU's stand-in for CUDA (`shim.cpp`, with the backend's kernels from nvrtc.cu
-# compiled under cuda_host.h) into DIR as libcuda.so, libcublas.so and libnvrtc.so, so that
-# `LD_LIBRARY_PATH=DIR cargo test --features cuda -p moebius-worker --test gpu` runs the CUDA
-# backend on the CPU. Needs a C++20 compiler (g++ 11 or later; CXX picks another).
+# compiled under cuda_host.h) into DIR as libcuda.so, libcublas.so, libnvrtc.so and libnccl.so,
+# so that `LD_LIBRARY_PATH=DIR cargo test --features cuda -p moebius-worker --test gpu` runs the
+# CUDA backend on the CPU (CUDA_HOST_DEVICES=N: N devices). Needs a C++20 compiler (g++ 11 or later; CXX picks another).
 set -euo pipefail
 dir=${1:?usage: build_shim.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
