@@ -52,14 +52,15 @@ MOEBIUS_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_P
   cargo test --locked --features cuda -p moebius-worker --lib nvrtc
 # The GPU tests with the feature: here, without a GPU, each says why it skips.
 cargo test --locked --features cuda -p moebius-worker --test gpu
-# The same tests on the CPU's stand-in for CUDA (worker/tests/cuda_host/shim.cpp): the whole CUDA
-# backend runs, its kernels under cuda_host.h and its cuBLAS products in a reference gemm. This
-# checks what the backend asks of the driver and cuBLAS (sizes, offsets, page tables, launch
-# arguments), not a GPU; the device names itself "cuda_host: the CPU standing in for a GPU".
+# The same tests on the CPU's stand-in for two GPUs (worker/tests/cuda_host/shim.cpp): the whole
+# CUDA backend runs, its kernels under cuda_host.h, its cuBLAS products in a reference gemm, and
+# the nccl data plane between ranks of one process. This checks what the backend asks of the
+# driver, cuBLAS and NCCL (sizes, offsets, page tables, launch arguments, waits and aborts), not
+# a GPU; the device names itself "cuda_host: the CPU standing in for a GPU".
 shim=target/cuda-host-shim
 bash worker/tests/cuda_host/build_shim.sh "$shim"
-MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim" \
-  cargo test --locked --features cuda -p moebius-worker --test gpu
-# ...and as a user starts a GPU rank: `generate --device cuda:0`, `up --device cuda:0,cpu`.
-MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim" \
-  cargo test --locked --features cuda --test generate_cli gpu_ranks
+on_shim=(env CUDA_HOST_DEVICES=2 MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim")
+"${on_shim[@]}" cargo test --locked --features cuda -p moebius-worker --test gpu
+# ...and as a user starts GPU ranks: `generate --device cuda:0`, `up --device cuda:0,cpu` and
+# `up --device cuda:0 --data-plane nccl`.
+"${on_shim[@]}" cargo test --locked --features cuda --test generate_cli gpu_ranks

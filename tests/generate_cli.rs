@@ -512,20 +512,7 @@ fn up_takes_one_device_per_worker() {
         .collect();
 
     let up = common::up::Up::start_with(&model, &["--workers", "2", "--device", "cpu,cpu"]);
-    up.router_addr();
-    let body = br#"{"prompt": [0, 5, 9, 17], "max_tokens": 8, "temperature": 0,
-        "ignore_eos": true, "logprobs": 1}"#;
-    let (status, reply) = common::http::post(
-        &up.http_addr(),
-        "/v1/completions",
-        Some("application/json"),
-        body,
-    );
-    assert_eq!(status, 200, "{reply}");
-    let reply: Value = serde_json::from_str(&reply).expect("a JSON reply");
-    let tokens: Vec<String> =
-        serde_json::from_value(reply["choices"][0]["logprobs"]["tokens"].clone())
-            .expect("the completion's tokens");
+    let tokens = completion_tokens(&up, "0, 5, 9, 17", "8");
     assert_eq!(tokens, want, "two CPU workers against generate alone");
     drop(up);
 
@@ -636,8 +623,8 @@ fn the_nccl_data_plane_needs_gpu_workers() {
 }
 
 /// A GPU rank as a user starts one: `generate --device cuda:0` gives the tokens the CPU gives,
-/// and `up --device cuda:0,cpu` (a GPU rank beside a CPU rank, over tcp) serves them through the
-/// OpenAI API. Runs where a GPU answers, and in `scripts/test.sh` on `cuda_host`'s stand-in for
+/// and `up --device cuda:0,cpu` (a GPU rank beside a CPU rank, over tcp) and, with two GPUs,
+/// `up --device cuda:0 --data-plane nccl` serve them through the OpenAI API. Runs where a GPU answers, and in `scripts/test.sh` on `cuda_host`'s stand-in for
 /// one (with `MOEBIUS_REQUIRE_GPU`, under which no GPU fails it); says why it skips elsewhere.
 #[test]
 fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
@@ -672,7 +659,40 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
         );
     }
 
+    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
+        .map(|id| format!("token_id:{id}"))
+        .collect();
     let up = common::up::Up::start_with(&model, &["--workers", "2", "--device", "cuda:0,cpu"]);
+    let tokens = completion_tokens(&up, &ids, &n);
+    assert_eq!(tokens, want, "up --device cuda:0,cpu against the CPU");
+    drop(up);
+
+    // Two GPU ranks on the nccl data plane, where there is a second GPU.
+    let second = greedy(&[], &model, &ids, &n, &["--device", "cuda:1"]);
+    if !second.status.success() {
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        eprintln!("nccl: skipped, two GPUs needed ({})", stderr.trim());
+        return;
+    }
+    let nccl = [
+        "--workers",
+        "2",
+        "--device",
+        "cuda:0",
+        "--data-plane",
+        "nccl",
+    ];
+    let up = common::up::Up::start_with(&model, &nccl);
+    let tokens = completion_tokens(&up, &ids, &n);
+    assert_eq!(
+        tokens, want,
+        "up --device cuda:0 --data-plane nccl against the CPU"
+    );
+}
+
+/// The tokens of a greedy completion of `ids` for `n` tokens through `up`'s OpenAI API, as
+/// `token_id:N` strings.
+fn completion_tokens(up: &common::up::Up, ids: &str, n: &str) -> Vec<String> {
     up.router_addr();
     let body = format!(
         r#"{{"prompt": [{ids}], "max_tokens": {n}, "temperature": 0, "ignore_eos": true,
@@ -686,14 +706,6 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
     );
     assert_eq!(status, 200, "{reply}");
     let reply: Value = serde_json::from_str(&reply).expect("a JSON reply");
-    let tokens: Vec<String> =
-        serde_json::from_value(reply["choices"][0]["logprobs"]["tokens"].clone())
-            .expect("the completion's tokens");
-    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
-        .map(|id| format!("token_id:{id}"))
-        .collect();
-    assert_eq!(
-        tokens, want,
-        "up --device cuda:0,cpu against generate on the CPU"
-    );
+    serde_json::from_value(reply["choices"][0]["logprobs"]["tokens"].clone())
+        .expect("the completion's tokens")
 }

@@ -16,6 +16,7 @@ mkdir -p "$dir"
 } > "$dir/kernels.cpp"
 "${CXX:-c++}" -std=c++20 -O2 -U_FORTIFY_SOURCE -fno-strict-aliasing -shared -fPIC -pthread \
     -o "$dir/libcuda_host.so" "$here/shim.cpp" "$dir/kernels.cpp" -ldl
-for name in libcuda.so libcuda.so.1 libcublas.so libcublas.so.12 libnvrtc.so libnvrtc.so.12; do
+for name in libcuda.so libcuda.so.1 libcublas.so libcublas.so.12 libnvrtc.so libnvrtc.so.12 \
+    libnccl.so libnccl.so.2; do
     ln -sf libcuda_host.so "$dir/$name"
 done
