@@ -83,10 +83,19 @@ pub fn run(args: EngineArgs) -> Result<()> {
         let mut prefill = Vec::with_capacity(args.repeats);
         let mut decode = Vec::with_capacity(args.repeats);
         let mut of_ceiling = Vec::with_capacity(args.repeats);
+        let (mut waits, mut moved) = (Vec::new(), Vec::new());
         let mut before = roofline.measure();
         bandwidths.push(before);
         for _ in 0..args.repeats {
-            let (prefill_s, decode_s) = measure(&engine, &model, &args, batch, &mut rng)?;
+            let Run {
+                prefill_s,
+                decode_s,
+                gpu,
+            } = measure(&engine, &model, &args, batch, &mut rng)?;
+            if let Some(gpu) = gpu {
+                waits.push(gpu.waits);
+                moved.push(gpu.bytes);
+            }
             let after = roofline.measure();
             bandwidths.push(after);
             let tok_s = (batch * args.decode_tokens) as f64 / decode_s;
@@ -105,6 +114,10 @@ pub fn run(args: EngineArgs) -> Result<()> {
         });
         if batch == 1 {
             row["decode_ceiling_ratio"] = json!(median(&mut of_ceiling));
+        }
+        if !waits.is_empty() {
+            row["gpu_waits_per_decode_step"] = json!(median(&mut waits));
+            row["gpu_mb_moved_per_decode_step"] = json!(median(&mut moved) / 1e6);
         }
         rows.push(row);
     }
@@ -139,15 +152,23 @@ pub fn run(args: EngineArgs) -> Result<()> {
             bandwidths.len()
         );
         println!(
-            "{:>6} {:>14} {:>14} {:>16} {:>16}",
-            "batch", "prefill tok/s", "decode tok/s", "decode step ms", "decode/ceiling"
+            "{:>6} {:>14} {:>14} {:>16} {:>16} {:>16}",
+            "batch",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode step ms",
+            "decode/ceiling",
+            "GPU waits/step"
         );
         for r in report["results"].as_array().into_iter().flatten() {
             let of_ceiling = r["decode_ceiling_ratio"]
                 .as_f64()
                 .map_or(String::new(), |v| format!("{v:.2}"));
+            let waits = r["gpu_waits_per_decode_step"]
+                .as_f64()
+                .map_or(String::new(), |v| format!("{v:.0}"));
             println!(
-                "{:>6} {:>14.1} {:>14.1} {:>16.2} {of_ceiling:>16}",
+                "{:>6} {:>14.1} {:>14.1} {:>16.2} {of_ceiling:>16} {waits:>16}",
                 r["batch"],
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
@@ -185,13 +206,30 @@ fn one_rank(model: &LoadedModel, token_budget: usize, threads: usize) -> Result<
 /// the seconds of `decode_tokens` decode steps (after one untimed decode step). Token `k` of
 /// every sequence comes out of step `k + 1`, so a step ends when its token of the last
 /// sequence arrives. Runs the sequences to their end, so the engine is idle again afterwards.
+/// One run of `batch` sequences.
+struct Run {
+    /// Seconds to the first token.
+    prefill_s: f64,
+    /// Seconds of the decode steps after the second token.
+    decode_s: f64,
+    /// On a GPU, per decode step: counted as the steps' tokens arrive here, so the count may
+    /// take in a step's worth more or less.
+    gpu: Option<GpuPerStep>,
+}
+
+/// The waits for the GPU and the bytes moved to and from it, per decode step.
+struct GpuPerStep {
+    waits: f64,
+    bytes: f64,
+}
+
 fn measure(
     engine: &EngineHandle,
     model: &LoadedModel,
     args: &EngineArgs,
     batch: usize,
     rng: &mut rand::rngs::StdRng,
-) -> Result<(f64, f64)> {
+) -> Result<Run> {
     let vocab = model.config.vocab_size as u32;
     let tokens = args.decode_tokens + 2;
     let (tx, rx) = mpsc::channel();
@@ -214,6 +252,7 @@ fn measure(
     let mut made = vec![0usize; batch];
     let mut done_at = vec![0usize; tokens];
     let mut step_end = vec![0.0f64; tokens];
+    let mut gpu_at = vec![None; tokens];
     for (index, event) in rx {
         event.map_err(|e| anyhow!("a benchmark sequence failed: {e}"))?;
         let k = made[index];
@@ -221,12 +260,39 @@ fn measure(
         done_at[k] += 1;
         if done_at[k] == batch {
             step_end[k] = started.elapsed().as_secs_f64();
+            gpu_at[k] = gpu_transfers(&model.shared.backend);
         }
     }
     if made.iter().any(|&m| m != tokens) {
         bail!("a benchmark sequence ended early: {made:?} of {tokens} tokens");
     }
-    Ok((step_end[0], step_end[tokens - 1] - step_end[1]))
+    let gpu = match (gpu_at[1], gpu_at[tokens - 1]) {
+        (Some((w0, b0)), Some((w1, b1))) => {
+            let steps = (tokens - 2) as f64;
+            Some(GpuPerStep {
+                waits: (w1 - w0) as f64 / steps,
+                bytes: (b1 - b0) as f64 / steps,
+            })
+        }
+        _ => None,
+    };
+    Ok(Run {
+        prefill_s: step_end[0],
+        decode_s: step_end[tokens - 1] - step_end[1],
+        gpu,
+    })
+}
+
+/// A GPU backend's waits for the GPU and bytes moved so far; `None` on the CPU.
+fn gpu_transfers(backend: &AnyBackend) -> Option<(u64, u64)> {
+    match backend {
+        #[cfg(feature = "cuda")]
+        AnyBackend::Cuda(gpu) => {
+            let t = gpu.transfers();
+            Some((t.waits, t.uploaded + t.downloaded))
+        }
+        AnyBackend::Cpu(_) => None,
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count).

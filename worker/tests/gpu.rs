@@ -16,16 +16,25 @@ mod golden;
 /// bf16 weights multiply bf16-rounded activations on the GPU, as PyTorch's bf16 path does, so
 /// the f32 bar (1e-3) does not apply. The bars are those of the CPU's bf16 activations
 /// (`parity.rs`): every continuation's first token equal to the golden one with its logprob
-/// within 0.03, and later logprobs within 0.25 until a continuation first departs. The f32
-/// fixture's weights stay f32 on the GPU and keep the 1e-3 bar.
+/// within 0.03, and later logprobs within 0.25 until a continuation first departs. The f32 and
+/// f16 fixtures' weights are f32 on the GPU and keep the 1e-3 bar.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_backend_follows_transformers() {
     let Some(backend) = gpu::open() else { return };
     eprintln!("running on cuda:0, {}", backend.device_name());
     let backend = std::sync::Arc::new(backend);
-    for name in ["demo", "tiny-v3", "tiny-v3-fp8", "tiny-v2"] {
-        let bf16 = name != "tiny-v2";
+    // Every fixture: bf16 weights (demo, tiny-v3), FP8 ones (tiny-v3-fp8), f32 ones with YaRN
+    // (tiny-v2, tiny-v3-yarn) and f16 ones, which load as f32 (tiny-v2-lite).
+    for name in [
+        "demo",
+        "tiny-v3",
+        "tiny-v3-fp8",
+        "tiny-v2",
+        "tiny-v3-yarn",
+        "tiny-v2-lite",
+    ] {
+        let bf16 = ["demo", "tiny-v3", "tiny-v3-fp8"].contains(&name);
         let (first_bar, later_bar) = if bf16 { (0.03, 0.25) } else { (1e-3, 1e-3) };
         let golden = golden::golden(name);
         let model = gpu::model(&golden::fixture(name), backend.clone());
@@ -237,7 +246,13 @@ fn cuda_groups_match_the_cpu() {
         .zip(&mut on_gpu)
         .map(|(((x, &m), ((w, _), _)), out)| Product { x, m, w, out })
         .collect();
+    let before = gpu.transfers();
     gpu.linear_grouped(&mut group);
+    assert_eq!(
+        gpu.transfers().waits - before.waits,
+        1,
+        "a group of products is one round trip"
+    );
     let mut group: Vec<Product<'_, _>> = xs
         .iter()
         .zip(&rows)
@@ -270,7 +285,13 @@ fn cuda_groups_match_the_cpu() {
             out,
         })
         .collect();
+    let before = gpu.transfers();
     gpu.mlp_grouped(&mut runs);
+    assert_eq!(
+        gpu.transfers().waits - before.waits,
+        1,
+        "a group of MLPs is one round trip"
+    );
     let mut runs: Vec<MlpRun<'_, _>> = xs
         .iter()
         .zip(&rows)
@@ -392,12 +413,13 @@ fn nccl_exchanges_exactly_what_was_sent() {
 }
 
 /// The cache of latents on the GPU and absorbed attention over it, against the CPU backend's:
-/// rows appended in several steps (the buffer grows on the GPU), a failed step taken back, then
-/// a prefill-sized block of queries and a decode row over it.
+/// rows appended in several steps (into pages of the GPU's pool, without waiting for it), a
+/// failed step taken back, then a prefill-sized block of queries and a decode row over it, each
+/// one round trip.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_attention_over_cached_rows_matches_the_cpu() {
-    use moebius_worker::backend::{grid, Backend, CpuBackend};
+    use moebius_worker::backend::{grid, Attend, Backend, CpuBackend};
     use rand::{Rng, SeedableRng};
 
     let Some(gpu) = gpu::open() else { return };
@@ -408,12 +430,17 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
     let mut values =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let (mut on_gpu, mut on_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
-    // Appends within one page (one copy) and across pages (`paged_rows`).
+    // Appends within one page (one copy) and across pages (`paged_rows`), none of which waits
+    // for the GPU.
+    let before = gpu.transfers();
     for step in [1usize, 7, 40, 3, 200] {
         let rows = values(step * width);
         gpu.append_rows(&mut on_gpu, &rows);
         cpu.append_rows(&mut on_cpu, &rows);
     }
+    let appended = gpu.transfers();
+    assert_eq!(appended.waits, before.waits, "appending rows waited");
+    assert_eq!(appended.uploaded - before.uploaded, 251 * width as u64 * 4);
     // A step that failed: its rows come back off, and the pages past them go back to the pool.
     let failed = values(30 * width);
     gpu.append_rows(&mut on_gpu, &failed);
@@ -436,7 +463,13 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
             vec![f32::NAN; queries * heads * lora],
         );
         let scale = 1.0 / (192f32).sqrt();
+        let before = gpu.transfers();
         gpu.attend_rows(&q, queries, heads, &on_gpu, position, lora, scale, &mut got);
+        assert_eq!(
+            gpu.transfers().waits - before.waits,
+            1,
+            "attention is one round trip"
+        );
         cpu.attend_rows(
             &q, queries, heads, &on_cpu, position, lora, scale, &mut want,
         );
@@ -451,5 +484,55 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
         eprintln!(
             "attention on the GPU, {queries} queries at {position}: worst difference {worst:.2e}"
         );
+    }
+
+    // A step's sequences at once: a decode row over this cache and a short prefill over a new
+    // one, in one round trip.
+    let (mut short_gpu, mut short_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
+    let rows = values(20 * width);
+    gpu.append_rows(&mut short_gpu, &rows);
+    cpu.append_rows(&mut short_cpu, &rows);
+    let (q_long, q_short) = (values(heads * width), values(20 * heads * width));
+    let scale = 0.1;
+    let mut got = (
+        vec![f32::NAN; heads * lora],
+        vec![f32::NAN; 20 * heads * lora],
+    );
+    let mut want = got.clone();
+    let before = gpu.transfers();
+    gpu.attend_grouped(
+        heads,
+        lora,
+        scale,
+        &mut [
+            Attend {
+                q: &q_long,
+                queries: 1,
+                rows: &on_gpu,
+                position: 250,
+                out: &mut got.0,
+            },
+            Attend {
+                q: &q_short,
+                queries: 20,
+                rows: &short_gpu,
+                position: 0,
+                out: &mut got.1,
+            },
+        ],
+    );
+    assert_eq!(
+        gpu.transfers().waits - before.waits,
+        1,
+        "a step's attention is one round trip"
+    );
+    cpu.attend_rows(&q_long, 1, heads, &on_cpu, 250, lora, scale, &mut want.0);
+    cpu.attend_rows(&q_short, 20, heads, &short_cpu, 0, lora, scale, &mut want.1);
+    for (got, want) in [(&got.0, &want.0), (&got.1, &want.1)] {
+        let worst = got
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(worst < 1e-4, "grouped attention: off by {worst}");
     }
 }

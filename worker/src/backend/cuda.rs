@@ -20,6 +20,7 @@
 //! ([`super::nvrtc`]), in f32; larger ones dequantise the weight to bf16 on the GPU first and run
 //! as the bf16 weights do.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
@@ -32,7 +33,7 @@ use cudarc::driver::{
 use super::cuda_pages::{CudaRows, PagePool};
 use super::grid::{self, Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
-use super::{Backend, CpuBackend, MlpRun, Product, View};
+use super::{Attend, Backend, CpuBackend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
 
@@ -48,7 +49,45 @@ pub struct CudaBackend {
     kernels: Kernels,
     /// The pages of every KV cache on this GPU.
     pages: Arc<PagePool>,
+    transfers: Arc<Transfers>,
     ordinal: usize,
+}
+
+/// How often a backend waited for its GPU, and the bytes of activations and cache rows it moved
+/// to and from it: what a step costs beyond its kernels.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    waits: AtomicU64,
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+}
+
+impl Transfers {
+    pub fn counts(&self) -> TransferCounts {
+        TransferCounts {
+            waits: self.waits.load(Ordering::Relaxed),
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn upload(&self, bytes: usize) {
+        self.uploaded.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A download of `bytes` and the wait for it.
+    fn download(&self, bytes: usize) {
+        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// [`Transfers`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferCounts {
+    pub waits: u64,
+    pub uploaded: u64,
+    pub downloaded: u64,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -123,14 +162,21 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
         let kernels = Kernels::load(stream.context())?;
+        let transfers = Arc::new(Transfers::default());
         Ok(Self {
-            pages: Arc::new(PagePool::new(stream.clone())),
+            pages: Arc::new(PagePool::new(stream.clone(), transfers.clone())),
+            transfers,
             stream,
             blas: Arc::new(Mutex::new(blas)),
             host: CpuBackend::new(host_threads),
             kernels,
             ordinal,
         })
+    }
+
+    /// The waits for the GPU and the bytes moved so far.
+    pub fn transfers(&self) -> TransferCounts {
+        self.transfers.counts()
     }
 
     /// The GPU's name, as the driver gives it.
@@ -157,7 +203,7 @@ impl CudaBackend {
         if outputs == 0 {
             return Ok(());
         }
-        let inputs = inputs.upload(&self.stream)?;
+        let inputs = self.upload_staged(inputs)?;
         let mut y = self.alloc::<f32>(outputs)?;
         let mut run = Enqueued::default();
         {
@@ -208,7 +254,7 @@ impl CudaBackend {
             return Ok(());
         }
         let kernels = &self.kernels;
-        let inputs = inputs.upload(&self.stream)?;
+        let inputs = self.upload_staged(inputs)?;
         let mut gate_up = self.alloc::<f32>(gate_ups)?;
         let mut act = self.alloc::<f32>(acts)?;
         let mut act_bf16 = self.alloc::<u16>(acts_bf16)?;
@@ -332,105 +378,124 @@ impl CudaBackend {
             self.stream.memcpy_dtoh(y, &mut host).map_err(driver)?;
         }
         self.stream.synchronize().map_err(driver)?;
+        self.transfers.download(len * 4);
         drop(run);
         Ok(host)
     }
 
-    /// [`Backend::attend_rows`] on the GPU: the cache gathered from its pages (`paged_rows`),
-    /// then per block of queries the scores in cuBLAS, `causal_softmax`, and the weighted sum
-    /// of the latents in cuBLAS; one upload of the queries and one download of the outputs.
-    #[allow(clippy::too_many_arguments)]
-    fn try_attend_rows(
+    /// Uploads staged activations, counted.
+    fn upload_staged(&self, inputs: Staged) -> Result<Uploaded> {
+        self.transfers
+            .upload(inputs.wide.len() * 4 + inputs.bf16.len() * 2);
+        inputs.upload(&self.stream)
+    }
+
+    /// [`Backend::attend_grouped`] on the GPU: one upload of every sequence's queries; per
+    /// sequence its cache gathered from its pages (`paged_rows`), then per block of queries the
+    /// scores in cuBLAS, `causal_softmax`, and the weighted sum of the latents in cuBLAS; one
+    /// download of every output and one wait.
+    fn try_attend_grouped(
         &self,
-        q: &[f32],
-        queries: usize,
         heads: usize,
-        rows: &CudaRows,
-        position: usize,
         values: usize,
         scale: f32,
-        out: &mut [f32],
+        runs: &mut [Attend<'_, CudaRows>],
     ) -> Result<()> {
-        let (width, total) = (rows.width(), position + queries);
-        if queries == 0 {
+        let mut queries = Vec::new();
+        let (mut outputs, mut most_scores) = (0, 0);
+        for r in runs.iter() {
+            let (width, total) = (r.rows.width(), r.position + r.queries);
+            if r.rows.len() < total || values > width {
+                return Err(Error::Device(format!(
+                    "attention over {} cached rows of {width} for {total} positions and \
+                     {values} values",
+                    r.rows.len()
+                )));
+            }
+            queries.extend_from_slice(&r.q[..r.queries * heads * width]);
+            outputs += r.queries * heads * values;
+            let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, r.queries.max(1));
+            most_scores = most_scores.max(block * heads * total);
+        }
+        if outputs == 0 {
             return Ok(());
         }
-        if rows.len() < total || values > width {
-            return Err(Error::Device(format!(
-                "attention over {} cached rows of {width} for {total} positions and {values} \
-                 values",
-                rows.len()
-            )));
-        }
-        let (cache, table) = rows.gather(&self.stream, &self.kernels.paged_rows, total)?;
-        let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, queries);
-        let q_dev = self
-            .stream
-            .clone_htod(&q[..queries * heads * width])
-            .map_err(driver)?;
-        let mut o_dev: CudaSlice<f32> = self
-            .stream
-            .alloc_zeros(queries * heads * values)
-            .map_err(driver)?;
-        let mut scores: CudaSlice<f32> = self
-            .stream
-            .alloc_zeros(block * heads * total)
-            .map_err(driver)?;
+        let q_dev = self.stream.clone_htod(&queries).map_err(driver)?;
+        self.transfers.upload(queries.len() * 4);
+        let mut o_dev: CudaSlice<f32> = self.stream.alloc_zeros(outputs).map_err(driver)?;
+        let mut scores: CudaSlice<f32> = self.stream.alloc_zeros(most_scores).map_err(driver)?;
+        // The gathered caches and their page tables, alive until the wait.
+        let mut gathered = Vec::with_capacity(runs.len());
         {
             let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-            let cache_p = cache.device_ptr(&self.stream).0;
-            let q_p = q_dev.device_ptr(&self.stream).0;
-            let o_p = o_dev.device_ptr_mut(&self.stream).0;
+            let (mut q_p, mut o_p) = (
+                q_dev.device_ptr(&self.stream).0,
+                o_dev.device_ptr_mut(&self.stream).0,
+            );
             let scores_p = scores.device_ptr_mut(&self.stream).0;
-            let mut start = 0;
-            while start < queries {
-                let n = block.min(queries - start);
-                let (keys, pairs) = (position + start + n, n * heads);
-                let q_at = q_p + (start * heads * width * 4) as u64;
-                // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
-                // buffers hold them (keys <= total rows gathered), all on this stream.
-                unsafe {
-                    gemm(
-                        &blas,
-                        Shape {
-                            n: keys,
-                            m: pairs,
-                            k: width,
-                        },
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        cache_p,
-                        q_at,
-                        scores_p,
-                    )?
-                };
-                let (rows_i, keys_i, heads_i) = (dim(pairs)?, dim(keys)?, dim(heads)?);
-                let first = dim(position + start + 1)?;
-                let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
-                launch.arg(&scores_p).arg(&rows_i).arg(&keys_i);
-                launch.arg(&heads_i).arg(&first).arg(&scale);
-                // SAFETY: causal_softmax(scores, rows, cols, heads, first, scale) rewrites
-                // rows × cols scores, which `scores` holds.
-                unsafe { launch.launch(launch_config(grid::causal_softmax(pairs))) }
-                    .map_err(driver)?;
-                // SAFETY: out[pairs, values] = scores[pairs, keys] · cache[keys, ..values]:
-                // the buffers hold them, all on this stream.
-                unsafe {
-                    gemm_nn(
-                        &blas,
-                        (values, pairs, keys),
-                        (cache_p, width),
-                        (scores_p, keys),
-                        (o_p + (start * heads * values * 4) as u64, values),
-                    )?
-                };
-                start += n;
+            for r in runs.iter().filter(|r| r.queries > 0) {
+                let (width, total) = (r.rows.width(), r.position + r.queries);
+                let (cache, table) =
+                    r.rows
+                        .gather(&self.stream, &self.kernels.paged_rows, total)?;
+                let cache_p = cache.device_ptr(&self.stream).0;
+                let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, r.queries);
+                let mut start = 0;
+                while start < r.queries {
+                    let n = block.min(r.queries - start);
+                    let (keys, pairs) = (r.position + start + n, n * heads);
+                    let q_at = q_p + (start * heads * width * 4) as u64;
+                    // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
+                    // buffers hold them (keys <= total rows gathered), all on this stream.
+                    unsafe {
+                        gemm(
+                            &blas,
+                            Shape {
+                                n: keys,
+                                m: pairs,
+                                k: width,
+                            },
+                            sys::cudaDataType_t::CUDA_R_32F,
+                            cache_p,
+                            q_at,
+                            scores_p,
+                        )?
+                    };
+                    let (rows_i, keys_i, heads_i) = (dim(pairs)?, dim(keys)?, dim(heads)?);
+                    let first = dim(r.position + start + 1)?;
+                    let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
+                    launch.arg(&scores_p).arg(&rows_i).arg(&keys_i);
+                    launch.arg(&heads_i).arg(&first).arg(&scale);
+                    // SAFETY: causal_softmax(scores, rows, cols, heads, first, scale) rewrites
+                    // rows × cols scores, which `scores` holds.
+                    unsafe { launch.launch(launch_config(grid::causal_softmax(pairs))) }
+                        .map_err(driver)?;
+                    // SAFETY: out[pairs, values] = scores[pairs, keys] · cache[keys, ..values]:
+                    // the buffers hold them, all on this stream.
+                    unsafe {
+                        gemm_nn(
+                            &blas,
+                            (values, pairs, keys),
+                            (cache_p, width),
+                            (scores_p, keys),
+                            (o_p + (start * heads * values * 4) as u64, values),
+                        )?
+                    };
+                    start += n;
+                }
+                q_p += (r.queries * heads * width * 4) as u64;
+                o_p += (r.queries * heads * values * 4) as u64;
+                gathered.push((cache, table));
             }
         }
-        self.stream
-            .memcpy_dtoh(&o_dev, &mut out[..queries * heads * values])
-            .map_err(driver)?;
-        self.stream.synchronize().map_err(driver)?;
-        drop((q_dev, scores, cache, table));
+        let host = self.download(&Some(o_dev), outputs, Enqueued::default())?;
+        drop((q_dev, scores, gathered));
+        let mut at = 0;
+        for r in runs.iter_mut() {
+            let len = r.queries * heads * values;
+            r.out[..len].copy_from_slice(&host[at..at + len]);
+            at += len;
+        }
         Ok(())
     }
 
@@ -727,6 +792,7 @@ impl Backend for CudaBackend {
                 .and_then(|(flat, table)| {
                     self.stream.memcpy_dtoh(&flat, &mut host).map_err(driver)?;
                     self.stream.synchronize().map_err(driver)?;
+                    self.transfers.download(host.len() * 4);
                     drop((flat, table));
                     Ok(())
                 });
@@ -748,8 +814,24 @@ impl Backend for CudaBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        let attended = self.try_attend_rows(q, queries, heads, rows, position, values, scale, out);
-        if let Err(e) = attended {
+        let run = Attend {
+            q,
+            queries,
+            rows,
+            position,
+            out,
+        };
+        self.attend_grouped(heads, values, scale, &mut [run]);
+    }
+
+    fn attend_grouped(
+        &self,
+        heads: usize,
+        values: usize,
+        scale: f32,
+        runs: &mut [Attend<'_, CudaRows>],
+    ) {
+        if let Err(e) = self.try_attend_grouped(heads, values, scale, runs) {
             panic!("cuda:{}: attention: {e}", self.ordinal);
         }
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+use super::cuda::Transfers;
 use super::grid::{self, PAGE_ROWS};
 use crate::error::{Error, Result};
 
@@ -25,6 +26,8 @@ pub const ARENA_PAGES: usize = 256;
 pub struct PagePool {
     stream: Arc<CudaStream>,
     widths: Mutex<HashMap<usize, Pages>>,
+    /// The backend's count, which appended rows add to.
+    transfers: Arc<Transfers>,
 }
 
 /// The pages of one row width.
@@ -36,10 +39,11 @@ struct Pages {
 }
 
 impl PagePool {
-    pub fn new(stream: Arc<CudaStream>) -> Self {
+    pub fn new(stream: Arc<CudaStream>, transfers: Arc<Transfers>) -> Self {
         Self {
             stream,
             widths: Mutex::default(),
+            transfers,
         }
     }
 
@@ -165,9 +169,11 @@ impl CudaRows {
                 (offset, n, self.width),
                 true,
             )?;
-            // The uploads must outlive the copy.
-            stream.synchronize().map_err(device)?;
+            // No wait: cudarc frees the uploads in the stream's order, after the copy (or
+            // waits for the stream first where the GPU has no stream-ordered allocator).
+            drop((flat, table));
         }
+        self.pool.transfers.upload(data.len() * 4);
         self.len += n;
         Ok(())
     }

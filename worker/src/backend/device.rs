@@ -2,7 +2,7 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::{Backend, CpuBackend, MlpRun, Product, View};
+use super::{Attend, Backend, CpuBackend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
@@ -184,6 +184,35 @@ impl Backend for AnyBackend {
             AnyBackend::Cpu(b) => b.read_rows(rows_of!(rows, Cpu), len),
             #[cfg(feature = "cuda")]
             AnyBackend::Cuda(b) => b.read_rows(rows_of!(rows, Cuda), len),
+        }
+    }
+
+    fn attend_grouped(
+        &self,
+        heads: usize,
+        values: usize,
+        scale: f32,
+        runs: &mut [Attend<'_, AnyRows>],
+    ) {
+        macro_rules! forward {
+            ($b:expr, $variant:ident) => {{
+                let mut inner: Vec<Attend<'_, _>> = runs
+                    .iter_mut()
+                    .map(|r| Attend {
+                        q: r.q,
+                        queries: r.queries,
+                        rows: rows_of!(r.rows, $variant),
+                        position: r.position,
+                        out: &mut *r.out,
+                    })
+                    .collect();
+                $b.attend_grouped(heads, values, scale, &mut inner)
+            }};
+        }
+        match self {
+            AnyBackend::Cpu(b) => forward!(b, Cpu),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => forward!(b, Cuda),
         }
     }
 

@@ -70,6 +70,17 @@ pub struct MlpRun<'a, M> {
     pub out: &'a mut [f32],
 }
 
+/// One sequence's part of [`Backend::attend_grouped`]: `queries` rows of `q`
+/// (`[queries, heads, width]`, query `i` at position `position + i`) over its cache `rows`, into
+/// `out` (`[queries, heads, values]`).
+pub struct Attend<'a, R> {
+    pub q: &'a [f32],
+    pub queries: usize,
+    pub rows: &'a R,
+    pub position: usize,
+    pub out: &'a mut [f32],
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -164,6 +175,24 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
         out: &mut [f32],
     );
+
+    /// [`Backend::attend_rows`] of several sequences, each over its own cache, with the same
+    /// heads, values and scale: a step's sequences in absorbed form. A backend may run them as
+    /// one round trip; the default attends one after another.
+    fn attend_grouped(
+        &self,
+        heads: usize,
+        values: usize,
+        scale: f32,
+        runs: &mut [Attend<'_, Self::Rows>],
+    ) {
+        for r in runs {
+            let out = &mut *r.out;
+            self.attend_rows(
+                r.q, r.queries, heads, r.rows, r.position, values, scale, out,
+            );
+        }
+    }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which
     /// reads its cache back ([`Backend::read_rows`]). A backend that keeps the cache on a device

@@ -14,7 +14,7 @@
 //!   and every query attends over `qk_head_dim` values per head, a third as many.
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
-use crate::backend::{rms_norm, Backend, Product, View};
+use crate::backend::{rms_norm, Attend, Backend, Product, View};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
@@ -397,20 +397,22 @@ impl<B: Backend> Attention<B> {
 
         // Per sequence, over its cache; latent outputs [n, h, lora].
         let mut o_lat = vec![0.0; n * h * self.lora];
-        let mut first = 0;
+        let mut runs = Vec::with_capacity(segments.len());
+        let (mut queries, mut outs) = (&q_abs[..], &mut o_lat[..]);
         for seg in segments {
-            backend.attend_rows(
-                &q_abs[first * h * width..(first + seg.len) * h * width],
-                seg.len,
-                h,
-                seg.cache,
-                seg.position,
-                self.lora,
-                self.scale,
-                &mut o_lat[first * h * self.lora..(first + seg.len) * h * self.lora],
-            );
-            first += seg.len;
+            let (q, rest) = queries.split_at(seg.len * h * width);
+            let (out, more) = std::mem::take(&mut outs).split_at_mut(seg.len * h * self.lora);
+            (queries, outs) = (rest, more);
+            runs.push(Attend {
+                q,
+                queries: seg.len,
+                rows: &*seg.cache,
+                position: seg.position,
+                out,
+            });
         }
+        backend.attend_grouped(h, self.lora, self.scale, &mut runs);
+        drop(runs);
 
         let o_heads: Vec<Vec<f32>> = (0..h)
             .map(|head| {
