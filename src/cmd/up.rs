@@ -65,7 +65,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Most tokens of KV cache each worker's sequences hold together, in blocks of 16
-    /// (default: 4 GiB of cache on a CPU, what the free memory allows on a GPU).
+    /// (default: 4 GiB of cache on a CPU; on a GPU, 80% of the memory free once the weights
+    /// are loaded).
     #[arg(long)]
     pub kv_cache_tokens: Option<usize>,
     /// Round activations to bf16 in prefill-sized products with bf16 weights (AVX512-BF16):

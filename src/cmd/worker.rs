@@ -57,8 +57,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOEBIUS_WORKER_TOKEN_BUDGET", default_value_t = 512)]
     token_budget: usize,
     /// Most tokens of KV cache the worker's sequences hold together, in blocks of 16 (default:
-    /// 4 GiB of cache on a CPU, what the free memory allows on a GPU). Prompts wait for room;
-    /// the newest sequences give theirs up to older ones and prefill again later.
+    /// 4 GiB of cache on a CPU; on a GPU, 80% of the memory free once the weights are loaded).
+    /// Prompts wait for room; the newest sequences give theirs up to older ones and prefill
+    /// again later.
     #[arg(long, env = "MOEBIUS_WORKER_KV_CACHE_TOKENS")]
     kv_cache_tokens: Option<usize>,
     /// CPU threads for large products (0: all cores).

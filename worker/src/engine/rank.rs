@@ -131,11 +131,6 @@ impl<B: Backend> RankEngine<B> {
         }
     }
 
-    /// The KV cache budget the sequences stay within.
-    pub fn kv_budget(&self) -> KvBudget {
-        self.kv_budget
-    }
-
     pub fn model(&self) -> &Model<B> {
         &self.model
     }
