@@ -158,17 +158,8 @@ impl CudaRows {
                 .map_err(|e| Error::Device(format!("caching rows: {e}")))?;
         } else {
             let mut flat = stream.clone_htod(data).map_err(device)?;
-            let table = stream
-                .clone_htod(&self.pages[first_page..=last_page])
-                .map_err(device)?;
-            copy_paged(
-                stream,
-                paged_rows,
-                &mut flat,
-                &table,
-                (offset, n, self.width),
-                true,
-            )?;
+            let pages = &self.pages[first_page..=last_page];
+            let table = copy_paged(stream, paged_rows, &mut flat, pages, (offset, n), true)?;
             // No wait: cudarc frees the uploads in the stream's order, after the copy (or
             // waits for the stream first where the GPU has no stream-ordered allocator).
             drop((flat, table));
@@ -193,31 +184,25 @@ impl CudaRows {
             )));
         }
         let mut flat: CudaSlice<f32> = stream.alloc_zeros(len * self.width).map_err(device)?;
-        let table = stream
-            .clone_htod(&self.pages[..len.div_ceil(PAGE_ROWS)])
-            .map_err(device)?;
-        copy_paged(
-            stream,
-            paged_rows,
-            &mut flat,
-            &table,
-            (0, len, self.width),
-            false,
-        )?;
+        let pages = &self.pages[..len.div_ceil(PAGE_ROWS)];
+        let table = copy_paged(stream, paged_rows, &mut flat, pages, (0, len), false)?;
         Ok((flat, table))
     }
 }
 
-/// Enqueues `paged_rows`: `rows` rows of `width` from `first` on between the pages of `table`
-/// and `flat`, into the pages when `to_pages`.
+/// Enqueues `paged_rows` between `flat` (`rows` whole rows) and `rows` rows from row `first`
+/// of the cache whose pages `pages` lists in order (into the pages when `to_pages`); returns
+/// the page table it uploaded, which must live until the copy has run.
 fn copy_paged(
     stream: &Arc<CudaStream>,
     paged_rows: &CudaFunction,
     flat: &mut CudaSlice<f32>,
-    table: &CudaSlice<CUdeviceptr>,
-    (first, rows, width): (usize, usize, usize),
+    pages: &[CUdeviceptr],
+    (first, rows): (usize, usize),
     to_pages: bool,
-) -> Result<()> {
+) -> Result<CudaSlice<CUdeviceptr>> {
+    let table = stream.clone_htod(pages).map_err(device)?;
+    let width = flat.len() / rows.max(1);
     let dim = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")));
     let (first_i, rows_i, width_i) = (dim(first)?, dim(rows)?, dim(width)?);
     let (page_rows, to_pages) = (PAGE_ROWS as i32, i32::from(to_pages));
@@ -228,13 +213,13 @@ fn copy_paged(
         shared_mem_bytes: 0,
     };
     let mut launch = stream.launch_builder(paged_rows);
-    launch.arg(flat).arg(table).arg(&first_i).arg(&rows_i);
+    launch.arg(flat).arg(&table).arg(&first_i).arg(&rows_i);
     launch.arg(&width_i).arg(&page_rows).arg(&to_pages);
-    // SAFETY: paged_rows(flat, pages, first, rows, width, page_rows, to_pages) touches rows × width
-    // values of `flat` and rows first .. first + rows of the pages `table` lists, each page
-    // PAGE_ROWS rows of `width` values: the callers size both so.
+    // SAFETY: paged_rows(flat, pages, first, rows, width, page_rows, to_pages) touches the
+    // rows × width values of `flat` and rows first .. first + rows of the pages `table` lists,
+    // each page PAGE_ROWS rows of `width` values: the callers size both so.
     unsafe { launch.launch(config) }.map_err(device)?;
-    Ok(())
+    Ok(table)
 }
 
 fn device(e: impl std::fmt::Display) -> Error {
