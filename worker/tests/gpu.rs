@@ -536,3 +536,101 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
         assert!(worst < 1e-4, "grouped attention: off by {worst}");
     }
 }
+
+/// MLA's absorbed attention of a step from its queries on the GPU (`attend_absorbed`: the
+/// per-head products, the absorbed queries put together, attention over each sequence's cache
+/// and the per-head values) against the CPU backend's, in one round trip. The per-head weights
+/// are bf16, so the GPU rounds their activations to bf16: the bar is 2% of the largest output.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
+    use moebius_worker::backend::{Absorbed, AbsorbedRun, Backend, CpuBackend};
+    use rand::{Rng, SeedableRng};
+
+    let Some(gpu) = gpu::open() else { return };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (heads, nope, rope, lora, v) = (4, 16, 8, 32, 16);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut bf16 = |rows: usize, cols: usize| {
+        let bits: Vec<u16> = random(rows * cols)
+            .iter()
+            .map(|&x| half::bf16::from_f32(x * 0.3).to_bits())
+            .collect();
+        let wide = bits
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
+        (
+            gpu.matrix_bf16(rows, cols, bits),
+            cpu.matrix(rows, cols, wide),
+        )
+    };
+    let uk_t: Vec<_> = (0..heads).map(|_| bf16(lora, nope)).collect();
+    let uv: Vec<_> = (0..heads).map(|_| bf16(v, lora)).collect();
+    let width = lora + rope;
+    // Two sequences: a decode row after 39 cached positions, a prefill of 5 from the start.
+    let (mut caches_gpu, mut caches_cpu) = (Vec::new(), Vec::new());
+    for len in [40, 5] {
+        let rows = random(len * width);
+        let (mut g, mut c) = (gpu.new_rows(width), cpu.new_rows(width));
+        gpu.append_rows(&mut g, &rows);
+        cpu.append_rows(&mut c, &rows);
+        caches_gpu.push(g);
+        caches_cpu.push(c);
+    }
+    let n = 1 + 5;
+    let q = random(n * heads * (nope + rope));
+    // The same call for either backend: its weights (`.0` GPU, `.1` CPU) and its caches.
+    macro_rules! attend {
+        ($backend:expr, $side:tt, $caches:expr, $out:expr) => {
+            $backend.attend_absorbed(
+                &Absorbed {
+                    uk_t: uk_t.iter().map(|w| &w.$side).collect(),
+                    uv: uv.iter().map(|w| &w.$side).collect(),
+                    nope,
+                    rope,
+                    lora,
+                    v,
+                    scale: 0.2,
+                },
+                &q,
+                &[
+                    AbsorbedRun {
+                        queries: 1,
+                        rows: &$caches[0],
+                        position: 39,
+                    },
+                    AbsorbedRun {
+                        queries: 5,
+                        rows: &$caches[1],
+                        position: 0,
+                    },
+                ],
+                $out,
+            )
+        };
+    }
+    let (mut got, mut want) = (vec![f32::NAN; n * heads * v], vec![f32::NAN; n * heads * v]);
+    let before = gpu.transfers();
+    attend!(gpu, 0, caches_gpu, &mut got);
+    assert_eq!(
+        gpu.transfers().waits - before.waits,
+        1,
+        "absorbed attention is one round trip"
+    );
+    attend!(cpu, 1, caches_cpu, &mut want);
+    let scale = want.iter().fold(0.0f32, |a, w| a.max(w.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+    assert!(
+        worst <= 0.02 * scale,
+        "off by {worst} at a scale of {scale}"
+    );
+    eprintln!(
+        "absorbed attention on the GPU: worst difference {worst:.2e} at a scale of {scale:.2e}"
+    );
+}

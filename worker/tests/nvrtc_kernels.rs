@@ -18,6 +18,7 @@ const TESTED: &[&str] = &[
     "silu_mul",
     "causal_softmax",
     "paged_rows",
+    "heads_copy",
 ];
 
 #[test]
@@ -251,4 +252,86 @@ fn paged_rows_write_and_read_the_rows_where_the_page_table_says() {
         read[..],
         written[(16 - first) * width..(36 - first) * width]
     );
+}
+
+/// `heads_copy` moves per-head column slices between layouts: the no-positional columns of
+/// queries `[rows, heads, 24]` into a head-major `[heads, rows, 16]` in f32 and in bf16, and
+/// those back into columns 4.. of `[rows, heads, 30]`.
+#[test]
+fn heads_copy_moves_each_heads_columns() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let (rows, heads) = (5usize, 3usize);
+    let q = values(&mut rng, rows * heads * 24);
+    let copy = |src: &[f32],
+                src_at: (usize, usize, usize),
+                dst: (*mut f32, *mut u16),
+                dst_at: (usize, usize, usize),
+                cols: usize| {
+        let args = Args::default()
+            .arg(src.as_ptr())
+            .arg(src_at.0 as i32)
+            .arg(src_at.1 as i32)
+            .arg(src_at.2 as i32)
+            .arg(dst.0)
+            .arg(dst.1)
+            .arg(dst_at.0 as i32)
+            .arg(dst_at.1 as i32)
+            .arg(dst_at.2 as i32)
+            .arg(rows as i32)
+            .arg(heads as i32)
+            .arg(cols as i32);
+        // SAFETY: every (row, head, column) the strides reach lies in `src` and the output.
+        unsafe {
+            HostKernels::get().launch("heads_copy", grid::elementwise(rows * heads * cols), args)
+        };
+    };
+    let mut per_head = vec![f32::NAN; heads * rows * 16];
+    copy(
+        &q,
+        (heads * 24, 24, 0),
+        (per_head.as_mut_ptr(), std::ptr::null_mut()),
+        (16, rows * 16, 0),
+        16,
+    );
+    let mut per_head_bf16 = vec![0u16; heads * rows * 16];
+    copy(
+        &q,
+        (heads * 24, 24, 0),
+        (std::ptr::null_mut(), per_head_bf16.as_mut_ptr()),
+        (16, rows * 16, 0),
+        16,
+    );
+    for r in 0..rows {
+        for h in 0..heads {
+            for c in 0..16 {
+                let want = q[(r * heads + h) * 24 + c];
+                assert_eq!(per_head[(h * rows + r) * 16 + c], want, "({r}, {h}, {c})");
+                assert_eq!(
+                    per_head_bf16[(h * rows + r) * 16 + c],
+                    half::bf16::from_f32(want).to_bits()
+                );
+            }
+        }
+    }
+    let mut back = vec![f32::NAN; rows * heads * 30];
+    copy(
+        &per_head,
+        (16, rows * 16, 0),
+        (back.as_mut_ptr(), std::ptr::null_mut()),
+        (heads * 30, 30, 4),
+        16,
+    );
+    for r in 0..rows {
+        for h in 0..heads {
+            let row = &back[(r * heads + h) * 30..(r * heads + h + 1) * 30];
+            assert!(
+                row[..4].iter().chain(&row[20..]).all(|v| v.is_nan()),
+                "columns outside were written"
+            );
+            assert_eq!(
+                row[4..20],
+                q[(r * heads + h) * 24..(r * heads + h) * 24 + 16]
+            );
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::{Attend, Backend, CpuBackend, MlpRun, Product, View};
+use super::{Absorbed, AbsorbedRun, Attend, Backend, CpuBackend, MlpRun, Product, View};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
@@ -98,6 +98,30 @@ fn narrow_mlps<'a, M>(
             out: &mut *r.out,
         })
         .collect()
+}
+
+/// `w` with each matrix as the one device's own, by `pick`, and the runs as
+/// `(queries, cache, position)` for their caches to be narrowed too.
+#[allow(clippy::type_complexity)]
+fn narrow_absorbed<'a, M>(
+    w: &Absorbed<'a, AnyMatrix>,
+    runs: &[AbsorbedRun<'a, AnyRows>],
+    pick: impl Fn(&'a AnyMatrix) -> &'a M,
+) -> (Absorbed<'a, M>, Vec<(usize, &'a AnyRows, usize)>) {
+    let weights = Absorbed {
+        uk_t: w.uk_t.iter().map(|&m| pick(m)).collect(),
+        uv: w.uv.iter().map(|&m| pick(m)).collect(),
+        nope: w.nope,
+        rope: w.rope,
+        lora: w.lora,
+        v: w.v,
+        scale: w.scale,
+    };
+    let runs = runs
+        .iter()
+        .map(|r| (r.queries, r.rows, r.position))
+        .collect();
+    (weights, runs)
 }
 
 /// `products` with each matrix as the one device's own, by `pick`.
@@ -334,6 +358,49 @@ impl Backend for AnyBackend {
             (AnyBackend::Cuda(b), AnyMatrix::Cuda(w)) => b.linear(x, m, w, out),
             #[cfg(feature = "cuda")]
             _ => mixed(),
+        }
+    }
+
+    fn attend_absorbed(
+        &self,
+        w: &Absorbed<'_, AnyMatrix>,
+        q: &[f32],
+        runs: &[AbsorbedRun<'_, AnyRows>],
+        out: &mut [f32],
+    ) {
+        match self {
+            AnyBackend::Cpu(b) => {
+                let (w, runs) = narrow_absorbed(w, runs, |m| match m {
+                    AnyMatrix::Cpu(m) => m,
+                    #[cfg(feature = "cuda")]
+                    _ => mixed(),
+                });
+                let runs: Vec<_> = runs
+                    .into_iter()
+                    .map(|(queries, rows, position)| AbsorbedRun {
+                        queries,
+                        rows: rows_of!(rows, Cpu),
+                        position,
+                    })
+                    .collect();
+                b.attend_absorbed(&w, q, &runs, out)
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => {
+                let (w, runs) = narrow_absorbed(w, runs, |m| match m {
+                    AnyMatrix::Cuda(m) => m,
+                    _ => mixed(),
+                });
+                let runs: Vec<_> = runs
+                    .into_iter()
+                    .map(|(queries, rows, position)| AbsorbedRun {
+                        queries,
+                        rows: rows_of!(rows, Cuda),
+                        position,
+                    })
+                    .collect();
+                b.attend_absorbed(&w, q, &runs, out)
+            }
         }
     }
 

@@ -81,6 +81,26 @@ pub struct Attend<'a, R> {
     pub out: &'a mut [f32],
 }
 
+/// The per-head weights of MLA's absorbed attention, and its shape: `uk_t[h]` is head `h`'s
+/// `W_UKᵀ` (`[lora, nope]`), `uv[h]` its `W_UV` (`[v, lora]`); scores are scaled by `scale`.
+pub struct Absorbed<'a, M> {
+    pub uk_t: Vec<&'a M>,
+    pub uv: Vec<&'a M>,
+    pub nope: usize,
+    pub rope: usize,
+    pub lora: usize,
+    pub v: usize,
+    pub scale: f32,
+}
+
+/// One sequence of [`Backend::attend_absorbed`]: its next `queries` rows of the batch, from
+/// position `position`, over its cache `rows`.
+pub struct AbsorbedRun<'a, R> {
+    pub queries: usize,
+    pub rows: &'a R,
+    pub position: usize,
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -192,6 +212,21 @@ pub trait Backend: Send + Sync + 'static {
                 r.q, r.queries, heads, r.rows, r.position, values, scale, out,
             );
         }
+    }
+
+    /// MLA's absorbed attention of a step's sequences from their rotated queries `q`
+    /// (`[n, heads, nope + rope]`, the runs' rows in order): per head the absorbed query
+    /// `[W_UKᵀ q_nope | q_pe]`, attention over each sequence's cache, and `W_UV` of the result,
+    /// into `out` (`[n, heads, v]`). A backend may keep it all where it runs; the default runs
+    /// it as grouped products and [`Backend::attend_grouped`] ([`attend::absorbed_by_parts`]).
+    fn attend_absorbed(
+        &self,
+        weights: &Absorbed<'_, Self::Matrix>,
+        q: &[f32],
+        runs: &[AbsorbedRun<'_, Self::Rows>],
+        out: &mut [f32],
+    ) {
+        attend::absorbed_by_parts(self, weights, q, runs, out);
     }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which

@@ -176,3 +176,27 @@ extern "C" __global__ void paged_rows(float* __restrict__ flat,
         }
     }
 }
+
+// Columns src_col .. src_col + cols of every (row, head) of `src` into columns dst_col .. of
+// the same (row, head) of the destination, in f32 or rounded to bf16 (whichever of dst_f32 and
+// dst_bf16 is not null): element (r, h, c) of a side is at r * row + h * head + col + c. It
+// moves attention's per-head slices between the batch's [rows, heads, ...] layout and the
+// per-head products' [heads, rows, ...] one. Grid-stride over rows × heads × cols.
+extern "C" __global__ void heads_copy(const float* __restrict__ src, int src_row, int src_head,
+                                      int src_col, float* __restrict__ dst_f32,
+                                      unsigned short* __restrict__ dst_bf16, int dst_row,
+                                      int dst_head, int dst_col, int rows, int heads,
+                                      int cols) {
+    long long total = (long long)rows * heads * cols;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        long long c = i % cols, h = i / cols % heads, r = i / cols / heads;
+        float v = src[r * src_row + h * src_head + src_col + c];
+        long long at = r * dst_row + h * dst_head + dst_col + c;
+        if (dst_bf16) {
+            dst_bf16[at] = bf16_bits(v);
+        } else {
+            dst_f32[at] = v;
+        }
+    }
+}

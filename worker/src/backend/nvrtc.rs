@@ -8,7 +8,8 @@
 //! - `silu_mul`: SiLU-and-multiply of an MLP's gate and up products, into the f32 or bf16
 //!   activations of its down product;
 //! - `causal_softmax`: the scaled, causally masked softmax of attention scores, a block per row;
-//! - `paged_rows`: rows of a paged KV cache into a dense buffer, or a dense buffer into them.
+//! - `paged_rows`: rows of a paged KV cache into a dense buffer, or a dense buffer into them;
+//! - `heads_copy`: per-head column slices between attention's layouts, in f32 or bf16.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -29,6 +30,7 @@ pub struct Kernels {
     pub silu_mul: CudaFunction,
     pub causal_softmax: CudaFunction,
     pub paged_rows: CudaFunction,
+    pub heads_copy: CudaFunction,
 }
 
 impl Kernels {
@@ -48,6 +50,7 @@ impl Kernels {
             silu_mul: function("silu_mul")?,
             causal_softmax: function("causal_softmax")?,
             paged_rows: function("paged_rows")?,
+            heads_copy: function("heads_copy")?,
         })
     }
 }
@@ -90,6 +93,7 @@ mod tests {
             "silu_mul",
             "causal_softmax",
             "paged_rows",
+            "heads_copy",
         ] {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),

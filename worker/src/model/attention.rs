@@ -14,7 +14,7 @@
 //!   and every query attends over `qk_head_dim` values per head, a third as many.
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
-use crate::backend::{rms_norm, Attend, Backend, Product, View};
+use crate::backend::{rms_norm, Absorbed, AbsorbedRun, Backend, View};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
@@ -361,7 +361,7 @@ impl<B: Backend> Attention<B> {
         q: &[f32],
         attn: &mut [f32],
     ) {
-        let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
+        let (h, qk, v) = (self.heads, self.nope + self.rope, self.v);
         let n: usize = segments.iter().map(|seg| seg.len).sum();
         if n == 0 {
             return;
@@ -370,88 +370,35 @@ impl<B: Backend> Attention<B> {
         for seg in segments {
             q_rows.extend_from_slice(&q[seg.row * h * qk..(seg.row + seg.len) * h * qk]);
         }
-
-        // Absorbed queries: [n, h, lora + rope] = [W_UKᵀ q_nope | q_pe] per head.
-        let q_nope: Vec<Vec<f32>> = (0..h)
-            .map(|head| {
-                (q_rows.chunks_exact(qk).skip(head).step_by(h))
-                    .flat_map(|q| &q[..self.nope])
-                    .copied()
-                    .collect()
-            })
-            .collect();
-        let absorbed = per_head(backend, &self.uk_t, &q_nope, n, self.lora);
-        let mut q_abs = vec![0.0; n * h * width];
-        for (i, (abs_row, q_row)) in q_abs
-            .chunks_exact_mut(h * width)
-            .zip(q_rows.chunks_exact(h * qk))
-            .enumerate()
-        {
-            let heads = abs_row.chunks_exact_mut(width).zip(q_row.chunks_exact(qk));
-            for (head, (a, qh)) in heads.enumerate() {
-                let (latent, pe) = a.split_at_mut(self.lora);
-                latent.copy_from_slice(&absorbed[head][i * self.lora..(i + 1) * self.lora]);
-                pe.copy_from_slice(&qh[self.nope..]);
-            }
-        }
-
-        // Per sequence, over its cache; latent outputs [n, h, lora].
-        let mut o_lat = vec![0.0; n * h * self.lora];
-        let mut runs = Vec::with_capacity(segments.len());
-        let (mut queries, mut outs) = (&q_abs[..], &mut o_lat[..]);
-        for seg in segments {
-            let (q, rest) = queries.split_at(seg.len * h * width);
-            let (out, more) = std::mem::take(&mut outs).split_at_mut(seg.len * h * self.lora);
-            (queries, outs) = (rest, more);
-            runs.push(Attend {
-                q,
+        let runs: Vec<AbsorbedRun<'_, B::Rows>> = segments
+            .iter()
+            .map(|seg| AbsorbedRun {
                 queries: seg.len,
                 rows: &*seg.cache,
                 position: seg.position,
-                out,
-            });
-        }
-        backend.attend_grouped(h, self.lora, self.scale, &mut runs);
-        drop(runs);
-
-        let o_heads: Vec<Vec<f32>> = (0..h)
-            .map(|head| {
-                (o_lat.chunks_exact(self.lora).skip(head).step_by(h))
-                    .flatten()
-                    .copied()
-                    .collect()
             })
             .collect();
-        let values = per_head(backend, &self.uv, &o_heads, n, self.v);
-        let v = self.v;
-        let mut first = 0;
+        let weights = Absorbed {
+            uk_t: self.uk_t.iter().collect(),
+            uv: self.uv.iter().collect(),
+            nope: self.nope,
+            rope: self.rope,
+            lora: self.lora,
+            v,
+            scale: self.scale,
+        };
+        let mut out = vec![0.0; n * h * v];
+        backend.attend_absorbed(&weights, &q_rows, &runs, &mut out);
+        let mut rows = out.chunks_exact(h * v);
         for seg in segments {
-            for i in 0..seg.len {
-                let row = &mut attn[(seg.row + i) * h * v..(seg.row + i + 1) * h * v];
-                for (head, out) in row.chunks_exact_mut(v).enumerate() {
-                    out.copy_from_slice(&values[head][(first + i) * v..(first + i + 1) * v]);
-                }
+            for (row, got) in attn[seg.row * h * v..(seg.row + seg.len) * h * v]
+                .chunks_exact_mut(h * v)
+                .zip(&mut rows)
+            {
+                row.copy_from_slice(got);
             }
-            first += seg.len;
         }
     }
-}
-
-/// `xs[head] · weights[head]ᵀ` for every head (`n` rows each, `out_width` outputs), as one
-/// grouped product: sixteen products of 32 KiB cost about what one of 512 KiB does.
-fn per_head<B: Backend>(
-    backend: &B,
-    weights: &[B::Matrix],
-    xs: &[Vec<f32>],
-    n: usize,
-    out_width: usize,
-) -> Vec<Vec<f32>> {
-    let mut outs = vec![vec![0.0; n * out_width]; weights.len()];
-    let mut products: Vec<Product<'_, B::Matrix>> = (weights.iter().zip(xs).zip(&mut outs))
-        .map(|((w, x), out)| Product { x, m: n, w, out })
-        .collect();
-    backend.linear_grouped(&mut products);
-    outs
 }
 
 /// The position of every batch row, from the segments that cover them.
