@@ -539,8 +539,9 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
 
 /// MLA's absorbed attention of a step from its queries on the GPU (`attend_absorbed`: the
 /// per-head products, the absorbed queries put together, attention over each sequence's cache
-/// and the per-head values) against the CPU backend's, in one round trip. The per-head weights
-/// are bf16, so the GPU rounds their activations to bf16: the bar is 2% of the largest output.
+/// and the per-head values, then also through o_proj) against the CPU backend's, in one round
+/// trip. The weights are bf16, so the GPU rounds their activations to bf16: the bar is 2% of the
+/// largest output.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
@@ -569,6 +570,7 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
     };
     let uk_t: Vec<_> = (0..heads).map(|_| bf16(lora, nope)).collect();
     let uv: Vec<_> = (0..heads).map(|_| bf16(v, lora)).collect();
+    let o_proj = bf16(24, heads * v);
     let width = lora + rope;
     // Two sequences: a decode row after 39 cached positions, a prefill of 5 from the start.
     let (mut caches_gpu, mut caches_cpu) = (Vec::new(), Vec::new());
@@ -584,11 +586,12 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
     let q = random(n * heads * (nope + rope));
     // The same call for either backend: its weights (`.0` GPU, `.1` CPU) and its caches.
     macro_rules! attend {
-        ($backend:expr, $side:tt, $caches:expr, $out:expr) => {
+        ($backend:expr, $side:tt, $caches:expr, $project:expr, $out:expr) => {
             $backend.attend_absorbed(
                 &Absorbed {
                     uk_t: uk_t.iter().map(|w| &w.$side).collect(),
                     uv: uv.iter().map(|w| &w.$side).collect(),
+                    o_proj: $project.then_some(&o_proj.$side),
                     nope,
                     rope,
                     lora,
@@ -612,25 +615,29 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
             )
         };
     }
-    let (mut got, mut want) = (vec![f32::NAN; n * heads * v], vec![f32::NAN; n * heads * v]);
-    let before = gpu.transfers();
-    attend!(gpu, 0, caches_gpu, &mut got);
-    assert_eq!(
-        gpu.transfers().waits - before.waits,
-        1,
-        "absorbed attention is one round trip"
-    );
-    attend!(cpu, 1, caches_cpu, &mut want);
-    let scale = want.iter().fold(0.0f32, |a, w| a.max(w.abs()));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
-    assert!(
-        worst <= 0.02 * scale,
-        "off by {worst} at a scale of {scale}"
-    );
-    eprintln!(
-        "absorbed attention on the GPU: worst difference {worst:.2e} at a scale of {scale:.2e}"
-    );
+    // The heads' values, then the same through o_proj.
+    for (project, outputs) in [(false, heads * v), (true, 24)] {
+        let (mut got, mut want) = (vec![f32::NAN; n * outputs], vec![f32::NAN; n * outputs]);
+        let before = gpu.transfers();
+        attend!(gpu, 0, caches_gpu, project, &mut got);
+        assert_eq!(
+            gpu.transfers().waits - before.waits,
+            1,
+            "absorbed attention is one round trip"
+        );
+        attend!(cpu, 1, caches_cpu, project, &mut want);
+        let scale = want.iter().fold(0.0f32, |a, w| a.max(w.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst <= 0.02 * scale,
+            "o_proj {project}: off by {worst} at a scale of {scale}"
+        );
+        eprintln!(
+            "absorbed attention on the GPU (o_proj {project}): worst difference {worst:.2e} at \
+             a scale of {scale:.2e}"
+        );
+    }
 }

@@ -211,10 +211,19 @@ pub fn absorbed_by_parts<B: Backend + ?Sized>(
         })
         .collect();
     let values = per_head(backend, &w.uv, &o_heads, n, w.v);
-    for (i, row) in out[..n * h * w.v].chunks_exact_mut(h * w.v).enumerate() {
+    let mut attn = vec![0.0; if w.o_proj.is_some() { n * h * w.v } else { 0 }];
+    let heads_out = if w.o_proj.is_some() {
+        &mut attn[..]
+    } else {
+        &mut out[..n * h * w.v]
+    };
+    for (i, row) in heads_out.chunks_exact_mut(h * w.v).enumerate() {
         for (head, o) in row.chunks_exact_mut(w.v).enumerate() {
             o.copy_from_slice(&values[head][i * w.v..(i + 1) * w.v]);
         }
+    }
+    if let Some(o_proj) = w.o_proj {
+        backend.linear(&attn, n, o_proj, out);
     }
 }
 

@@ -484,18 +484,36 @@ impl CudaBackend {
         let mut values = self.alloc::<f32>(h * n * v)?;
         let values_p = ptr_mut(&mut values, &self.stream);
         self.per_head(&w.uv, n, &latents, (values_p, v), &mut run)?;
-        let mut y = self.alloc::<f32>(n * h * v)?;
+        // The heads' values [n, h, v], in f32 or bf16 as `o_proj` takes them.
+        let bf16 = w.o_proj.is_some_and(|o| o.takes_bf16(n));
+        let mut y = self.alloc::<f32>(if bf16 { 0 } else { n * h * v })?;
+        let mut y_bf16 = self.alloc::<u16>(if bf16 { n * h * v } else { 0 })?;
         let y_p = ptr_mut(&mut y, &self.stream);
+        let y_bf16_p = ptr_mut(&mut y_bf16, &self.stream);
+        let layout = (h * v, v, 0);
         self.heads_copy(
             (values_p, v, n * v, 0),
-            ((y_p, 0), (h * v, v, 0)),
+            ((y_p, y_bf16_p), layout),
             (n, h, v),
         )?;
-        let host = self.download(&y, n * h * v, run)?;
-        drop((
-            q_dev, nope, absorbed, q_abs, o_lat, attended, latents, values,
-        ));
-        out[..n * h * v].copy_from_slice(&host);
+        let (result, len) = match w.o_proj {
+            Some(o_proj) => {
+                let mut projected = self.alloc::<f32>(n * o_proj.rows)?;
+                let p = ptr_mut(&mut projected, &self.stream);
+                let x = Activations {
+                    f32: y_p,
+                    bf16: y_bf16_p,
+                };
+                let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+                self.enqueue_product(&blas, &mut run, o_proj, n, x, p)?;
+                (projected, n * o_proj.rows)
+            }
+            None => (y.take(), n * h * v),
+        };
+        let host = self.download(&result, len, run)?;
+        let held = (q_dev, nope, absorbed, q_abs, o_lat, attended);
+        drop((held, latents, values, y, y_bf16));
+        out[..len].copy_from_slice(&host);
         Ok(())
     }
 

@@ -111,6 +111,7 @@ fn narrow_absorbed<'a, M>(
     let weights = Absorbed {
         uk_t: w.uk_t.iter().map(|&m| pick(m)).collect(),
         uv: w.uv.iter().map(|&m| pick(m)).collect(),
+        o_proj: w.o_proj.map(&pick),
         nope: w.nope,
         rope: w.rope,
         lora: w.lora,

@@ -83,9 +83,11 @@ pub struct Attend<'a, R> {
 
 /// The per-head weights of MLA's absorbed attention, and its shape: `uk_t[h]` is head `h`'s
 /// `W_UKᵀ` (`[lora, nope]`), `uv[h]` its `W_UV` (`[v, lora]`); scores are scaled by `scale`.
+/// With `o_proj` (`[hidden, heads · v]`), the heads' values go through it too.
 pub struct Absorbed<'a, M> {
     pub uk_t: Vec<&'a M>,
     pub uv: Vec<&'a M>,
+    pub o_proj: Option<&'a M>,
     pub nope: usize,
     pub rope: usize,
     pub lora: usize,
@@ -217,7 +219,8 @@ pub trait Backend: Send + Sync + 'static {
     /// MLA's absorbed attention of a step's sequences from their rotated queries `q`
     /// (`[n, heads, nope + rope]`, the runs' rows in order): per head the absorbed query
     /// `[W_UKᵀ q_nope | q_pe]`, attention over each sequence's cache, and `W_UV` of the result,
-    /// into `out` (`[n, heads, v]`). A backend may keep it all where it runs; the default runs
+    /// into `out` (`[n, heads, v]`; or `[n, hidden]` through `o_proj` where the weights have
+    /// it). A backend may keep it all where it runs; the default runs
     /// it as grouped products and [`Backend::attend_grouped`] ([`attend::absorbed_by_parts`]).
     fn attend_absorbed(
         &self,

@@ -14,7 +14,7 @@
 //!   and every query attends over `qk_head_dim` values per head, a third as many.
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
-use crate::backend::{rms_norm, Absorbed, AbsorbedRun, Backend, View};
+use crate::backend::{add_bias, rms_norm, Absorbed, AbsorbedRun, Backend, View};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
@@ -257,10 +257,18 @@ impl<B: Backend> Attention<B> {
         let (expanded, absorbed): (Segments<B::Rows>, Segments<B::Rows>) = segments
             .iter()
             .partition(|seg| backend.expands_attention() && self.expands(seg));
+        if expanded.is_empty() {
+            // Every row attends absorbed: o_proj goes with the heads' values.
+            self.attend_absorbed(backend, &absorbed, &q, Some(&self.o_proj.weight), out);
+            if let Some(bias) = &self.o_proj.bias {
+                add_bias(&mut out[..n * self.o_proj.out_features], bias);
+            }
+            return;
+        }
         for seg in expanded {
             self.attend_expanded(backend, seg, &q, &mut attn);
         }
-        self.attend_absorbed(backend, &absorbed, &q, &mut attn);
+        self.attend_absorbed(backend, &absorbed, &q, None, &mut attn);
         self.o_proj.forward(backend, &attn, n, out);
     }
 
@@ -353,15 +361,18 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Absorbed attention of `segments` (their rows gathered into one batch, so decode steps of
-    /// many sequences share each product); writes their rows of `attn`.
+    /// many sequences share each product); writes their rows of `attn` (`[rows, heads · v]`),
+    /// or with `o_proj`, where the segments are every row of the batch in order, every row
+    /// through it (`[rows, hidden]`, without its bias).
     fn attend_absorbed(
         &self,
         backend: &B,
         segments: &[&Segment<B::Rows>],
         q: &[f32],
+        o_proj: Option<&B::Matrix>,
         attn: &mut [f32],
     ) {
-        let (h, qk, v) = (self.heads, self.nope + self.rope, self.v);
+        let (h, qk) = (self.heads, self.nope + self.rope);
         let n: usize = segments.iter().map(|seg| seg.len).sum();
         if n == 0 {
             return;
@@ -381,18 +392,24 @@ impl<B: Backend> Attention<B> {
         let weights = Absorbed {
             uk_t: self.uk_t.iter().collect(),
             uv: self.uv.iter().collect(),
+            o_proj,
             nope: self.nope,
             rope: self.rope,
             lora: self.lora,
-            v,
+            v: self.v,
             scale: self.scale,
         };
-        let mut out = vec![0.0; n * h * v];
+        if o_proj.is_some() {
+            backend.attend_absorbed(&weights, &q_rows, &runs, attn);
+            return;
+        }
+        let width = h * self.v;
+        let mut out = vec![0.0; n * width];
         backend.attend_absorbed(&weights, &q_rows, &runs, &mut out);
-        let mut rows = out.chunks_exact(h * v);
+        let mut rows = out.chunks_exact(width);
         for seg in segments {
-            for (row, got) in attn[seg.row * h * v..(seg.row + seg.len) * h * v]
-                .chunks_exact_mut(h * v)
+            for (row, got) in attn[seg.row * width..(seg.row + seg.len) * width]
+                .chunks_exact_mut(width)
                 .zip(&mut rows)
             {
                 row.copy_from_slice(got);
@@ -465,7 +482,7 @@ mod tests {
             let mut expanded = vec![f32::NAN; len * h * attention.v];
             attention.attend_expanded(&backend, &seg, &q, &mut expanded);
             let mut absorbed = vec![f32::NAN; len * h * attention.v];
-            attention.attend_absorbed(&backend, &[&seg], &q, &mut absorbed);
+            attention.attend_absorbed(&backend, &[&seg], &q, None, &mut absorbed);
             let worst = expanded
                 .iter()
                 .zip(&absorbed)
