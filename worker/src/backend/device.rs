@@ -100,14 +100,14 @@ fn narrow_mlps<'a, M>(
         .collect()
 }
 
-/// `w` with each matrix as the one device's own, by `pick`, and the runs as
-/// `(queries, cache, position)` for their caches to be narrowed too.
-#[allow(clippy::type_complexity)]
-fn narrow_absorbed<'a, M>(
+/// `w` and `runs` with each matrix and cache as the one device's own, by `pick` and
+/// `pick_rows`.
+fn narrow_absorbed<'a, M, R>(
     w: &Absorbed<'a, AnyMatrix>,
     runs: &[AbsorbedRun<'a, AnyRows>],
     pick: impl Fn(&'a AnyMatrix) -> &'a M,
-) -> (Absorbed<'a, M>, Vec<(usize, &'a AnyRows, usize)>) {
+    pick_rows: impl Fn(&'a AnyRows) -> &'a R,
+) -> (Absorbed<'a, M>, Vec<AbsorbedRun<'a, R>>) {
     let weights = Absorbed {
         uk_t: w.uk_t.iter().map(|&m| pick(m)).collect(),
         uv: w.uv.iter().map(|&m| pick(m)).collect(),
@@ -120,7 +120,11 @@ fn narrow_absorbed<'a, M>(
     };
     let runs = runs
         .iter()
-        .map(|r| (r.queries, r.rows, r.position))
+        .map(|r| AbsorbedRun {
+            queries: r.queries,
+            rows: pick_rows(r.rows),
+            position: r.position,
+        })
         .collect();
     (weights, runs)
 }
@@ -371,35 +375,29 @@ impl Backend for AnyBackend {
     ) {
         match self {
             AnyBackend::Cpu(b) => {
-                let (w, runs) = narrow_absorbed(w, runs, |m| match m {
-                    AnyMatrix::Cpu(m) => m,
-                    #[cfg(feature = "cuda")]
-                    _ => mixed(),
-                });
-                let runs: Vec<_> = runs
-                    .into_iter()
-                    .map(|(queries, rows, position)| AbsorbedRun {
-                        queries,
-                        rows: rows_of!(rows, Cpu),
-                        position,
-                    })
-                    .collect();
+                let (w, runs) = narrow_absorbed(
+                    w,
+                    runs,
+                    |m| match m {
+                        AnyMatrix::Cpu(m) => m,
+                        #[cfg(feature = "cuda")]
+                        _ => mixed(),
+                    },
+                    |r| rows_of!(r, Cpu),
+                );
                 b.attend_absorbed(&w, q, &runs, out)
             }
             #[cfg(feature = "cuda")]
             AnyBackend::Cuda(b) => {
-                let (w, runs) = narrow_absorbed(w, runs, |m| match m {
-                    AnyMatrix::Cuda(m) => m,
-                    _ => mixed(),
-                });
-                let runs: Vec<_> = runs
-                    .into_iter()
-                    .map(|(queries, rows, position)| AbsorbedRun {
-                        queries,
-                        rows: rows_of!(rows, Cuda),
-                        position,
-                    })
-                    .collect();
+                let (w, runs) = narrow_absorbed(
+                    w,
+                    runs,
+                    |m| match m {
+                        AnyMatrix::Cuda(m) => m,
+                        _ => mixed(),
+                    },
+                    |r| rows_of!(r, Cuda),
+                );
                 b.attend_absorbed(&w, q, &runs, out)
             }
         }

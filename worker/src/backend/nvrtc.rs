@@ -87,14 +87,14 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        for entry in [
-            "fp8_gemv",
-            "fp8_to_bf16",
-            "silu_mul",
-            "causal_softmax",
-            "paged_rows",
-            "heads_copy",
-        ] {
+        // Every kernel the source declares.
+        let entries: Vec<&str> = SOURCE
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split('(').next())
+            .collect();
+        assert!(entries.len() >= 6, "kernels found: {entries:?}");
+        for entry in entries {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),
                 "no entry point {entry} in the PTX"
