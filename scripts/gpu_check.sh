@@ -12,6 +12,11 @@
 # non-zero when a check fails. Also measures the products alone (`bench products`, bf16 and FP8
 # weights) against cuBLAS' bf16 peak that python3's torch reaches in the same run.
 #   bash scripts/gpu_check.sh [gpu]        (gpu: the CUDA device number, 0 by default)
+# To try the script itself without a GPU, run it on the CPU's stand-in for one, with small
+# models and products (its figures then mean nothing):
+#   bash worker/tests/cuda_host/build_shim.sh target/cuda-host-shim
+#   CUDA_HOST_DEVICES=2 LD_LIBRARY_PATH=$PWD/target/cuda-host-shim GPU_CHECK_MODELS=fixtures/demo \
+#     GPU_CHECK_SHAPES=64x64 GPU_CHECK_ROWS=1,4 bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpu=${1:-0}
@@ -127,6 +132,7 @@ for variant in "" -fp8; do
   [ -f "$model/config.json" ] && models+=("$model")
 done
 [ ${#models[@]} -gt 0 ] || models=(fixtures/demo)
+[ -z "${GPU_CHECK_MODELS:-}" ] || read -r -a models <<<"$GPU_CHECK_MODELS"
 benches=()
 for model in "${models[@]}"; do
   echo "== bench engine on cuda:$gpu ($model)"
@@ -135,12 +141,13 @@ for model in "${models[@]}"; do
   echo "${benches[-1]}"
 done
 # DeepSeek-V3's expert gate_up and down and a square one, as decode (1 row) and prefill rows.
-shapes=4096x7168,7168x2048,7168x7168
+shapes=${GPU_CHECK_SHAPES:-4096x7168,7168x2048,7168x7168}
+rows=${GPU_CHECK_ROWS:-1,64,2048}
 echo "== bench products on cuda:$gpu (bf16 and fp8 weights: $shapes)"
 products=()
 for dtype in bf16 fp8; do
   products+=("$("$moebius" bench products --device "cuda:$gpu" --dtype "$dtype" --shapes "$shapes" \
-    --rows 1,64,2048 --repeats 5 --json)")
+    --rows "$rows" --repeats 5 --json)")
   echo "${products[-1]}"
 done
 echo "== cuBLAS' own peak in this run: torch's bf16 8192^3 matmul, operands on the GPU"
@@ -172,12 +179,13 @@ name, peak = sys.argv[1] or "unknown GPU", json.loads(sys.argv[2])
 count = int(sys.argv[3])
 benches = sys.argv[4:4 + count]
 print(f"### {name}: `moebius bench engine --device cuda`\n")
-print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s |")
-print("| --- | --- | --- | --- | --- |")
+print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s | GPU waits per decode step |")
+print("| --- | --- | --- | --- | --- | --- |")
 for model, run in zip(benches[::2], map(json.loads, benches[1::2])):
     for r in run["results"]:
         print(f"| {model} | {run['weights_bytes'] / 1e9:.2f} GB | {r['batch']} "
-              f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+              f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+              f"| {r.get('gpu_waits_per_decode_step', float('nan')):.0f} |")
 print("\n`moebius bench products --device cuda` (activations from the host and back, as the engine "
       "calls them), against cuBLAS' bf16 peak measured by torch in the same run: "
       + (f"{peak['tflop_s']:.0f} TFLOP/s" if "tflop_s" in peak else f"not measured ({peak.get('error')})")
@@ -192,7 +200,8 @@ for products in map(json.loads, sys.argv[4 + count:]):
 print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
       "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
       "activations copied to the GPU and back for each product or group of products (a MoE "
-      "layer's experts with SiLU-and-multiply on the GPU), attention on the host.")
+      "layer's experts with SiLU-and-multiply on the GPU), each sequence's KV cache in pages "
+      "on the GPU, and a step's absorbed attention with o_proj on the GPU in one round trip.")
 PY
 echo "== summary ($summary)"
 cat "$summary"
