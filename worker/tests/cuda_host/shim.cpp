@@ -186,9 +186,9 @@ int cuStreamCreate(void** stream, unsigned) {
     *stream = new Stream;
     return kSuccess;
 }
+// A destroyed stream is kept: an event or a group's receives may still look at it.
 int cuStreamDestroy_v2(void* stream) {
     stream_of(stream)->drain();
-    if (stream) delete static_cast<Stream*>(stream);
     return kSuccess;
 }
 int cuStreamSynchronize(void* stream) {
