@@ -641,3 +641,91 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
         );
     }
 }
+
+/// MLA's query path on the GPU (`linear_norm_linear`: a product, RMSNorm of the leading columns
+/// of its output, a second product) against the CPU backend's, in one round trip, with f32 and
+/// with bf16 weights (whose activations the GPU rounds to bf16: 2% of the largest output).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_query_path_matches_the_cpu_in_one_round_trip() {
+    use moebius_worker::backend::{Backend, CpuBackend};
+    use rand::{Rng, SeedableRng};
+
+    let Some(gpu) = gpu::open() else { return };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let (m, hidden, stacked, rank, out_rows) = (3, 64, 56, 40, 48);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let x = random(m * hidden);
+    let norm = random(rank);
+    let (wa, wb) = (random(stacked * hidden), random(out_rows * rank));
+    for bf16 in [false, true] {
+        let make = |rows: usize, cols: usize, w: &[f32]| {
+            let bits: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let wide: Vec<f32> = bits
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            if bf16 {
+                (
+                    gpu.matrix_bf16(rows, cols, bits),
+                    cpu.matrix(rows, cols, wide),
+                )
+            } else {
+                (
+                    gpu.matrix(rows, cols, w.to_vec()),
+                    cpu.matrix(rows, cols, w.to_vec()),
+                )
+            }
+        };
+        let (a, b) = (make(stacked, hidden, &wa), make(out_rows, rank, &wb));
+        let (mut first_gpu, mut out_gpu) =
+            (vec![f32::NAN; m * stacked], vec![f32::NAN; m * out_rows]);
+        let (mut first_cpu, mut out_cpu) = (first_gpu.clone(), out_gpu.clone());
+        let before = gpu.transfers();
+        gpu.linear_norm_linear(
+            &x,
+            m,
+            (&a.0, &b.0),
+            (&norm, 1e-6),
+            &mut first_gpu,
+            &mut out_gpu,
+        );
+        assert_eq!(
+            gpu.transfers().waits - before.waits,
+            1,
+            "the query path is one round trip"
+        );
+        cpu.linear_norm_linear(
+            &x,
+            m,
+            (&a.1, &b.1),
+            (&norm, 1e-6),
+            &mut first_cpu,
+            &mut out_cpu,
+        );
+        for (what, got, want) in [
+            ("first", &first_gpu, &first_cpu),
+            ("out", &out_gpu, &out_cpu),
+        ] {
+            let scale = want.iter().fold(0.0f32, |s, w| s.max(w.abs()));
+            let worst = got
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |s, (g, w)| s.max((g - w).abs()));
+            let bar = if bf16 {
+                0.02 * scale
+            } else {
+                1e-4 * scale.max(1.0)
+            };
+            assert!(
+                worst <= bar,
+                "bf16 {bf16}, {what}: off by {worst} at a scale of {scale}"
+            );
+        }
+    }
+}

@@ -19,6 +19,7 @@ const TESTED: &[&str] = &[
     "causal_softmax",
     "paged_rows",
     "heads_copy",
+    "rms_norm",
 ];
 
 #[test]
@@ -333,5 +334,52 @@ fn heads_copy_moves_each_heads_columns() {
                 q[(r * heads + h) * 24..(r * heads + h) * 24 + 16]
             );
         }
+    }
+}
+
+/// `rms_norm` normalises the leading 300 of 340 columns of each row as the CPU backend does,
+/// into f32 and into bf16.
+#[test]
+fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (rows, cols, stride, eps) = (4usize, 300usize, 340usize, 1e-6f32);
+    let x = values(&mut rng, rows * stride);
+    let weight = values(&mut rng, cols);
+    let mut want: Vec<f32> = x
+        .chunks_exact(stride)
+        .flat_map(|row| &row[..cols])
+        .copied()
+        .collect();
+    moebius_worker::backend::rms_norm(&mut want, &weight, eps);
+    let launch = |f32_out: *mut f32, bf16_out: *mut u16| {
+        let args = Args::default()
+            .arg(x.as_ptr())
+            .arg(stride as i32)
+            .arg(weight.as_ptr())
+            .arg(eps)
+            .arg(f32_out)
+            .arg(bf16_out)
+            .arg(rows as i32)
+            .arg(cols as i32);
+        // SAFETY: x holds rows × stride values, weight cols, and the output that is not null
+        // rows × cols.
+        unsafe { HostKernels::get().launch("rms_norm", grid::rms_norm(rows), args) };
+    };
+    let mut wide = vec![f32::NAN; rows * cols];
+    launch(wide.as_mut_ptr(), std::ptr::null_mut());
+    for (i, (&got, &want)) in wide.iter().zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+            "value {i}: {got}, want {want}"
+        );
+    }
+    let mut narrow = vec![0u16; rows * cols];
+    launch(std::ptr::null_mut(), narrow.as_mut_ptr());
+    for (i, (&got, &wide)) in narrow.iter().zip(&wide).enumerate() {
+        assert_eq!(
+            got,
+            half::bf16::from_f32(wide).to_bits(),
+            "value {i}: {wide}"
+        );
     }
 }

@@ -79,8 +79,13 @@ impl Transfers {
 
     /// A download of `bytes` and the wait for it.
     fn download(&self, bytes: usize) {
-        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.copied_down(bytes);
         self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A download of `bytes` that a later wait covers.
+    fn copied_down(&self, bytes: usize) {
+        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -586,6 +591,76 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// [`Backend::linear_norm_linear`] on the GPU in one round trip: one upload of `x` (and
+    /// the norm's weights), the first product, `rms_norm` into f32 or bf16 as `b` takes it,
+    /// the second product, two downloads and one wait.
+    fn try_linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        (a, b): (&CudaMatrix, &CudaMatrix),
+        (norm, eps): (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let cols = b.cols;
+        if m == 0 {
+            return Ok(());
+        }
+        if cols > a.rows || norm.len() != cols {
+            return Err(Error::Device(format!(
+                "a norm of {} over {cols} of {} columns",
+                norm.len(),
+                a.rows
+            )));
+        }
+        let mut inputs = Staged::default();
+        let x_at = inputs.push(&x[..m * a.cols], a.takes_bf16(m));
+        let inputs = self.upload_staged(inputs)?;
+        let weight = self.stream.clone_htod(norm).map_err(driver)?;
+        self.transfers.upload(norm.len() * 4);
+        let mut y = self.alloc::<f32>(m * a.rows)?;
+        let bf16 = b.takes_bf16(m);
+        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { m * cols })?;
+        let mut normed_bf16 = self.alloc::<u16>(if bf16 { m * cols } else { 0 })?;
+        let mut z = self.alloc::<f32>(m * b.rows)?;
+        let mut run = Enqueued::default();
+        let y_p = ptr_mut(&mut y, &self.stream);
+        let (n_p, nb_p) = (
+            ptr_mut(&mut normed, &self.stream),
+            ptr_mut(&mut normed_bf16, &self.stream),
+        );
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let x = inputs.at(&self.stream, x_at);
+        self.enqueue_product(&blas, &mut run, a, m, x, y_p)?;
+        let (stride, rows_i, cols_i) = (dim(a.rows)?, dim(m)?, dim(cols)?);
+        let weight_p = weight.device_ptr(&self.stream).0;
+        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm);
+        launch.arg(&y_p).arg(&stride).arg(&weight_p).arg(&eps);
+        launch.arg(&n_p).arg(&nb_p).arg(&rows_i).arg(&cols_i);
+        // SAFETY: rms_norm(x, stride, weight, eps, out_f32, out_bf16, rows, cols) reads rows
+        // rows of `stride` values and `cols` weights, and writes rows × cols values to the
+        // output that is not null; the buffers hold them.
+        unsafe { launch.launch(launch_config(grid::rms_norm(m))) }.map_err(driver)?;
+        let normed_x = Activations {
+            f32: n_p,
+            bf16: nb_p,
+        };
+        let z_p = ptr_mut(&mut z, &self.stream);
+        self.enqueue_product(&blas, &mut run, b, m, normed_x, z_p)?;
+        drop(blas);
+        if let Some(y) = &y {
+            self.stream
+                .memcpy_dtoh(y, &mut first[..m * a.rows])
+                .map_err(driver)?;
+            self.transfers.copied_down(m * a.rows * 4);
+        }
+        let host = self.download(&z, m * b.rows, run)?;
+        out[..m * b.rows].copy_from_slice(&host);
+        drop((inputs, weight, y, normed, normed_bf16));
+        Ok(())
+    }
+
     /// Enqueues `heads_copy`: `cols` columns of every (row, head) of `rows × heads` from `src`
     /// (address, row stride, head stride, first column) to the f32 or bf16 buffer of `dst`
     /// (whichever address is not 0) at its strides and first column.
@@ -1055,6 +1130,23 @@ impl Backend for CudaBackend {
     ) {
         if let Err(e) = self.try_attend_grouped(heads, values, scale, runs) {
             panic!("cuda:{}: attention: {e}", self.ordinal);
+        }
+    }
+
+    fn linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        weights: (&CudaMatrix, &CudaMatrix),
+        norm: (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) {
+        if let Err(e) = self.try_linear_norm_linear(x, m, weights, norm, first, out) {
+            panic!(
+                "cuda:{}: a product, its norm and a product: {e}",
+                self.ordinal
+            );
         }
     }
 

@@ -366,6 +366,28 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        weights: (&AnyMatrix, &AnyMatrix),
+        norm: (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) {
+        match (self, weights) {
+            (AnyBackend::Cpu(be), (AnyMatrix::Cpu(a), AnyMatrix::Cpu(b))) => {
+                be.linear_norm_linear(x, m, (a, b), norm, first, out)
+            }
+            #[cfg(feature = "cuda")]
+            (AnyBackend::Cuda(be), (AnyMatrix::Cuda(a), AnyMatrix::Cuda(b))) => {
+                be.linear_norm_linear(x, m, (a, b), norm, first, out)
+            }
+            #[cfg(feature = "cuda")]
+            _ => mixed(),
+        }
+    }
+
     fn attend_absorbed(
         &self,
         w: &Absorbed<'_, AnyMatrix>,

@@ -53,6 +53,11 @@ pub fn causal_softmax(rows: usize) -> Grid {
     }
 }
 
+/// `rms_norm` over `rows` rows: one block per row, as `causal_softmax`.
+pub fn rms_norm(rows: usize) -> Grid {
+    causal_softmax(rows)
+}
+
 /// Rows of a page of a paged KV cache: the unit the caches grow and shrink by, and the block
 /// of the rank's KV cache budget.
 pub const PAGE_ROWS: usize = 16;

@@ -166,6 +166,29 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// `first[m, a_rows] = x · aᵀ`, then `out[m, b_rows] = rms_norm(first[.., ..b_cols]) · bᵀ`
+    /// with the norm's weights and epsilon: MLA's query path (`q_a_proj` stacked above
+    /// `kv_a_proj_with_mqa`, `q_a_layernorm`, `q_b_proj`). A backend may keep the intermediate
+    /// where it runs; the default runs both products with the norm on the host.
+    fn linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        (a, b): (&Self::Matrix, &Self::Matrix),
+        (norm, eps): (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) {
+        self.linear(x, m, a, first);
+        let (rows, cols) = (self.shape(a).0, self.shape(b).1);
+        let mut normed: Vec<f32> = (first[..m * rows].chunks_exact(rows))
+            .flat_map(|row| &row[..cols])
+            .copied()
+            .collect();
+        rms_norm(&mut normed, norm, eps);
+        self.linear(&normed, m, b, out);
+    }
+
     /// An empty cache of rows `width` values wide.
     fn new_rows(&self, width: usize) -> Self::Rows;
 

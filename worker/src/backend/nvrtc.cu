@@ -200,3 +200,29 @@ extern "C" __global__ void heads_copy(const float* __restrict__ src, int src_row
         }
     }
 }
+
+// RMSNorm of the first `cols` values of each row of `x` (row stride `stride`), times `weight`,
+// into `[rows, cols]` in f32 or rounded to bf16 (whichever of out_f32 and out_bf16 is not null),
+// as transformers computes it: w * (v / sqrt(mean(v^2) + eps)). One block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, int stride,
+                                    const float* __restrict__ weight, float eps,
+                                    float* __restrict__ out_f32,
+                                    unsigned short* __restrict__ out_bf16, int rows, int cols) {
+    __shared__ float red[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;  // the whole block
+    const float* row = x + (long long)r * stride;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += row[c] * row[c];
+    s = block_reduce(s, red, 0);
+    float inv = 1.0f / sqrtf(s / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = weight[c] * (row[c] * inv);
+        long long at = (long long)r * cols + c;
+        if (out_bf16) {
+            out_bf16[at] = bf16_bits(v);
+        } else {
+            out_f32[at] = v;
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //!   activations of its down product;
 //! - `causal_softmax`: the scaled, causally masked softmax of attention scores, a block per row;
 //! - `paged_rows`: rows of a paged KV cache into a dense buffer, or a dense buffer into them;
-//! - `heads_copy`: per-head column slices between attention's layouts, in f32 or bf16.
+//! - `heads_copy`: per-head column slices between attention's layouts, in f32 or bf16;
+//! - `rms_norm`: RMSNorm of the leading columns of each row, into f32 or bf16.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -31,6 +32,7 @@ pub struct Kernels {
     pub causal_softmax: CudaFunction,
     pub paged_rows: CudaFunction,
     pub heads_copy: CudaFunction,
+    pub rms_norm: CudaFunction,
 }
 
 impl Kernels {
@@ -51,6 +53,7 @@ impl Kernels {
             causal_softmax: function("causal_softmax")?,
             paged_rows: function("paged_rows")?,
             heads_copy: function("heads_copy")?,
+            rms_norm: function("rms_norm")?,
         })
     }
 }

@@ -202,38 +202,8 @@ impl<B: Backend> Attention<B> {
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
         let positions = row_positions(segments, n);
 
-        // q's first projection [n, q_width] and the new cache rows [n, lora + rope].
-        let mut first = vec![0.0; n * self.q_width];
-        let mut kv = vec![0.0; n * width];
-        match &self.input {
-            InputProjection::Stacked(both) => {
-                let mut out = vec![0.0; n * both.out_features];
-                both.forward(backend, x, n, &mut out);
-                let rows = out.chunks_exact(both.out_features);
-                let split = first
-                    .chunks_exact_mut(self.q_width)
-                    .zip(kv.chunks_exact_mut(width));
-                for (row, (q_row, kv_row)) in rows.zip(split) {
-                    q_row.copy_from_slice(&row[..self.q_width]);
-                    kv_row.copy_from_slice(&row[self.q_width..]);
-                }
-            }
-            InputProjection::Apart { q, kv_a } => {
-                q.forward(backend, x, n, &mut first);
-                kv_a.forward(backend, x, n, &mut kv);
-            }
-        }
-
-        // Queries: [n, h, qk], rotary part rotated.
-        let mut q = match &self.q_b {
-            None => first,
-            Some((norm, b)) => {
-                rms_norm(&mut first, norm, self.eps);
-                let mut q = vec![0.0; n * h * qk];
-                b.forward(backend, &first, n, &mut q);
-                q
-            }
-        };
+        // Queries [n, h, qk] and the new cache rows [n, lora + rope], then rotated.
+        let (mut q, mut kv) = self.project(backend, x, n);
         for (row, &pos) in q.chunks_exact_mut(h * qk).zip(&positions) {
             for head in row.chunks_exact_mut(qk) {
                 rope.rotate(&mut head[self.nope..], pos);
@@ -270,6 +240,58 @@ impl<B: Backend> Attention<B> {
         }
         self.attend_absorbed(backend, &absorbed, &q, None, &mut attn);
         self.o_proj.forward(backend, &attn, n, out);
+    }
+
+    /// The queries `[n, heads, qk]` and the new cache rows `[n, lora + rope]` of `x`, before
+    /// their norm and rotation: q's first projection beside `kv_a_proj_with_mqa`, then q's
+    /// RMSNorm and second projection where it is low-rank (one call where neither has a bias,
+    /// which a backend may run in one round trip).
+    fn project(&self, backend: &B, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+        let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
+        if let (InputProjection::Stacked(both), Some((norm, b))) = (&self.input, &self.q_b) {
+            if both.bias.is_none() && b.bias.is_none() {
+                let mut stacked = vec![0.0; n * both.out_features];
+                let mut q = vec![0.0; n * h * qk];
+                let weights = (&both.weight, &b.weight);
+                let norm = (&norm[..], self.eps);
+                backend.linear_norm_linear(x, n, weights, norm, &mut stacked, &mut q);
+                let kv = (stacked.chunks_exact(both.out_features))
+                    .flat_map(|row| &row[self.q_width..])
+                    .copied()
+                    .collect();
+                return (q, kv);
+            }
+        }
+        let mut first = vec![0.0; n * self.q_width];
+        let mut kv = vec![0.0; n * width];
+        match &self.input {
+            InputProjection::Stacked(both) => {
+                let mut out = vec![0.0; n * both.out_features];
+                both.forward(backend, x, n, &mut out);
+                let rows = out.chunks_exact(both.out_features);
+                let split = first
+                    .chunks_exact_mut(self.q_width)
+                    .zip(kv.chunks_exact_mut(width));
+                for (row, (q_row, kv_row)) in rows.zip(split) {
+                    q_row.copy_from_slice(&row[..self.q_width]);
+                    kv_row.copy_from_slice(&row[self.q_width..]);
+                }
+            }
+            InputProjection::Apart { q, kv_a } => {
+                q.forward(backend, x, n, &mut first);
+                kv_a.forward(backend, x, n, &mut kv);
+            }
+        }
+        let q = match &self.q_b {
+            None => first,
+            Some((norm, b)) => {
+                rms_norm(&mut first, norm, self.eps);
+                let mut q = vec![0.0; n * h * qk];
+                b.forward(backend, &first, n, &mut q);
+                q
+            }
+        };
+        (q, kv)
     }
 
     /// Whether `seg` costs fewer multiply-adds expanded than absorbed.
