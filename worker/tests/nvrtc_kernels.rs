@@ -154,23 +154,7 @@ fn silu_mul_matches_the_cpu_into_f32_and_into_bf16() {
         // rows × width.
         unsafe { HostKernels::get().launch("silu_mul", grid::elementwise(rows * width), args) };
     };
-    let mut wide = vec![f32::NAN; rows * width];
-    launch(wide.as_mut_ptr(), std::ptr::null_mut());
-    for (i, (&got, &want)) in wide.iter().zip(&want).enumerate() {
-        assert!(
-            (got - want).abs() <= 1e-6 * want.abs().max(1e-6),
-            "value {i}: {got}, want {want}"
-        );
-    }
-    let mut narrow = vec![0u16; rows * width];
-    launch(std::ptr::null_mut(), narrow.as_mut_ptr());
-    for (i, (&got, &wide)) in narrow.iter().zip(&wide).enumerate() {
-        assert_eq!(
-            got,
-            half::bf16::from_f32(wide).to_bits(),
-            "value {i}: {wide}"
-        );
-    }
+    check_f32_and_bf16(&want, (1e-6, 1e-6), launch);
 }
 
 #[test]
@@ -365,15 +349,22 @@ fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
         // rows × cols.
         unsafe { HostKernels::get().launch("rms_norm", grid::rms_norm(rows), args) };
     };
-    let mut wide = vec![f32::NAN; rows * cols];
+    check_f32_and_bf16(&want, (1e-5, 1e-3), launch);
+}
+
+/// Runs a kernel that writes f32 or bf16 (`launch(f32_out, bf16_out)`, one of them null) both
+/// ways: its f32 output within `tol` of `want` (relative, of at least `floor`), its bf16 output
+/// the f32 one rounded to nearest even.
+fn check_f32_and_bf16(want: &[f32], (tol, floor): (f32, f32), launch: impl Fn(*mut f32, *mut u16)) {
+    let mut wide = vec![f32::NAN; want.len()];
     launch(wide.as_mut_ptr(), std::ptr::null_mut());
-    for (i, (&got, &want)) in wide.iter().zip(&want).enumerate() {
+    for (i, (&got, &want)) in wide.iter().zip(want).enumerate() {
         assert!(
-            (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+            (got - want).abs() <= tol * want.abs().max(floor),
             "value {i}: {got}, want {want}"
         );
     }
-    let mut narrow = vec![0u16; rows * cols];
+    let mut narrow = vec![0u16; want.len()];
     launch(std::ptr::null_mut(), narrow.as_mut_ptr());
     for (i, (&got, &wide)) in narrow.iter().zip(&wide).enumerate() {
         assert_eq!(
