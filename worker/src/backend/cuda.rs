@@ -455,10 +455,15 @@ impl CudaBackend {
         if n == 0 || h == 0 {
             return Ok(());
         }
-        if w.uv.len() != h {
+        let shapes_agree = w.uv.len() == h
+            && w.uk_t.iter().all(|m| (m.rows, m.cols) == (lora, w.nope))
+            && w.uv.iter().all(|m| (m.rows, m.cols) == (v, lora))
+            && w.o_proj.is_none_or(|o| o.cols == h * v);
+        if !shapes_agree {
             return Err(Error::Device(format!(
-                "{h} heads of W_UKᵀ but {} of W_UV",
-                w.uv.len()
+                "absorbed attention of {h} heads (nope {}, lora {lora}, v {v}) with weights of \
+                 other shapes",
+                w.nope
             )));
         }
         let q_dev = self.stream.clone_htod(&q[..n * h * qk]).map_err(driver)?;
