@@ -83,6 +83,38 @@ mod gpu {
     use moebius_worker::config::ModelConfig;
     use moebius_worker::model::{Model, SharedWeights, StepInput};
 
+    /// `n` values drawn uniformly from [-1, 1).
+    pub fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        use rand::Rng;
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// A `[rows, cols]` weight of `values` rounded to bf16: bf16 on the GPU, and the same
+    /// values widened to f32 on the CPU.
+    pub fn bf16_pair(
+        gpu: &CudaBackend,
+        cpu: &moebius_worker::backend::CpuBackend,
+        (rows, cols): (usize, usize),
+        values: &[f32],
+    ) -> (
+        moebius_worker::backend::cuda::CudaMatrix,
+        moebius_worker::backend::cpu::CpuMatrix,
+    ) {
+        use moebius_worker::backend::Backend;
+        let bits: Vec<u16> = values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let wide = bits
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
+        (
+            gpu.matrix_bf16(rows, cols, bits),
+            cpu.matrix(rows, cols, wide),
+        )
+    }
+
     /// GPU 0, or `None` after saying why the test skips. With `MOEBIUS_REQUIRE_GPU` set (the
     /// run on `cuda_host`'s stand-in, and `gpu_check.sh`), no GPU fails the test instead.
     pub fn open() -> Option<CudaBackend> {
@@ -173,17 +205,10 @@ fn cuda_groups_match_the_cpu() {
             (gpu.matrix(rows, cols, w.clone()), cpu.matrix(rows, cols, w))
         }
         1 => {
-            let bits: Vec<u16> = (0..rows * cols)
-                .map(|_| half::bf16::from_f32(rng.random_range(-0.1..0.1)).to_bits())
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-0.1..0.1))
                 .collect();
-            let wide = bits
-                .iter()
-                .map(|&b| half::bf16::from_bits(b).to_f32())
-                .collect();
-            (
-                gpu.matrix_bf16(rows, cols, bits),
-                cpu.matrix(rows, cols, wide),
-            )
+            gpu::bf16_pair(&gpu, &cpu, (rows, cols), &w)
         }
         _ => {
             let blocks = moebius_worker::checkpoint::Fp8Blocks {
@@ -420,15 +445,14 @@ fn nccl_exchanges_exactly_what_was_sent() {
 #[test]
 fn cuda_attention_over_cached_rows_matches_the_cpu() {
     use moebius_worker::backend::{grid, Attend, Backend, CpuBackend};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let Some(gpu) = gpu::open() else { return };
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let (heads, lora, rope) = (16, 512, 64);
     let width = lora + rope;
-    let mut values =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut values = |n: usize| gpu::random(&mut rng, n);
     let (mut on_gpu, mut on_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
     // Appends within one page (one copy) and across pages (`paged_rows`), none of which waits
     // for the GPU.
@@ -546,27 +570,16 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
 #[test]
 fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
     use moebius_worker::backend::{Absorbed, AbsorbedRun, Backend, CpuBackend};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let Some(gpu) = gpu::open() else { return };
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let (heads, nope, rope, lora, v) = (4, 16, 8, 32, 16);
-    let mut random =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut random = |n: usize| gpu::random(&mut rng, n);
     let mut bf16 = |rows: usize, cols: usize| {
-        let bits: Vec<u16> = random(rows * cols)
-            .iter()
-            .map(|&x| half::bf16::from_f32(x * 0.3).to_bits())
-            .collect();
-        let wide = bits
-            .iter()
-            .map(|&b| half::bf16::from_bits(b).to_f32())
-            .collect();
-        (
-            gpu.matrix_bf16(rows, cols, bits),
-            cpu.matrix(rows, cols, wide),
-        )
+        let w: Vec<f32> = random(rows * cols).iter().map(|x| x * 0.3).collect();
+        gpu::bf16_pair(&gpu, &cpu, (rows, cols), &w)
     };
     let uk_t: Vec<_> = (0..heads).map(|_| bf16(lora, nope)).collect();
     let uv: Vec<_> = (0..heads).map(|_| bf16(v, lora)).collect();
@@ -649,32 +662,20 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
 #[test]
 fn cuda_query_path_matches_the_cpu_in_one_round_trip() {
     use moebius_worker::backend::{Backend, CpuBackend};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let Some(gpu) = gpu::open() else { return };
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
     let (m, hidden, stacked, rank, out_rows) = (3, 64, 56, 40, 48);
-    let mut random =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut random = |n: usize| gpu::random(&mut rng, n);
     let x = random(m * hidden);
     let norm = random(rank);
     let (wa, wb) = (random(stacked * hidden), random(out_rows * rank));
     for bf16 in [false, true] {
         let make = |rows: usize, cols: usize, w: &[f32]| {
-            let bits: Vec<u16> = w
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
-            let wide: Vec<f32> = bits
-                .iter()
-                .map(|&b| half::bf16::from_bits(b).to_f32())
-                .collect();
             if bf16 {
-                (
-                    gpu.matrix_bf16(rows, cols, bits),
-                    cpu.matrix(rows, cols, wide),
-                )
+                gpu::bf16_pair(&gpu, &cpu, (rows, cols), w)
             } else {
                 (
                     gpu.matrix(rows, cols, w.to_vec()),
