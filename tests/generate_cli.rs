@@ -623,7 +623,8 @@ fn the_nccl_data_plane_needs_gpu_workers() {
 }
 
 /// A GPU rank as a user starts one: `generate --device cuda:0` gives the tokens the CPU gives,
-/// and `up --device cuda:0,cpu` (a GPU rank beside a CPU rank, over tcp) and, with two GPUs,
+/// `bench engine --device cuda:0` counts the waits a decode step costs, and
+/// `up --device cuda:0,cpu` (a GPU rank beside a CPU rank, over tcp) and, with two GPUs,
 /// `up --device cuda:0 --data-plane nccl` serve them through the OpenAI API. Runs where a GPU answers, and in `scripts/test.sh` on `cuda_host`'s stand-in for
 /// one (with `MOEBIUS_REQUIRE_GPU`, under which no GPU fails it); says why it skips elsewhere.
 #[test]
@@ -656,6 +657,38 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
         assert!(
             (g - c).abs() < 1e-4,
             "logprob {g} on the GPU, {c} on the CPU"
+        );
+    }
+
+    // What a decode step waits for the GPU, through `bench engine` as a user measures it: an
+    // attention block once, a dense MLP once, a MoE block twice (its gate, then its experts) and
+    // the LM head once; the demo model has 1 dense layer and 3 MoE ones. One batch of three
+    // sequences waits as often as one.
+    let demo = fixture("demo");
+    let bench = json_of(&moebius(&[
+        "bench",
+        "engine",
+        "--device",
+        "cuda:0",
+        "--model",
+        demo.to_str().expect("utf-8 path"),
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "3",
+        "--batch",
+        "1,3",
+        "--repeats",
+        "1",
+        "--json",
+    ]));
+    let rows = bench["results"].as_array().expect("bench rows");
+    assert_eq!(rows.len(), 2, "{bench}");
+    for row in rows {
+        assert_eq!(
+            row["gpu_waits_per_decode_step"].as_f64(),
+            Some((4 + 1 + 2 * 3 + 1) as f64),
+            "{row}"
         );
     }
 

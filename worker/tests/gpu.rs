@@ -71,6 +71,43 @@ fn cuda_backend_follows_transformers() {
     }
 }
 
+/// Runs where NVRTC is installed, GPU or not: the kernels of `nvrtc.cu` compile and export
+/// their entry points. `scripts/test.sh` puts NVIDIA's PyPI wheel of NVRTC on the library path
+/// and sets `MOEBIUS_REQUIRE_NVRTC`, under which a missing NVRTC fails the test instead of
+/// skipping. (On the CPU's stand-in, whose NVRTC compiles nothing, `scripts/test.sh` skips it.)
+#[cfg(feature = "cuda")]
+#[test]
+fn kernels_compile_with_nvrtc() {
+    use moebius_worker::backend::nvrtc;
+    use moebius_worker::Error;
+
+    let ptx = match nvrtc::ptx() {
+        Ok(ptx) => ptx.to_src(),
+        Err(Error::Device(why))
+            if why.contains("not on the library path")
+                && std::env::var_os("MOEBIUS_REQUIRE_NVRTC").is_none() =>
+        {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    // Every kernel the source declares.
+    let source = include_str!("../src/backend/nvrtc.cu");
+    let entries: Vec<&str> = source
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .collect();
+    assert!(entries.len() >= 8, "kernels found: {entries:?}");
+    for entry in entries {
+        assert!(
+            ptx.contains(&format!(".entry {entry}(")),
+            "no entry point {entry} in the PTX"
+        );
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use std::path::Path;
@@ -651,6 +688,140 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
         eprintln!(
             "absorbed attention on the GPU (o_proj {project}): worst difference {worst:.2e} at \
              a scale of {scale:.2e}"
+        );
+    }
+}
+
+/// MLA's whole attention block on the GPU (the stacked input product, both norms, `q_b`, the
+/// rotation of queries and keys in either pairing, the new cache rows appended from the GPU
+/// within a page and across pages, absorbed attention and o_proj) against the CPU backend's,
+/// in one round trip. The weights are bf16, so the GPU rounds their activations to bf16: the
+/// bar is 2% of the largest value, for the outputs and for the cached rows.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
+    use moebius_worker::backend::Rotation;
+    use moebius_worker::backend::{Absorbed, AttentionBlock, Backend, BlockRun, CpuBackend};
+    use rand::{Rng, SeedableRng};
+
+    let Some(gpu) = gpu::open() else { return };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    let (hidden, heads, nope, rope, lora, v, q_lora) = (48, 4, 16, 8, 32, 16, 24);
+    let (width, qk) = (lora + rope, nope + rope);
+    let mut bf16 = |rows: usize, cols: usize| {
+        let w: Vec<f32> = gpu::random(&mut rng, rows * cols)
+            .iter()
+            .map(|x| x * 0.3)
+            .collect();
+        gpu::bf16_pair(&gpu, &cpu, (rows, cols), &w)
+    };
+    let input = bf16(q_lora + width, hidden);
+    let q_b = bf16(heads * qk, q_lora);
+    let uk_t: Vec<_> = (0..heads).map(|_| bf16(lora, nope)).collect();
+    let uv: Vec<_> = (0..heads).map(|_| bf16(v, lora)).collect();
+    let o_proj = bf16(hidden, heads * v);
+    let q_norm = gpu::random(&mut rng, q_lora);
+    let kv_norm = gpu::random(&mut rng, lora);
+    // A decode row after 39 cached positions (within a page) and a chunk of 20 after 10 (across
+    // two pages).
+    let sequences = [(39, 1), (10, 20)];
+    let n: usize = sequences.iter().map(|s| s.1).sum();
+    let x = gpu::random(&mut rng, n * hidden);
+    let angles: Vec<f32> = (0..n * rope / 2)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let cached: Vec<Vec<f32>> = sequences
+        .iter()
+        .map(|&(len, _)| gpu::random(&mut rng, len * width))
+        .collect();
+    macro_rules! block {
+        ($backend:expr, $side:tt, $rotation:expr, $out:expr) => {{
+            let mut caches: Vec<_> = cached
+                .iter()
+                .map(|rows| {
+                    let mut c = $backend.new_rows(width);
+                    $backend.append_rows(&mut c, rows);
+                    c
+                })
+                .collect();
+            let block = AttentionBlock {
+                input: &input.$side,
+                q_norm: &q_norm,
+                q_b: &q_b.$side,
+                kv_norm: &kv_norm,
+                eps: 1e-6,
+                attention: Absorbed {
+                    uk_t: uk_t.iter().map(|w| &w.$side).collect(),
+                    uv: uv.iter().map(|w| &w.$side).collect(),
+                    o_proj: Some(&o_proj.$side),
+                    nope,
+                    rope,
+                    lora,
+                    v,
+                    scale: 0.2,
+                },
+            };
+            let mut runs: Vec<_> = caches
+                .iter_mut()
+                .zip(&sequences)
+                .map(|(rows, &(position, queries))| BlockRun {
+                    queries,
+                    rows,
+                    position,
+                })
+                .collect();
+            $backend.attention_block(&block, &x, $rotation, &mut runs, $out);
+            drop(runs);
+            caches
+                .iter()
+                .zip(&sequences)
+                .map(|(c, &(len, queries))| $backend.read_rows(c, len + queries).into_owned())
+                .collect::<Vec<Vec<f32>>>()
+        }};
+    }
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0.0f32, |a, w| a.max(w.abs()));
+        let worst = (got.iter().zip(want)).fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst <= 0.02 * scale,
+            "{what}: off by {worst} at a scale of {scale}"
+        );
+        worst / scale
+    };
+    for interleave in [false, true] {
+        let rotation = Rotation {
+            cos_sin: angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect(),
+            interleave,
+        };
+        let (mut got, mut want) = (vec![f32::NAN; n * hidden], vec![f32::NAN; n * hidden]);
+        let before = gpu.transfers();
+        let caches_gpu = block!(gpu, 0, &rotation, &mut got);
+        let cpu_caches = block!(cpu, 1, &rotation, &mut want);
+        let waits = gpu.transfers().waits - before.waits;
+        // The caches' first uploads wait for nothing; reading them back waits once each.
+        assert_eq!(
+            waits,
+            1 + sequences.len() as u64,
+            "the block is one round trip"
+        );
+        let off = close(&format!("interleave {interleave}: outputs"), &got, &want);
+        for (i, (g, c)) in caches_gpu.iter().zip(&cpu_caches).enumerate() {
+            assert_eq!(
+                g[..cached[i].len()],
+                cached[i][..],
+                "sequence {i}'s cached rows moved"
+            );
+            close(
+                &format!("interleave {interleave}: sequence {i}'s new rows"),
+                g,
+                c,
+            );
+        }
+        eprintln!(
+            "attention block on the GPU (interleave {interleave}): worst difference {off:.2e} of \
+             the largest output"
         );
     }
 }

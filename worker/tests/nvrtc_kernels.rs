@@ -7,6 +7,7 @@ mod cuda_host;
 
 use cuda_host::{kernel_names, Args, HostKernels};
 use moebius_worker::backend::grid::{self, FP8_GEMV_ROWS};
+use moebius_worker::backend::Rotation;
 use moebius_worker::checkpoint::Fp8Blocks;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +21,7 @@ const TESTED: &[&str] = &[
     "paged_rows",
     "heads_copy",
     "rms_norm",
+    "rope_rotate",
 ];
 
 #[test]
@@ -350,6 +352,58 @@ fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
         unsafe { HostKernels::get().launch("rms_norm", grid::rms_norm(rows), args) };
     };
     check_f32_and_bf16(&want, (1e-5, 1e-3), launch);
+}
+
+/// `rope_rotate` turns the rotary columns (8 of 12, from column 4) of every head of 3 rows as
+/// the CPU's [`Rotation`] does, in both pairings, and leaves the other columns alone.
+#[test]
+fn rope_rotate_matches_the_cpus_rotation() {
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let (rows, heads, width, col, pairs) = (3usize, 2usize, 12usize, 4usize, 4usize);
+    let x = values(&mut rng, rows * heads * width);
+    let angles: Vec<f32> = (0..rows * pairs)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let mut cos_sin: Vec<f32> = angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect();
+    for interleave in [false, true] {
+        let rotation = Rotation {
+            cos_sin,
+            interleave,
+        };
+        let mut want = x.clone();
+        for (r, row) in want.chunks_exact_mut(heads * width).enumerate() {
+            for head in row.chunks_exact_mut(width) {
+                rotation.apply(r, &mut head[col..col + 2 * pairs]);
+            }
+        }
+        let mut got = x.clone();
+        let args = Args::default()
+            .arg(got.as_mut_ptr())
+            .arg((heads * width) as i32)
+            .arg(width as i32)
+            .arg(col as i32)
+            .arg(rows as i32)
+            .arg(heads as i32)
+            .arg(pairs as i32)
+            .arg(rotation.cos_sin.as_ptr())
+            .arg(i32::from(interleave));
+        // SAFETY: every (row, head) of x holds `width` values, columns col .. col + 2 * pairs
+        // among them, and cos_sin rows × pairs pairs.
+        unsafe {
+            HostKernels::get().launch("rope_rotate", grid::elementwise(rows * heads * pairs), args)
+        };
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6,
+                "interleave {interleave}, value {i}: {g}, want {w}"
+            );
+            if i % width < col || i % width >= col + 2 * pairs {
+                assert_eq!(g, x[i], "value {i} is not rotary but changed");
+            }
+        }
+        assert_ne!(got, x, "nothing rotated");
+        cos_sin = rotation.cos_sin;
+    }
 }
 
 /// Runs a kernel that writes f32 or bf16 (`launch(f32_out, bf16_out)`, one of them null) both

@@ -1,9 +1,13 @@
 //! Attention over a sequence's cache of latents on the host, in MLA's absorbed form: the CPU
 //! backend's [`Backend::attend_rows`](super::Backend::attend_rows), and the reference the
 //! other backends are checked against; and the absorbed attention of a step's sequences from
-//! their queries, by parts ([`absorbed_by_parts`]).
+//! their queries, by parts ([`absorbed_by_parts`]), and of a whole attention block from its
+//! hidden states ([`block_by_parts`]).
 
-use super::{softmax, Absorbed, AbsorbedRun, Attend, Backend, Product, View};
+use super::{
+    rms_norm, softmax, Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, Product,
+    Rotation, View,
+};
 
 /// Upper bound on the attention scores held at once (floats), to bound memory in long prefills.
 pub const SCORE_BLOCK: usize = 1 << 22;
@@ -225,6 +229,59 @@ pub fn absorbed_by_parts<B: Backend + ?Sized>(
     if let Some(o_proj) = w.o_proj {
         backend.linear(&attn, n, o_proj, out);
     }
+}
+
+/// [`Backend::attention_block`] by parts: [`Backend::linear_norm_linear`] for the queries and
+/// the cache rows, their norm and rotation on the host, [`Backend::append_rows`] per run, then
+/// [`Backend::attend_absorbed`].
+pub fn block_by_parts<B: Backend + ?Sized>(
+    backend: &B,
+    b: &AttentionBlock<'_, B::Matrix>,
+    x: &[f32],
+    rotation: &Rotation,
+    runs: &mut [BlockRun<'_, B::Rows>],
+    out: &mut [f32],
+) {
+    let w = &b.attention;
+    let (h, qk, width) = (w.uk_t.len(), w.nope + w.rope, w.lora + w.rope);
+    let n: usize = runs.iter().map(|r| r.queries).sum();
+    if n == 0 {
+        return;
+    }
+    let stacked_width = backend.shape(b.input).0;
+    let mut stacked = vec![0.0; n * stacked_width];
+    let mut q = vec![0.0; n * h * qk];
+    let norm = (b.q_norm, b.eps);
+    backend.linear_norm_linear(x, n, (b.input, b.q_b), norm, &mut stacked, &mut q);
+    for (row, q_row) in q.chunks_exact_mut(h * qk).enumerate() {
+        for head in q_row.chunks_exact_mut(qk) {
+            rotation.apply(row, &mut head[w.nope..]);
+        }
+    }
+    // The new cache rows: the latent normalised, the shared key rotated.
+    let mut kv: Vec<f32> = (stacked.chunks_exact(stacked_width))
+        .flat_map(|row| &row[stacked_width - width..])
+        .copied()
+        .collect();
+    for (row, kv_row) in kv.chunks_exact_mut(width).enumerate() {
+        let (latent, k_pe) = kv_row.split_at_mut(w.lora);
+        rms_norm(latent, b.kv_norm, b.eps);
+        rotation.apply(row, k_pe);
+    }
+    let mut at = 0;
+    for r in runs.iter_mut() {
+        backend.append_rows(r.rows, &kv[at * width..(at + r.queries) * width]);
+        at += r.queries;
+    }
+    let absorbed: Vec<AbsorbedRun<'_, B::Rows>> = runs
+        .iter()
+        .map(|r| AbsorbedRun {
+            queries: r.queries,
+            rows: &*r.rows,
+            position: r.position,
+        })
+        .collect();
+    backend.attend_absorbed(w, &q, &absorbed, out);
 }
 
 /// `xs[head] · weights[head]ᵀ` for every head (`n` rows each, `out_width` outputs), as one

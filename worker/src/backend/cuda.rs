@@ -9,7 +9,11 @@
 //! for all the sequences of a step and from their rotated queries to the heads' values in one
 //! round trip ([`Backend::attend_absorbed`]): the per-head products and the cache's scores and
 //! weighted sums in cuBLAS, the causal softmax and the heads' rearrangements in kernels of this
-//! crate. [`Transfers`] counts the waits for the GPU and the bytes moved.
+//! crate. Where the model allows, the whole attention block is that one round trip
+//! ([`Backend::attention_block`]): from the hidden states through the input products, both
+//! RMSNorms and the rotary embedding (by a table of angles the host computes per step) to the
+//! new cache rows, appended to their pages without leaving the GPU. [`Transfers`] counts the
+//! waits for the GPU and the bytes moved.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
@@ -35,7 +39,10 @@ use cudarc::driver::{
 use super::cuda_pages::{CudaRows, PagePool};
 use super::grid::{self, Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
-use super::{Absorbed, AbsorbedRun, Attend, Backend, CpuBackend, MlpRun, Product, View};
+use super::{
+    Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
+    Rotation, View,
+};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
 
@@ -437,11 +444,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`Backend::attend_absorbed`] on the GPU in one round trip: one upload of the queries;
-    /// per head their no-positional part (`heads_copy`) through `W_UKᵀ`; the absorbed queries
-    /// put together (`heads_copy`); attention ([`Self::enqueue_attention`]); per head its
-    /// latent output (`heads_copy`) through `W_UV`; the heads' values into `[n, heads, v]`
-    /// (`heads_copy`); one download.
+    /// [`Backend::attend_absorbed`] on the GPU in one round trip: one upload of the queries,
+    /// [`Self::enqueue_absorbed`], one download.
     fn try_attend_absorbed(
         &self,
         w: &Absorbed<'_, CudaMatrix>,
@@ -449,12 +453,43 @@ impl CudaBackend {
         runs: &[AbsorbedRun<'_, CudaRows>],
         out: &mut [f32],
     ) -> Result<()> {
-        let (h, qk, lora, v) = (w.uk_t.len(), w.nope + w.rope, w.lora, w.v);
-        let width = lora + w.rope;
+        let (h, qk) = (w.uk_t.len(), w.nope + w.rope);
         let n: usize = runs.iter().map(|r| r.queries).sum();
         if n == 0 || h == 0 {
             return Ok(());
         }
+        let q_dev = self.stream.clone_htod(&q[..n * h * qk]).map_err(driver)?;
+        self.transfers.upload(n * h * qk * 4);
+        let sequences: Vec<_> = runs
+            .iter()
+            .map(|r| (r.queries, r.rows, r.position))
+            .collect();
+        let mut run = Enqueued::default();
+        let q_p = q_dev.device_ptr(&self.stream).0;
+        let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, &mut run)?;
+        let host = self.download(&result, len, run)?;
+        drop(q_dev);
+        out[..len].copy_from_slice(&host);
+        Ok(())
+    }
+
+    /// Enqueues MLA's absorbed attention of `sequences` (`(queries, cache, position)`) from
+    /// their rotated queries at `q_p` (`[n, heads, nope + rope]`): per head the no-positional
+    /// part (`heads_copy`) through `W_UKᵀ`; the absorbed queries put together (`heads_copy`);
+    /// attention ([`Self::enqueue_attention`]); per head the latent output (`heads_copy`)
+    /// through `W_UV`; the heads' values into `[n, heads, v]` (`heads_copy`), and through
+    /// `o_proj` where the weights have it. Returns the result and its length; what the work
+    /// reads goes into `run`.
+    fn enqueue_absorbed(
+        &self,
+        w: &Absorbed<'_, CudaMatrix>,
+        q_p: CUdeviceptr,
+        sequences: &[(usize, &CudaRows, usize)],
+        run: &mut Enqueued,
+    ) -> Result<(Option<CudaSlice<f32>>, usize)> {
+        let (h, qk, lora, v) = (w.uk_t.len(), w.nope + w.rope, w.lora, w.v);
+        let width = lora + w.rope;
+        let n: usize = sequences.iter().map(|s| s.0).sum();
         let shapes_agree = w.uv.len() == h
             && w.uk_t.iter().all(|m| (m.rows, m.cols) == (lora, w.nope))
             && w.uv.iter().all(|m| (m.rows, m.cols) == (v, lora))
@@ -466,15 +501,11 @@ impl CudaBackend {
                 w.nope
             )));
         }
-        let q_dev = self.stream.clone_htod(&q[..n * h * qk]).map_err(driver)?;
-        self.transfers.upload(n * h * qk * 4);
-        let q_p = q_dev.device_ptr(&self.stream).0;
-        let mut run = Enqueued::default();
         // Per head, W_UKᵀ q_nope: [h, n, lora].
         let nope = self.heads_inputs(&w.uk_t, n, (q_p, h * qk, qk, 0), w.nope)?;
         let mut absorbed = self.alloc::<f32>(h * n * lora)?;
         let abs_p = ptr_mut(&mut absorbed, &self.stream);
-        self.per_head(&w.uk_t, n, &nope, (abs_p, lora), &mut run)?;
+        self.per_head(&w.uk_t, n, &nope, (abs_p, lora), run)?;
         // The absorbed queries [n, h, lora + rope]: [W_UKᵀ q_nope | q_pe] per head.
         let mut q_abs = self.alloc::<f32>(n * h * width)?;
         let q_abs_p = ptr_mut(&mut q_abs, &self.stream);
@@ -484,16 +515,13 @@ impl CudaBackend {
         // Attention: latent outputs [n, h, lora].
         let mut o_lat = self.alloc::<f32>(n * h * lora)?;
         let o_lat_p = ptr_mut(&mut o_lat, &self.stream);
-        let sequences: Vec<_> = runs
-            .iter()
-            .map(|r| (r.queries, r.rows, r.position))
-            .collect();
-        let attended = self.enqueue_attention((h, lora, w.scale), &sequences, q_abs_p, o_lat_p)?;
+        let attended = self.enqueue_attention((h, lora, w.scale), sequences, q_abs_p, o_lat_p)?;
+        run.keep(attended);
         // Per head, W_UV of its latent output: [h, n, v], then [n, h, v].
         let latents = self.heads_inputs(&w.uv, n, (o_lat_p, h * lora, lora, 0), lora)?;
         let mut values = self.alloc::<f32>(h * n * v)?;
         let values_p = ptr_mut(&mut values, &self.stream);
-        self.per_head(&w.uv, n, &latents, (values_p, v), &mut run)?;
+        self.per_head(&w.uv, n, &latents, (values_p, v), run)?;
         // The heads' values [n, h, v], in f32 or bf16 as `o_proj` takes them.
         let bf16 = w.o_proj.is_some_and(|o| o.takes_bf16(n));
         let mut y = self.alloc::<f32>(if bf16 { 0 } else { n * h * v })?;
@@ -506,7 +534,7 @@ impl CudaBackend {
             ((y_p, y_bf16_p), layout),
             (n, h, v),
         )?;
-        let (result, len) = match w.o_proj {
+        let result = match w.o_proj {
             Some(o_proj) => {
                 let mut projected = self.alloc::<f32>(n * o_proj.rows)?;
                 let p = ptr_mut(&mut projected, &self.stream);
@@ -515,15 +543,170 @@ impl CudaBackend {
                     bf16: y_bf16_p,
                 };
                 let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-                self.enqueue_product(&blas, &mut run, o_proj, n, x, p)?;
+                self.enqueue_product(&blas, run, o_proj, n, x, p)?;
+                run.floats.extend(y);
                 (projected, n * o_proj.rows)
             }
-            None => (y.take(), n * h * v),
+            None => (y, n * h * v),
         };
+        run.keep_inputs(nope);
+        run.keep_inputs(latents);
+        run.floats
+            .extend([absorbed, q_abs, o_lat, values].into_iter().flatten());
+        run.scratch.extend(y_bf16);
+        Ok(result)
+    }
+
+    /// [`Backend::attention_block`] on the GPU in one round trip: one upload of the hidden
+    /// states, both norms' weights and the step's rotation table; the stacked input product;
+    /// q's `rms_norm` and `q_b` product; `rope_rotate` of the queries; the cache rows
+    /// (`rms_norm` of the latent, `heads_copy`, `rope_rotate` of the shared key) appended to
+    /// each run's pages from the GPU; [`Self::enqueue_absorbed`]; one download and one wait.
+    fn try_attention_block(
+        &self,
+        b: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let w = &b.attention;
+        let (h, qk, lora, rope) = (w.uk_t.len(), w.nope + w.rope, w.lora, w.rope);
+        let (width, pairs) = (lora + rope, rope / 2);
+        let n: usize = runs.iter().map(|r| r.queries).sum();
+        if n == 0 || h == 0 {
+            return Ok(());
+        }
+        let (input, q_b) = (b.input, b.q_b);
+        let q_lora = q_b.cols;
+        let shapes_agree = input.rows == q_lora + width
+            && q_b.rows == h * qk
+            && b.q_norm.len() == q_lora
+            && b.kv_norm.len() == lora
+            && rope % 2 == 0
+            && rotation.cos_sin.len() >= n * rope
+            && runs.iter().all(|r| r.rows.width() == width);
+        if !shapes_agree {
+            return Err(Error::Device(format!(
+                "an attention block of {h} heads (q_lora {q_lora}, lora {lora}, rope {rope}) \
+                 with weights, norms, rotation or caches of other shapes"
+            )));
+        }
+        let mut staged = Staged::default();
+        let x_at = staged.push(&x[..n * input.cols], input.takes_bf16(n));
+        let q_norm_at = staged.push(b.q_norm, false);
+        let kv_norm_at = staged.push(b.kv_norm, false);
+        let rotation_at = staged.push(&rotation.cos_sin[..n * rope], false);
+        let inputs = self.upload_staged(staged)?;
+        let at = |offset| inputs.at(&self.stream, offset).f32;
+        let mut run = Enqueued::default();
+        // [q_a | kv_a] = x · inputᵀ: [n, q_lora + lora + rope].
+        let mut stacked = self.alloc::<f32>(n * input.rows)?;
+        let stacked_p = ptr_mut(&mut stacked, &self.stream);
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let x_dev = inputs.at(&self.stream, x_at);
+        self.enqueue_product(&blas, &mut run, input, n, x_dev, stacked_p)?;
+        // The queries: q_b(rms_norm(q_a)), then their rotary columns rotated.
+        let bf16 = q_b.takes_bf16(n);
+        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { n * q_lora })?;
+        let mut normed_bf16 = self.alloc::<u16>(if bf16 { n * q_lora } else { 0 })?;
+        let normed_x = Activations {
+            f32: ptr_mut(&mut normed, &self.stream),
+            bf16: ptr_mut(&mut normed_bf16, &self.stream),
+        };
+        let norm = (at(q_norm_at), b.eps);
+        self.rms_norm((stacked_p, input.rows), norm, normed_x, (n, q_lora))?;
+        let mut q = self.alloc::<f32>(n * h * qk)?;
+        let q_p = ptr_mut(&mut q, &self.stream);
+        self.enqueue_product(&blas, &mut run, q_b, n, normed_x, q_p)?;
+        drop(blas);
+        let rotation_p = at(rotation_at);
+        let angles = (rotation_p, pairs, rotation.interleave);
+        self.rope_rotate((q_p, h * qk, qk, w.nope), (n, h), angles)?;
+        // The cache rows [n, lora + rope]: the latent normalised, the shared key rotated.
+        let mut kv = self.alloc::<f32>(n * width)?;
+        let kv_p = ptr_mut(&mut kv, &self.stream);
+        let kv_a_p = stacked_p + (q_lora * 4) as u64;
+        let mut latent = self.alloc::<f32>(n * lora)?;
+        let latent_p = ptr_mut(&mut latent, &self.stream);
+        let norm = (at(kv_norm_at), b.eps);
+        let into_latent = Activations {
+            f32: latent_p,
+            bf16: 0,
+        };
+        self.rms_norm((kv_a_p, input.rows), norm, into_latent, (n, lora))?;
+        let kv_layout = (width, 0, 0);
+        self.heads_copy((latent_p, lora, 0, 0), ((kv_p, 0), kv_layout), (n, 1, lora))?;
+        let k_pe = (kv_a_p, input.rows, 0, lora);
+        self.heads_copy(k_pe, ((kv_p, 0), (width, 0, lora)), (n, 1, rope))?;
+        self.rope_rotate((kv_p, width, 0, lora), (n, 1), angles)?;
+        let mut sequences = Vec::with_capacity(runs.len());
+        let mut row = 0;
+        for r in runs.iter_mut() {
+            let src = kv_p + (row * width * 4) as u64;
+            let paged_rows = &self.kernels.paged_rows;
+            let table = r
+                .rows
+                .append_device(&self.stream, paged_rows, src, r.queries)?;
+            run.tables.extend(table);
+            row += r.queries;
+        }
+        for r in runs.iter() {
+            sequences.push((r.queries, &*r.rows, r.position));
+        }
+        let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, &mut run)?;
         let host = self.download(&result, len, run)?;
-        let held = (q_dev, nope, absorbed, q_abs, o_lat, attended);
-        drop((held, latents, values, y, y_bf16));
+        drop((inputs, stacked, normed, normed_bf16, q, kv, latent));
         out[..len].copy_from_slice(&host);
+        Ok(())
+    }
+
+    /// Enqueues `rms_norm` of the first `cols` values of `rows` rows at `x` (row stride
+    /// `stride`) with the weights at `weight` into `out`'s f32 or bf16 buffer (`[rows, cols]`).
+    fn rms_norm(
+        &self,
+        (x, stride): (CUdeviceptr, usize),
+        (weight, eps): (CUdeviceptr, f32),
+        out: Activations,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let (stride, rows_i, cols_i) = (dim(stride)?, dim(rows)?, dim(cols)?);
+        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm);
+        launch.arg(&x).arg(&stride).arg(&weight).arg(&eps);
+        launch
+            .arg(&out.f32)
+            .arg(&out.bf16)
+            .arg(&rows_i)
+            .arg(&cols_i);
+        // SAFETY: rms_norm(x, stride, weight, eps, out_f32, out_bf16, rows, cols) reads rows
+        // rows of `stride` values and `cols` weights, and writes rows × cols values to the
+        // output that is not null; the callers' buffers hold them.
+        unsafe { launch.launch(launch_config(grid::rms_norm(rows))) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Enqueues `rope_rotate` of columns `col ..` (`2 · pairs` of them) of every (row, head)
+    /// of `rows × heads` at `x` (row and head strides given), by the table at `cos_sin`.
+    fn rope_rotate(
+        &self,
+        (x, row, head, col): (CUdeviceptr, usize, usize, usize),
+        (rows, heads): (usize, usize),
+        (cos_sin, pairs, interleave): (CUdeviceptr, usize, bool),
+    ) -> Result<()> {
+        let ints = [row, head, col, rows, heads, pairs].map(dim);
+        let [row, head, col, rows_i, heads_i, pairs_i] = ints;
+        let (row, head, col) = (row?, head?, col?);
+        let (rows_i, heads_i, pairs_i) = (rows_i?, heads_i?, pairs_i?);
+        let interleave = i32::from(interleave);
+        let mut launch = self.stream.launch_builder(&self.kernels.rope_rotate);
+        launch.arg(&x).arg(&row).arg(&head).arg(&col);
+        launch.arg(&rows_i).arg(&heads_i).arg(&pairs_i);
+        launch.arg(&cos_sin).arg(&interleave);
+        // SAFETY: rope_rotate(x, row, head, col, rows, heads, pairs, cos_sin, interleave)
+        // rewrites 2 · pairs values of every (row, head) the strides reach and reads rows ×
+        // pairs pairs of cos_sin: the callers' buffers hold them.
+        unsafe { launch.launch(launch_config(grid::elementwise(rows * heads * pairs))) }
+            .map_err(driver)?;
         Ok(())
     }
 
@@ -596,8 +779,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`Backend::linear_norm_linear`] on the GPU in one round trip: one upload of `x` (and
-    /// the norm's weights), the first product, `rms_norm` into f32 or bf16 as `b` takes it,
+    /// [`Backend::linear_norm_linear`] on the GPU in one round trip: one upload of `x` and
+    /// the norm's weights, the first product, `rms_norm` into f32 or bf16 as `b` takes it,
     /// the second product, two downloads and one wait.
     fn try_linear_norm_linear(
         &self,
@@ -621,9 +804,8 @@ impl CudaBackend {
         }
         let mut inputs = Staged::default();
         let x_at = inputs.push(&x[..m * a.cols], a.takes_bf16(m));
+        let norm_at = inputs.push(norm, false);
         let inputs = self.upload_staged(inputs)?;
-        let weight = self.stream.clone_htod(norm).map_err(driver)?;
-        self.transfers.upload(norm.len() * 4);
         let mut y = self.alloc::<f32>(m * a.rows)?;
         let bf16 = b.takes_bf16(m);
         let mut normed = self.alloc::<f32>(if bf16 { 0 } else { m * cols })?;
@@ -638,19 +820,12 @@ impl CudaBackend {
         let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         let x = inputs.at(&self.stream, x_at);
         self.enqueue_product(&blas, &mut run, a, m, x, y_p)?;
-        let (stride, rows_i, cols_i) = (dim(a.rows)?, dim(m)?, dim(cols)?);
-        let weight_p = weight.device_ptr(&self.stream).0;
-        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm);
-        launch.arg(&y_p).arg(&stride).arg(&weight_p).arg(&eps);
-        launch.arg(&n_p).arg(&nb_p).arg(&rows_i).arg(&cols_i);
-        // SAFETY: rms_norm(x, stride, weight, eps, out_f32, out_bf16, rows, cols) reads rows
-        // rows of `stride` values and `cols` weights, and writes rows × cols values to the
-        // output that is not null; the buffers hold them.
-        unsafe { launch.launch(launch_config(grid::rms_norm(m))) }.map_err(driver)?;
         let normed_x = Activations {
             f32: n_p,
             bf16: nb_p,
         };
+        let norm = (inputs.at(&self.stream, norm_at).f32, eps);
+        self.rms_norm((y_p, a.rows), norm, normed_x, (m, cols))?;
         let z_p = ptr_mut(&mut z, &self.stream);
         self.enqueue_product(&blas, &mut run, b, m, normed_x, z_p)?;
         drop(blas);
@@ -662,7 +837,7 @@ impl CudaBackend {
         }
         let host = self.download(&z, m * b.rows, run)?;
         out[..m * b.rows].copy_from_slice(&host);
-        drop((inputs, weight, y, normed, normed_bf16));
+        drop((inputs, y, normed, normed_bf16));
         Ok(())
     }
 
@@ -931,6 +1106,21 @@ struct Enqueued {
     tables: Vec<CudaSlice<CUdeviceptr>>,
 }
 
+impl Enqueued {
+    /// Keeps what other enqueued work needs, as long as this.
+    fn keep(&mut self, other: Enqueued) {
+        self.scratch.extend(other.scratch);
+        self.floats.extend(other.floats);
+        self.tables.extend(other.tables);
+    }
+
+    /// Keeps per-head inputs until the work that reads them has run.
+    fn keep_inputs(&mut self, inputs: HeadInputs) {
+        self.floats.extend(inputs.wide);
+        self.scratch.extend(inputs.bf16);
+    }
+}
+
 /// The inputs of per-head products, `[heads, n, cols]`, in f32 and in bf16 where some weight
 /// takes them so.
 struct HeadInputs {
@@ -1164,6 +1354,19 @@ impl Backend for CudaBackend {
     ) {
         if let Err(e) = self.try_attend_absorbed(weights, q, runs, out) {
             panic!("cuda:{}: absorbed attention: {e}", self.ordinal);
+        }
+    }
+
+    fn attention_block(
+        &self,
+        block: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        out: &mut [f32],
+    ) {
+        if let Err(e) = self.try_attention_block(block, x, rotation, runs, out) {
+            panic!("cuda:{}: an attention block: {e}", self.ordinal);
         }
     }
 

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::cuda::Transfers;
 use super::grid::{self, PAGE_ROWS};
@@ -142,6 +144,76 @@ impl CudaRows {
         if n == 0 {
             return Ok(());
         }
+        match self.grow(n)? {
+            Place::Page(at) => {
+                // SAFETY: the page holds PAGE_ROWS rows of `width` f32 values, the n rows from
+                // `at` among them; the copy is ordered on the stream, and returns once the
+                // driver has taken `data` (pageable memory is staged).
+                unsafe { cudarc::driver::result::memcpy_htod_async(at, data, stream.cu_stream()) }
+                    .map_err(device)?;
+            }
+            Place::Pages(pages, offset) => {
+                let flat = stream.clone_htod(data).map_err(device)?;
+                let flat_p = flat.device_ptr(stream).0;
+                let to = (flat_p, self.width);
+                let table = copy_paged(stream, paged_rows, to, &pages, (offset, n), true)?;
+                // No wait: cudarc frees the uploads in the stream's order, after the copy (or
+                // waits for the stream first where the GPU has no stream-ordered allocator).
+                drop((flat, table));
+            }
+        }
+        self.pool.transfers.upload(data.len() * 4);
+        self.len += n;
+        Ok(())
+    }
+
+    /// Appends `n` whole rows that are already on the GPU, at `src` (`[n, width]` f32), on
+    /// `stream`: one copy within a page, or `paged_rows` across pages, whose page table comes
+    /// back to live until the copy has run. Nothing crosses to or from the host but the table.
+    pub fn append_device(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        paged_rows: &CudaFunction,
+        src: CUdeviceptr,
+        n: usize,
+    ) -> Result<Option<CudaSlice<CUdeviceptr>>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let table = match self.grow(n)? {
+            Place::Page(at) => {
+                // SAFETY: the page holds the n rows from `at`, and `src` holds n rows of
+                // `width` values (the caller's word); the copy is ordered on the stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        at,
+                        src,
+                        n * self.width * 4,
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(device)?;
+                None
+            }
+            Place::Pages(pages, offset) => {
+                let from = (src, self.width);
+                Some(copy_paged(
+                    stream,
+                    paged_rows,
+                    from,
+                    &pages,
+                    (offset, n),
+                    true,
+                )?)
+            }
+        };
+        self.len += n;
+        Ok(table)
+    }
+
+    /// Takes the pages `n` more rows need, and says where they go: within one page from an
+    /// address, or across the listed pages from a row of the first.
+    fn grow(&mut self, n: usize) -> Result<Place> {
         let pages = (self.len + n).div_ceil(PAGE_ROWS);
         if pages > self.pages.len() {
             let more = self.pool.take(self.width, pages - self.pages.len())?;
@@ -149,24 +221,11 @@ impl CudaRows {
         }
         let (first_page, last_page) = (self.len / PAGE_ROWS, (self.len + n - 1) / PAGE_ROWS);
         let offset = self.len % PAGE_ROWS;
-        if first_page == last_page {
-            let at = self.pages[first_page] + (offset * self.width * 4) as u64;
-            // SAFETY: the page holds PAGE_ROWS rows of `width` f32 values, rows offset to
-            // offset + n among them; the copy is ordered on the stream, and returns once the
-            // driver has taken `data` (pageable memory is staged).
-            unsafe { cudarc::driver::result::memcpy_htod_async(at, data, stream.cu_stream()) }
-                .map_err(|e| Error::Device(format!("caching rows: {e}")))?;
+        Ok(if first_page == last_page {
+            Place::Page(self.pages[first_page] + (offset * self.width * 4) as u64)
         } else {
-            let mut flat = stream.clone_htod(data).map_err(device)?;
-            let pages = &self.pages[first_page..=last_page];
-            let table = copy_paged(stream, paged_rows, &mut flat, pages, (offset, n), true)?;
-            // No wait: cudarc frees the uploads in the stream's order, after the copy (or
-            // waits for the stream first where the GPU has no stream-ordered allocator).
-            drop((flat, table));
-        }
-        self.pool.transfers.upload(data.len() * 4);
-        self.len += n;
-        Ok(())
+            Place::Pages(self.pages[first_page..=last_page].to_vec(), offset)
+        })
     }
 
     /// The first `len` rows (at least one) in one dense buffer `[len, width]`, enqueued on
@@ -185,24 +244,32 @@ impl CudaRows {
         }
         let mut flat: CudaSlice<f32> = stream.alloc_zeros(len * self.width).map_err(device)?;
         let pages = &self.pages[..len.div_ceil(PAGE_ROWS)];
-        let table = copy_paged(stream, paged_rows, &mut flat, pages, (0, len), false)?;
+        let to = (flat.device_ptr_mut(stream).0, self.width);
+        let table = copy_paged(stream, paged_rows, to, pages, (0, len), false)?;
         Ok((flat, table))
     }
 }
 
-/// Enqueues `paged_rows` between `flat` (`rows` whole rows) and `rows` rows from row `first`
-/// of the cache whose pages `pages` lists in order (into the pages when `to_pages`); returns
-/// the page table it uploaded, which must live until the copy has run.
+/// Where appended rows go: within one page, from a device address; or across pages (their
+/// addresses), from a row of the first.
+enum Place {
+    Page(CUdeviceptr),
+    Pages(Vec<CUdeviceptr>, usize),
+}
+
+/// Enqueues `paged_rows` between the dense rows at `flat` (`rows` rows `width` values wide)
+/// and `rows` rows from row `first` of the cache whose pages `pages` lists in order (into the
+/// pages when `to_pages`); returns the page table it uploaded, which must live until the copy
+/// has run.
 fn copy_paged(
     stream: &Arc<CudaStream>,
     paged_rows: &CudaFunction,
-    flat: &mut CudaSlice<f32>,
+    (flat, width): (CUdeviceptr, usize),
     pages: &[CUdeviceptr],
     (first, rows): (usize, usize),
     to_pages: bool,
 ) -> Result<CudaSlice<CUdeviceptr>> {
     let table = stream.clone_htod(pages).map_err(device)?;
-    let width = flat.len() / rows.max(1);
     let dim = |v: usize| i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")));
     let (first_i, rows_i, width_i) = (dim(first)?, dim(rows)?, dim(width)?);
     let (page_rows, to_pages) = (PAGE_ROWS as i32, i32::from(to_pages));
@@ -213,10 +280,10 @@ fn copy_paged(
         shared_mem_bytes: 0,
     };
     let mut launch = stream.launch_builder(paged_rows);
-    launch.arg(flat).arg(&table).arg(&first_i).arg(&rows_i);
+    launch.arg(&flat).arg(&table).arg(&first_i).arg(&rows_i);
     launch.arg(&width_i).arg(&page_rows).arg(&to_pages);
     // SAFETY: paged_rows(flat, pages, first, rows, width, page_rows, to_pages) touches the
-    // rows × width values of `flat` and rows first .. first + rows of the pages `table` lists,
+    // rows × width values at `flat` and rows first .. first + rows of the pages `table` lists,
     // each page PAGE_ROWS rows of `width` values: the callers size both so.
     unsafe { launch.launch(config) }.map_err(device)?;
     Ok(table)

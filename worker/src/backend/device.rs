@@ -2,7 +2,10 @@
 //! where the binary is built with the `cuda` feature. [`AnyBackend`] is the one backend type
 //! the engine and the service hold; it hands each call to the backend chosen.
 
-use super::{Absorbed, AbsorbedRun, Attend, Backend, CpuBackend, MlpRun, Product, View};
+use super::{
+    Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
+    Rotation, View,
+};
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
@@ -100,15 +103,12 @@ fn narrow_mlps<'a, M>(
         .collect()
 }
 
-/// `w` and `runs` with each matrix and cache as the one device's own, by `pick` and
-/// `pick_rows`.
-fn narrow_absorbed<'a, M, R>(
+/// `w` with each matrix as the one device's own, by `pick`.
+fn narrow_weights<'a, M>(
     w: &Absorbed<'a, AnyMatrix>,
-    runs: &[AbsorbedRun<'a, AnyRows>],
     pick: impl Fn(&'a AnyMatrix) -> &'a M,
-    pick_rows: impl Fn(&'a AnyRows) -> &'a R,
-) -> (Absorbed<'a, M>, Vec<AbsorbedRun<'a, R>>) {
-    let weights = Absorbed {
+) -> Absorbed<'a, M> {
+    Absorbed {
         uk_t: w.uk_t.iter().map(|&m| pick(m)).collect(),
         uv: w.uv.iter().map(|&m| pick(m)).collect(),
         o_proj: w.o_proj.map(&pick),
@@ -117,7 +117,17 @@ fn narrow_absorbed<'a, M, R>(
         lora: w.lora,
         v: w.v,
         scale: w.scale,
-    };
+    }
+}
+
+/// `w` and `runs` with each matrix and cache as the one device's own, by `pick` and
+/// `pick_rows`.
+fn narrow_absorbed<'a, M, R>(
+    w: &Absorbed<'a, AnyMatrix>,
+    runs: &[AbsorbedRun<'a, AnyRows>],
+    pick: impl Fn(&'a AnyMatrix) -> &'a M,
+    pick_rows: impl Fn(&'a AnyRows) -> &'a R,
+) -> (Absorbed<'a, M>, Vec<AbsorbedRun<'a, R>>) {
     let runs = runs
         .iter()
         .map(|r| AbsorbedRun {
@@ -126,7 +136,34 @@ fn narrow_absorbed<'a, M, R>(
             position: r.position,
         })
         .collect();
-    (weights, runs)
+    (narrow_weights(w, pick), runs)
+}
+
+/// `block` and `runs` with each matrix and cache as the one device's own, by `pick` and
+/// `pick_rows`.
+fn narrow_block<'a, M, R>(
+    block: &AttentionBlock<'a, AnyMatrix>,
+    runs: &'a mut [BlockRun<'_, AnyRows>],
+    pick: impl Fn(&'a AnyMatrix) -> &'a M,
+    pick_rows: impl Fn(&'a mut AnyRows) -> &'a mut R,
+) -> (AttentionBlock<'a, M>, Vec<BlockRun<'a, R>>) {
+    let narrowed = AttentionBlock {
+        input: pick(block.input),
+        q_norm: block.q_norm,
+        q_b: pick(block.q_b),
+        kv_norm: block.kv_norm,
+        eps: block.eps,
+        attention: narrow_weights(&block.attention, &pick),
+    };
+    let runs = runs
+        .iter_mut()
+        .map(|r| BlockRun {
+            queries: r.queries,
+            rows: pick_rows(&mut *r.rows),
+            position: r.position,
+        })
+        .collect();
+    (narrowed, runs)
 }
 
 /// `products` with each matrix as the one device's own, by `pick`.
@@ -421,6 +458,44 @@ impl Backend for AnyBackend {
                     |r| rows_of!(r, Cuda),
                 );
                 b.attend_absorbed(&w, q, &runs, out)
+            }
+        }
+    }
+
+    fn attention_block(
+        &self,
+        block: &AttentionBlock<'_, AnyMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, AnyRows>],
+        out: &mut [f32],
+    ) {
+        match self {
+            AnyBackend::Cpu(b) => {
+                let (block, mut runs) = narrow_block(
+                    block,
+                    runs,
+                    |m| match m {
+                        AnyMatrix::Cpu(m) => m,
+                        #[cfg(feature = "cuda")]
+                        _ => mixed(),
+                    },
+                    |r| rows_of!(r, Cpu),
+                );
+                b.attention_block(&block, x, rotation, &mut runs, out)
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => {
+                let (block, mut runs) = narrow_block(
+                    block,
+                    runs,
+                    |m| match m {
+                        AnyMatrix::Cuda(m) => m,
+                        _ => mixed(),
+                    },
+                    |r| rows_of!(r, Cuda),
+                );
+                b.attention_block(&block, x, rotation, &mut runs, out)
             }
         }
     }

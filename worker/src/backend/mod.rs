@@ -103,6 +103,58 @@ pub struct AbsorbedRun<'a, R> {
     pub position: usize,
 }
 
+/// The rotary embedding of a step's rows as a table: row `r`'s pairs of `(cos, sin)` at
+/// `cos_sin[r * pairs * 2..]`, with YaRN's attention factor in them; each pair rotates
+/// `(x[2i], x[2i + 1])` of a head's rotary slice where `interleave`, `(x[i], x[i + pairs])`
+/// otherwise. Computed once per step on the host (`RotaryEmbedding::rotation`) and applied
+/// where the queries and keys are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotation {
+    pub cos_sin: Vec<f32>,
+    pub interleave: bool,
+}
+
+impl Rotation {
+    /// Rotates one head's rotary slice `x` (two values a pair) by row `row`'s angles.
+    pub fn apply(&self, row: usize, x: &mut [f32]) {
+        let pairs = x.len() / 2;
+        let angles = &self.cos_sin[row * pairs * 2..(row + 1) * pairs * 2];
+        for (i, pair) in angles.chunks_exact(2).enumerate() {
+            let (cos, sin) = (pair[0], pair[1]);
+            let (a, b) = if self.interleave {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + pairs)
+            };
+            let (x1, x2) = (x[a], x[b]);
+            x[a] = x1 * cos - x2 * sin;
+            x[b] = x2 * cos + x1 * sin;
+        }
+    }
+}
+
+/// MLA's attention block without biases, for [`Backend::attention_block`]: `input` is
+/// `q_a_proj` stacked above `kv_a_proj_with_mqa` (`[q_lora + lora + rope, hidden]`), `q_norm`
+/// is `q_a_layernorm`'s weights, `q_b` is `q_b_proj` (`[heads · (nope + rope), q_lora]`),
+/// `kv_norm` is `kv_a_layernorm`'s, both norms with `eps`; `attention` is the absorbed
+/// attention after them, through `o_proj` where it has it.
+pub struct AttentionBlock<'a, M> {
+    pub input: &'a M,
+    pub q_norm: &'a [f32],
+    pub q_b: &'a M,
+    pub kv_norm: &'a [f32],
+    pub eps: f32,
+    pub attention: Absorbed<'a, M>,
+}
+
+/// One sequence of [`Backend::attention_block`]: its next `queries` rows of the batch, from
+/// position `position`; their cache rows are appended to `rows`.
+pub struct BlockRun<'a, R> {
+    pub queries: usize,
+    pub rows: &'a mut R,
+    pub position: usize,
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -253,6 +305,24 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut [f32],
     ) {
         attend::absorbed_by_parts(self, weights, q, runs, out);
+    }
+
+    /// MLA's whole attention block for a step whose sequences all attend absorbed: from the
+    /// normalised hidden states `x` (`[n, hidden]`, the runs' rows in order) the queries
+    /// (`input`, `q_norm`, `q_b`) and the new cache rows (`input`'s last `lora + rope`
+    /// columns, the latent through `kv_norm`), both rotated by `rotation` (a row per batch
+    /// row); the rows appended to each run's cache; then [`Backend::attend_absorbed`] into
+    /// `out`. A backend may run it all in one round trip; the default runs it by parts
+    /// ([`attend::block_by_parts`]).
+    fn attention_block(
+        &self,
+        block: &AttentionBlock<'_, Self::Matrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, Self::Rows>],
+        out: &mut [f32],
+    ) {
+        attend::block_by_parts(self, block, x, rotation, runs, out);
     }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which

@@ -226,3 +226,23 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, int stride,
         }
     }
 }
+
+// Rotates columns col .. col + 2 * pairs of every (row, head) of x in place (element (r, h, c)
+// at r * row + h * head + c) by row r's angles: cos_sin holds per row `pairs` (cos, sin)
+// pairs. Interleaved checkpoints rotate (x[2i], x[2i + 1]), the others (x[i], x[i + pairs]).
+// Grid-stride over rows × heads × pairs.
+extern "C" __global__ void rope_rotate(float* __restrict__ x, int row, int head, int col,
+                                       int rows, int heads, int pairs,
+                                       const float* __restrict__ cos_sin, int interleave) {
+    long long total = (long long)rows * heads * pairs;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        long long p = i % pairs, h = i / pairs % heads, r = i / pairs / heads;
+        float* at = x + r * row + h * head + col;
+        long long a = interleave ? 2 * p : p, b = interleave ? 2 * p + 1 : p + pairs;
+        float c = cos_sin[(r * pairs + p) * 2], s = cos_sin[(r * pairs + p) * 2 + 1];
+        float x1 = at[a], x2 = at[b];
+        at[a] = x1 * c - x2 * s;
+        at[b] = x2 * c + x1 * s;
+    }
+}

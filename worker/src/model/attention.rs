@@ -14,7 +14,9 @@
 //!   and every query attends over `qk_head_dim` values per head, a third as many.
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
-use crate::backend::{add_bias, rms_norm, Absorbed, AbsorbedRun, Backend, View};
+use crate::backend::{
+    add_bias, rms_norm, Absorbed, AbsorbedRun, AttentionBlock, Backend, BlockRun, View,
+};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
@@ -200,21 +202,41 @@ impl<B: Backend> Attention<B> {
             return;
         }
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
-        let positions = row_positions(segments, n);
+        let rotation = rope.rotation(&row_positions(segments, n));
+        let expands = backend.expands_attention() && segments.iter().any(|s| self.expands(s));
+        if !expands {
+            if let Some(block) = self.block() {
+                // Every row attends absorbed and nothing has a bias before o_proj: the whole
+                // block is one call, which a backend may run in one round trip.
+                let mut runs: Vec<BlockRun<'_, B::Rows>> = segments
+                    .iter_mut()
+                    .map(|seg| BlockRun {
+                        queries: seg.len,
+                        rows: &mut *seg.cache,
+                        position: seg.position,
+                    })
+                    .collect();
+                backend.attention_block(&block, x, &rotation, &mut runs, out);
+                if let Some(bias) = &self.o_proj.bias {
+                    add_bias(&mut out[..n * self.o_proj.out_features], bias);
+                }
+                return;
+            }
+        }
 
         // Queries [n, h, qk] and the new cache rows [n, lora + rope], then rotated.
         let (mut q, mut kv) = self.project(backend, x, n);
-        for (row, &pos) in q.chunks_exact_mut(h * qk).zip(&positions) {
-            for head in row.chunks_exact_mut(qk) {
-                rope.rotate(&mut head[self.nope..], pos);
+        for (row, q_row) in q.chunks_exact_mut(h * qk).enumerate() {
+            for head in q_row.chunks_exact_mut(qk) {
+                rotation.apply(row, &mut head[self.nope..]);
             }
         }
 
         // New cache rows: latent normalised, key rotated.
-        for (row, &pos) in kv.chunks_exact_mut(width).zip(&positions) {
-            let (latent, k_pe) = row.split_at_mut(self.lora);
+        for (row, kv_row) in kv.chunks_exact_mut(width).enumerate() {
+            let (latent, k_pe) = kv_row.split_at_mut(self.lora);
             rms_norm(latent, &self.kv_a_norm, self.eps);
-            rope.rotate(k_pe, pos);
+            rotation.apply(row, k_pe);
         }
 
         // Each sequence appends its rows to its cache and attends over all of it; [n, h, v].
@@ -240,6 +262,40 @@ impl<B: Backend> Attention<B> {
         }
         self.attend_absorbed(backend, &absorbed, &q, None, &mut attn);
         self.o_proj.forward(backend, &attn, n, out);
+    }
+
+    /// The weights of the whole block ([`Backend::attention_block`]), where its products before
+    /// `o_proj` are q's low-rank pair and `kv_a_proj_with_mqa`, stacked and without biases.
+    fn block(&self) -> Option<AttentionBlock<'_, B::Matrix>> {
+        match (&self.input, &self.q_b) {
+            (InputProjection::Stacked(input), Some((q_norm, q_b)))
+                if input.bias.is_none() && q_b.bias.is_none() =>
+            {
+                Some(AttentionBlock {
+                    input: &input.weight,
+                    q_norm,
+                    q_b: &q_b.weight,
+                    kv_norm: &self.kv_a_norm,
+                    eps: self.eps,
+                    attention: self.absorbed(Some(&self.o_proj.weight)),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The weights of absorbed attention, through `o_proj` where given.
+    fn absorbed<'s>(&'s self, o_proj: Option<&'s B::Matrix>) -> Absorbed<'s, B::Matrix> {
+        Absorbed {
+            uk_t: self.uk_t.iter().collect(),
+            uv: self.uv.iter().collect(),
+            o_proj,
+            nope: self.nope,
+            rope: self.rope,
+            lora: self.lora,
+            v: self.v,
+            scale: self.scale,
+        }
     }
 
     /// The queries `[n, heads, qk]` and the new cache rows `[n, lora + rope]` of `x`, before
@@ -411,16 +467,7 @@ impl<B: Backend> Attention<B> {
                 position: seg.position,
             })
             .collect();
-        let weights = Absorbed {
-            uk_t: self.uk_t.iter().collect(),
-            uv: self.uv.iter().collect(),
-            o_proj,
-            nope: self.nope,
-            rope: self.rope,
-            lora: self.lora,
-            v: self.v,
-            scale: self.scale,
-        };
+        let weights = self.absorbed(o_proj);
         if o_proj.is_some() {
             backend.attend_absorbed(&weights, &q_rows, &runs, attn);
             return;

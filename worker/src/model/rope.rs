@@ -1,6 +1,7 @@
 //! Rotary position embedding for the `qk_rope_head_dim` part of queries and keys, with the
 //! default and the YaRN frequency schedules, as transformers computes them.
 
+use crate::backend::Rotation;
 use crate::config::{yarn_mscale, ModelConfig, Rope};
 
 /// Inverse frequencies and the magnitude factor that multiplies cos and sin.
@@ -75,28 +76,29 @@ impl RotaryEmbedding {
         }
     }
 
+    /// The angles of rows at `positions`, as the table the backends rotate by.
+    pub fn rotation(&self, positions: &[usize]) -> Rotation {
+        let mut cos_sin = Vec::with_capacity(positions.len() * self.inv_freq.len() * 2);
+        for &position in positions {
+            let pos = position as f32;
+            for &f in &self.inv_freq {
+                let angle = pos * f;
+                cos_sin.push(angle.cos() * self.attention_factor);
+                cos_sin.push(angle.sin() * self.attention_factor);
+            }
+        }
+        Rotation {
+            cos_sin,
+            interleave: self.interleave,
+        }
+    }
+
     /// Rotates one head's rotary slice `x` (length `qk_rope_head_dim`) to `position`.
     ///
     /// Interleaved checkpoints rotate pairs `(x[2i], x[2i+1])`; the others rotate
     /// `(x[i], x[i + d/2])`. Both only ever meet their own kind in a dot product, so the
     /// layout of the result does not matter beyond being the same for queries and keys.
     pub fn rotate(&self, x: &mut [f32], position: usize) {
-        let half = self.inv_freq.len();
-        let pos = position as f32;
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let angle = pos * f;
-            let (sin, cos) = (
-                angle.sin() * self.attention_factor,
-                angle.cos() * self.attention_factor,
-            );
-            let (a, b) = if self.interleave {
-                (2 * i, 2 * i + 1)
-            } else {
-                (i, i + half)
-            };
-            let (x1, x2) = (x[a], x[b]);
-            x[a] = x1 * cos - x2 * sin;
-            x[b] = x2 * cos + x1 * sin;
-        }
+        self.rotation(&[position]).apply(0, x);
     }
 }
