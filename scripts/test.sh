@@ -47,20 +47,22 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU backend builds and lints without CUDA: cudarc loads its libraries at run time.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
 cargo test --workspace --locked
-# The GPU backend's kernels, compiled by NVRTC.
+# The GPU tests with the feature, each step with the whole workspace selected so that all of them
+# share one build of it. Here, without a GPU, each GPU test says why it skips, and the kernels
+# compile with NVIDIA's NVRTC.
+cuda_test=(cargo test --workspace --locked --features cuda)
 MOEBIUS_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  cargo test --locked --features cuda -p moebius-worker --lib nvrtc
-# The GPU tests with the feature: here, without a GPU, each says why it skips.
-cargo test --locked --features cuda -p moebius-worker --test gpu
+  "${cuda_test[@]}" --test gpu
 # The same tests on the CPU's stand-in for two GPUs (worker/tests/cuda_host/shim.cpp): the whole
 # CUDA backend runs, its kernels under cuda_host.h, its cuBLAS products in a reference gemm, and
 # the nccl data plane between ranks of one process. This checks what the backend asks of the
 # driver, cuBLAS and NCCL (sizes, offsets, page tables, launch arguments, waits and aborts), not
-# a GPU; the device names itself "cuda_host: the CPU standing in for a GPU".
+# a GPU; the device names itself "cuda_host: the CPU standing in for a GPU". The stand-in's
+# NVRTC compiles nothing, so the NVRTC test stays with the step above.
 shim=target/cuda-host-shim
 bash worker/tests/cuda_host/build_shim.sh "$shim"
 on_shim=(env CUDA_HOST_DEVICES=2 MOEBIUS_REQUIRE_GPU=1 LD_LIBRARY_PATH="$PWD/$shim")
-"${on_shim[@]}" cargo test --locked --features cuda -p moebius-worker --test gpu
+"${on_shim[@]}" "${cuda_test[@]}" --test gpu -- --skip kernels_compile_with_nvrtc
 # ...and as a user starts GPU ranks: `generate --device cuda:0`, `up --device cuda:0,cpu` and
 # `up --device cuda:0 --data-plane nccl`.
-"${on_shim[@]}" cargo test --locked --features cuda --test generate_cli gpu_ranks
+"${on_shim[@]}" "${cuda_test[@]}" --test generate_cli gpu_ranks
