@@ -83,7 +83,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         let mut prefill = Vec::with_capacity(args.repeats);
         let mut decode = Vec::with_capacity(args.repeats);
         let mut of_ceiling = Vec::with_capacity(args.repeats);
-        let (mut waits, mut moved) = (Vec::new(), Vec::new());
+        let (mut waits, mut moved, mut launches) = (Vec::new(), Vec::new(), Vec::new());
         let mut before = roofline.measure();
         bandwidths.push(before);
         for _ in 0..args.repeats {
@@ -95,6 +95,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             if let Some(gpu) = gpu {
                 waits.push(gpu.waits);
                 moved.push(gpu.bytes);
+                launches.push(gpu.launches);
             }
             let after = roofline.measure();
             bandwidths.push(after);
@@ -118,6 +119,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         if !waits.is_empty() {
             row["gpu_waits_per_decode_step"] = json!(median(&mut waits));
             row["gpu_mb_moved_per_decode_step"] = json!(median(&mut moved) / 1e6);
+            row["gpu_launches_per_decode_step"] = json!(median(&mut launches));
         }
         rows.push(row);
     }
@@ -152,23 +154,26 @@ pub fn run(args: EngineArgs) -> Result<()> {
             bandwidths.len()
         );
         println!(
-            "{:>6} {:>14} {:>14} {:>16} {:>16} {:>16}",
+            "{:>6} {:>14} {:>14} {:>16} {:>16} {:>16} {:>18}",
             "batch",
             "prefill tok/s",
             "decode tok/s",
             "decode step ms",
             "decode/ceiling",
-            "GPU waits/step"
+            "GPU waits/step",
+            "GPU launches/step"
         );
         for r in report["results"].as_array().into_iter().flatten() {
             let of_ceiling = r["decode_ceiling_ratio"]
                 .as_f64()
                 .map_or(String::new(), |v| format!("{v:.2}"));
-            let waits = r["gpu_waits_per_decode_step"]
-                .as_f64()
-                .map_or(String::new(), |v| format!("{v:.0}"));
+            let count = |key: &str| r[key].as_f64().map_or(String::new(), |v| format!("{v:.0}"));
+            let (waits, launches) = (
+                count("gpu_waits_per_decode_step"),
+                count("gpu_launches_per_decode_step"),
+            );
             println!(
-                "{:>6} {:>14.1} {:>14.1} {:>16.2} {of_ceiling:>16} {waits:>16}",
+                "{:>6} {:>14.1} {:>14.1} {:>16.2} {of_ceiling:>16} {waits:>16} {launches:>18}",
                 r["batch"],
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
@@ -217,10 +222,12 @@ struct Run {
     gpu: Option<GpuPerStep>,
 }
 
-/// The waits for the GPU and the bytes moved to and from it, per decode step.
+/// The waits for the GPU, the bytes moved to and from it and the kernels launched, per decode
+/// step.
 struct GpuPerStep {
     waits: f64,
     bytes: f64,
+    launches: f64,
 }
 
 fn measure(
@@ -267,11 +274,13 @@ fn measure(
         bail!("a benchmark sequence ended early: {made:?} of {tokens} tokens");
     }
     let gpu = match (gpu_at[1], gpu_at[tokens - 1]) {
-        (Some((w0, b0)), Some((w1, b1))) => {
+        (Some(t0), Some(t1)) => {
             let steps = (tokens - 2) as f64;
+            let per_step = |a: u64, b: u64| (b - a) as f64 / steps;
             Some(GpuPerStep {
-                waits: (w1 - w0) as f64 / steps,
-                bytes: (b1 - b0) as f64 / steps,
+                waits: per_step(t0.waits, t1.waits),
+                bytes: per_step(t0.uploaded + t0.downloaded, t1.uploaded + t1.downloaded),
+                launches: per_step(t0.launches, t1.launches),
             })
         }
         _ => None,
@@ -283,16 +292,30 @@ fn measure(
     })
 }
 
-/// A GPU backend's waits for the GPU and bytes moved so far; `None` on the CPU.
-fn gpu_transfers(backend: &AnyBackend) -> Option<(u64, u64)> {
+/// A GPU backend's waits, bytes moved and launches so far; `None` on the CPU.
+fn gpu_transfers(backend: &AnyBackend) -> Option<GpuCounts> {
     match backend {
         #[cfg(feature = "cuda")]
         AnyBackend::Cuda(gpu) => {
             let t = gpu.transfers();
-            Some((t.waits, t.uploaded + t.downloaded))
+            Some(GpuCounts {
+                waits: t.waits,
+                uploaded: t.uploaded,
+                downloaded: t.downloaded,
+                launches: t.launches,
+            })
         }
         AnyBackend::Cpu(_) => None,
     }
+}
+
+/// [`gpu_transfers`]' counts, in a build with or without the GPU backend.
+#[derive(Debug, Clone, Copy)]
+struct GpuCounts {
+    waits: u64,
+    uploaded: u64,
+    downloaded: u64,
+    launches: u64,
 }
 
 /// The median of `values` (the mean of the middle two for an even count).

@@ -222,8 +222,9 @@ mod gpu {
 
 /// The backend's grouped products and MLPs on the GPU against the CPU backend on the same
 /// weights widened to f32: f32, bf16 and FP8 weights mixed in one group, with row counts on
-/// both sides of the FP8 kernel's limit (`FP8_GEMV_ROWS`). bf16 and large FP8 products round
-/// their activations to bf16, hence the bar of 2% of the largest output.
+/// both sides of the FP8 kernel's limit (`FP8_GEMV_ROWS`), and groups of experts at decode as
+/// the backend launches them together. bf16 and large FP8 products round their activations to
+/// bf16, hence the bar of 2% of the largest output.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_groups_match_the_cpu() {
@@ -234,57 +235,41 @@ fn cuda_groups_match_the_cpu() {
     let cpu = CpuBackend::new(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (hidden, width) = (256, 128);
-    let mut weight = |dtype: usize, rows: usize, cols: usize| match dtype {
-        0 => {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|_| rng.random_range(-0.1..0.1))
-                .collect();
-            (gpu.matrix(rows, cols, w.clone()), cpu.matrix(rows, cols, w))
-        }
-        1 => {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|_| rng.random_range(-0.1..0.1))
-                .collect();
-            gpu::bf16_pair(&gpu, &cpu, (rows, cols), &w)
-        }
-        _ => {
-            let blocks = moebius_worker::checkpoint::Fp8Blocks {
-                rows,
-                cols,
-                codes: (0..rows * cols)
-                    .map(|_| loop {
-                        let c: u8 = rng.random();
-                        if c & 0x7f != 0x7f {
-                            break c;
-                        }
-                    })
-                    .collect(),
-                scales: (0..rows.div_ceil(128) * cols.div_ceil(128))
-                    .map(|_| rng.random_range(1e-4..1e-3))
-                    .collect(),
-                block: (128, 128),
-            };
-            let wide = blocks.dequantize();
-            (gpu.matrix_fp8(blocks), cpu.matrix(rows, cols, wide))
-        }
-    };
-    let rows = [1, 3, 8, 9, 40];
-    let mlps: Vec<_> = (0..rows.len())
-        .map(|i| {
-            (
-                weight(i % 3, 2 * width, hidden),
-                weight((i + 1) % 3, hidden, width),
-            )
-        })
-        .collect();
-    let xs: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|&m| {
-            (0..m * hidden)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect()
-        })
-        .collect();
+    let weight =
+        |rng: &mut rand_chacha::ChaCha8Rng, dtype: usize, rows: usize, cols: usize| match dtype {
+            0 => {
+                let w: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-0.1..0.1))
+                    .collect();
+                (gpu.matrix(rows, cols, w.clone()), cpu.matrix(rows, cols, w))
+            }
+            1 => {
+                let w: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-0.1..0.1))
+                    .collect();
+                gpu::bf16_pair(&gpu, &cpu, (rows, cols), &w)
+            }
+            _ => {
+                let blocks = moebius_worker::checkpoint::Fp8Blocks {
+                    rows,
+                    cols,
+                    codes: (0..rows * cols)
+                        .map(|_| loop {
+                            let c: u8 = rng.random();
+                            if c & 0x7f != 0x7f {
+                                break c;
+                            }
+                        })
+                        .collect(),
+                    scales: (0..rows.div_ceil(128) * cols.div_ceil(128))
+                        .map(|_| rng.random_range(1e-4..1e-3))
+                        .collect(),
+                    block: (128, 128),
+                };
+                let wide = blocks.dequantize();
+                (gpu.matrix_fp8(blocks), cpu.matrix(rows, cols, wide))
+            }
+        };
     let close = |what: &str, got: &[f32], want: &[f32]| {
         let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let worst = got
@@ -297,79 +282,120 @@ fn cuda_groups_match_the_cpu() {
         );
         eprintln!("{what}: worst difference {worst:.2e} at a scale of {scale:.2e}");
     };
+    // f32, bf16 and FP8 weights mixed; then a MoE layer's experts at decode, all FP8 of a few
+    // rows (one `fp8_gemv_grouped` launch per phase, one `silu_mul` for all, an expert that
+    // received no rows among them); then f32 and bf16 experts that took a row each (a batched
+    // cuBLAS call per dtype and phase) beside one that took two.
+    // Which dtype (0 f32, 1 bf16, 2 FP8) run i's gate_up and down have.
+    type Dtypes = fn(usize) -> (usize, usize);
+    let mixed: Dtypes = |i| (i % 3, (i + 1) % 3);
+    let experts: Dtypes = |_| (2, 2);
+    let alternating: Dtypes = |i| (i % 2, i % 2);
+    let cases = [
+        ("mixed", vec![1, 3, 8, 9, 40], mixed),
+        ("fp8 experts", vec![1, 2, 0, 8, 5], experts),
+        (
+            "f32 and bf16 experts of a row",
+            vec![1, 1, 1, 1, 2, 1],
+            alternating,
+        ),
+    ];
+    for (case, rows, dtypes) in cases {
+        let mlps: Vec<_> = (0..rows.len())
+            .map(|i| {
+                let (gate_up, down) = dtypes(i);
+                (
+                    weight(&mut rng, gate_up, 2 * width, hidden),
+                    weight(&mut rng, down, hidden, width),
+                )
+            })
+            .collect();
+        let xs: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|&m| {
+                (0..m * hidden)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect()
+            })
+            .collect();
 
-    // linear_grouped: each MLP's gate_up, one group.
-    let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * 2 * width]).collect();
-    let mut on_cpu = on_gpu.clone();
-    let mut group: Vec<Product<'_, _>> = xs
-        .iter()
-        .zip(&rows)
-        .zip(&mlps)
-        .zip(&mut on_gpu)
-        .map(|(((x, &m), ((w, _), _)), out)| Product { x, m, w, out })
-        .collect();
-    let before = gpu.transfers();
-    gpu.linear_grouped(&mut group);
-    assert_eq!(
-        gpu.transfers().waits - before.waits,
-        1,
-        "a group of products is one round trip"
-    );
-    let mut group: Vec<Product<'_, _>> = xs
-        .iter()
-        .zip(&rows)
-        .zip(&mlps)
-        .zip(&mut on_cpu)
-        .map(|(((x, &m), ((_, w), _)), out)| Product { x, m, w, out })
-        .collect();
-    cpu.linear_grouped(&mut group);
-    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-        close(
-            &format!("linear_grouped, product {i} ({} rows)", rows[i]),
-            g,
-            c,
+        // linear_grouped: each MLP's gate_up, one group.
+        let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * 2 * width]).collect();
+        let mut on_cpu = on_gpu.clone();
+        let mut group: Vec<Product<'_, _>> = xs
+            .iter()
+            .zip(&rows)
+            .zip(&mlps)
+            .zip(&mut on_gpu)
+            .map(|(((x, &m), ((w, _), _)), out)| Product { x, m, w, out })
+            .collect();
+        let before = gpu.transfers();
+        gpu.linear_grouped(&mut group);
+        assert_eq!(
+            gpu.transfers().waits - before.waits,
+            1,
+            "a group of products is one round trip"
         );
-    }
+        let mut group: Vec<Product<'_, _>> = xs
+            .iter()
+            .zip(&rows)
+            .zip(&mlps)
+            .zip(&mut on_cpu)
+            .map(|(((x, &m), ((_, w), _)), out)| Product { x, m, w, out })
+            .collect();
+        cpu.linear_grouped(&mut group);
+        for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            close(
+                &format!("{case}: linear_grouped, product {i} ({} rows)", rows[i]),
+                g,
+                c,
+            );
+        }
 
-    // mlp_grouped: the whole MLPs, one group.
-    let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * hidden]).collect();
-    let mut on_cpu = on_gpu.clone();
-    let mut runs: Vec<MlpRun<'_, _>> = xs
-        .iter()
-        .zip(&rows)
-        .zip(&mlps)
-        .zip(&mut on_gpu)
-        .map(|(((x, &m), ((gate_up, _), (down, _))), out)| MlpRun {
-            x,
-            m,
-            gate_up,
-            down,
-            out,
-        })
-        .collect();
-    let before = gpu.transfers();
-    gpu.mlp_grouped(&mut runs);
-    assert_eq!(
-        gpu.transfers().waits - before.waits,
-        1,
-        "a group of MLPs is one round trip"
-    );
-    let mut runs: Vec<MlpRun<'_, _>> = xs
-        .iter()
-        .zip(&rows)
-        .zip(&mlps)
-        .zip(&mut on_cpu)
-        .map(|(((x, &m), ((_, gate_up), (_, down))), out)| MlpRun {
-            x,
-            m,
-            gate_up,
-            down,
-            out,
-        })
-        .collect();
-    cpu.mlp_grouped(&mut runs);
-    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-        close(&format!("mlp_grouped, run {i} ({} rows)", rows[i]), g, c);
+        // mlp_grouped: the whole MLPs, one group.
+        let mut on_gpu: Vec<Vec<f32>> = rows.iter().map(|&m| vec![0.0; m * hidden]).collect();
+        let mut on_cpu = on_gpu.clone();
+        let mut runs: Vec<MlpRun<'_, _>> = xs
+            .iter()
+            .zip(&rows)
+            .zip(&mlps)
+            .zip(&mut on_gpu)
+            .map(|(((x, &m), ((gate_up, _), (down, _))), out)| MlpRun {
+                x,
+                m,
+                gate_up,
+                down,
+                out,
+            })
+            .collect();
+        let before = gpu.transfers();
+        gpu.mlp_grouped(&mut runs);
+        assert_eq!(
+            gpu.transfers().waits - before.waits,
+            1,
+            "a group of MLPs is one round trip"
+        );
+        let mut runs: Vec<MlpRun<'_, _>> = xs
+            .iter()
+            .zip(&rows)
+            .zip(&mlps)
+            .zip(&mut on_cpu)
+            .map(|(((x, &m), ((_, gate_up), (_, down))), out)| MlpRun {
+                x,
+                m,
+                gate_up,
+                down,
+                out,
+            })
+            .collect();
+        cpu.mlp_grouped(&mut runs);
+        for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            close(
+                &format!("{case}: mlp_grouped, run {i} ({} rows)", rows[i]),
+                g,
+                c,
+            );
+        }
     }
 }
 

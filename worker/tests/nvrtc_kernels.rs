@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 /// Every kernel of nvrtc.cu, each with a test below.
 const TESTED: &[&str] = &[
     "fp8_gemv",
+    "fp8_gemv_grouped",
     "fp8_to_bf16",
     "silu_mul",
     "causal_softmax",
@@ -107,6 +108,101 @@ fn fp8_gemv_case(rng: &mut ChaCha8Rng, n: usize, k: usize, block: (usize, usize)
                 );
             }
         }
+    }
+}
+
+/// `nvrtc.cu`'s `Fp8Product`, as the backend lays it out.
+#[repr(C)]
+struct Fp8Product {
+    w: *const u8,
+    scales: *const f32,
+    x: *const f32,
+    y: *mut f32,
+    n: i32,
+    k: i32,
+    m: i32,
+    br: i32,
+    bc: i32,
+}
+
+/// `fp8_gemv_grouped` gives each product of a launch what `fp8_gemv` gives it alone, bit for
+/// bit: products of other row counts (the grid's x extent is the longest one's, so shorter
+/// ones have blocks to spare), widths, blocks and activation rows.
+#[test]
+fn fp8_gemv_grouped_gives_each_product_what_fp8_gemv_does() {
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    let shapes = [
+        (37, 50, (4, 8), 1),
+        (9, 300, (16, 128), 3),
+        (80, 64, (128, 128), 8),
+    ];
+    let weights: Vec<Fp8Blocks> = shapes
+        .iter()
+        .map(|&(n, k, block, _)| fp8_weight(&mut rng, n, k, block))
+        .collect();
+    let inputs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(_, k, _, m)| values(&mut rng, m * k))
+        .collect();
+    let mut alone: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(n, _, _, m)| vec![f32::NAN; m * n])
+        .collect();
+    for (((w, x), y), &(n, k, block, m)) in weights.iter().zip(&inputs).zip(&mut alone).zip(&shapes)
+    {
+        let args = Args::default()
+            .arg(w.codes.as_ptr())
+            .arg(w.scales.as_ptr())
+            .arg(x.as_ptr())
+            .arg(y.as_mut_ptr())
+            .arg(n as i32)
+            .arg(k as i32)
+            .arg(m as i32)
+            .arg(block.0 as i32)
+            .arg(block.1 as i32);
+        // SAFETY: the buffers hold the n × k codes, their scale grid, m × k inputs and m × n
+        // outputs.
+        unsafe { HostKernels::get().launch("fp8_gemv", grid::fp8_gemv(n), args) };
+    }
+    let mut grouped: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(n, _, _, m)| vec![f32::NAN; m * n])
+        .collect();
+    let table: Vec<Fp8Product> = (weights.iter().zip(&inputs).zip(&mut grouped).zip(&shapes))
+        .map(|(((w, x), y), &(n, k, block, m))| Fp8Product {
+            w: w.codes.as_ptr(),
+            scales: w.scales.as_ptr(),
+            x: x.as_ptr(),
+            y: y.as_mut_ptr(),
+            n: n as i32,
+            k: k as i32,
+            m: m as i32,
+            br: block.0 as i32,
+            bc: block.1 as i32,
+        })
+        .collect();
+    let most_rows = shapes.iter().map(|s| s.0).max().unwrap_or(0);
+    let args = Args::default().arg(table.as_ptr());
+    // SAFETY: each entry's buffers hold its product's codes, scales, inputs and outputs, and
+    // the grid's y extent is the table's length.
+    unsafe {
+        HostKernels::get().launch(
+            "fp8_gemv_grouped",
+            grid::fp8_gemv_grouped(most_rows, table.len()),
+            args,
+        )
+    };
+    drop(table);
+    for (i, (g, a)) in grouped.iter().zip(&alone).enumerate() {
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "product {i} has values left unwritten"
+        );
+        assert_eq!(
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "product {i}"
+        );
     }
 }
 

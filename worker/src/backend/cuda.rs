@@ -3,7 +3,9 @@
 //! weight runs on the GPU; activations cross to the GPU and back for each product, or for each
 //! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download). A
 //! group of gated MLPs ([`Backend::mlp_grouped`], a MoE layer's experts) is one round trip too:
-//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. Each
+//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. Within a
+//! round trip, independent products take as few launches as their shapes allow: FP8 ones of a
+//! few rows one `fp8_gemv_grouped`, f32 or bf16 ones of one shape one batched cuBLAS call. Each
 //! sequence's cache of latents lives in GPU memory, in pages of a pool that every sequence and
 //! layer share ([`super::cuda_pages`]), and attention over it runs there in MLA's absorbed form,
 //! for all the sequences of a step and from their rotated queries to the heads' values in one
@@ -62,13 +64,15 @@ pub struct CudaBackend {
     ordinal: usize,
 }
 
-/// How often a backend waited for its GPU, and the bytes of activations and cache rows it moved
-/// to and from it: what a step costs beyond its kernels.
+/// How often a backend waited for its GPU, the bytes of activations and cache rows it moved
+/// to and from it, and the kernels it launched (its own and cuBLAS' products): what a step
+/// costs beyond the kernels' own work.
 #[derive(Debug, Default)]
 pub struct Transfers {
     waits: AtomicU64,
     uploaded: AtomicU64,
     downloaded: AtomicU64,
+    launches: AtomicU64,
 }
 
 impl Transfers {
@@ -77,7 +81,13 @@ impl Transfers {
             waits: self.waits.load(Ordering::Relaxed),
             uploaded: self.uploaded.load(Ordering::Relaxed),
             downloaded: self.downloaded.load(Ordering::Relaxed),
+            launches: self.launches.load(Ordering::Relaxed),
         }
+    }
+
+    /// A kernel launched, or a cuBLAS product (which launches one or more).
+    pub fn launched(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upload(&self, bytes: usize) {
@@ -102,6 +112,7 @@ pub struct TransferCounts {
     pub waits: u64,
     pub uploaded: u64,
     pub downloaded: u64,
+    pub launches: u64,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -223,10 +234,13 @@ impl CudaBackend {
         {
             let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
             let y_p = ptr_mut(&mut y, &self.stream);
-            for (p, &(x_at, y_at)) in products.iter().zip(&at) {
-                let x = inputs.at(&self.stream, x_at);
-                self.enqueue_product(&blas, &mut run, p.w, p.m, x, y_p + (y_at * 4) as u64)?;
-            }
+            let group: Vec<_> = (products.iter().zip(&at))
+                .map(|(p, &(x_at, y_at))| {
+                    let x = inputs.at(&self.stream, x_at);
+                    (p.w, p.m, x, y_p + (y_at * 4) as u64)
+                })
+                .collect();
+            self.enqueue_products(&blas, &mut run, &group)?;
         }
         let host = self.download(&y, outputs, run)?;
         for (p, &(_, y_at)) in products.iter_mut().zip(&at) {
@@ -236,9 +250,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The MLPs of `runs` in one round trip: one upload of their inputs; for each run its
-    /// `gate_up` product, `silu_mul` into f32 or bf16 (whichever its `down` takes) and its
-    /// `down` product, with the intermediate activations left on the GPU; one download.
+    /// The MLPs of `runs` in one round trip: one upload of their inputs; every run's `gate_up`
+    /// product, `silu_mul` into f32 or bf16 (whichever its `down` takes; one launch for runs
+    /// whose rows follow one another), every run's `down` product, with the intermediate
+    /// activations left on the GPU; one download. FP8 products of a few rows are one launch
+    /// per phase ([`Self::enqueue_products`]).
     fn try_mlp_grouped(&self, runs: &mut [MlpRun<'_, CudaMatrix>]) -> Result<()> {
         let mut inputs = Staged::default();
         // Per run: its input, gate_up output, activation and output offsets.
@@ -280,44 +296,163 @@ impl CudaBackend {
             let act_p = ptr_mut(&mut act, &self.stream);
             let act_bf16_p = ptr_mut(&mut act_bf16, &self.stream);
             let y_p = ptr_mut(&mut y, &self.stream);
+            // Every gate_up product, then every SiLU-and-multiply, then every down product:
+            // the FP8 products of each phase are one launch.
+            let mut gate_ups = Vec::with_capacity(runs.len());
+            let mut downs = Vec::with_capacity(runs.len());
             for (r, &(x_at, gu_at, act_at, y_at)) in runs.iter().zip(&at) {
-                if r.m == 0 {
+                let gu = gate_up_p + (gu_at * 4) as u64;
+                gate_ups.push((r.gate_up, r.m, inputs.at(&self.stream, x_at), gu));
+                let act = if act_at & Staged::BF16 != 0 {
+                    Activations {
+                        f32: 0,
+                        bf16: act_bf16_p + ((act_at & !Staged::BF16) * 2) as u64,
+                    }
+                } else {
+                    Activations {
+                        f32: act_p + (act_at * 4) as u64,
+                        bf16: 0,
+                    }
+                };
+                downs.push((r.down, r.m, act, y_p + (y_at * 4) as u64));
+            }
+            self.enqueue_products(&blas, &mut run, &gate_ups)?;
+            // SiLU-and-multiply once per span of runs whose rows lie one after another at the
+            // same width, in both buffers: the experts of a layer are one span.
+            let mut spans: Vec<(CUdeviceptr, Activations, usize, usize)> = Vec::new();
+            for (&(_, m, _, gu), &(down, _, act, _)) in gate_ups.iter().zip(&downs) {
+                let width = down.cols;
+                if m == 0 {
                     continue;
                 }
-                let width = r.down.cols;
-                let x = inputs.at(&self.stream, x_at);
-                let gu = gate_up_p + (gu_at * 4) as u64;
-                self.enqueue_product(&blas, &mut run, r.gate_up, r.m, x, gu)?;
-                let (f32_out, bf16_out) = if act_at & Staged::BF16 != 0 {
-                    (0, act_bf16_p + ((act_at & !Staged::BF16) * 2) as u64)
-                } else {
-                    (act_p + (act_at * 4) as u64, 0)
-                };
-                let (rows, cols) = (dim(r.m)?, dim(width)?);
+                if let Some((first_gu, first_act, rows, w)) = spans.last_mut() {
+                    let follows = |start: CUdeviceptr, next: CUdeviceptr, bytes: usize| {
+                        start != 0 && next == start + (*rows * bytes) as u64
+                    };
+                    if *w == width
+                        && follows(*first_gu, gu, 2 * width * 4)
+                        && (follows(first_act.f32, act.f32, width * 4)
+                            || follows(first_act.bf16, act.bf16, width * 2))
+                    {
+                        *rows += m;
+                        continue;
+                    }
+                }
+                spans.push((gu, act, m, width));
+            }
+            for (gu, act, rows, width) in spans {
+                let (rows_i, cols) = (dim(rows)?, dim(width)?);
                 let mut launch = self.stream.launch_builder(&kernels.silu_mul);
                 launch
                     .arg(&gu)
-                    .arg(&f32_out)
-                    .arg(&bf16_out)
-                    .arg(&rows)
+                    .arg(&act.f32)
+                    .arg(&act.bf16)
+                    .arg(&rows_i)
                     .arg(&cols);
+                self.transfers.launched();
                 // SAFETY: silu_mul(gate_up, out_f32, out_bf16, rows, width) reads rows × 2·width
                 // values at `gu` and writes rows × width values to the one output that is not
-                // null; this run's slices of the buffers hold them.
-                unsafe { launch.launch(launch_config(grid::elementwise(r.m * width))) }
+                // null; the span's runs' slices of the buffers hold them, one after another.
+                unsafe { launch.launch(launch_config(grid::elementwise(rows * width))) }
                     .map_err(driver)?;
-                let act = Activations {
-                    f32: f32_out,
-                    bf16: bf16_out,
-                };
-                let y = y_p + (y_at * 4) as u64;
-                self.enqueue_product(&blas, &mut run, r.down, r.m, act, y)?;
             }
+            self.enqueue_products(&blas, &mut run, &downs)?;
         }
         let host = self.download(&y, outputs, run)?;
         for (r, &(_, _, _, y_at)) in runs.iter_mut().zip(&at) {
             let len = r.m * r.down.rows;
             r.out[..len].copy_from_slice(&host[y_at..y_at + len]);
+        }
+        Ok(())
+    }
+
+    /// Enqueues independent products `(w, m, x, y)` as [`Self::enqueue_product`] does, in as
+    /// few launches as their shapes allow: the FP8 ones of at most [`FP8_GEMV_ROWS`] rows
+    /// together in one `fp8_gemv_grouped` launch (per [`grid::FP8_GEMV_GROUP`] of them), and
+    /// the f32 and bf16 ones of one shape in one batched cuBLAS call (attention's heads, and a
+    /// MoE layer's experts where each took as many rows). Their tables go into `run`.
+    fn enqueue_products(
+        &self,
+        blas: &CudaBlas,
+        run: &mut Enqueued,
+        products: &[(&CudaMatrix, usize, Activations, CUdeviceptr)],
+    ) -> Result<()> {
+        let mut grouped = Vec::new();
+        // Per (bf16, n, k, m): the weights', inputs' and outputs' addresses.
+        type Batch = ((bool, usize, usize, usize), Vec<[CUdeviceptr; 3]>);
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut batch = |key, addresses| match batches.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, all)) => all.push(addresses),
+            None => batches.push((key, vec![addresses])),
+        };
+        for &(w, m, x, y) in products {
+            if m * w.rows == 0 {
+                continue;
+            }
+            let key = |bf16| (bf16, w.rows, w.cols, m);
+            match &w.data {
+                DeviceWeights::Fp8 {
+                    codes,
+                    scales,
+                    block,
+                } if m <= FP8_GEMV_ROWS => grouped.push(Fp8Product {
+                    w: codes.device_ptr(&self.stream).0,
+                    scales: scales.device_ptr(&self.stream).0,
+                    x: x.f32,
+                    y,
+                    n: dim(w.rows)?,
+                    k: dim(w.cols)?,
+                    m: dim(m)?,
+                    br: dim(block.0)?,
+                    bc: dim(block.1)?,
+                }),
+                DeviceWeights::F32(wd) => {
+                    batch(key(false), [wd.device_ptr(&self.stream).0, x.f32, y])
+                }
+                DeviceWeights::Bf16(wd) => {
+                    batch(key(true), [wd.device_ptr(&self.stream).0, x.bf16, y])
+                }
+                DeviceWeights::Fp8 { .. } => self.enqueue_product(blas, run, w, m, x, y)?,
+            }
+        }
+        for ((bf16, n, k, m), addresses) in batches {
+            let shape = Shape { n, m, k };
+            let dtype = if bf16 {
+                sys::cudaDataType_t::CUDA_R_16BF
+            } else {
+                sys::cudaDataType_t::CUDA_R_32F
+            };
+            self.transfers.launched();
+            if let [[w, x, y]] = addresses[..] {
+                // SAFETY: `w` holds the n × k weights of `dtype`, `x` m × k activations of it
+                // and `y` m × n f32 outputs (the callers' word), all on this stream.
+                unsafe { gemm(blas, shape, dtype, w, x, y) }?;
+                continue;
+            }
+            // The weights' addresses, then the inputs', then the outputs'.
+            let table: Vec<CUdeviceptr> = (0..3)
+                .flat_map(|i| addresses.iter().map(move |a| a[i]))
+                .collect();
+            let table = self.stream.clone_htod(&table).map_err(driver)?;
+            let table_p = table.device_ptr(&self.stream).0;
+            // SAFETY: the table lists, for each product, n × k weights of `dtype`, m × k
+            // activations of it and m × n f32 outputs (the callers' word), all on this stream.
+            unsafe { gemm_batched(blas, shape, dtype, table_p, addresses.len()) }?;
+            run.tables.push(table);
+        }
+        for chunk in grouped.chunks(grid::FP8_GEMV_GROUP) {
+            let most_rows = chunk.iter().map(|p| p.n as usize).max().unwrap_or(0);
+            let table = self.stream.clone_htod(chunk).map_err(driver)?;
+            let table_p = table.device_ptr(&self.stream).0;
+            let config = launch_config(grid::fp8_gemv_grouped(most_rows, chunk.len()));
+            let mut launch = self.stream.launch_builder(&self.kernels.fp8_gemv_grouped);
+            launch.arg(&table_p);
+            self.transfers.launched();
+            // SAFETY: fp8_gemv_grouped(products) runs fp8_gemv for each entry of the table,
+            // one per block row of the grid: each entry's weight, scales, inputs and outputs
+            // are buffers of its product's size on this stream, as for fp8_gemv.
+            unsafe { launch.launch(config) }.map_err(driver)?;
+            run.products.push(table);
         }
         Ok(())
     }
@@ -340,6 +475,7 @@ impl CudaBackend {
         }
         let shape = Shape { n, m, k };
         let product = |w: CUdeviceptr, dtype, x: CUdeviceptr| {
+            self.transfers.launched();
             // SAFETY: every caller passes `w` with the n × k weights of `dtype`, and `x` with
             // m × k activations of it; `y` has m × n f32 outputs; all on this stream.
             unsafe { gemm(blas, shape, dtype, w, x, y) }
@@ -678,6 +814,7 @@ impl CudaBackend {
             .arg(&out.bf16)
             .arg(&rows_i)
             .arg(&cols_i);
+        self.transfers.launched();
         // SAFETY: rms_norm(x, stride, weight, eps, out_f32, out_bf16, rows, cols) reads rows
         // rows of `stride` values and `cols` weights, and writes rows × cols values to the
         // output that is not null; the callers' buffers hold them.
@@ -702,6 +839,7 @@ impl CudaBackend {
         launch.arg(&x).arg(&row).arg(&head).arg(&col);
         launch.arg(&rows_i).arg(&heads_i).arg(&pairs_i);
         launch.arg(&cos_sin).arg(&interleave);
+        self.transfers.launched();
         // SAFETY: rope_rotate(x, row, head, col, rows, heads, pairs, cos_sin, interleave)
         // rewrites 2 · pairs values of every (row, head) the strides reach and reads rows ×
         // pairs pairs of cos_sin: the callers' buffers hold them.
@@ -767,16 +905,17 @@ impl CudaBackend {
             .bf16
             .as_ref()
             .map_or(0, |d| d.device_ptr(&self.stream).0);
-        for (head, w) in weights.iter().enumerate() {
-            let at = head * n * inputs.cols;
-            let x = Activations {
-                f32: if wide == 0 { 0 } else { wide + (at * 4) as u64 },
-                bf16: if bf16 == 0 { 0 } else { bf16 + (at * 2) as u64 },
-            };
-            let y = out + (head * n * out_width * 4) as u64;
-            self.enqueue_product(&blas, run, w, n, x, y)?;
-        }
-        Ok(())
+        let products: Vec<_> = (weights.iter().enumerate())
+            .map(|(head, &w)| {
+                let at = head * n * inputs.cols;
+                let x = Activations {
+                    f32: if wide == 0 { 0 } else { wide + (at * 4) as u64 },
+                    bf16: if bf16 == 0 { 0 } else { bf16 + (at * 2) as u64 },
+                };
+                (w, n, x, out + (head * n * out_width * 4) as u64)
+            })
+            .collect();
+        self.enqueue_products(&blas, run, &products)
     }
 
     /// [`Backend::linear_norm_linear`] on the GPU in one round trip: one upload of `x` and
@@ -868,6 +1007,7 @@ impl CudaBackend {
             .arg(&dh)
             .arg(&dc);
         launch.arg(&r).arg(&h).arg(&c);
+        self.transfers.launched();
         // SAFETY: heads_copy(src, row, head, col, dst_f32, dst_bf16, row, head, col, rows,
         // heads, cols) reads and writes the rows × heads × cols elements the strides reach,
         // which the callers' buffers hold.
@@ -919,6 +1059,7 @@ impl CudaBackend {
                 let n = block.min(queries - start);
                 let (keys, pairs) = (position + start + n, n * heads);
                 let q_at = q_p + (start * heads * width * 4) as u64;
+                self.transfers.launched();
                 // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
                 // buffers hold them (keys <= total rows gathered), all on this stream.
                 unsafe {
@@ -940,10 +1081,12 @@ impl CudaBackend {
                 let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
                 launch.arg(&scores_p).arg(&rows_i).arg(&keys_i);
                 launch.arg(&heads_i).arg(&first).arg(&scale);
+                self.transfers.launched();
                 // SAFETY: causal_softmax(scores, rows, cols, heads, first, scale) rewrites
                 // rows × cols scores, which `scores` holds.
                 unsafe { launch.launch(launch_config(grid::causal_softmax(pairs))) }
                     .map_err(driver)?;
+                self.transfers.launched();
                 // SAFETY: out[pairs, values] = scores[pairs, keys] · cache[keys, ..values]:
                 // the buffers hold them, all on this stream.
                 unsafe {
@@ -984,6 +1127,7 @@ impl CudaBackend {
         let mut launch = self.stream.launch_builder(&kernels.fp8_gemv);
         launch.arg(&codes_p).arg(&scales_p).arg(&x).arg(&y);
         launch.arg(&rows).arg(&cols).arg(&m).arg(&br).arg(&bc);
+        self.transfers.launched();
         // SAFETY: fp8_gemv(w, scales, x, y, n, k, m, br, bc) reads n × k codes, the scale grid
         // of their blocks and m × k activations from x, and writes m × n values from y: the
         // caller's buffers hold them.
@@ -1005,6 +1149,7 @@ impl CudaBackend {
         let mut launch = self.stream.launch_builder(&kernels.fp8_to_bf16);
         launch.arg(codes).arg(scales).arg(&mut wide);
         launch.arg(&rows).arg(&cols).arg(&br).arg(&bc);
+        self.transfers.launched();
         // SAFETY: fp8_to_bf16(w, scales, out, rows, cols, br, bc) reads n × k codes and the
         // scale grid of their blocks, and writes n × k values of `wide`.
         unsafe { launch.launch(config) }.map_err(driver)?;
@@ -1104,6 +1249,7 @@ struct Enqueued {
     scratch: Vec<CudaSlice<u16>>,
     floats: Vec<CudaSlice<f32>>,
     tables: Vec<CudaSlice<CUdeviceptr>>,
+    products: Vec<CudaSlice<Fp8Product>>,
 }
 
 impl Enqueued {
@@ -1112,6 +1258,7 @@ impl Enqueued {
         self.scratch.extend(other.scratch);
         self.floats.extend(other.floats);
         self.tables.extend(other.tables);
+        self.products.extend(other.products);
     }
 
     /// Keeps per-head inputs until the work that reads them has run.
@@ -1120,6 +1267,25 @@ impl Enqueued {
         self.scratch.extend(inputs.bf16);
     }
 }
+
+/// One product of `fp8_gemv_grouped`, laid out as `nvrtc.cu`'s `Fp8Product`: device addresses
+/// of the weight's codes and scales, the f32 inputs and outputs, and `fp8_gemv`'s sizes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Fp8Product {
+    w: CUdeviceptr,
+    scales: CUdeviceptr,
+    x: CUdeviceptr,
+    y: CUdeviceptr,
+    n: i32,
+    k: i32,
+    m: i32,
+    br: i32,
+    bc: i32,
+}
+
+// SAFETY: plain data in the kernel's C layout (four addresses, five ints), copied as bytes.
+unsafe impl cudarc::driver::DeviceRepr for Fp8Product {}
 
 /// The inputs of per-head products, `[heads, n, cols]`, in f32 and in bf16 where some weight
 /// takes them so.
@@ -1170,6 +1336,52 @@ unsafe fn gemm(
 ) -> Result<()> {
     // SAFETY: as the caller vouches.
     unsafe { gemm_f32_out(blas, (true, operands), (n, m, k), (w, k), (x, k), (y, n)) }
+}
+
+/// [`gemm`] of `count` products of one shape as one cuBLAS batched call: `table` holds, on the
+/// GPU, the weights' addresses, then the inputs', then the outputs' (`count` of each).
+///
+/// # Safety
+/// Each listed weight, input and output holds `n·k`, `m·k` and `m·n` values on the handle's
+/// stream, and `table` the `3·count` addresses.
+unsafe fn gemm_batched(
+    blas: &CudaBlas,
+    Shape { n, m, k }: Shape,
+    operands: sys::cudaDataType_t,
+    table: CUdeviceptr,
+    count: usize,
+) -> Result<()> {
+    let (rows, cols, inner, count_i) = (dim(n)?, dim(m)?, dim(k)?, dim(count)?);
+    let at = |i: usize| table + (i * count * 8) as u64;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller vouches for the table and the buffers; alpha and beta live across the
+    // call. Read column-major, each product is yᵀ = (wᵀ)ᵀ · xᵀ, as in `gemm`.
+    unsafe {
+        sys::cublasGemmBatchedEx(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            rows,
+            cols,
+            inner,
+            (&alpha) as *const f32 as *const _,
+            at(0) as *const *const _,
+            operands,
+            inner,
+            at(1) as *const *const _,
+            operands,
+            inner,
+            (&beta) as *const f32 as *const _,
+            at(2) as *const *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            rows,
+            count_i,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .result()
+    .map_err(|e| device_error("cuBLAS batched product", e))
 }
 
 /// Column-major `c[m, n] = a[m, k] · b[k, n]` in f32 (cuBLAS' `N, N`), each operand with its

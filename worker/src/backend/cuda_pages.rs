@@ -157,6 +157,7 @@ impl CudaRows {
                 let flat_p = flat.device_ptr(stream).0;
                 let to = (flat_p, self.width);
                 let table = copy_paged(stream, paged_rows, to, &pages, (offset, n), true)?;
+                self.pool.transfers.launched();
                 // No wait: cudarc frees the uploads in the stream's order, after the copy (or
                 // waits for the stream first where the GPU has no stream-ordered allocator).
                 drop((flat, table));
@@ -197,6 +198,7 @@ impl CudaRows {
             }
             Place::Pages(pages, offset) => {
                 let from = (src, self.width);
+                self.pool.transfers.launched();
                 Some(copy_paged(
                     stream,
                     paged_rows,
@@ -246,6 +248,7 @@ impl CudaRows {
         let pages = &self.pages[..len.div_ceil(PAGE_ROWS)];
         let to = (flat.device_ptr_mut(stream).0, self.width);
         let table = copy_paged(stream, paged_rows, to, pages, (0, len), false)?;
+        self.pool.transfers.launched();
         Ok((flat, table))
     }
 }

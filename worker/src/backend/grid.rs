@@ -31,6 +31,18 @@ pub fn fp8_gemv(n: usize) -> Grid {
     }
 }
 
+/// Most products of one `fp8_gemv_grouped` launch: the grid's y extent.
+pub const FP8_GEMV_GROUP: usize = 65_535;
+
+/// `fp8_gemv_grouped` over `products` products (at most [`FP8_GEMV_GROUP`]) of at most
+/// `most_rows` weight rows: `fp8_gemv`'s blocks for the most rows, one row of them a product.
+pub fn fp8_gemv_grouped(most_rows: usize, products: usize) -> Grid {
+    Grid {
+        blocks: (fp8_gemv(most_rows).blocks.0, blocks(products), 1),
+        threads: (FP8_GEMV_THREADS, 1, 1),
+    }
+}
+
 /// An element-wise kernel over `len` values, with a grid-stride loop.
 pub fn elementwise(len: usize) -> Grid {
     let blocks = len
@@ -87,6 +99,7 @@ mod tests {
         assert_eq!(fp8_gemv(1).blocks, (1, 1, 1));
         assert_eq!(fp8_gemv(8).blocks, (1, 1, 1));
         assert_eq!(fp8_gemv(9).blocks, (2, 1, 1));
+        assert_eq!(fp8_gemv_grouped(9, 3).blocks, (2, 3, 1));
         assert_eq!(elementwise(0).blocks, (1, 1, 1));
         assert_eq!(elementwise(257).blocks, (2, 1, 1));
         assert_eq!(elementwise(usize::MAX / 2).blocks, (65_535, 1, 1));

@@ -18,14 +18,14 @@ __device__ __forceinline__ float e4m3fn(unsigned int code) {
     return (code & 128u) ? -v : v;
 }
 
-// y[i, row] = sum over c of x[i, c] * fp8(w[row, c]) * scales[row / br, c / bc], i < m <= 8.
-extern "C" __global__ void fp8_gemv(const unsigned char* __restrict__ w,
-                                    const float* __restrict__ scales,
-                                    const float* __restrict__ x, float* __restrict__ y,
-                                    int n, int k, int m, int br, int bc) {
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+// y[i, row] = sum over c of x[i, c] * fp8(w[row, c]) * scales[row / br, c / bc], i < m <= 8,
+// for one weight row, by one warp (every lane: the shuffles need them all).
+__device__ __forceinline__ void fp8_gemv_row(const unsigned char* __restrict__ w,
+                                             const float* __restrict__ scales,
+                                             const float* __restrict__ x,
+                                             float* __restrict__ y, int row, int n, int k,
+                                             int m, int br, int bc) {
     int lane = threadIdx.x & 31;
-    if (row >= n) return;  // the whole warp: the shuffles below need every lane
     int scale_cols = (k + bc - 1) / bc;
     const float* s = scales + (long long)(row / br) * scale_cols;
     const unsigned char* wr = w + (long long)row * k;
@@ -65,6 +65,35 @@ extern "C" __global__ void fp8_gemv(const unsigned char* __restrict__ w,
         for (int o = 16; o > 0; o >>= 1) a += __shfl_down_sync(0xffffffffu, a, o);
         if (lane == 0 && i < m) y[(long long)i * n + row] = a;
     }
+}
+
+// fp8_gemv_row for every row of w, a warp per row.
+extern "C" __global__ void fp8_gemv(const unsigned char* __restrict__ w,
+                                    const float* __restrict__ scales,
+                                    const float* __restrict__ x, float* __restrict__ y,
+                                    int n, int k, int m, int br, int bc) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;  // the whole warp
+    fp8_gemv_row(w, scales, x, y, row, n, k, m, br, bc);
+}
+
+// One product of fp8_gemv_grouped: fp8_gemv's arguments.
+struct Fp8Product {
+    const unsigned char* w;
+    const float* scales;
+    const float* x;
+    float* y;
+    int n, k, m, br, bc;
+};
+
+// fp8_gemv of many products in one launch (a MoE layer's experts, attention's heads): product
+// blockIdx.y, its rows by the warps of blockIdx.x as fp8_gemv's; a block past its product's
+// rows returns.
+extern "C" __global__ void fp8_gemv_grouped(const Fp8Product* __restrict__ products) {
+    const Fp8Product p = products[blockIdx.y];
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= p.n) return;  // the whole warp
+    fp8_gemv_row(p.w, p.scales, p.x, p.y, row, p.n, p.k, p.m, p.br, p.bc);
 }
 
 // The bf16 bits of v, rounded to nearest even; a NaN stays a NaN.

@@ -3,6 +3,8 @@
 //!
 //! - `fp8_gemv`: `y[m, n] = x[m, k] · wᵀ` for a few rows (decode), reading a block-quantised
 //!   FP8 E4M3FN weight at one byte a value and multiplying in f32: one warp per weight row;
+//! - `fp8_gemv_grouped`: many such products in one launch, each its own weight, inputs and
+//!   outputs, from a table on the GPU (a MoE layer's experts, attention's heads);
 //! - `fp8_to_bf16`: the same weight dequantised to bf16, for cuBLAS' products of many rows
 //!   (prefill);
 //! - `silu_mul`: SiLU-and-multiply of an MLP's gate and up products, into the f32 or bf16
@@ -29,6 +31,7 @@ const SOURCE: &str = include_str!("nvrtc.cu");
 /// The kernels, loaded into one GPU's context.
 pub struct Kernels {
     pub fp8_gemv: CudaFunction,
+    pub fp8_gemv_grouped: CudaFunction,
     pub fp8_to_bf16: CudaFunction,
     pub silu_mul: CudaFunction,
     pub causal_softmax: CudaFunction,
@@ -51,6 +54,7 @@ impl Kernels {
         };
         Ok(Self {
             fp8_gemv: function("fp8_gemv")?,
+            fp8_gemv_grouped: function("fp8_gemv_grouped")?,
             fp8_to_bf16: function("fp8_to_bf16")?,
             silu_mul: function("silu_mul")?,
             causal_softmax: function("causal_softmax")?,

@@ -381,6 +381,22 @@ int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, cons
     }
     return 0;
 }
+
+// `batch` products of one shape, each cublasGemmEx's, from device arrays of their operands'
+// addresses (host memory here, read once the stream has written them).
+int cublasGemmBatchedEx(void* handle, int transa, int transb, int m, int n, int k,
+                        const void* alpha, const void* const* a, int a_type, int lda,
+                        const void* const* b, int b_type, int ldb, const void* beta,
+                        void* const* c, int c_type, int ldc, int batch, int compute, int algo) {
+    if (batch < 0) return 7;
+    stream_of(*static_cast<void**>(handle))->drain();
+    for (int i = 0; i < batch; i++) {
+        int status = cublasGemmEx(handle, transa, transb, m, n, k, alpha, a[i], a_type, lda, b[i],
+                                  b_type, ldb, beta, c[i], c_type, ldc, compute, algo);
+        if (status != 0) return status;
+    }
+    return 0;
+}
 }
 
 // NCCL between the ranks of this process: a group's sends are posted when it ends, its
