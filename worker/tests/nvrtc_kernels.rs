@@ -82,20 +82,7 @@ fn fp8_gemv_case(rng: &mut ChaCha8Rng, n: usize, k: usize, block: (usize, usize)
     let dense = w.dequantize();
     for m in [1, 3, FP8_GEMV_ROWS] {
         let x = values(rng, m * k);
-        let mut y = vec![f32::NAN; m * n];
-        let args = Args::default()
-            .arg(w.codes.as_ptr())
-            .arg(w.scales.as_ptr())
-            .arg(x.as_ptr())
-            .arg(y.as_mut_ptr())
-            .arg(n as i32)
-            .arg(k as i32)
-            .arg(m as i32)
-            .arg(block.0 as i32)
-            .arg(block.1 as i32);
-        // SAFETY: the buffers hold the n × k codes, their scale grid, m × k inputs and m × n
-        // outputs.
-        unsafe { HostKernels::get().launch("fp8_gemv", grid::fp8_gemv(n), args) };
+        let y = fp8_gemv(&w, &x, m);
         for i in 0..m {
             for r in 0..n {
                 let terms = (0..k).map(|c| f64::from(x[i * k + c]) * f64::from(dense[r * k + c]));
@@ -109,6 +96,27 @@ fn fp8_gemv_case(rng: &mut ChaCha8Rng, n: usize, k: usize, block: (usize, usize)
             }
         }
     }
+}
+
+/// `fp8_gemv` of `m` rows of `x` by `w`, launched as the backend launches it.
+fn fp8_gemv(w: &Fp8Blocks, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k);
+    let mut y = vec![f32::NAN; m * n];
+    let args = Args::default()
+        .arg(w.codes.as_ptr())
+        .arg(w.scales.as_ptr())
+        .arg(x.as_ptr())
+        .arg(y.as_mut_ptr())
+        .arg(n as i32)
+        .arg(k as i32)
+        .arg(m as i32)
+        .arg(w.block.0 as i32)
+        .arg(w.block.1 as i32);
+    // SAFETY: the buffers hold the n × k codes, their scale grid, m × k inputs and m × n
+    // outputs.
+    unsafe { HostKernels::get().launch("fp8_gemv", grid::fp8_gemv(n), args) };
+    y
 }
 
 /// `nvrtc.cu`'s `Fp8Product`, as the backend lays it out.
@@ -144,26 +152,9 @@ fn fp8_gemv_grouped_gives_each_product_what_fp8_gemv_does() {
         .iter()
         .map(|&(_, k, _, m)| values(&mut rng, m * k))
         .collect();
-    let mut alone: Vec<Vec<f32>> = shapes
-        .iter()
-        .map(|&(n, _, _, m)| vec![f32::NAN; m * n])
+    let alone: Vec<Vec<f32>> = (weights.iter().zip(&inputs).zip(&shapes))
+        .map(|((w, x), &(_, _, _, m))| fp8_gemv(w, x, m))
         .collect();
-    for (((w, x), y), &(n, k, block, m)) in weights.iter().zip(&inputs).zip(&mut alone).zip(&shapes)
-    {
-        let args = Args::default()
-            .arg(w.codes.as_ptr())
-            .arg(w.scales.as_ptr())
-            .arg(x.as_ptr())
-            .arg(y.as_mut_ptr())
-            .arg(n as i32)
-            .arg(k as i32)
-            .arg(m as i32)
-            .arg(block.0 as i32)
-            .arg(block.1 as i32);
-        // SAFETY: the buffers hold the n × k codes, their scale grid, m × k inputs and m × n
-        // outputs.
-        unsafe { HostKernels::get().launch("fp8_gemv", grid::fp8_gemv(n), args) };
-    }
     let mut grouped: Vec<Vec<f32>> = shapes
         .iter()
         .map(|&(n, _, _, m)| vec![f32::NAN; m * n])

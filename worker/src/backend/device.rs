@@ -189,6 +189,18 @@ fn mixed() -> ! {
     panic!("a weight matrix of one device was handed to another")
 }
 
+/// The one device's own matrix of an [`AnyMatrix`].
+macro_rules! matrix_of {
+    ($m:expr, $variant:ident) => {
+        match $m {
+            AnyMatrix::$variant(m) => m,
+            #[cfg(feature = "cuda")]
+            #[allow(unreachable_patterns)]
+            _ => mixed(),
+        }
+    };
+}
+
 /// The one device's own rows of an [`AnyRows`], by `pick`.
 macro_rules! rows_of {
     ($rows:expr, $variant:ident) => {
@@ -328,16 +340,9 @@ impl Backend for AnyBackend {
 
     fn mlp_grouped(&self, runs: &mut [MlpRun<'_, AnyMatrix>]) {
         match self {
-            AnyBackend::Cpu(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| match w {
-                AnyMatrix::Cpu(w) => w,
-                #[cfg(feature = "cuda")]
-                _ => mixed(),
-            })),
+            AnyBackend::Cpu(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| matrix_of!(w, Cpu))),
             #[cfg(feature = "cuda")]
-            AnyBackend::Cuda(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| match w {
-                AnyMatrix::Cuda(w) => w,
-                _ => mixed(),
-            })),
+            AnyBackend::Cuda(b) => b.mlp_grouped(&mut narrow_mlps(runs, |w| matrix_of!(w, Cuda))),
         }
     }
 
@@ -434,29 +439,14 @@ impl Backend for AnyBackend {
     ) {
         match self {
             AnyBackend::Cpu(b) => {
-                let (w, runs) = narrow_absorbed(
-                    w,
-                    runs,
-                    |m| match m {
-                        AnyMatrix::Cpu(m) => m,
-                        #[cfg(feature = "cuda")]
-                        _ => mixed(),
-                    },
-                    |r| rows_of!(r, Cpu),
-                );
+                let (w, runs) =
+                    narrow_absorbed(w, runs, |m| matrix_of!(m, Cpu), |r| rows_of!(r, Cpu));
                 b.attend_absorbed(&w, q, &runs, out)
             }
             #[cfg(feature = "cuda")]
             AnyBackend::Cuda(b) => {
-                let (w, runs) = narrow_absorbed(
-                    w,
-                    runs,
-                    |m| match m {
-                        AnyMatrix::Cuda(m) => m,
-                        _ => mixed(),
-                    },
-                    |r| rows_of!(r, Cuda),
-                );
+                let (w, runs) =
+                    narrow_absorbed(w, runs, |m| matrix_of!(m, Cuda), |r| rows_of!(r, Cuda));
                 b.attend_absorbed(&w, q, &runs, out)
             }
         }
@@ -472,29 +462,14 @@ impl Backend for AnyBackend {
     ) {
         match self {
             AnyBackend::Cpu(b) => {
-                let (block, mut runs) = narrow_block(
-                    block,
-                    runs,
-                    |m| match m {
-                        AnyMatrix::Cpu(m) => m,
-                        #[cfg(feature = "cuda")]
-                        _ => mixed(),
-                    },
-                    |r| rows_of!(r, Cpu),
-                );
+                let (block, mut runs) =
+                    narrow_block(block, runs, |m| matrix_of!(m, Cpu), |r| rows_of!(r, Cpu));
                 b.attention_block(&block, x, rotation, &mut runs, out)
             }
             #[cfg(feature = "cuda")]
             AnyBackend::Cuda(b) => {
-                let (block, mut runs) = narrow_block(
-                    block,
-                    runs,
-                    |m| match m {
-                        AnyMatrix::Cuda(m) => m,
-                        _ => mixed(),
-                    },
-                    |r| rows_of!(r, Cuda),
-                );
+                let (block, mut runs) =
+                    narrow_block(block, runs, |m| matrix_of!(m, Cuda), |r| rows_of!(r, Cuda));
                 b.attention_block(&block, x, rotation, &mut runs, out)
             }
         }
@@ -502,16 +477,9 @@ impl Backend for AnyBackend {
 
     fn linear_grouped(&self, products: &mut [Product<'_, AnyMatrix>]) {
         match self {
-            AnyBackend::Cpu(b) => b.linear_grouped(&mut narrow(products, |w| match w {
-                AnyMatrix::Cpu(w) => w,
-                #[cfg(feature = "cuda")]
-                _ => mixed(),
-            })),
+            AnyBackend::Cpu(b) => b.linear_grouped(&mut narrow(products, |w| matrix_of!(w, Cpu))),
             #[cfg(feature = "cuda")]
-            AnyBackend::Cuda(b) => b.linear_grouped(&mut narrow(products, |w| match w {
-                AnyMatrix::Cuda(w) => w,
-                _ => mixed(),
-            })),
+            AnyBackend::Cuda(b) => b.linear_grouped(&mut narrow(products, |w| matrix_of!(w, Cuda))),
         }
     }
 
