@@ -179,13 +179,15 @@ name, peak = sys.argv[1] or "unknown GPU", json.loads(sys.argv[2])
 count = int(sys.argv[3])
 benches = sys.argv[4:4 + count]
 print(f"### {name}: `moebius bench engine --device cuda`\n")
-print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s | GPU waits per decode step |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s "
+      "| GPU waits per decode step | launches per decode step |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
 for model, run in zip(benches[::2], map(json.loads, benches[1::2])):
     for r in run["results"]:
         print(f"| {model} | {run['weights_bytes'] / 1e9:.2f} GB | {r['batch']} "
               f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
-              f"| {r.get('gpu_waits_per_decode_step', float('nan')):.0f} |")
+              f"| {r.get('gpu_waits_per_decode_step', float('nan')):.0f} "
+              f"| {r.get('gpu_launches_per_decode_step', float('nan')):.0f} |")
 print("\n`moebius bench products --device cuda` (activations from the host and back, as the engine "
       "calls them), against cuBLAS' bf16 peak measured by torch in the same run: "
       + (f"{peak['tflop_s']:.0f} TFLOP/s" if "tflop_s" in peak else f"not measured ({peak.get('error')})")
@@ -199,9 +201,10 @@ for products in map(json.loads, sys.argv[4 + count:]):
               f"| {share} | {r['weight_gb_s']:.0f} |")
 print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
       "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
-      "activations copied to the GPU and back for each product or group of products (a MoE "
-      "layer's experts with SiLU-and-multiply on the GPU), each sequence's KV cache in pages "
-      "on the GPU, and a step's absorbed attention with o_proj on the GPU in one round trip.")
+      "activations copied to the GPU and back for each block: a whole attention block (RoPE, "
+      "norms, the cache rows appended to their pages, absorbed attention, o_proj) in one round "
+      "trip, a MoE layer's experts in another (FP8 ones of a few rows one grouped launch, "
+      "bf16 ones of one shape one batched cuBLAS call).")
 PY
 echo "== summary ($summary)"
 cat "$summary"
