@@ -7,6 +7,7 @@ mod common;
 use common::load::{self, assert_nothing_lost, Load};
 use common::up::Up;
 use common::{fixture, http};
+use moebius_coordinator::EtcdServer;
 use moebius_proto::v1::generate_request::Prompt;
 use moebius_proto::v1::inference_client::InferenceClient;
 use moebius_proto::v1::{GenerateRequest, TokenIds};
@@ -62,6 +63,12 @@ async fn more_streams_than_the_kv_cache_holds_all_get_their_tokens() {
     );
 
     // A prompt longer than a whole cache can never run: refused, naming the cache.
+    assert_a_prompt_past_the_cache_is_refused(&addr).await;
+}
+
+/// A 49-token prompt, longer than a worker's whole cache of 48, is refused at once with
+/// `INVALID_ARGUMENT`, naming the cache and its flag's size.
+async fn assert_a_prompt_past_the_cache_is_refused(addr: &str) {
     let mut client = InferenceClient::connect(format!("http://{addr}"))
         .await
         .expect("router");
@@ -93,4 +100,25 @@ async fn more_streams_than_the_kv_cache_holds_all_get_their_tokens() {
         "{}",
         refused.message()
     );
+}
+
+/// `up --etcd`, where every worker is a process of its own, passes `--kv-cache-tokens` on to
+/// each: a prompt past it is refused by the worker with the size given, and a request within it
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_with_etcd_hands_the_kv_cache_budget_to_its_worker_processes() {
+    let etcd = EtcdServer::start().expect("etcd starts (scripts/test.sh installs etcd-server)");
+    let cluster = format!("kvcache{}", std::process::id());
+    let up = Up::start(
+        etcd.endpoint(),
+        &cluster,
+        &fixture(MODEL),
+        &["--workers", "2", "--kv-cache-tokens", KV_CACHE_TOKENS],
+    );
+    let addr = up.router_addr();
+    let requests = load::requests(2, TOKENS, true);
+    let results = Load::start(&addr, requests.clone()).finish().await;
+    let reference = load::reference(&addr, requests).await;
+    assert_nothing_lost(&results, &reference, TOKENS);
+    assert_a_prompt_past_the_cache_is_refused(&addr).await;
 }
