@@ -1,0 +1,234 @@
+//! The parts of an attention block before its attention on the GPU: the query path
+//! (`linear_norm_linear`), and the whole block in one round trip (`attention_block`): the input
+//! products, `rms_norm`, `rope_rotate` and the new cache rows appended to their pages.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::PushKernelArg;
+
+use super::{
+    dim, driver, launch_config, ptr_mut, Activations, CudaBackend, CudaMatrix, Enqueued, Staged,
+};
+use crate::backend::cuda_pages::CudaRows;
+use crate::backend::grid;
+use crate::backend::{AttentionBlock, BlockRun, Rotation};
+use crate::error::{Error, Result};
+
+impl CudaBackend {
+    /// [`Backend::attention_block`](crate::backend::Backend::attention_block) on the GPU in one
+    /// round trip: one upload of the hidden states, both norms' weights and the step's rotation
+    /// table; the stacked input product; q's `rms_norm` and `q_b` product; `rope_rotate` of the
+    /// queries; the cache rows (`rms_norm` of the latent, `heads_copy`, `rope_rotate` of the shared
+    /// key) appended to each run's pages from the GPU; [`Self::enqueue_absorbed`]; one download and
+    /// one wait.
+    pub(super) fn try_attention_block(
+        &self,
+        b: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let w = &b.attention;
+        let (h, qk, lora, rope) = (w.uk_t.len(), w.nope + w.rope, w.lora, w.rope);
+        let (width, pairs) = (lora + rope, rope / 2);
+        let n: usize = runs.iter().map(|r| r.queries).sum();
+        if n == 0 || h == 0 {
+            return Ok(());
+        }
+        let (input, q_b) = (b.input, b.q_b);
+        let q_lora = q_b.cols;
+        let shapes_agree = input.rows == q_lora + width
+            && q_b.rows == h * qk
+            && b.q_norm.len() == q_lora
+            && b.kv_norm.len() == lora
+            && rope % 2 == 0
+            && rotation.cos_sin.len() >= n * rope
+            && runs.iter().all(|r| r.rows.width() == width);
+        if !shapes_agree {
+            return Err(Error::Device(format!(
+                "an attention block of {h} heads (q_lora {q_lora}, lora {lora}, rope {rope}) \
+                 with weights, norms, rotation or caches of other shapes"
+            )));
+        }
+        let mut staged = Staged::default();
+        let x_at = staged.push(&x[..n * input.cols], input.takes_bf16(n));
+        let q_norm_at = staged.push(b.q_norm, false);
+        let kv_norm_at = staged.push(b.kv_norm, false);
+        let rotation_at = staged.push(&rotation.cos_sin[..n * rope], false);
+        let inputs = self.upload_staged(staged)?;
+        let at = |offset| inputs.at(&self.stream, offset).f32;
+        let mut run = Enqueued::default();
+        // [q_a | kv_a] = x · inputᵀ: [n, q_lora + lora + rope].
+        let mut stacked = self.alloc::<f32>(n * input.rows)?;
+        let stacked_p = ptr_mut(&mut stacked, &self.stream);
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let x_dev = inputs.at(&self.stream, x_at);
+        self.enqueue_product(&blas, &mut run, input, n, x_dev, stacked_p)?;
+        // The queries: q_b(rms_norm(q_a)), then their rotary columns rotated.
+        let bf16 = q_b.takes_bf16(n);
+        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { n * q_lora })?;
+        let mut normed_bf16 = self.alloc::<u16>(if bf16 { n * q_lora } else { 0 })?;
+        let normed_x = Activations {
+            f32: ptr_mut(&mut normed, &self.stream),
+            bf16: ptr_mut(&mut normed_bf16, &self.stream),
+        };
+        let norm = (at(q_norm_at), b.eps);
+        self.rms_norm((stacked_p, input.rows), norm, normed_x, (n, q_lora))?;
+        let mut q = self.alloc::<f32>(n * h * qk)?;
+        let q_p = ptr_mut(&mut q, &self.stream);
+        self.enqueue_product(&blas, &mut run, q_b, n, normed_x, q_p)?;
+        drop(blas);
+        let rotation_p = at(rotation_at);
+        let angles = (rotation_p, pairs, rotation.interleave);
+        self.rope_rotate((q_p, h * qk, qk, w.nope), (n, h), angles)?;
+        // The cache rows [n, lora + rope]: the latent normalised, the shared key rotated.
+        let mut kv = self.alloc::<f32>(n * width)?;
+        let kv_p = ptr_mut(&mut kv, &self.stream);
+        let kv_a_p = stacked_p + (q_lora * 4) as u64;
+        let mut latent = self.alloc::<f32>(n * lora)?;
+        let latent_p = ptr_mut(&mut latent, &self.stream);
+        let norm = (at(kv_norm_at), b.eps);
+        let into_latent = Activations {
+            f32: latent_p,
+            bf16: 0,
+        };
+        self.rms_norm((kv_a_p, input.rows), norm, into_latent, (n, lora))?;
+        let kv_layout = (width, 0, 0);
+        self.heads_copy((latent_p, lora, 0, 0), ((kv_p, 0), kv_layout), (n, 1, lora))?;
+        let k_pe = (kv_a_p, input.rows, 0, lora);
+        self.heads_copy(k_pe, ((kv_p, 0), (width, 0, lora)), (n, 1, rope))?;
+        self.rope_rotate((kv_p, width, 0, lora), (n, 1), angles)?;
+        let mut sequences = Vec::with_capacity(runs.len());
+        let mut row = 0;
+        for r in runs.iter_mut() {
+            let src = kv_p + (row * width * 4) as u64;
+            let paged_rows = &self.kernels.paged_rows;
+            let table = r
+                .rows
+                .append_device(&self.stream, paged_rows, src, r.queries)?;
+            run.tables.extend(table);
+            row += r.queries;
+        }
+        for r in runs.iter() {
+            sequences.push((r.queries, &*r.rows, r.position));
+        }
+        let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, &mut run)?;
+        let host = self.download(&result, len, run)?;
+        drop((inputs, stacked, normed, normed_bf16, q, kv, latent));
+        out[..len].copy_from_slice(&host);
+        Ok(())
+    }
+
+    /// [`Backend::linear_norm_linear`](crate::backend::Backend::linear_norm_linear) on the GPU in
+    /// one round trip: one upload of `x` and the norm's weights, the first product, `rms_norm` into
+    /// f32 or bf16 as `b` takes it, the second product, two downloads and one wait.
+    pub(super) fn try_linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        (a, b): (&CudaMatrix, &CudaMatrix),
+        (norm, eps): (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let cols = b.cols;
+        if m == 0 {
+            return Ok(());
+        }
+        if cols > a.rows || norm.len() != cols {
+            return Err(Error::Device(format!(
+                "a norm of {} over {cols} of {} columns",
+                norm.len(),
+                a.rows
+            )));
+        }
+        let mut inputs = Staged::default();
+        let x_at = inputs.push(&x[..m * a.cols], a.takes_bf16(m));
+        let norm_at = inputs.push(norm, false);
+        let inputs = self.upload_staged(inputs)?;
+        let mut y = self.alloc::<f32>(m * a.rows)?;
+        let bf16 = b.takes_bf16(m);
+        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { m * cols })?;
+        let mut normed_bf16 = self.alloc::<u16>(if bf16 { m * cols } else { 0 })?;
+        let mut z = self.alloc::<f32>(m * b.rows)?;
+        let mut run = Enqueued::default();
+        let y_p = ptr_mut(&mut y, &self.stream);
+        let (n_p, nb_p) = (
+            ptr_mut(&mut normed, &self.stream),
+            ptr_mut(&mut normed_bf16, &self.stream),
+        );
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let x = inputs.at(&self.stream, x_at);
+        self.enqueue_product(&blas, &mut run, a, m, x, y_p)?;
+        let normed_x = Activations {
+            f32: n_p,
+            bf16: nb_p,
+        };
+        let norm = (inputs.at(&self.stream, norm_at).f32, eps);
+        self.rms_norm((y_p, a.rows), norm, normed_x, (m, cols))?;
+        let z_p = ptr_mut(&mut z, &self.stream);
+        self.enqueue_product(&blas, &mut run, b, m, normed_x, z_p)?;
+        drop(blas);
+        if let Some(y) = &y {
+            self.stream
+                .memcpy_dtoh(y, &mut first[..m * a.rows])
+                .map_err(driver)?;
+            self.transfers.copied_down(m * a.rows * 4);
+        }
+        let host = self.download(&z, m * b.rows, run)?;
+        out[..m * b.rows].copy_from_slice(&host);
+        drop((inputs, y, normed, normed_bf16));
+        Ok(())
+    }
+
+    /// Enqueues `rms_norm` of the first `cols` values of `rows` rows at `x` (row stride
+    /// `stride`) with the weights at `weight` into `out`'s f32 or bf16 buffer (`[rows, cols]`).
+    pub(super) fn rms_norm(
+        &self,
+        (x, stride): (CUdeviceptr, usize),
+        (weight, eps): (CUdeviceptr, f32),
+        out: Activations,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let (stride, rows_i, cols_i) = (dim(stride)?, dim(rows)?, dim(cols)?);
+        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm);
+        launch.arg(&x).arg(&stride).arg(&weight).arg(&eps);
+        launch
+            .arg(&out.f32)
+            .arg(&out.bf16)
+            .arg(&rows_i)
+            .arg(&cols_i);
+        self.transfers.launched();
+        // SAFETY: rms_norm(x, stride, weight, eps, out_f32, out_bf16, rows, cols) reads rows
+        // rows of `stride` values and `cols` weights, and writes rows × cols values to the
+        // output that is not null; the callers' buffers hold them.
+        unsafe { launch.launch(launch_config(grid::rms_norm(rows))) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Enqueues `rope_rotate` of columns `col ..` (`2 · pairs` of them) of every (row, head)
+    /// of `rows × heads` at `x` (row and head strides given), by the table at `cos_sin`.
+    pub(super) fn rope_rotate(
+        &self,
+        (x, row, head, col): (CUdeviceptr, usize, usize, usize),
+        (rows, heads): (usize, usize),
+        (cos_sin, pairs, interleave): (CUdeviceptr, usize, bool),
+    ) -> Result<()> {
+        let ints = [row, head, col, rows, heads, pairs].map(dim);
+        let [row, head, col, rows_i, heads_i, pairs_i] = ints;
+        let (row, head, col) = (row?, head?, col?);
+        let (rows_i, heads_i, pairs_i) = (rows_i?, heads_i?, pairs_i?);
+        let interleave = i32::from(interleave);
+        let mut launch = self.stream.launch_builder(&self.kernels.rope_rotate);
+        launch.arg(&x).arg(&row).arg(&head).arg(&col);
+        launch.arg(&rows_i).arg(&heads_i).arg(&pairs_i);
+        launch.arg(&cos_sin).arg(&interleave);
+        self.transfers.launched();
+        // SAFETY: rope_rotate(x, row, head, col, rows, heads, pairs, cos_sin, interleave)
+        // rewrites 2 · pairs values of every (row, head) the strides reach and reads rows ×
+        // pairs pairs of cos_sin: the callers' buffers hold them.
+        unsafe { launch.launch(launch_config(grid::elementwise(rows * heads * pairs))) }
+            .map_err(driver)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,619 @@
+//! The CUDA backend (feature `cuda`), first steps: weights live in GPU memory in their
+//! checkpoint precision (bf16 stays bf16, f32 stays f32, FP8 stays FP8) and every product with a
+//! weight runs on the GPU; activations cross to the GPU and back for each product, or for each
+//! group of products ([`Backend::linear_grouped`]: one upload, the launches, one download). A
+//! group of gated MLPs ([`Backend::mlp_grouped`], a MoE layer's experts) is one round trip too:
+//! SiLU-and-multiply runs on the GPU and the intermediate activations stay there. Within a
+//! round trip, independent products take as few launches as their shapes allow: FP8 ones of a
+//! few rows one `fp8_gemv_grouped`, f32 or bf16 ones of one shape one batched cuBLAS call. Each
+//! sequence's cache of latents lives in GPU memory, in pages of a pool that every sequence and
+//! layer share ([`super::cuda_pages`]), and attention over it runs there in MLA's absorbed form,
+//! for all the sequences of a step and from their rotated queries to the heads' values in one
+//! round trip ([`Backend::attend_absorbed`]): the per-head products and the cache's scores and
+//! weighted sums in cuBLAS, the causal softmax and the heads' rearrangements in kernels of this
+//! crate. Where the model allows, the whole attention block is that one round trip
+//! ([`Backend::attention_block`]): from the hidden states through the input products, both
+//! RMSNorms and the rotary embedding (by a table of angles the host computes per step) to the
+//! new cache rows, appended to their pages without leaving the GPU. [`Transfers`] counts the
+//! waits for the GPU and the bytes moved.
+//!
+//! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
+//! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
+//! cuBLAS or NVRTC shows, as an [`Error::Device`] that names it.
+//!
+//! bf16 weights multiply bf16 activations (rounded on the host, or by `silu_mul` on the GPU)
+//! with f32 accumulation and f32 output, as PyTorch's bf16 path does; f32 weights multiply f32
+//! activations. Block-quantised FP8 weights stay FP8 with their scales: products of up to
+//! [`FP8_GEMV_ROWS`] rows (decode) read them at one byte a value in a kernel of this crate
+//! ([`super::nvrtc`]), in f32; larger ones dequantise the weight to bf16 on the GPU first and run
+//! as the bf16 weights do.
+//!
+//! - this module: the backend, its weights and buffers, and [`Backend`] for it;
+//! - `products`: products with a weight and gated MLPs, in groups;
+//! - `attention`: absorbed attention over the paged caches;
+//! - `block`: the query path and the whole attention block in one round trip;
+//! - `blas`: cuBLAS' products in row-major terms.
+
+mod attention;
+mod blas;
+mod block;
+mod products;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
+};
+
+use attention::HeadInputs;
+use products::Fp8Product;
+
+use super::cuda_pages::{CudaRows, PagePool};
+use super::grid::{Grid, FP8_GEMV_ROWS};
+use super::nvrtc::Kernels;
+use super::{
+    Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
+    Rotation, View,
+};
+use crate::checkpoint::Fp8Blocks;
+use crate::error::{Error, Result};
+
+/// Runs the products with weights on one GPU.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    /// One cuBLAS handle, used by one thread at a time: ranks of one process share the backend.
+    blas: Arc<Mutex<CudaBlas>>,
+    /// Products of activations by activations that the model asks for on the host
+    /// (`matmul_nt`, `matmul_nn`): none while every sequence attends absorbed on the GPU.
+    host: CpuBackend,
+    /// This crate's kernels, compiled by NVRTC when the backend opens.
+    kernels: Kernels,
+    /// The pages of every KV cache on this GPU.
+    pages: Arc<PagePool>,
+    transfers: Arc<Transfers>,
+    ordinal: usize,
+}
+
+/// How often a backend waited for its GPU, the bytes of activations and cache rows it moved
+/// to and from it, and the kernels it launched (its own and cuBLAS' products): what a step
+/// costs beyond the kernels' own work.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    waits: AtomicU64,
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+    launches: AtomicU64,
+}
+
+impl Transfers {
+    pub fn counts(&self) -> TransferCounts {
+        TransferCounts {
+            waits: self.waits.load(Ordering::Relaxed),
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+            launches: self.launches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A kernel launched, or a cuBLAS product (which launches one or more).
+    pub fn launched(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn upload(&self, bytes: usize) {
+        self.uploaded.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A download of `bytes` and the wait for it.
+    fn download(&self, bytes: usize) {
+        self.copied_down(bytes);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A download of `bytes` that a later wait covers.
+    fn copied_down(&self, bytes: usize) {
+        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// [`Transfers`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferCounts {
+    pub waits: u64,
+    pub uploaded: u64,
+    pub downloaded: u64,
+    pub launches: u64,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A weight matrix in GPU memory.
+pub struct CudaMatrix {
+    rows: usize,
+    cols: usize,
+    data: DeviceWeights,
+}
+
+impl CudaMatrix {
+    /// Whether a product of `m` rows with this weight takes bf16 activations: bf16 weights, and
+    /// FP8 ones too many rows for the FP8 kernel (dequantised to bf16 first).
+    fn takes_bf16(&self, m: usize) -> bool {
+        match self.data {
+            DeviceWeights::F32(_) => false,
+            DeviceWeights::Bf16(_) => true,
+            DeviceWeights::Fp8 { .. } => m > FP8_GEMV_ROWS,
+        }
+    }
+}
+
+enum DeviceWeights {
+    F32(CudaSlice<f32>),
+    /// bf16 bits.
+    Bf16(CudaSlice<u16>),
+    /// E4M3FN codes, with one f32 factor per `block` (rows, columns) of them.
+    Fp8 {
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        block: (usize, usize),
+    },
+}
+
+fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("{what}: {e}"))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`; `host_threads` are the CPU threads of the host's products.
+    pub fn open(ordinal: usize, host_threads: usize) -> Result<Self> {
+        // SAFETY: both only try to load the libraries by name, which runs their initialisers
+        // as any use of them would.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "no CUDA driver here: libcuda.so is not on the library path".into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "cuBLAS (libcublas.so, CUDA 12) is not on the library path".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| device_error("the CUDA driver", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| device_error("opening the GPU", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
+        let kernels = Kernels::load(stream.context())?;
+        let transfers = Arc::new(Transfers::default());
+        Ok(Self {
+            pages: Arc::new(PagePool::new(stream.clone(), transfers.clone())),
+            transfers,
+            stream,
+            blas: Arc::new(Mutex::new(blas)),
+            host: CpuBackend::new(host_threads),
+            kernels,
+            ordinal,
+        })
+    }
+
+    /// The waits for the GPU and the bytes moved so far.
+    pub fn transfers(&self) -> TransferCounts {
+        self.transfers.counts()
+    }
+
+    /// The GPU's name, as the driver gives it.
+    pub fn device_name(&self) -> String {
+        self.stream
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
+    }
+
+    /// A new buffer of `len` values on the GPU; `None` for none.
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<Option<CudaSlice<T>>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        self.stream.alloc_zeros(len).map(Some).map_err(driver)
+    }
+
+    /// Copies the first `len` values of `y` to the host once the stream has run everything
+    /// enqueued before, then lets `run`'s buffers go.
+    fn download(&self, y: &Option<CudaSlice<f32>>, len: usize, run: Enqueued) -> Result<Vec<f32>> {
+        let mut host = vec![0.0f32; len];
+        if let Some(y) = y {
+            self.stream.memcpy_dtoh(y, &mut host).map_err(driver)?;
+        }
+        self.stream.synchronize().map_err(driver)?;
+        self.transfers.download(len * 4);
+        drop(run);
+        Ok(host)
+    }
+
+    /// Uploads staged activations, counted.
+    fn upload_staged(&self, inputs: Staged) -> Result<Uploaded> {
+        self.transfers
+            .upload(inputs.wide.len() * 4 + inputs.bf16.len() * 2);
+        inputs.upload(&self.stream)
+    }
+
+    /// Uploads `data`, or stops the process with the driver's reason: the trait that asks for
+    /// a weight has no error path, and a rank without its weights cannot serve.
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> CudaSlice<T> {
+        self.stream
+            .clone_htod(data)
+            .unwrap_or_else(|e| panic!("cuda:{}: uploading a weight: {e}", self.ordinal))
+    }
+}
+
+fn launch_config(grid: Grid) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid.blocks,
+        block_dim: grid.threads,
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A size as the kernels' and cuBLAS' `int`.
+fn dim(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Device(format!("{v} > i32::MAX")))
+}
+
+/// Activations on the host, gathered for one upload: f32 values, and bf16 bits for products
+/// that multiply bf16.
+#[derive(Default)]
+struct Staged {
+    wide: Vec<f32>,
+    bf16: Vec<u16>,
+}
+
+impl Staged {
+    /// Marks an offset into the bf16 buffer, where offsets of both buffers share one `usize`.
+    const BF16: usize = 1 << (usize::BITS - 1);
+
+    /// Appends `x`, rounded to bf16 when `bf16`; returns its offset (with [`Self::BF16`]).
+    fn push(&mut self, x: &[f32], bf16: bool) -> usize {
+        if bf16 {
+            self.bf16
+                .extend(x.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+            Self::BF16 | (self.bf16.len() - x.len())
+        } else {
+            self.wide.extend_from_slice(x);
+            self.wide.len() - x.len()
+        }
+    }
+
+    fn upload(self, stream: &Arc<CudaStream>) -> Result<Uploaded> {
+        Ok(Uploaded {
+            wide: upload_activations(stream, &self.wide)?,
+            bf16: upload_activations(stream, &self.bf16)?,
+        })
+    }
+}
+
+/// [`Staged`] activations on the GPU.
+struct Uploaded {
+    wide: Option<CudaSlice<f32>>,
+    bf16: Option<CudaSlice<u16>>,
+}
+
+impl Uploaded {
+    /// The activations at offset `at` of [`Staged::push`].
+    fn at(&self, stream: &Arc<CudaStream>, at: usize) -> Activations {
+        if at & Staged::BF16 != 0 {
+            let base = self.bf16.as_ref().map_or(0, |d| d.device_ptr(stream).0);
+            Activations {
+                f32: 0,
+                bf16: base + ((at & !Staged::BF16) * 2) as u64,
+            }
+        } else {
+            let base = self.wide.as_ref().map_or(0, |d| d.device_ptr(stream).0);
+            Activations {
+                f32: base + (at * 4) as u64,
+                bf16: 0,
+            }
+        }
+    }
+}
+
+/// A product's activations on the GPU: f32 or bf16, whichever its weight takes (the other is
+/// null).
+#[derive(Clone, Copy)]
+struct Activations {
+    f32: CUdeviceptr,
+    bf16: CUdeviceptr,
+}
+
+/// What the work enqueued on the stream needs until it has run.
+#[derive(Default)]
+struct Enqueued {
+    scratch: Vec<CudaSlice<u16>>,
+    floats: Vec<CudaSlice<f32>>,
+    tables: Vec<CudaSlice<CUdeviceptr>>,
+    products: Vec<CudaSlice<Fp8Product>>,
+}
+
+impl Enqueued {
+    /// Keeps what other enqueued work needs, as long as this.
+    fn keep(&mut self, other: Enqueued) {
+        self.scratch.extend(other.scratch);
+        self.floats.extend(other.floats);
+        self.tables.extend(other.tables);
+        self.products.extend(other.products);
+    }
+
+    /// Keeps per-head inputs until the work that reads them has run.
+    fn keep_inputs(&mut self, inputs: HeadInputs) {
+        self.floats.extend(inputs.wide);
+        self.scratch.extend(inputs.bf16);
+    }
+}
+
+/// Activations on the GPU; `None` for none.
+fn upload_activations<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    x: &[T],
+) -> Result<Option<CudaSlice<T>>> {
+    if x.is_empty() {
+        return Ok(None);
+    }
+    stream.clone_htod(x).map(Some).map_err(driver)
+}
+
+/// The device address of an optional buffer (0 for none), for writing. Everything runs on one
+/// stream, whose order is the only order the buffers need, so the access guard goes at once.
+fn ptr_mut<T>(buffer: &mut Option<CudaSlice<T>>, stream: &Arc<CudaStream>) -> CUdeviceptr {
+    buffer.as_mut().map_or(0, |d| d.device_ptr_mut(stream).0)
+}
+
+fn driver(e: DriverError) -> Error {
+    device_error("CUDA driver", e)
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+    type Rows = CudaRows;
+
+    /// 80% of the GPU's free memory: the rest is for activations, attention's gathered cache
+    /// and scores, cuBLAS, and a part-filled arena of pages per row width.
+    fn kv_cache_memory(&self) -> Option<usize> {
+        match self.stream.context().mem_get_info() {
+            Ok((free, _)) => Some(free / 10 * 8),
+            Err(e) => {
+                tracing::warn!(gpu = self.ordinal, "cannot read the free GPU memory: {e}");
+                None
+            }
+        }
+    }
+
+    fn new_rows(&self, width: usize) -> CudaRows {
+        CudaRows::new(self.pages.clone(), width)
+    }
+
+    fn append_rows(&self, rows: &mut CudaRows, data: &[f32]) {
+        if let Err(e) = rows.append(&self.stream, &self.kernels.paged_rows, data) {
+            panic!("cuda:{}: caching rows: {e}", self.ordinal);
+        }
+    }
+
+    fn truncate_rows(&self, rows: &mut CudaRows, len: usize) {
+        rows.truncate(len);
+    }
+
+    fn rows_bytes(&self, rows: &CudaRows) -> usize {
+        rows.bytes()
+    }
+
+    fn read_rows<'a>(&self, rows: &'a CudaRows, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        let mut host = vec![0.0f32; len * rows.width()];
+        if len > 0 {
+            let read = rows
+                .gather(&self.stream, &self.kernels.paged_rows, len)
+                .and_then(|(flat, table)| {
+                    self.stream.memcpy_dtoh(&flat, &mut host).map_err(driver)?;
+                    self.stream.synchronize().map_err(driver)?;
+                    self.transfers.download(host.len() * 4);
+                    drop((flat, table));
+                    Ok(())
+                });
+            if let Err(e) = read {
+                panic!("cuda:{}: reading cached rows: {e}", self.ordinal);
+            }
+        }
+        std::borrow::Cow::Owned(host)
+    }
+
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        queries: usize,
+        heads: usize,
+        rows: &CudaRows,
+        position: usize,
+        values: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let run = Attend {
+            q,
+            queries,
+            rows,
+            position,
+            out,
+        };
+        self.attend_grouped(heads, values, scale, &mut [run]);
+    }
+
+    fn attend_grouped(
+        &self,
+        heads: usize,
+        values: usize,
+        scale: f32,
+        runs: &mut [Attend<'_, CudaRows>],
+    ) {
+        if let Err(e) = self.try_attend_grouped(heads, values, scale, runs) {
+            panic!("cuda:{}: attention: {e}", self.ordinal);
+        }
+    }
+
+    fn linear_norm_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        weights: (&CudaMatrix, &CudaMatrix),
+        norm: (&[f32], f32),
+        first: &mut [f32],
+        out: &mut [f32],
+    ) {
+        if let Err(e) = self.try_linear_norm_linear(x, m, weights, norm, first, out) {
+            panic!(
+                "cuda:{}: a product, its norm and a product: {e}",
+                self.ordinal
+            );
+        }
+    }
+
+    fn attend_absorbed(
+        &self,
+        weights: &Absorbed<'_, CudaMatrix>,
+        q: &[f32],
+        runs: &[AbsorbedRun<'_, CudaRows>],
+        out: &mut [f32],
+    ) {
+        if let Err(e) = self.try_attend_absorbed(weights, q, runs, out) {
+            panic!("cuda:{}: absorbed attention: {e}", self.ordinal);
+        }
+    }
+
+    fn attention_block(
+        &self,
+        block: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        out: &mut [f32],
+    ) {
+        if let Err(e) = self.try_attention_block(block, x, rotation, runs, out) {
+            panic!("cuda:{}: an attention block: {e}", self.ordinal);
+        }
+    }
+
+    fn expands_attention(&self) -> bool {
+        false
+    }
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaMatrix {
+        CudaMatrix {
+            rows,
+            cols,
+            data: DeviceWeights::F32(self.upload(&data)),
+        }
+    }
+
+    fn matrix_bf16(&self, rows: usize, cols: usize, bits: Vec<u16>) -> CudaMatrix {
+        CudaMatrix {
+            rows,
+            cols,
+            data: DeviceWeights::Bf16(self.upload(&bits)),
+        }
+    }
+
+    fn matrix_fp8(&self, blocks: Fp8Blocks) -> CudaMatrix {
+        CudaMatrix {
+            rows: blocks.rows,
+            cols: blocks.cols,
+            data: DeviceWeights::Fp8 {
+                codes: self.upload(&blocks.codes),
+                scales: self.upload(&blocks.scales),
+                block: blocks.block,
+            },
+        }
+    }
+
+    fn shape(&self, w: &CudaMatrix) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn matrix_bytes(&self, w: &CudaMatrix) -> usize {
+        match &w.data {
+            DeviceWeights::F32(d) => d.len() * 4,
+            DeviceWeights::Bf16(d) => d.len() * 2,
+            DeviceWeights::Fp8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    fn linear(&self, x: &[f32], m: usize, w: &CudaMatrix, out: &mut [f32]) {
+        if m == 0 || w.rows == 0 {
+            return;
+        }
+        self.linear_grouped(&mut [Product { x, m, w, out }]);
+    }
+
+    fn linear_grouped(&self, products: &mut [Product<'_, CudaMatrix>]) {
+        for p in products.iter() {
+            assert!(p.x.len() >= p.m * p.w.cols, "cuda linear: x too small");
+            assert!(p.out.len() >= p.m * p.w.rows, "cuda linear: out too small");
+        }
+        if let Err(e) = self.try_linear_grouped(products) {
+            // The trait has no error path: a GPU that fails mid-step stops the process with
+            // the driver's reason rather than returning wrong numbers.
+            panic!("cuda:{}: {e}", self.ordinal);
+        }
+    }
+
+    fn mlp_grouped(&self, runs: &mut [MlpRun<'_, CudaMatrix>]) {
+        for r in runs.iter() {
+            assert!(r.x.len() >= r.m * r.gate_up.cols, "cuda mlp: x too small");
+            assert!(r.out.len() >= r.m * r.down.rows, "cuda mlp: out too small");
+        }
+        if let Err(e) = self.try_mlp_grouped(runs) {
+            panic!("cuda:{}: {e}", self.ordinal);
+        }
+    }
+
+    fn matmul_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.host.matmul_nt(m, n, k, a, b, out, out_stride);
+    }
+
+    fn matmul_nn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.host.matmul_nn(m, n, k, a, b, out, out_stride);
+    }
+}
