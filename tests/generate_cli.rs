@@ -723,6 +723,61 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
     );
 }
 
+/// A GPU that faults in the middle of a request (the CPU's stand-in failing every launch after
+/// the first 300, `CUDA_HOST_FAIL_AFTER`): `generate` ends with exit code 1 and the reason,
+/// not with the tokens so far as if they were the answer. Runs on the stand-in only, which
+/// `scripts/test.sh` sets up (`CUDA_HOST_DEVICES`); says why it skips elsewhere.
+#[test]
+fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
+    if !cfg!(feature = "cuda") || std::env::var_os("CUDA_HOST_DEVICES").is_none() {
+        eprintln!(
+            "skipped: needs the cuda feature and the CPU's stand-in for a GPU (scripts/test.sh)"
+        );
+        return;
+    }
+    let model = fixture("demo");
+    let run = |fail_after: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_moebius"));
+        if let Some(n) = fail_after {
+            command.env("CUDA_HOST_FAIL_AFTER", n);
+        }
+        command
+            .args(["generate", "--model", model.to_str().expect("utf-8 path")])
+            .args([
+                "--device",
+                "cuda:0",
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(["--ignore-eos"])
+            .output()
+            .expect("moebius runs")
+    };
+    let whole = run(None);
+    assert_eq!(
+        whole.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    let faulted = run(Some("300"));
+    let stderr = String::from_utf8_lossy(&faulted.stderr);
+    assert_eq!(faulted.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("engine stopped before the request finished"),
+        "{stderr}"
+    );
+    // It faulted after the first tokens, not before them.
+    let printed = String::from_utf8_lossy(&faulted.stdout);
+    assert!(!printed.trim().is_empty(), "no token came before the fault");
+    assert!(
+        printed.len() < String::from_utf8_lossy(&whole.stdout).len(),
+        "{printed}"
+    );
+}
+
 /// The tokens of a greedy completion of `ids` for `n` tokens through `up`'s OpenAI API, as
 /// `token_id:N` strings.
 fn completion_tokens(up: &common::up::Up, ids: &str, n: &str) -> Vec<String> {

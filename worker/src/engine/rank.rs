@@ -72,11 +72,27 @@ struct Sequence<B: Backend> {
     /// Whether this attempt has sampled a token yet; until then the sequence is prefilling.
     sampled: bool,
     events: Box<dyn EventSink>,
+    /// Whether its sink has had its last event: the finish, or the error that ended it.
+    ended: bool,
 }
 
 impl<B: Backend> Sequence<B> {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+}
+
+/// A sequence dropped before its last event (the engine thread panicked in a step, say, and
+/// unwound) still ends with an error, so that no reader takes the tokens so far for a whole
+/// answer, and the router may redo it elsewhere from them.
+impl<B: Backend> Drop for Sequence<B> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.events.send(Err(Error::Unavailable(
+                "the rank's engine stopped before the request finished (see the worker's log)"
+                    .into(),
+            )));
+        }
     }
 }
 
@@ -195,6 +211,7 @@ impl<B: Backend> RankEngine<B> {
             prompt_len,
             request,
             events,
+            ended: false,
         });
     }
 
@@ -218,6 +235,7 @@ impl<B: Backend> RankEngine<B> {
         for mut seq in self.sequences.drain(..) {
             // A client that already left does not need the error.
             seq.events.send(Err(why()));
+            seq.ended = true;
         }
     }
 
@@ -300,6 +318,7 @@ impl<B: Backend> RankEngine<B> {
                 finish,
             };
             // A closed sink means the reader went away: free the sequence now.
+            seq.ended = finish.is_some();
             if !seq.events.send(Ok(event)) || finish.is_some() {
                 finished.push(i);
             }
