@@ -723,7 +723,7 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
     );
 }
 
-/// A GPU that faults in the middle of a request (the CPU's stand-in failing every launch after
+/// A GPU that faults in the middle of a request (the CPU's stand-in failing its launch after
 /// the first 300, `CUDA_HOST_FAIL_AFTER`): `generate` ends with exit code 1 and the reason,
 /// not with the tokens so far as if they were the answer. Runs on the stand-in only, which
 /// `scripts/test.sh` sets up (`CUDA_HOST_DEVICES`); says why it skips elsewhere.
@@ -778,16 +778,55 @@ fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
     );
 }
 
+/// A GPU rank that faults mid-request in `moebius up --device cuda:0,cpu` (the CPU's stand-in
+/// failing its launch after the first 300): its worker stops serving and `up` starts it
+/// again, and every request still completes with the CPU's tokens. Runs on the stand-in only
+/// (`scripts/test.sh`); says why it skips elsewhere.
+#[test]
+fn gpu_ranks_that_fault_in_up_lose_no_request() {
+    if !cfg!(feature = "cuda") || std::env::var_os("CUDA_HOST_DEVICES").is_none() {
+        eprintln!(
+            "skipped: needs the cuda feature and the CPU's stand-in for a GPU (scripts/test.sh)"
+        );
+        return;
+    }
+    let model = fixture("tiny-v2");
+    let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
+    let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
+    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
+        .map(|id| format!("token_id:{id}"))
+        .collect();
+    let extra = ["--workers", "2", "--device", "cuda:0,cpu"];
+    let up = common::up::Up::spawn(&model, &extra, |command| {
+        command.env("CUDA_HOST_FAIL_AFTER", "300");
+    });
+    up.router_addr();
+    let http = up.http_addr();
+    for request in 0..3 {
+        let tokens = completion_tokens_at(&http, &ids, &n);
+        assert_eq!(tokens, want, "request {request} against the CPU");
+    }
+    // The fault did happen, and up took the GPU worker down and started it again.
+    up.next_line("the GPU worker's restart", |l| {
+        l.starts_with("[up] worker-0 failed")
+    });
+}
+
 /// The tokens of a greedy completion of `ids` for `n` tokens through `up`'s OpenAI API, as
 /// `token_id:N` strings.
 fn completion_tokens(up: &common::up::Up, ids: &str, n: &str) -> Vec<String> {
     up.router_addr();
+    completion_tokens_at(&up.http_addr(), ids, n)
+}
+
+/// [`completion_tokens`] from the OpenAI API at `http`.
+fn completion_tokens_at(http: &str, ids: &str, n: &str) -> Vec<String> {
     let body = format!(
         r#"{{"prompt": [{ids}], "max_tokens": {n}, "temperature": 0, "ignore_eos": true,
             "logprobs": 1}}"#
     );
     let (status, reply) = common::http::post(
-        &up.http_addr(),
+        http,
         "/v1/completions",
         Some("application/json"),
         body.as_bytes(),

@@ -8,7 +8,8 @@
 // grouped sends and receives between the ranks of one process, which complete in the
 // background as a GPU's would, so that waiting on them, their deadlines and aborts run too.
 // CUDA_HOST_DEVICES says how many devices there are (1 when unset); CUDA_HOST_FAIL_AFTER=N makes
-// every kernel launch after the first N of the process fail, as a GPU that faults mid-step does.
+// the process's kernel launch after the first N fail, as a GPU that faults mid-step does (once:
+// a worker started again gets a new context).
 //
 // What it shows: that the backend asks the driver, cuBLAS and NCCL for the right things in the
 // right order. What it does not: anything about a GPU's memory model, concurrency or timing, or
@@ -287,7 +288,7 @@ int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsign
     if (shared_bytes != 0) return kInvalidValue;  // no dynamic shared memory here
     static std::atomic<long> launches{0};
     static const char* fail_after = std::getenv("CUDA_HOST_FAIL_AFTER");
-    if (fail_after != nullptr && launches++ >= std::atol(fail_after)) {
+    if (fail_after != nullptr && launches++ == std::atol(fail_after)) {
         return 719;  // CUDA_ERROR_LAUNCH_FAILED
     }
     stream_of(stream)->drain();
