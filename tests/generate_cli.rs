@@ -692,9 +692,7 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
         );
     }
 
-    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
-        .map(|id| format!("token_id:{id}"))
-        .collect();
+    let want = completion_tokens_of(&cpu);
     let up = common::up::Up::start_with(&model, &["--workers", "2", "--device", "cuda:0,cpu"]);
     let tokens = completion_tokens(&up, &ids, &n);
     assert_eq!(tokens, want, "up --device cuda:0,cpu against the CPU");
@@ -729,10 +727,7 @@ fn gpu_ranks_give_the_cpus_tokens_through_generate_and_up() {
 /// `scripts/test.sh` sets up (`CUDA_HOST_DEVICES`); says why it skips elsewhere.
 #[test]
 fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
-    if !cfg!(feature = "cuda") || std::env::var_os("CUDA_HOST_DEVICES").is_none() {
-        eprintln!(
-            "skipped: needs the cuda feature and the CPU's stand-in for a GPU (scripts/test.sh)"
-        );
+    if !on_the_stand_in() {
         return;
     }
     let model = fixture("demo");
@@ -784,18 +779,13 @@ fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
 /// (`scripts/test.sh`); says why it skips elsewhere.
 #[test]
 fn gpu_ranks_that_fault_in_up_lose_no_request() {
-    if !cfg!(feature = "cuda") || std::env::var_os("CUDA_HOST_DEVICES").is_none() {
-        eprintln!(
-            "skipped: needs the cuda feature and the CPU's stand-in for a GPU (scripts/test.sh)"
-        );
+    if !on_the_stand_in() {
         return;
     }
     let model = fixture("tiny-v2");
     let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
     let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
-    let want: Vec<String> = (cpu["token_ids"].as_array().expect("token ids").iter())
-        .map(|id| format!("token_id:{id}"))
-        .collect();
+    let want = completion_tokens_of(&cpu);
     let extra = ["--workers", "2", "--device", "cuda:0,cpu"];
     let up = common::up::Up::spawn(&model, &extra, |command| {
         command.env("CUDA_HOST_FAIL_AFTER", "300");
@@ -810,6 +800,25 @@ fn gpu_ranks_that_fault_in_up_lose_no_request() {
     up.next_line("the GPU worker's restart", |l| {
         l.starts_with("[up] worker-0 failed")
     });
+}
+
+/// Whether the CUDA backend runs on the CPU's stand-in for a GPU, whose faults a test can
+/// inject (`scripts/test.sh` sets it up); says why not where it does not.
+fn on_the_stand_in() -> bool {
+    let here = cfg!(feature = "cuda") && std::env::var_os("CUDA_HOST_DEVICES").is_some();
+    if !here {
+        eprintln!(
+            "skipped: needs the cuda feature and the CPU's stand-in for a GPU (scripts/test.sh)"
+        );
+    }
+    here
+}
+
+/// `generate --json`'s token ids as the OpenAI API's logprobs name them (`token_id:N`).
+fn completion_tokens_of(generated: &Value) -> Vec<String> {
+    (generated["token_ids"].as_array().expect("token ids").iter())
+        .map(|id| format!("token_id:{id}"))
+        .collect()
 }
 
 /// The tokens of a greedy completion of `ids` for `n` tokens through `up`'s OpenAI API, as

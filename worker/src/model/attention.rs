@@ -15,12 +15,11 @@
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
 use crate::backend::{
-    add_bias, rms_norm, Absorbed, AbsorbedRun, AttentionBlock, Backend, BlockRun, View,
+    add_bias, rms_norm, Absorbed, AbsorbedRun, AttentionBlock, Backend, BlockRun, Rotation, View,
 };
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::linear::{Linear, Loader, Weight};
-use crate::model::rope::RotaryEmbedding;
 
 /// One layer's attention weights.
 pub struct Attention<B: Backend> {
@@ -187,12 +186,13 @@ impl<B: Backend> Attention<B> {
         self.bytes(backend) - self.kv_b.bytes(backend)
     }
 
-    /// Attention for all rows of `x` (`n` rows, already normalised), sequence by sequence;
-    /// appends the new positions to each segment's cache and writes `n × hidden` into `out`.
+    /// Attention for all rows of `x` (`n` rows, already normalised), sequence by sequence, with
+    /// `rotation` a row per batch row; appends the new positions to each segment's cache and
+    /// writes `n × hidden` into `out`.
     pub fn forward(
         &self,
         backend: &B,
-        rope: &RotaryEmbedding,
+        rotation: &Rotation,
         x: &[f32],
         n: usize,
         segments: &mut [Segment<B::Rows>],
@@ -202,7 +202,6 @@ impl<B: Backend> Attention<B> {
             return;
         }
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
-        let rotation = rope.rotation(&row_positions(segments, n));
         let expands = backend.expands_attention() && segments.iter().any(|s| self.expands(s));
         if !expands {
             if let Some(block) = self.block() {
@@ -216,7 +215,7 @@ impl<B: Backend> Attention<B> {
                         position: seg.position,
                     })
                     .collect();
-                backend.attention_block(&block, x, &rotation, &mut runs, out);
+                backend.attention_block(&block, x, rotation, &mut runs, out);
                 if let Some(bias) = &self.o_proj.bias {
                     add_bias(&mut out[..n * self.o_proj.out_features], bias);
                 }
@@ -487,22 +486,12 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// The position of every batch row, from the segments that cover them.
-fn row_positions<R>(segments: &[Segment<R>], n: usize) -> Vec<usize> {
-    let mut positions = vec![0; n];
-    for seg in segments {
-        for (i, p) in positions[seg.row..seg.row + seg.len].iter_mut().enumerate() {
-            *p = seg.position + i;
-        }
-    }
-    positions
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::CpuBackend;
     use crate::checkpoint::Checkpoint;
+    use crate::model::rope::RotaryEmbedding;
 
     /// Layer 0's attention of a fixture with q_lora (tiny-v3) and one without (tiny-v3-yarn).
     fn layer(name: &str) -> (ModelConfig, Attention<CpuBackend>, CpuBackend) {

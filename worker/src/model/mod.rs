@@ -508,6 +508,11 @@ impl<B: Backend> Model<B> {
         }
         let mut normed = vec![0.0; n * hidden];
         let mut out = vec![0.0; n * hidden];
+        // Every layer rotates the same positions: their angles once per step.
+        let positions: Vec<usize> = (inputs.iter())
+            .flat_map(|input| input.cache.len..input.cache.len + input.tokens.len())
+            .collect();
+        let rotation = w.rope.rotation(&positions);
         for (l, layer) in w.layers.iter().enumerate() {
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &layer.input_norm, cfg.rms_norm_eps);
@@ -527,7 +532,7 @@ impl<B: Backend> Model<B> {
                 .collect();
             layer
                 .attention
-                .forward(b, &w.rope, &normed, n, &mut segments, &mut out);
+                .forward(b, &rotation, &normed, n, &mut segments, &mut out);
             add_into(&mut x, &out);
 
             normed.copy_from_slice(&x);

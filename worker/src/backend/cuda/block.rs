@@ -3,7 +3,7 @@
 //! products, `rms_norm`, `rope_rotate` and the new cache rows appended to their pages.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{
     dim, driver, launch_config, ptr_mut, Activations, CudaBackend, CudaMatrix, Enqueued, Staged,
@@ -58,26 +58,14 @@ impl CudaBackend {
         let inputs = self.upload_staged(staged)?;
         let at = |offset| inputs.at(&self.stream, offset).f32;
         let mut run = Enqueued::default();
-        // [q_a | kv_a] = x · inputᵀ: [n, q_lora + lora + rope].
-        let mut stacked = self.alloc::<f32>(n * input.rows)?;
-        let stacked_p = ptr_mut(&mut stacked, &self.stream);
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        // [q_a | kv_a] = x · inputᵀ ([n, q_lora + lora + rope]), and the queries
+        // q_b(rms_norm(q_a)), then their rotary columns rotated.
         let x_dev = inputs.at(&self.stream, x_at);
-        self.enqueue_product(&blas, &mut run, input, n, x_dev, stacked_p)?;
-        // The queries: q_b(rms_norm(q_a)), then their rotary columns rotated.
-        let bf16 = q_b.takes_bf16(n);
-        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { n * q_lora })?;
-        let mut normed_bf16 = self.alloc::<u16>(if bf16 { n * q_lora } else { 0 })?;
-        let normed_x = Activations {
-            f32: ptr_mut(&mut normed, &self.stream),
-            bf16: ptr_mut(&mut normed_bf16, &self.stream),
-        };
         let norm = (at(q_norm_at), b.eps);
-        self.rms_norm((stacked_p, input.rows), norm, normed_x, (n, q_lora))?;
-        let mut q = self.alloc::<f32>(n * h * qk)?;
+        let (mut stacked, mut q) =
+            self.enqueue_linear_norm_linear(&mut run, (input, q_b), x_dev, norm, n)?;
+        let stacked_p = ptr_mut(&mut stacked, &self.stream);
         let q_p = ptr_mut(&mut q, &self.stream);
-        self.enqueue_product(&blas, &mut run, q_b, n, normed_x, q_p)?;
-        drop(blas);
         let rotation_p = at(rotation_at);
         let angles = (rotation_p, pairs, rotation.interleave);
         self.rope_rotate((q_p, h * qk, qk, w.nope), (n, h), angles)?;
@@ -114,7 +102,7 @@ impl CudaBackend {
         }
         let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, &mut run)?;
         let host = self.download(&result, len, run)?;
-        drop((inputs, stacked, normed, normed_bf16, q, kv, latent));
+        drop((inputs, stacked, q, kv, latent));
         out[..len].copy_from_slice(&host);
         Ok(())
     }
@@ -146,29 +134,10 @@ impl CudaBackend {
         let x_at = inputs.push(&x[..m * a.cols], a.takes_bf16(m));
         let norm_at = inputs.push(norm, false);
         let inputs = self.upload_staged(inputs)?;
-        let mut y = self.alloc::<f32>(m * a.rows)?;
-        let bf16 = b.takes_bf16(m);
-        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { m * cols })?;
-        let mut normed_bf16 = self.alloc::<u16>(if bf16 { m * cols } else { 0 })?;
-        let mut z = self.alloc::<f32>(m * b.rows)?;
         let mut run = Enqueued::default();
-        let y_p = ptr_mut(&mut y, &self.stream);
-        let (n_p, nb_p) = (
-            ptr_mut(&mut normed, &self.stream),
-            ptr_mut(&mut normed_bf16, &self.stream),
-        );
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         let x = inputs.at(&self.stream, x_at);
-        self.enqueue_product(&blas, &mut run, a, m, x, y_p)?;
-        let normed_x = Activations {
-            f32: n_p,
-            bf16: nb_p,
-        };
         let norm = (inputs.at(&self.stream, norm_at).f32, eps);
-        self.rms_norm((y_p, a.rows), norm, normed_x, (m, cols))?;
-        let z_p = ptr_mut(&mut z, &self.stream);
-        self.enqueue_product(&blas, &mut run, b, m, normed_x, z_p)?;
-        drop(blas);
+        let (y, z) = self.enqueue_linear_norm_linear(&mut run, (a, b), x, norm, m)?;
         if let Some(y) = &y {
             self.stream
                 .memcpy_dtoh(y, &mut first[..m * a.rows])
@@ -177,8 +146,41 @@ impl CudaBackend {
         }
         let host = self.download(&z, m * b.rows, run)?;
         out[..m * b.rows].copy_from_slice(&host);
-        drop((inputs, y, normed, normed_bf16));
+        drop((inputs, y));
         Ok(())
+    }
+
+    /// Enqueues `first = x · aᵀ` (`[m, a.rows]`), `rms_norm` of its first `b.cols` columns with
+    /// the weights at `norm` into f32 or bf16 as `b` takes them, and `second = normed · bᵀ`
+    /// (`[m, b.rows]`): MLA's query path. Returns `first` and `second`; the normalised rows go
+    /// into `run`.
+    fn enqueue_linear_norm_linear(
+        &self,
+        run: &mut Enqueued,
+        (a, b): (&CudaMatrix, &CudaMatrix),
+        x: Activations,
+        norm: (CUdeviceptr, f32),
+        m: usize,
+    ) -> Result<(Buffer, Buffer)> {
+        let cols = b.cols;
+        let bf16 = b.takes_bf16(m);
+        let mut first = self.alloc::<f32>(m * a.rows)?;
+        let mut normed = self.alloc::<f32>(if bf16 { 0 } else { m * cols })?;
+        let mut normed_bf16 = self.alloc::<u16>(if bf16 { m * cols } else { 0 })?;
+        let mut second = self.alloc::<f32>(m * b.rows)?;
+        let first_p = ptr_mut(&mut first, &self.stream);
+        let normed_x = Activations {
+            f32: ptr_mut(&mut normed, &self.stream),
+            bf16: ptr_mut(&mut normed_bf16, &self.stream),
+        };
+        let second_p = ptr_mut(&mut second, &self.stream);
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        self.enqueue_product(&blas, run, a, m, x, first_p)?;
+        self.rms_norm((first_p, a.rows), norm, normed_x, (m, cols))?;
+        self.enqueue_product(&blas, run, b, m, normed_x, second_p)?;
+        run.floats.extend(normed);
+        run.scratch.extend(normed_bf16);
+        Ok((first, second))
     }
 
     /// Enqueues `rms_norm` of the first `cols` values of `rows` rows at `x` (row stride
@@ -232,3 +234,6 @@ impl CudaBackend {
         Ok(())
     }
 }
+
+/// A buffer on the GPU; `None` where it would be empty.
+type Buffer = Option<CudaSlice<f32>>;
