@@ -927,3 +927,81 @@ fn cuda_query_path_matches_the_cpu_in_one_round_trip() {
         }
     }
 }
+
+/// A MoE gate routes on the GPU in one round trip and picks the CPU's experts with the CPU's
+/// weights: each routing method, f32 and bf16 gate weights; only the routes come back (two
+/// values per pick). A gate of more experts than `gate_route` takes routes on the host after
+/// its product on the GPU, with the same result.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_gate_routes_as_the_cpu_in_one_round_trip() {
+    use moebius_worker::backend::grid::ROUTE_MAX_EXPERTS;
+    use moebius_worker::backend::{Backend, CpuBackend, Router};
+    use moebius_worker::config::TopkMethod;
+    use rand::SeedableRng;
+
+    let Some(gpu) = gpu::open() else { return };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+    let (n, hidden) = (5, 32);
+    let x = gpu::random(&mut rng, n * hidden);
+    let cases = [
+        (TopkMethod::NoauxTc, 64, (8, 4), 6, false),
+        (TopkMethod::NoauxTc, 64, (8, 4), 6, true),
+        (TopkMethod::Greedy, 40, (1, 1), 4, false),
+        (TopkMethod::GroupLimitedGreedy, 48, (4, 2), 5, true),
+        (TopkMethod::Greedy, ROUTE_MAX_EXPERTS + 8, (1, 1), 8, false),
+    ];
+    for (method, experts, (n_group, topk_group), top_k, bf16) in cases {
+        let w = gpu::random(&mut rng, experts * hidden);
+        let (w_gpu, w_cpu) = if bf16 {
+            gpu::bf16_pair(&gpu, &cpu, (experts, hidden), &w)
+        } else {
+            let (a, b) = (w.clone(), w);
+            (
+                gpu.matrix(experts, hidden, a),
+                cpu.matrix(experts, hidden, b),
+            )
+        };
+        let bias = gpu::random(&mut rng, experts);
+        let router = Router {
+            weight: &w_gpu,
+            correction_bias: (method == TopkMethod::NoauxTc).then_some(&bias[..]),
+            method,
+            experts,
+            top_k,
+            n_group,
+            topk_group,
+            norm_topk_prob: true,
+            scaling: 2.5,
+        };
+        // bf16 weights multiply bf16-rounded inputs on the GPU: the CPU does the same here.
+        let x_cpu: Vec<f32> = if bf16 {
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        } else {
+            x.clone()
+        };
+        let want = cpu.route(&router.with_weight(&w_cpu), &x_cpu, n);
+        let before = gpu.transfers();
+        let got = gpu.route(&router, &x, n);
+        let after = gpu.transfers();
+        let what = format!("{method:?} of {experts} experts, bf16 {bf16}");
+        assert_eq!(after.waits - before.waits, 1, "{what}: one round trip");
+        if experts <= ROUTE_MAX_EXPERTS {
+            let routes_bytes = (2 * n * top_k * 4) as u64;
+            assert_eq!(after.downloaded - before.downloaded, routes_bytes, "{what}");
+        }
+        assert_eq!(got.len(), n, "{what}");
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.experts, w.experts, "{what}, row {r}");
+            for (a, b) in g.weights.iter().zip(&w.weights) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                    "{what}, row {r}: {a} against {b}"
+                );
+            }
+        }
+    }
+}

@@ -7,8 +7,9 @@ mod cuda_host;
 
 use cuda_host::{kernel_names, Args, HostKernels};
 use moebius_worker::backend::grid::{self, FP8_GEMV_ROWS};
-use moebius_worker::backend::Rotation;
+use moebius_worker::backend::{Rotation, Router};
 use moebius_worker::checkpoint::Fp8Blocks;
+use moebius_worker::config::TopkMethod;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -23,6 +24,7 @@ const TESTED: &[&str] = &[
     "heads_copy",
     "rms_norm",
     "rope_rotate",
+    "gate_route",
 ];
 
 #[test]
@@ -491,6 +493,97 @@ fn rope_rotate_matches_the_cpus_rotation() {
         assert_ne!(got, x, "nothing rotated");
         cos_sin = rotation.cos_sin;
     }
+}
+
+/// `gate_route` picks the experts the CPU's [`Router::route_row`] picks, in the same order, with
+/// their weights, for every row of a launch: each routing method; more experts than a block
+/// has threads; groups of one expert; more experts than the kept groups hold (the masked ones
+/// then taken by index); and rows of tied pairs, whose ties go to the lower index.
+#[test]
+fn gate_route_matches_the_cpus_router() {
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    let router = |method, experts, (n_group, topk_group), top_k, norm_topk_prob| Router {
+        weight: &(),
+        correction_bias: None,
+        method,
+        experts,
+        top_k,
+        n_group,
+        topk_group,
+        norm_topk_prob,
+        scaling: 2.5,
+    };
+    let cases = [
+        router(TopkMethod::NoauxTc, 64, (8, 3), 6, true),
+        router(TopkMethod::NoauxTc, 300, (10, 4), 8, false),
+        router(TopkMethod::NoauxTc, 12, (12, 5), 3, true),
+        router(TopkMethod::NoauxTc, 16, (8, 1), 4, true),
+        router(TopkMethod::Greedy, 20, (1, 1), 4, false),
+        router(TopkMethod::GroupLimitedGreedy, 24, (4, 2), 5, false),
+        router(TopkMethod::GroupLimitedGreedy, 300, (6, 2), 7, false),
+    ];
+    let rows = 4;
+    for case in cases {
+        for ties in [false, true] {
+            let experts = case.experts;
+            let mut logits = values(&mut rng, rows * experts);
+            let mut bias: Vec<f32> = (0..experts).map(|_| rng.random_range(-0.1..0.1)).collect();
+            if ties {
+                for e in (1..logits.len()).step_by(2) {
+                    logits[e] = logits[e - 1];
+                }
+                bias.fill(0.0);
+            }
+            let router = Router {
+                correction_bias: (case.method == TopkMethod::NoauxTc).then_some(&bias[..]),
+                ..case.with_weight(&())
+            };
+            let k = router.top_k;
+            let got = route_rows(&router, &logits, rows);
+            for (r, row) in logits.chunks_exact(experts).enumerate() {
+                let want = router.route_row(row);
+                let what = format!(
+                    "{:?} of {experts} experts, ties {ties}, row {r}",
+                    router.method
+                );
+                let picked = &got[(rows + r) * k..(rows + r + 1) * k];
+                let picked: Vec<usize> = picked.iter().map(|&e| e as usize).collect();
+                assert_eq!(picked, want.experts, "{what}");
+                let weights = &got[r * k..(r + 1) * k];
+                for (i, (&g, &w)) in weights.iter().zip(&want.weights).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                        "{what}, weight {i}: {g}, want {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `gate_route` of `rows` rows of `logits`, launched as the backend launches it: the weights,
+/// then the experts, `top_k` a row.
+fn route_rows(router: &Router<'_, ()>, logits: &[f32], rows: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; 2 * rows * router.top_k];
+    let bias = router
+        .correction_bias
+        .map_or(std::ptr::null(), <[f32]>::as_ptr);
+    let args = Args::default()
+        .arg(logits.as_ptr())
+        .arg(rows as i32)
+        .arg(router.experts as i32)
+        .arg(bias)
+        .arg(grid::gate_route_method(router.method))
+        .arg(router.n_group as i32)
+        .arg(router.topk_group as i32)
+        .arg(router.top_k as i32)
+        .arg(i32::from(router.norm_topk_prob))
+        .arg(router.scaling)
+        .arg(out.as_mut_ptr());
+    // SAFETY: logits holds rows × experts values, the bias (noaux_tc's) experts, and out
+    // 2 × rows × top_k.
+    unsafe { HostKernels::get().launch("gate_route", grid::gate_route(rows), args) };
+    out
 }
 
 /// Runs a kernel that writes f32 or bf16 (`launch(f32_out, bf16_out)`, one of them null) both

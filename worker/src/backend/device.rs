@@ -4,7 +4,7 @@
 
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, View,
+    Rotation, Route, Router, View,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
@@ -327,6 +327,18 @@ impl Backend for AnyBackend {
                 scale,
                 out,
             ),
+        }
+    }
+
+    fn route(&self, router: &Router<'_, AnyMatrix>, x: &[f32], n: usize) -> Vec<Route> {
+        match self {
+            AnyBackend::Cpu(b) => {
+                b.route(&router.with_weight(matrix_of!(router.weight, Cpu)), x, n)
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => {
+                b.route(&router.with_weight(matrix_of!(router.weight, Cuda)), x, n)
+            }
         }
     }
 

@@ -2,6 +2,8 @@
 //! shape. Not behind the `cuda` feature, so that the tests that run those kernels on the CPU
 //! (`tests/nvrtc_kernels.rs`) launch them exactly as the backend does.
 
+use crate::config::TopkMethod;
+
 /// Activation rows `fp8_gemv` takes at once; more go through `fp8_to_bf16` and cuBLAS.
 pub const FP8_GEMV_ROWS: usize = 8;
 
@@ -68,6 +70,25 @@ pub fn causal_softmax(rows: usize) -> Grid {
 /// `rms_norm` over `rows` rows: one block per row, as `causal_softmax`.
 pub fn rms_norm(rows: usize) -> Grid {
     causal_softmax(rows)
+}
+
+/// `gate_route` over `rows` rows of a gate's logits: one block per row, as `causal_softmax`.
+pub fn gate_route(rows: usize) -> Grid {
+    causal_softmax(rows)
+}
+
+/// Most experts and groups of experts `gate_route` takes (nvrtc.cu's `ROUTE_MAX_EXPERTS` and
+/// `ROUTE_MAX_GROUPS`: its shared arrays); a gate beyond them routes on the host.
+pub const ROUTE_MAX_EXPERTS: usize = 1024;
+pub const ROUTE_MAX_GROUPS: usize = 64;
+
+/// `gate_route`'s code for a routing method (nvrtc.cu's `ROUTE_*`).
+pub fn gate_route_method(method: TopkMethod) -> i32 {
+    match method {
+        TopkMethod::Greedy => 0,
+        TopkMethod::GroupLimitedGreedy => 1,
+        TopkMethod::NoauxTc => 2,
+    }
 }
 
 /// Rows of a page of a paged KV cache: the unit the caches grow and shrink by, and the block

@@ -18,6 +18,7 @@
 //! - [`grid`]: the launch shape of each CUDA kernel;
 //! - [`f32_rows`]: f32 weights against a few activation rows, where `gemm`'s packing costs most;
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
+//! - [`routing`]: a MoE gate's routing (sigmoid or softmax, group-limited top-k, weights);
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
 
@@ -36,9 +37,11 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod packed;
 pub mod packed_fp8;
+pub mod routing;
 
 pub use cpu::CpuBackend;
 pub use device::{AnyBackend, Device};
+pub use routing::{Route, Router};
 
 use crate::checkpoint::Fp8Blocks;
 
@@ -323,6 +326,14 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut [f32],
     ) {
         attend::block_by_parts(self, block, x, rotation, runs, out);
+    }
+
+    /// Routes `n` rows of `x` (normalised hidden states) through a MoE gate: its logits
+    /// `x · weightᵀ`, then [`Router::route_row`] of each row. A backend may route where the
+    /// logits are and return only the routes; the default routes on the host
+    /// ([`routing::route_by_parts`]).
+    fn route(&self, router: &Router<'_, Self::Matrix>, x: &[f32], n: usize) -> Vec<Route> {
+        routing::route_by_parts(self, router, x, n)
     }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which

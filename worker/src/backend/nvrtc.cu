@@ -275,3 +275,161 @@ extern "C" __global__ void rope_rotate(float* __restrict__ x, int row, int head,
         at[b] = x2 * c + x1 * s;
     }
 }
+
+// Whether (v, i) comes before (w, j) in top-k order: the larger value first, ties to the
+// lower index.
+__device__ __forceinline__ int ranks_before(float v, int i, float w, int j) {
+    return v > w || (v == w && i < j);
+}
+
+// The first of the block's candidates (v, *i) in top-k order, returned to every thread with
+// its index in *i; an index of -1 is no candidate. `red` and `red_i` hold one per warp.
+// Every thread of the block calls it.
+__device__ float block_best(float v, int* i, float* red, int* red_i) {
+    int at = *i;
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, v, o);
+        int j = __shfl_xor_sync(0xffffffffu, at, o);
+        if (j >= 0 && (at < 0 || ranks_before(w, j, v, at))) {
+            v = w;
+            at = j;
+        }
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        red[warp] = v;
+        red_i[warp] = at;
+    }
+    __syncthreads();
+    v = lane < warps ? red[lane] : 0.0f;
+    at = lane < warps ? red_i[lane] : -1;
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, v, o);
+        int j = __shfl_xor_sync(0xffffffffu, at, o);
+        if (j >= 0 && (at < 0 || ranks_before(w, j, v, at))) {
+            v = w;
+            at = j;
+        }
+    }
+    __syncthreads();  // red is free again
+    *i = at;
+    return v;
+}
+
+#define ROUTE_MAX_EXPERTS 1024
+#define ROUTE_MAX_GROUPS 64
+#define ROUTE_GREEDY 0
+#define ROUTE_GROUP_LIMITED_GREEDY 1
+#define ROUTE_NOAUX_TC 2
+
+// A MoE gate's routing of each row of its logits [rows, experts], as the CPU's
+// Router::route_row: scores (sigmoid, plus `bias` for selection, for noaux_tc; softmax for
+// the V2 methods), the topk_group best of n_group groups kept (ranked by the sum of their
+// best two choices for noaux_tc, by their best score for group-limited greedy), the top_k
+// best experts (ties to the lower index), and their weights (noaux_tc's renormalised when
+// `norm`, then all scaled). Writes out[r * top_k + k] = weight and
+// out[(rows + r) * top_k + k] = expert (exact as a float). One block per row; experts <=
+// ROUTE_MAX_EXPERTS, n_group <= ROUTE_MAX_GROUPS.
+extern "C" __global__ void gate_route(const float* __restrict__ logits, int rows, int experts,
+                                      const float* __restrict__ bias, int method, int n_group,
+                                      int topk_group, int top_k, int norm, float scaling,
+                                      float* __restrict__ out) {
+    __shared__ float scores[ROUTE_MAX_EXPERTS];
+    __shared__ float choice[ROUTE_MAX_EXPERTS];
+    __shared__ float group_score[ROUTE_MAX_GROUPS];
+    __shared__ int kept[ROUTE_MAX_GROUPS];
+    __shared__ float red[32];
+    __shared__ int red_i[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;  // the whole block
+    const float* l = logits + (long long)r * experts;
+    float neg_inf = __int_as_float(0xff800000);
+    if (method == ROUTE_NOAUX_TC) {
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+            float s = 1.0f / (1.0f + expf(-l[e]));
+            scores[e] = s;
+            choice[e] = s + bias[e];
+        }
+    } else {
+        float m = neg_inf;
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) m = fmaxf(m, l[e]);
+        m = block_reduce(m, red, 1);
+        float s = 0.0f;
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+            float v = expf(l[e] - m);
+            scores[e] = v;
+            s += v;
+        }
+        s = block_reduce(s, red, 0);
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+            scores[e] /= s;
+            choice[e] = scores[e];
+        }
+    }
+    __syncthreads();
+    if (method != ROUTE_GREEDY) {
+        int per_group = experts / n_group;
+        for (int g = threadIdx.x; g < n_group; g += blockDim.x) {
+            const float* c = choice + g * per_group;
+            float best = neg_inf, second = neg_inf;
+            for (int j = 0; j < per_group; j++) {
+                if (c[j] > best) {
+                    second = best;
+                    best = c[j];
+                } else if (c[j] > second) {
+                    second = c[j];
+                }
+            }
+            int two = method == ROUTE_NOAUX_TC && per_group >= 2;
+            group_score[g] = two ? best + second : best;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int g = 0; g < n_group; g++) kept[g] = 0;
+            for (int t = 0; t < topk_group && t < n_group; t++) {
+                int best = -1;
+                for (int g = 0; g < n_group; g++) {
+                    if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+                }
+                kept[best] = 1;
+            }
+        }
+        __syncthreads();
+        float fill = method == ROUTE_NOAUX_TC ? neg_inf : 0.0f;
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+            if (!kept[e / per_group]) choice[e] = fill;
+        }
+        __syncthreads();
+    }
+    // Top-k: k rounds, each the block's first choice after the one the last round took.
+    float* weights = out + (long long)r * top_k;
+    float* picked = out + ((long long)rows + r) * top_k;
+    float last = 0.0f;
+    int last_at = -1;
+    for (int k = 0; k < top_k; k++) {
+        float v = 0.0f;
+        int at = -1;
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+            float c = choice[e];
+            if (last_at >= 0 && !ranks_before(last, last_at, c, e)) continue;
+            if (at < 0 || ranks_before(c, e, v, at)) {
+                v = c;
+                at = e;
+            }
+        }
+        last = block_best(v, &at, red, red_i);
+        last_at = at;
+        if (threadIdx.x == 0) picked[k] = (float)at;
+    }
+    if (threadIdx.x == 0) {
+        // The V2 routers weigh by the (masked) scores they chose by, and never renormalise.
+        const float* by = method == ROUTE_NOAUX_TC ? scores : choice;
+        float sum = 0.0f;
+        for (int k = 0; k < top_k; k++) {
+            weights[k] = by[(int)picked[k]];
+            sum += weights[k];
+        }
+        float divisor = method == ROUTE_NOAUX_TC && norm ? sum + 1e-20f : 1.0f;
+        for (int k = 0; k < top_k; k++) weights[k] = weights[k] / divisor * scaling;
+    }
+}

@@ -14,7 +14,9 @@
 //! - `heads_copy`: per-head column slices between attention's layouts, in f32 or bf16;
 //! - `rms_norm`: RMSNorm of the leading columns of each row, into f32 or bf16;
 //! - `rope_rotate`: the rotary embedding of queries' and keys' rotary columns, by a table of
-//!   angles per row (YaRN's schedule and factor computed on the host).
+//!   angles per row (YaRN's schedule and factor computed on the host);
+//! - `gate_route`: a MoE gate's routing of each row of its logits (sigmoid or softmax,
+//!   group-limited top-k, weights), so that only the routes travel to the host.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -39,6 +41,7 @@ pub struct Kernels {
     pub heads_copy: CudaFunction,
     pub rms_norm: CudaFunction,
     pub rope_rotate: CudaFunction,
+    pub gate_route: CudaFunction,
 }
 
 impl Kernels {
@@ -62,6 +65,7 @@ impl Kernels {
             heads_copy: function("heads_copy")?,
             rms_norm: function("rms_norm")?,
             rope_rotate: function("rope_rotate")?,
+            gate_route: function("gate_route")?,
         })
     }
 }

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::backend::{softmax, top_k, Backend};
+use crate::backend::{Backend, Router};
 use crate::comm::Communicator;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
@@ -30,13 +30,6 @@ pub struct Gate<B: Backend> {
     topk_group: usize,
     norm_topk_prob: bool,
     scaling: f32,
-}
-
-/// The routing decision for one row: logical experts and their weights, in top-k order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
-    pub experts: Vec<usize>,
-    pub weights: Vec<f32>,
 }
 
 impl<B: Backend> Gate<B> {
@@ -67,77 +60,18 @@ impl<B: Backend> Gate<B> {
         self.weight.bytes(backend) + self.correction_bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
-    /// Routes `n` rows of `x`; blocks of rows are routed as parallel tasks.
-    pub fn route(&self, backend: &B, x: &[f32], n: usize) -> Vec<Route> {
-        const ROWS_PER_TASK: usize = 64;
-        let mut logits = vec![0.0; n * self.experts];
-        self.weight.forward(backend, x, n, &mut logits);
-        let block = ROWS_PER_TASK * self.experts;
-        backend
-            .map_tasks(logits.len().div_ceil(block), |t| {
-                let end = ((t + 1) * block).min(logits.len());
-                logits[t * block..end]
-                    .chunks_exact(self.experts)
-                    .map(|l| self.route_row(l))
-                    .collect::<Vec<_>>()
-            })
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    fn route_row(&self, logits: &[f32]) -> Route {
-        let per_group = self.experts / self.n_group;
-        match self.method {
-            TopkMethod::NoauxTc => {
-                let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-                let bias = self.correction_bias.as_deref().unwrap_or(&[]);
-                let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-                let group_scores: Vec<f32> = choice
-                    .chunks_exact(per_group)
-                    .map(|g| top_k(g, 2.min(g.len())).iter().map(|&i| g[i]).sum())
-                    .collect();
-                mask_groups(
-                    &mut choice,
-                    &group_scores,
-                    self.topk_group,
-                    per_group,
-                    f32::NEG_INFINITY,
-                );
-                let experts = top_k(&choice, self.top_k);
-                let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
-                if self.norm_topk_prob {
-                    let sum = weights.iter().sum::<f32>() + 1e-20;
-                    weights.iter_mut().for_each(|w| *w /= sum);
-                }
-                weights.iter_mut().for_each(|w| *w *= self.scaling);
-                Route { experts, weights }
-            }
-            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
-                let mut scores = logits.to_vec();
-                softmax(&mut scores);
-                if self.method == TopkMethod::GroupLimitedGreedy {
-                    let group_scores: Vec<f32> = scores
-                        .chunks_exact(per_group)
-                        .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-                        .collect();
-                    mask_groups(&mut scores, &group_scores, self.topk_group, per_group, 0.0);
-                }
-                let experts = top_k(&scores, self.top_k);
-                // transformers' V2 router always scales and never renormalises.
-                let weights = experts.iter().map(|&e| scores[e] * self.scaling).collect();
-                Route { experts, weights }
-            }
-        }
-    }
-}
-
-/// Keeps the `keep` best groups of `scores` and sets every other entry to `fill`.
-fn mask_groups(scores: &mut [f32], group_scores: &[f32], keep: usize, per_group: usize, fill: f32) {
-    let kept = top_k(group_scores, keep);
-    for (g, chunk) in scores.chunks_exact_mut(per_group).enumerate() {
-        if !kept.contains(&g) {
-            chunk.fill(fill);
+    /// The gate as the backend routes with it.
+    fn router(&self) -> Router<'_, B::Matrix> {
+        Router {
+            weight: &self.weight.weight,
+            correction_bias: self.correction_bias.as_deref(),
+            method: self.method,
+            experts: self.experts,
+            top_k: self.top_k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            norm_topk_prob: self.norm_topk_prob,
+            scaling: self.scaling,
         }
     }
 }
@@ -198,7 +132,7 @@ impl<B: Backend> MoeLayer<'_, B> {
     ) -> Result<()> {
         let hidden = self.gate.hidden;
         let world = comm.world_size();
-        let routes = self.gate.route(backend, x, n);
+        let routes = backend.route(&self.gate.router(), x, n);
         if let Some((load, layer)) = self.load {
             let mut tokens = vec![0u32; self.gate.experts];
             for &e in routes.iter().flat_map(|r| &r.experts) {
@@ -311,22 +245,5 @@ impl<B: Backend> MoeLayer<'_, B> {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_k_breaks_ties_towards_the_lower_index() {
-        assert_eq!(top_k(&[0.5, 0.9, 0.5, 0.1], 3), vec![1, 0, 2]);
-    }
-
-    #[test]
-    fn masked_groups_are_filled() {
-        let mut s = vec![1.0, 2.0, 5.0, 0.0, 3.0, 3.0];
-        mask_groups(&mut s, &[2.0, 5.0, 3.0], 2, 2, -1.0);
-        assert_eq!(s, vec![-1.0, -1.0, 5.0, 0.0, 3.0, 3.0]);
     }
 }

@@ -14,8 +14,10 @@
 //! crate. Where the model allows, the whole attention block is that one round trip
 //! ([`Backend::attention_block`]): from the hidden states through the input products, both
 //! RMSNorms and the rotary embedding (by a table of angles the host computes per step) to the
-//! new cache rows, appended to their pages without leaving the GPU. [`Transfers`] counts the
-//! waits for the GPU and the bytes moved.
+//! new cache rows, appended to their pages without leaving the GPU. A MoE gate routes on the
+//! GPU ([`Backend::route`]): its product and the routing in one round trip, from which only
+//! each row's experts and weights come back. [`Transfers`] counts the waits for the GPU and
+//! the bytes moved.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
@@ -32,12 +34,14 @@
 //! - `products`: products with a weight and gated MLPs, in groups;
 //! - `attention`: absorbed attention over the paged caches;
 //! - `block`: the query path and the whole attention block in one round trip;
+//! - `routing`: a MoE gate's product and routing in one round trip;
 //! - `blas`: cuBLAS' products in row-major terms.
 
 mod attention;
 mod blas;
 mod block;
 mod products;
+mod routing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +60,7 @@ use super::grid::{Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, View,
+    Rotation, Route, Router, View,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
@@ -512,6 +516,11 @@ impl Backend for CudaBackend {
         if let Err(e) = self.try_attention_block(block, x, rotation, runs, out) {
             panic!("cuda:{}: an attention block: {e}", self.ordinal);
         }
+    }
+
+    fn route(&self, router: &Router<'_, CudaMatrix>, x: &[f32], n: usize) -> Vec<Route> {
+        self.try_route(router, x, n)
+            .unwrap_or_else(|e| panic!("cuda:{}: a MoE gate: {e}", self.ordinal))
     }
 
     fn expands_attention(&self) -> bool {
