@@ -115,6 +115,7 @@ mod gpu {
 
     use moebius_coordinator::Placement;
     use moebius_worker::backend::cuda::CudaBackend;
+    use moebius_worker::backend::{RowLogits, Wants};
     use moebius_worker::checkpoint::Checkpoint;
     use moebius_worker::comm::local_group;
     use moebius_worker::config::ModelConfig;
@@ -190,15 +191,17 @@ mod gpu {
         let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
         let mut next: Vec<u32> = prompt.to_vec();
         for _ in 0..steps {
-            let logits = model
-                .forward(
-                    &mut [StepInput {
-                        tokens: &next,
-                        cache: &mut cache,
-                    }],
-                    &mut comm,
-                )
-                .expect("a step");
+            let step = model.forward(
+                &mut [StepInput {
+                    tokens: &next,
+                    cache: &mut cache,
+                    wants: Wants::All,
+                }],
+                &mut comm,
+            );
+            let Ok([RowLogits::All(logits)]) = step.as_deref() else {
+                panic!("a step gives every logit it was asked for: {step:?}");
+            };
             let (best, _) =
                 logits
                     .iter()
@@ -1002,6 +1005,69 @@ fn cuda_gate_routes_as_the_cpu_in_one_round_trip() {
                     "{what}, row {r}: {a} against {b}"
                 );
             }
+        }
+    }
+}
+
+/// The LM head gives each row what its sampler wants, in one round trip: the best few logits
+/// (the CPU's tokens, values and log-sum-exp) where it asks for at most `LOGITS_BEST_MAX`,
+/// every logit where it asks for all or for more, nothing where it asks for nothing; and only
+/// that comes back.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_lm_head_gives_each_row_what_it_wants_in_one_round_trip() {
+    use moebius_worker::backend::grid::LOGITS_BEST_MAX;
+    use moebius_worker::backend::{Backend, BestLogits, CpuBackend, RowLogits, Wants};
+    use rand::SeedableRng;
+
+    let Some(gpu) = gpu::open() else { return };
+    let cpu = CpuBackend::new(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+    let (vocab, hidden) = (300, 32);
+    let w = gpu::random(&mut rng, vocab * hidden);
+    let (w_gpu, w_cpu) = (
+        gpu.matrix(vocab, hidden, w.clone()),
+        cpu.matrix(vocab, hidden, w),
+    );
+    let more = LOGITS_BEST_MAX + 8;
+    let wants = [
+        Wants::Best(1),
+        Wants::Nothing,
+        Wants::All,
+        Wants::Best(5),
+        Wants::Best(more),
+        Wants::Best(20),
+    ];
+    let x = gpu::random(&mut rng, wants.len() * hidden);
+    let mut logits = vec![0.0; wants.len() * vocab];
+    cpu.linear(&x, wants.len(), &w_cpu, &mut logits);
+    let before = gpu.transfers();
+    let got = gpu.lm_head(&x, &w_gpu, &wants);
+    let after = gpu.transfers();
+    assert_eq!(after.waits - before.waits, 1, "one round trip");
+    // The best 20 (the most asked for) and a log-sum-exp of each of 3 rows, and every logit
+    // of 2.
+    let bytes = (3 * (2 * 20 + 1) + 2 * vocab) * 4;
+    assert_eq!(after.downloaded - before.downloaded, bytes as u64);
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    for (r, (want, got)) in wants.iter().zip(&got).enumerate() {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        match (want, got) {
+            (Wants::Nothing, RowLogits::Nothing) => {}
+            (Wants::All, RowLogits::All(all)) => {
+                assert!(all.iter().zip(row).all(|(&a, &b)| close(a, b)), "row {r}");
+            }
+            (&Wants::Best(k), RowLogits::All(all)) if k == more => {
+                assert!(all.iter().zip(row).all(|(&a, &b)| close(a, b)), "row {r}");
+            }
+            (&Wants::Best(k), RowLogits::Best(best)) => {
+                let cpu_best = BestLogits::of(row, k);
+                assert_eq!(best.ids, cpu_best.ids, "row {r}");
+                let values = best.values.iter().zip(&cpu_best.values);
+                assert!(values.into_iter().all(|(&a, &b)| close(a, b)), "row {r}");
+                assert!(close(best.log_sum, cpu_best.log_sum), "row {r}");
+            }
+            (want, got) => panic!("row {r} wants {want:?} and got {got:?}"),
         }
     }
 }

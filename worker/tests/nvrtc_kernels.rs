@@ -7,7 +7,7 @@ mod cuda_host;
 
 use cuda_host::{kernel_names, Args, HostKernels};
 use moebius_worker::backend::grid::{self, FP8_GEMV_ROWS};
-use moebius_worker::backend::{Rotation, Router};
+use moebius_worker::backend::{BestLogits, Rotation, Router};
 use moebius_worker::checkpoint::Fp8Blocks;
 use moebius_worker::config::TopkMethod;
 use rand::{Rng, SeedableRng};
@@ -25,6 +25,7 @@ const TESTED: &[&str] = &[
     "rms_norm",
     "rope_rotate",
     "gate_route",
+    "logits_best",
 ];
 
 #[test]
@@ -584,6 +585,50 @@ fn route_rows(router: &Router<'_, ()>, logits: &[f32], rows: usize) -> Vec<f32> 
     // 2 × rows × top_k.
     unsafe { HostKernels::get().launch("gate_route", grid::gate_route(rows), args) };
     out
+}
+
+/// `logits_best` gives each row's best logits and token ids in the CPU's order (ties to the
+/// lower id) and its log-sum-exp: a vocabulary of more entries than a block has threads, a
+/// row of tied pairs, and as many best as greedy decoding, top-k sampling and the most
+/// alternatives ask for.
+#[test]
+fn logits_best_matches_the_cpus_reduction() {
+    let mut rng = ChaCha8Rng::seed_from_u64(26);
+    let (rows, vocab) = (3, 1000);
+    let mut logits: Vec<f32> = values(&mut rng, rows * vocab)
+        .iter()
+        .map(|v| v * 12.0)
+        .collect();
+    for c in (1..vocab).step_by(2) {
+        logits[vocab + c] = logits[vocab + c - 1];
+    }
+    for k in [1, 5, grid::LOGITS_BEST_MAX] {
+        let mut out = vec![f32::NAN; rows * (2 * k + 1)];
+        let args = Args::default()
+            .arg(logits.as_ptr())
+            .arg(rows as i32)
+            .arg(vocab as i32)
+            .arg(k as i32)
+            .arg(out.as_mut_ptr());
+        // SAFETY: logits holds rows × vocab values and out rows × (2k + 1).
+        unsafe { HostKernels::get().launch("logits_best", grid::logits_best(rows), args) };
+        for (r, (row, got)) in logits
+            .chunks_exact(vocab)
+            .zip(out.chunks_exact(2 * k + 1))
+            .enumerate()
+        {
+            let want = BestLogits::of(row, k);
+            let ids: Vec<u32> = got[k..2 * k].iter().map(|&i| i as u32).collect();
+            assert_eq!(ids, want.ids, "k {k}, row {r}");
+            assert_eq!(got[..k], want.values, "k {k}, row {r}");
+            let log_sum = got[2 * k];
+            assert!(
+                (log_sum - want.log_sum).abs() <= 1e-6 * want.log_sum.abs(),
+                "k {k}, row {r}: log-sum-exp {log_sum}, want {}",
+                want.log_sum
+            );
+        }
+    }
 }
 
 /// Runs a kernel that writes f32 or bf16 (`launch(f32_out, bf16_out)`, one of them null) both

@@ -4,7 +4,7 @@
 
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, Route, Router, View,
+    Rotation, Route, Router, RowLogits, View, Wants,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
@@ -339,6 +339,14 @@ impl Backend for AnyBackend {
             AnyBackend::Cuda(b) => {
                 b.route(&router.with_weight(matrix_of!(router.weight, Cuda)), x, n)
             }
+        }
+    }
+
+    fn lm_head(&self, x: &[f32], w: &AnyMatrix, wants: &[Wants]) -> Vec<RowLogits> {
+        match self {
+            AnyBackend::Cpu(b) => b.lm_head(x, matrix_of!(w, Cpu), wants),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.lm_head(x, matrix_of!(w, Cuda), wants),
         }
     }
 

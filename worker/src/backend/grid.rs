@@ -91,6 +91,16 @@ pub fn gate_route_method(method: TopkMethod) -> i32 {
     }
 }
 
+/// `logits_best` over `rows` rows of logits: one block per row, as `causal_softmax`.
+pub fn logits_best(rows: usize) -> Grid {
+    causal_softmax(rows)
+}
+
+/// Most best logits a row takes from `logits_best` (it reads the row once per one of them):
+/// more than any greedy sampler and the API's alternatives (20) need; a top-k sampler of more
+/// takes every logit.
+pub const LOGITS_BEST_MAX: usize = 32;
+
 /// Rows of a page of a paged KV cache: the unit the caches grow and shrink by, and the block
 /// of the rank's KV cache budget.
 pub const PAGE_ROWS: usize = 16;

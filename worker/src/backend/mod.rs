@@ -18,6 +18,7 @@
 //! - [`grid`]: the launch shape of each CUDA kernel;
 //! - [`f32_rows`]: f32 weights against a few activation rows, where `gemm`'s packing costs most;
 //! - [`device`]: the `--device` a process runs on, and [`AnyBackend`], the backend it chose;
+//! - [`logits`]: the LM head's logits as a row's sampler needs them (all, or the best few);
 //! - [`routing`]: a MoE gate's routing (sigmoid or softmax, group-limited top-k, weights);
 //! - [`kernels`]: which kernel family runs (AVX512-BF16, AVX-512, AVX2, NEON, portable): the best
 //!   the CPU has, or one the binary forces.
@@ -33,6 +34,7 @@ pub mod device;
 pub mod f32_rows;
 pub mod grid;
 pub mod kernels;
+pub mod logits;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod packed;
@@ -41,6 +43,7 @@ pub mod routing;
 
 pub use cpu::CpuBackend;
 pub use device::{AnyBackend, Device};
+pub use logits::{BestLogits, RowLogits, Wants};
 pub use routing::{Route, Router};
 
 use crate::checkpoint::Fp8Blocks;
@@ -334,6 +337,14 @@ pub trait Backend: Send + Sync + 'static {
     /// ([`routing::route_by_parts`]).
     fn route(&self, router: &Router<'_, Self::Matrix>, x: &[f32], n: usize) -> Vec<Route> {
         routing::route_by_parts(self, router, x, n)
+    }
+
+    /// The LM head `x · wᵀ` of one row of `x` per entry of `wants`, each row's logits as its
+    /// sampler wants them: none, all, or the best `k` and the log-sum-exp. A backend may give
+    /// all where the best were asked for; the default gives all ([`logits::lm_head_by_parts`]),
+    /// and one that computes them on a device may reduce them there.
+    fn lm_head(&self, x: &[f32], w: &Self::Matrix, wants: &[Wants]) -> Vec<RowLogits> {
+        logits::lm_head_by_parts(self, x, w, wants)
     }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which

@@ -316,6 +316,33 @@ __device__ float block_best(float v, int* i, float* red, int* red_i) {
     return v;
 }
 
+// The k first of v[0 .. n) in top-k order, in k rounds, each the block's first value after
+// the one the last round took: thread 0 writes the values to `values` (unless null) and the
+// indices (exact as floats) to `at`. Every thread of the block calls it.
+__device__ void block_top_k(const float* v, int n, int k, float* values, float* at, float* red,
+                            int* red_i) {
+    float last = 0.0f;
+    int last_at = -1;
+    for (int round = 0; round < k; round++) {
+        float best = 0.0f;
+        int best_at = -1;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float c = v[i];
+            if (last_at >= 0 && !ranks_before(last, last_at, c, i)) continue;
+            if (best_at < 0 || ranks_before(c, i, best, best_at)) {
+                best = c;
+                best_at = i;
+            }
+        }
+        last = block_best(best, &best_at, red, red_i);
+        last_at = best_at;
+        if (threadIdx.x == 0) {
+            if (values) values[round] = last;
+            at[round] = (float)last_at;
+        }
+    }
+}
+
 #define ROUTE_MAX_EXPERTS 1024
 #define ROUTE_MAX_GROUPS 64
 #define ROUTE_GREEDY 0
@@ -401,26 +428,9 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, int rows
         }
         __syncthreads();
     }
-    // Top-k: k rounds, each the block's first choice after the one the last round took.
     float* weights = out + (long long)r * top_k;
     float* picked = out + ((long long)rows + r) * top_k;
-    float last = 0.0f;
-    int last_at = -1;
-    for (int k = 0; k < top_k; k++) {
-        float v = 0.0f;
-        int at = -1;
-        for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-            float c = choice[e];
-            if (last_at >= 0 && !ranks_before(last, last_at, c, e)) continue;
-            if (at < 0 || ranks_before(c, e, v, at)) {
-                v = c;
-                at = e;
-            }
-        }
-        last = block_best(v, &at, red, red_i);
-        last_at = at;
-        if (threadIdx.x == 0) picked[k] = (float)at;
-    }
+    block_top_k(choice, experts, top_k, 0, picked, red, red_i);
     if (threadIdx.x == 0) {
         // The V2 routers weigh by the (masked) scores they chose by, and never renormalise.
         const float* by = method == ROUTE_NOAUX_TC ? scores : choice;
@@ -432,4 +442,26 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, int rows
         float divisor = method == ROUTE_NOAUX_TC && norm ? sum + 1e-20f : 1.0f;
         for (int k = 0; k < top_k; k++) weights[k] = weights[k] / divisor * scaling;
     }
+}
+
+// Each row of logits [rows, vocab] reduced to what a greedy or top-k sampler needs: its k best
+// values in top-k order (ties to the lower token id), their token ids (exact as floats), and
+// ln(sum(exp(logits))), from the largest, at out[r * (2k + 1) ..]: values, ids, log-sum-exp.
+// One block per row.
+extern "C" __global__ void logits_best(const float* __restrict__ logits, int rows, int vocab,
+                                       int k, float* __restrict__ out) {
+    __shared__ float red[32];
+    __shared__ int red_i[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;  // the whole block
+    const float* l = logits + (long long)r * vocab;
+    float* o = out + (long long)r * (2 * k + 1);
+    float m = __int_as_float(0xff800000);
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, l[c]);
+    m = block_reduce(m, red, 1);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += expf(l[c] - m);
+    s = block_reduce(s, red, 0);
+    block_top_k(l, vocab, k, o, o + k, red, red_i);
+    if (threadIdx.x == 0) o[2 * k] = logf(s) + m;
 }

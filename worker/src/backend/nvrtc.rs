@@ -16,7 +16,9 @@
 //! - `rope_rotate`: the rotary embedding of queries' and keys' rotary columns, by a table of
 //!   angles per row (YaRN's schedule and factor computed on the host);
 //! - `gate_route`: a MoE gate's routing of each row of its logits (sigmoid or softmax,
-//!   group-limited top-k, weights), so that only the routes travel to the host.
+//!   group-limited top-k, weights), so that only the routes travel to the host;
+//! - `logits_best`: each row of the LM head's logits reduced to its best few and their
+//!   log-sum-exp, for greedy and top-k samplers.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -42,6 +44,7 @@ pub struct Kernels {
     pub rms_norm: CudaFunction,
     pub rope_rotate: CudaFunction,
     pub gate_route: CudaFunction,
+    pub logits_best: CudaFunction,
 }
 
 impl Kernels {
@@ -66,6 +69,7 @@ impl Kernels {
             rms_norm: function("rms_norm")?,
             rope_rotate: function("rope_rotate")?,
             gate_route: function("gate_route")?,
+            logits_best: function("logits_best")?,
         })
     }
 }

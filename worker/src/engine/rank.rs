@@ -1,7 +1,7 @@
 //! One rank's sequences and the step that batches them; the loop that drives the steps is
 //! [`super::thread`].
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Wants};
 use crate::comm::Communicator;
 use crate::engine::kv_budget::{KvBudget, BLOCK_TOKENS};
 use crate::engine::request::{FinishReason, GenerateRequest, TokenEvent};
@@ -259,9 +259,16 @@ impl<B: Backend> RankEngine<B> {
             .enumerate()
             .filter_map(|(i, seq)| {
                 let &(_, take) = next.next_if(|&&(j, _)| j == i)?;
+                let ends_prompt = seq.sampled || seq.fed + take >= seq.tokens.len();
+                let wants = if ends_prompt {
+                    seq.sampler.wants(seq.request.top_logprobs)
+                } else {
+                    Wants::Nothing // a prefill chunk that samples nothing
+                };
                 Some(StepInput {
                     tokens: &seq.tokens[seq.fed..seq.fed + take],
                     cache: &mut seq.cache,
+                    wants,
                 })
             })
             .collect();
@@ -279,11 +286,10 @@ impl<B: Backend> RankEngine<B> {
         self.stats.steps += 1;
         self.stats.max_batch = self.stats.max_batch.max(chosen.len());
 
-        let vocab = self.model.config().vocab_size;
         let max_positions = self.model.config().max_position_embeddings;
         let eos = &self.model.config().eos_token_ids;
         let mut finished = Vec::new();
-        for (&(i, len), logits) in chosen.iter().zip(logits.chunks_exact(vocab)) {
+        for (&(i, len), logits) in chosen.iter().zip(&logits) {
             let seq = &mut self.sequences[i];
             seq.fed += len;
             if seq.sampled {
@@ -294,9 +300,9 @@ impl<B: Backend> RankEngine<B> {
                     continue; // A prefill chunk; the prompt goes on in the next step.
                 }
             }
-            let sampled = seq
-                .sampler
-                .sample(logits, seq.request.top_logprobs, seq.generated());
+            let sampled = (seq.sampler)
+                .sample(logits, seq.request.top_logprobs, seq.generated())
+                .expect("the LM head gives the logits each row wants");
             seq.tokens.push(sampled.token);
             seq.sampled = true;
             let finish = if seq.request.stop_token_ids.contains(&sampled.token) {

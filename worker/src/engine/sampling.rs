@@ -9,7 +9,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::top_k;
+use crate::backend::logits::log_sum_exp;
+use crate::backend::{top_k, BestLogits, RowLogits, Wants};
 use crate::error::{Error, Result};
 
 /// How a request samples. Temperature 0 is greedy.
@@ -77,14 +78,39 @@ impl Sampler {
         Self { params, seed }
     }
 
-    /// Picks generated token number `index` (0 for the first) from `logits` and reports
-    /// `top_logprobs` alternatives.
-    pub fn sample(&self, logits: &[f32], top_logprobs: usize, index: usize) -> Sampled {
+    /// What this sampler needs of a row's logits to report `top_logprobs` alternatives: the
+    /// best one (greedy) or the best `top_k` (top-k sampling), and as many as it reports;
+    /// every logit otherwise.
+    pub fn wants(&self, top_logprobs: usize) -> Wants {
+        let k = if self.params.temperature == 0.0 {
+            1
+        } else if self.params.top_k > 0 {
+            self.params.top_k
+        } else {
+            return Wants::All;
+        };
+        Wants::Best(k.max(top_logprobs))
+    }
+
+    /// Picks generated token number `index` (0 for the first) from a row's logits and reports
+    /// `top_logprobs` alternatives; `None` where the row has no logits. The best logits of
+    /// [`Self::wants`] give what all of them would, up to the rounding of the log-sum-exp.
+    pub fn sample(&self, logits: &RowLogits, top_logprobs: usize, index: usize) -> Option<Sampled> {
+        match logits {
+            RowLogits::Nothing => None,
+            RowLogits::All(logits) => Some(self.sample_all(logits, top_logprobs, index)),
+            RowLogits::Best(best) => Some(self.sample_best(best, top_logprobs, index)),
+        }
+    }
+
+    fn sample_all(&self, logits: &[f32], top_logprobs: usize, index: usize) -> Sampled {
         let logprobs = log_softmax(logits);
         let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
-            self.draw(logits, index)
+            let candidates = top_k(logits, self.candidates(logits.len()));
+            let values: Vec<f32> = candidates.iter().map(|&i| logits[i]).collect();
+            candidates[self.draw(&values, index)]
         };
         let top = if top_logprobs == 0 {
             Vec::new()
@@ -101,19 +127,39 @@ impl Sampler {
         }
     }
 
+    fn sample_best(&self, best: &BestLogits, top_logprobs: usize, index: usize) -> Sampled {
+        let at = if self.params.temperature == 0.0 {
+            0
+        } else {
+            let k = self.candidates(best.values.len());
+            self.draw(&best.values[..k], index)
+        };
+        let top = (best.ids.iter().zip(&best.values))
+            .take(top_logprobs)
+            .map(|(&id, &v)| (id, v - best.log_sum))
+            .collect();
+        Sampled {
+            token: best.ids[at],
+            logprob: best.values[at] - best.log_sum,
+            top,
+        }
+    }
+
+    /// How many of `len` tokens, best first, a draw chooses among (top-k).
+    fn candidates(&self, len: usize) -> usize {
+        if self.params.top_k == 0 {
+            len
+        } else {
+            self.params.top_k.min(len)
+        }
+    }
+
+    /// Draws one of `logits`, the candidates' in order best first, for generated token number
+    /// `index`; returns its position.
     fn draw(&self, logits: &[f32], index: usize) -> usize {
         let t = self.params.temperature;
-        let k = if self.params.top_k == 0 {
-            logits.len()
-        } else {
-            self.params.top_k.min(logits.len())
-        };
-        let candidates = top_k(logits, k);
-        let max = logits[candidates[0]];
-        let mut probs: Vec<f32> = candidates
-            .iter()
-            .map(|&i| ((logits[i] - max) / t).exp())
-            .collect();
+        let max = logits[0];
+        let mut probs: Vec<f32> = logits.iter().map(|&l| ((l - max) / t).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         // Nucleus: the smallest prefix whose mass reaches top_p (always at least one token).
@@ -134,19 +180,17 @@ impl Sampler {
         let mut u = rng.random::<f32>() * mass;
         for (i, p) in probs[..keep].iter().enumerate() {
             if u < *p {
-                return candidates[i];
+                return i;
             }
             u -= p;
         }
-        candidates[keep - 1]
+        keep - 1
     }
 }
 
 /// `log_softmax` in f32, as transformers computes it for the reported logprobs.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-    let log_sum = sum.ln() + max;
+    let log_sum = log_sum_exp(logits);
     logits.iter().map(|l| l - log_sum).collect()
 }
 
@@ -167,7 +211,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_and_reports_log_softmax() {
         let s = Sampler::new(SamplingParams::default());
-        let out = s.sample(&[1.0, 3.0, 2.0], 2, 0);
+        let out = s.sample_all(&[1.0, 3.0, 2.0], 2, 0);
         assert_eq!(out.token, 1);
         let z = (1f32.exp() + 3f32.exp() + 2f32.exp()).ln();
         assert!((out.logprob - (3.0 - z)).abs() < 1e-6);
@@ -185,7 +229,7 @@ mod tests {
         let run = || {
             let s = Sampler::new(params.clone());
             (0..20)
-                .map(|i| s.sample(&logits, 0, i).token)
+                .map(|i| s.sample_all(&logits, 0, i).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
@@ -205,11 +249,13 @@ mod tests {
             ..Default::default()
         };
         let first = Sampler::new(params.clone());
-        let all: Vec<u32> = (0..30).map(|i| first.sample(&logits, 0, i).token).collect();
+        let all: Vec<u32> = (0..30)
+            .map(|i| first.sample_all(&logits, 0, i).token)
+            .collect();
         // A fresh sampler that starts at token 17, as a resubmitted request does.
         let resumed = Sampler::new(params);
         let tail: Vec<u32> = (17..30)
-            .map(|i| resumed.sample(&logits, 0, i).token)
+            .map(|i| resumed.sample_all(&logits, 0, i).token)
             .collect();
         assert_eq!(tail, all[17..]);
     }
@@ -232,8 +278,43 @@ mod tests {
             },
         ] {
             let s = Sampler::new(params);
-            assert!((0..20).all(|i| s.sample(&logits, 0, i).token == 2));
+            assert!((0..20).all(|i| s.sample_all(&logits, 0, i).token == 2));
         }
+    }
+
+    /// Greedy and top-k samplers want only the best logits, and sample from them what they
+    /// sample from all: the same tokens, logprobs and alternatives. Others want all.
+    #[test]
+    fn the_best_logits_sample_what_all_of_them_do() {
+        let logits: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        let sampler = |temperature, top_k, top_p| {
+            Sampler::new(SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: Some(5),
+            })
+        };
+        for (s, top_logprobs, k) in [
+            (sampler(0.0, 0, 1.0), 0, 1),
+            (sampler(0.0, 0, 1.0), 3, 3),
+            (sampler(0.7, 5, 1.0), 2, 5),
+            (sampler(1.3, 8, 0.6), 12, 12),
+        ] {
+            assert_eq!(s.wants(top_logprobs), Wants::Best(k));
+            let all = RowLogits::All(logits.clone());
+            let best = RowLogits::Best(BestLogits::of(&logits, k));
+            for index in 0..30 {
+                let want = s.sample(&all, top_logprobs, index);
+                assert_eq!(
+                    s.sample(&best, top_logprobs, index),
+                    want,
+                    "{s:?}, token {index}"
+                );
+            }
+        }
+        assert_eq!(sampler(0.7, 0, 0.9).wants(4), Wants::All);
+        assert_eq!(sampler(0.7, 0, 0.9).sample(&RowLogits::Nothing, 0, 0), None);
     }
 
     #[test]

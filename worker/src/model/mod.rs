@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use moebius_coordinator::Placement;
 
-use crate::backend::{rms_norm, Backend};
+use crate::backend::{rms_norm, Backend, RowLogits, Wants};
 use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
@@ -304,10 +304,12 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// One sequence's part of a step: its new tokens and its cache.
+/// One sequence's part of a step: its new tokens, its cache, and what its sampler needs of
+/// the logits of its last token.
 pub struct StepInput<'a, B: Backend> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache<B>,
+    pub wants: Wants,
 }
 
 /// The model as one rank of an EP group runs it.
@@ -467,13 +469,14 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs one step over all `inputs` (each sequence's new tokens appended to its cache) and
-    /// returns the logits of each input's last token, `[inputs.len(), vocab]`. Every rank of
-    /// the group calls this once per step, with no inputs when it has none.
+    /// returns the logits of each input's last token, as much of them as the input wants
+    /// ([`Backend::lm_head`]). Every rank of the group calls this once per step, with no inputs
+    /// when it has none.
     pub fn forward(
         &self,
         inputs: &mut [StepInput<B>],
         comm: &mut dyn Communicator,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<RowLogits>> {
         let w = &*self.shared;
         let b = &*w.backend;
         let cfg = &w.config;
@@ -570,9 +573,9 @@ impl<B: Backend> Model<B> {
             }
         }
         rms_norm(&mut last, &w.norm, cfg.rms_norm_eps);
-        let mut logits = vec![0.0; inputs.len() * cfg.vocab_size];
-        w.lm_head.forward(b, &last, inputs.len(), &mut logits);
-        Ok(logits)
+        // The LM head has no bias (it loads without one, or is the embedding).
+        let wants: Vec<Wants> = inputs.iter().map(|input| input.wants).collect();
+        Ok(b.lm_head(&last, &w.lm_head.weight, &wants))
     }
 }
 

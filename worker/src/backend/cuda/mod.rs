@@ -16,7 +16,9 @@
 //! RMSNorms and the rotary embedding (by a table of angles the host computes per step) to the
 //! new cache rows, appended to their pages without leaving the GPU. A MoE gate routes on the
 //! GPU ([`Backend::route`]): its product and the routing in one round trip, from which only
-//! each row's experts and weights come back. [`Transfers`] counts the waits for the GPU and
+//! each row's experts and weights come back; so does the LM head ([`Backend::lm_head`]), from
+//! which a greedy or top-k row gets its best few logits and their log-sum-exp, not the whole
+//! vocabulary's. [`Transfers`] counts the waits for the GPU and
 //! the bytes moved.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
@@ -35,11 +37,13 @@
 //! - `attention`: absorbed attention over the paged caches;
 //! - `block`: the query path and the whole attention block in one round trip;
 //! - `routing`: a MoE gate's product and routing in one round trip;
+//! - `logits`: the LM head, and each row's best logits where its sampler needs no more;
 //! - `blas`: cuBLAS' products in row-major terms.
 
 mod attention;
 mod blas;
 mod block;
+mod logits;
 mod products;
 mod routing;
 
@@ -60,7 +64,7 @@ use super::grid::{Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, Route, Router, View,
+    Rotation, Route, Router, RowLogits, View, Wants,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
@@ -73,8 +77,9 @@ pub struct CudaBackend {
     /// Products of activations by activations that the model asks for on the host
     /// (`matmul_nt`, `matmul_nn`): none while every sequence attends absorbed on the GPU.
     host: CpuBackend,
-    /// This crate's kernels, compiled by NVRTC when the backend opens.
-    kernels: Kernels,
+    /// This crate's kernels, compiled by NVRTC when the backend opens (boxed: a function
+    /// handle each, and the backend is moved about).
+    kernels: Box<Kernels>,
     /// The pages of every KV cache on this GPU.
     pages: Arc<PagePool>,
     transfers: Arc<Transfers>,
@@ -200,7 +205,7 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(|e| device_error("opening the GPU", e))?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
-        let kernels = Kernels::load(stream.context())?;
+        let kernels = Box::new(Kernels::load(stream.context())?);
         let transfers = Arc::new(Transfers::default());
         Ok(Self {
             pages: Arc::new(PagePool::new(stream.clone(), transfers.clone())),
@@ -521,6 +526,12 @@ impl Backend for CudaBackend {
     fn route(&self, router: &Router<'_, CudaMatrix>, x: &[f32], n: usize) -> Vec<Route> {
         self.try_route(router, x, n)
             .unwrap_or_else(|e| panic!("cuda:{}: a MoE gate: {e}", self.ordinal))
+    }
+
+    fn lm_head(&self, x: &[f32], w: &CudaMatrix, wants: &[Wants]) -> Vec<RowLogits> {
+        assert!(x.len() >= wants.len() * w.cols, "cuda lm_head: x too small");
+        self.try_lm_head(x, w, wants)
+            .unwrap_or_else(|e| panic!("cuda:{}: the LM head: {e}", self.ordinal))
     }
 
     fn expands_attention(&self) -> bool {
