@@ -576,17 +576,24 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
         );
     }
 
-    // A step's sequences at once: a decode row over this cache and a short prefill over a new
-    // one, in one round trip.
+    // A step's sequences at once: a decode row over this cache, a short prefill over a new one
+    // and a row over the first 11 rows of that one, in one round trip and, where cuBLAS groups
+    // products of many shapes, in four launches whatever the number of sequences: the gather
+    // of every cache, the scores, the softmax and the weighted sums.
     let (mut short_gpu, mut short_cpu) = (gpu.new_rows(width), cpu.new_rows(width));
     let rows = values(20 * width);
     gpu.append_rows(&mut short_gpu, &rows);
     cpu.append_rows(&mut short_cpu, &rows);
-    let (q_long, q_short) = (values(heads * width), values(20 * heads * width));
+    let (q_long, q_short, q_early) = (
+        values(heads * width),
+        values(20 * heads * width),
+        values(heads * width),
+    );
     let scale = 0.1;
     let mut got = (
         vec![f32::NAN; heads * lora],
         vec![f32::NAN; 20 * heads * lora],
+        vec![f32::NAN; heads * lora],
     );
     let mut want = got.clone();
     let before = gpu.transfers();
@@ -609,16 +616,31 @@ fn cuda_attention_over_cached_rows_matches_the_cpu() {
                 position: 0,
                 out: &mut got.1,
             },
+            Attend {
+                q: &q_early,
+                queries: 1,
+                rows: &short_gpu,
+                position: 10,
+                out: &mut got.2,
+            },
         ],
     );
+    let after = gpu.transfers();
     assert_eq!(
-        gpu.transfers().waits - before.waits,
+        after.waits - before.waits,
         1,
         "a step's attention is one round trip"
     );
+    let launches = if gpu.groups_products_of_many_shapes() {
+        4
+    } else {
+        2 + 2 * 3 // the gather and the softmax; scores and sums per sequence
+    };
+    assert_eq!(after.launches - before.launches, launches);
     cpu.attend_rows(&q_long, 1, heads, &on_cpu, 250, lora, scale, &mut want.0);
     cpu.attend_rows(&q_short, 20, heads, &short_cpu, 0, lora, scale, &mut want.1);
-    for (got, want) in [(&got.0, &want.0), (&got.1, &want.1)] {
+    cpu.attend_rows(&q_early, 1, heads, &short_cpu, 10, lora, scale, &mut want.2);
+    for (got, want) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
         let worst = got
             .iter()
             .zip(want)

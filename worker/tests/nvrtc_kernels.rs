@@ -249,35 +249,70 @@ fn silu_mul_matches_the_cpu_into_f32_and_into_bf16() {
     check_f32_and_bf16(&want, (1e-6, 1e-6), launch);
 }
 
+/// `nvrtc.cu`'s `SoftmaxPart`, as the backend lays it out.
+#[repr(C)]
+struct SoftmaxPart {
+    scores: *mut f32,
+    rows: i32,
+    cols: i32,
+    heads: i32,
+    first: i32,
+}
+
+/// `causal_softmax` softmaxes each part of a launch as the CPU does row by row: 3 queries × 4
+/// heads over 600 keys (more than a block's threads), the first query seeing 598, so every
+/// row has masked columns but the last query's; and beside it a part of 2 queries × 3 heads
+/// over 40 keys. Launched as the backend launches it, and with fewer blocks than rows, whose
+/// blocks take several rows each.
 #[test]
 fn causal_softmax_matches_the_cpu_row_by_row() {
     let mut rng = ChaCha8Rng::seed_from_u64(20);
-    // 3 queries × 4 heads over 600 keys (more than a block's threads), the first query seeing
-    // 598: every row has masked columns but the last query's.
-    let (queries, heads, cols, first, scale) = (3usize, 4usize, 600usize, 598usize, 0.3f32);
-    let rows = queries * heads;
-    let scores: Vec<f32> = (0..rows * cols)
-        .map(|_| rng.random_range(-20.0..20.0))
-        .collect();
-    let mut want = scores.clone();
-    for (r, row) in want.chunks_exact_mut(cols).enumerate() {
-        moebius_worker::backend::attend::causal_softmax(row, first + r / heads, scale);
-    }
-    let mut got = scores;
-    let args = Args::default()
-        .arg(got.as_mut_ptr())
-        .arg(rows as i32)
-        .arg(cols as i32)
-        .arg(heads as i32)
-        .arg(first as i32)
-        .arg(scale);
-    // SAFETY: got holds rows × cols scores.
-    unsafe { HostKernels::get().launch("causal_softmax", grid::causal_softmax(rows), args) };
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
-            "score {i}: {g}, want {w}"
-        );
+    let scale = 0.3f32;
+    // (queries, heads, cols, first) of each part.
+    let shapes = [(3usize, 4usize, 600usize, 598usize), (2, 3, 40, 39)];
+    for blocks in [None, Some(5)] {
+        let mut parts_scores: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(q, h, cols, _)| {
+                (0..q * h * cols)
+                    .map(|_| rng.random_range(-20.0..20.0))
+                    .collect()
+            })
+            .collect();
+        let want: Vec<Vec<f32>> = (parts_scores.iter().zip(&shapes))
+            .map(|(scores, &(_, heads, cols, first))| {
+                let mut want = scores.clone();
+                for (r, row) in want.chunks_exact_mut(cols).enumerate() {
+                    moebius_worker::backend::attend::causal_softmax(row, first + r / heads, scale);
+                }
+                want
+            })
+            .collect();
+        let parts: Vec<SoftmaxPart> = (parts_scores.iter_mut().zip(&shapes))
+            .map(|(scores, &(q, heads, cols, first))| SoftmaxPart {
+                scores: scores.as_mut_ptr(),
+                rows: (q * heads) as i32,
+                cols: cols as i32,
+                heads: heads as i32,
+                first: first as i32,
+            })
+            .collect();
+        let most_rows = shapes.iter().map(|s| s.0 * s.1).max().unwrap_or(0);
+        let mut shape = grid::causal_softmax(most_rows, parts.len());
+        if let Some(blocks) = blocks {
+            shape.blocks.0 = blocks;
+        }
+        let args = Args::default().arg(parts.as_ptr()).arg(scale);
+        // SAFETY: each part's scores hold its rows × cols values.
+        unsafe { HostKernels::get().launch("causal_softmax", shape, args) };
+        for (p, (got, want)) in parts_scores.iter().zip(&want).enumerate() {
+            for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+                    "blocks {blocks:?}, part {p}, score {i}: {g}, want {w}"
+                );
+            }
+        }
     }
 }
 

@@ -253,6 +253,39 @@ impl CudaRows {
     }
 }
 
+/// The first `len` rows of each of `caches` (`(cache, len)`, every cache of one width, at
+/// least one row each) in one dense buffer, by one `paged_rows` launch over all their pages:
+/// cache `i`'s rows start at row `starts[i]`, a multiple of [`PAGE_ROWS`] (a cache's last page
+/// comes whole, the rows past `len` with it). Returns the buffer, the page table it was read
+/// through (both to live until the copy ran) and `starts`.
+pub fn gather_all(
+    stream: &Arc<CudaStream>,
+    paged_rows: &CudaFunction,
+    caches: &[(&CudaRows, usize)],
+) -> Result<(CudaSlice<f32>, CudaSlice<CUdeviceptr>, Vec<usize>)> {
+    let width = caches.first().map_or(0, |(c, _)| c.width);
+    let mut pages = Vec::new();
+    let mut starts = Vec::with_capacity(caches.len());
+    for &(cache, len) in caches {
+        if len == 0 || len > cache.len || cache.width != width {
+            return Err(Error::Device(format!(
+                "{len} rows of {} asked of a cache of {} rows of {width}",
+                cache.width, cache.len
+            )));
+        }
+        starts.push(pages.len() * PAGE_ROWS);
+        pages.extend_from_slice(&cache.pages[..len.div_ceil(PAGE_ROWS)]);
+    }
+    let rows = pages.len() * PAGE_ROWS;
+    let mut flat: CudaSlice<f32> = stream.alloc_zeros((rows * width).max(1)).map_err(device)?;
+    let to = (flat.device_ptr_mut(stream).0, width);
+    let table = copy_paged(stream, paged_rows, to, &pages, (0, rows), false)?;
+    if let Some((cache, _)) = caches.first() {
+        cache.pool.transfers.launched();
+    }
+    Ok((flat, table, starts))
+}
+
 /// Where appended rows go: within one page, from a device address; or across pages (their
 /// addresses), from a row of the first.
 enum Place {

@@ -56,25 +56,44 @@ pub fn elementwise(len: usize) -> Grid {
     }
 }
 
-/// Threads of a `causal_softmax` block, which takes one row of scores.
-pub const SOFTMAX_THREADS: u32 = 256;
+/// Threads of a block of the kernels that take a row a block (`causal_softmax`, `rms_norm`,
+/// `gate_route`, `logits_best`).
+pub const ROW_THREADS: u32 = 256;
 
-/// `causal_softmax` over `rows` rows of scores: one block per row.
-pub fn causal_softmax(rows: usize) -> Grid {
+/// A kernel over `rows` rows, one block per row.
+fn per_row(rows: usize) -> Grid {
     Grid {
         blocks: (blocks(rows), 1, 1),
-        threads: (SOFTMAX_THREADS, 1, 1),
+        threads: (ROW_THREADS, 1, 1),
     }
 }
 
-/// `rms_norm` over `rows` rows: one block per row, as `causal_softmax`.
-pub fn rms_norm(rows: usize) -> Grid {
-    causal_softmax(rows)
+/// Most parts (sequences, or blocks of one's queries) of one `causal_softmax` launch: the
+/// grid's y extent.
+pub const SOFTMAX_PARTS: usize = 65_535;
+
+/// `causal_softmax` over `parts` parts (at most [`SOFTMAX_PARTS`]) of at most `most_rows` rows
+/// of scores: a part per row of the grid's blocks, a block per row of scores with the grid's
+/// stride beyond the most blocks of a launch.
+pub fn causal_softmax(most_rows: usize, parts: usize) -> Grid {
+    Grid {
+        blocks: (
+            most_rows.clamp(1, ELEMENTWISE_BLOCKS) as u32,
+            blocks(parts),
+            1,
+        ),
+        threads: (ROW_THREADS, 1, 1),
+    }
 }
 
-/// `gate_route` over `rows` rows of a gate's logits: one block per row, as `causal_softmax`.
+/// `rms_norm` over `rows` rows: one block per row.
+pub fn rms_norm(rows: usize) -> Grid {
+    per_row(rows)
+}
+
+/// `gate_route` over `rows` rows of a gate's logits: one block per row.
 pub fn gate_route(rows: usize) -> Grid {
-    causal_softmax(rows)
+    per_row(rows)
 }
 
 /// Most experts and groups of experts `gate_route` takes (nvrtc.cu's `ROUTE_MAX_EXPERTS` and
@@ -91,9 +110,9 @@ pub fn gate_route_method(method: TopkMethod) -> i32 {
     }
 }
 
-/// `logits_best` over `rows` rows of logits: one block per row, as `causal_softmax`.
+/// `logits_best` over `rows` rows of logits: one block per row.
 pub fn logits_best(rows: usize) -> Grid {
-    causal_softmax(rows)
+    per_row(rows)
 }
 
 /// Most best logits a row takes from `logits_best` (it reads the row once per one of them):
@@ -136,5 +155,7 @@ mod tests {
         assert_eq!(elementwise(usize::MAX / 2).blocks, (65_535, 1, 1));
         assert_eq!(paged_rows(0).blocks, (1, 1, 1));
         assert_eq!(paged_rows(70_000).blocks, (65_535, 1, 1));
+        assert_eq!(causal_softmax(0, 3).blocks, (1, 3, 1));
+        assert_eq!(causal_softmax(70_000, 2).blocks, (65_535, 2, 1));
     }
 }

@@ -159,30 +159,37 @@ __device__ float block_reduce(float v, float* red, int max) {
     return v;
 }
 
-// Row r of scores [rows, cols] belongs to query r / heads, which sees the first
-// first + r / heads columns: those are scaled and softmaxed, the rest set to zero. One block
-// per row.
-extern "C" __global__ void causal_softmax(float* __restrict__ scores, int rows, int cols,
-                                          int heads, int first, float scale) {
+// One sequence's scores for `causal_softmax`: `rows` rows of `cols` at `scores`, row r
+// belonging to query r / heads, which sees the first first + r / heads columns.
+struct SoftmaxPart {
+    float* scores;
+    int rows, cols, heads, first;
+};
+
+// The scaled, causally masked softmax of every part's scores: each row's visible columns
+// scaled and softmaxed, the rest set to zero. A part per row of the grid's blocks, a block per
+// row of scores with the grid's stride.
+extern "C" __global__ void causal_softmax(const SoftmaxPart* __restrict__ parts, float scale) {
     __shared__ float red[32];
-    int r = blockIdx.x;
-    if (r >= rows) return;  // the whole block
-    float* row = scores + (long long)r * cols;
-    int visible = first + r / heads;
-    if (visible > cols) visible = cols;
-    float m = __int_as_float(0xff800000);
-    for (int c = threadIdx.x; c < visible; c += blockDim.x) m = fmaxf(m, row[c] * scale);
-    m = block_reduce(m, red, 1);
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < visible; c += blockDim.x) {
-        float e = expf(row[c] * scale - m);
-        row[c] = e;
-        s += e;
+    const SoftmaxPart p = parts[blockIdx.y];
+    for (int r = blockIdx.x; r < p.rows; r += gridDim.x) {
+        float* row = p.scores + (long long)r * p.cols;
+        int visible = p.first + r / p.heads;
+        if (visible > p.cols) visible = p.cols;
+        float m = __int_as_float(0xff800000);
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) m = fmaxf(m, row[c] * scale);
+        m = block_reduce(m, red, 1);
+        float s = 0.0f;
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+            float e = expf(row[c] * scale - m);
+            row[c] = e;
+            s += e;
+        }
+        s = block_reduce(s, red, 0);
+        float inv = 1.0f / s;
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) row[c] *= inv;
+        for (int c = visible + threadIdx.x; c < p.cols; c += blockDim.x) row[c] = 0.0f;
     }
-    s = block_reduce(s, red, 0);
-    float inv = 1.0f / s;
-    for (int c = threadIdx.x; c < visible; c += blockDim.x) row[c] *= inv;
-    for (int c = visible + threadIdx.x; c < cols; c += blockDim.x) row[c] = 0.0f;
 }
 
 // Copies rows first .. first + rows of a paged cache into `flat` ([rows, width]), or `flat`

@@ -389,6 +389,14 @@ int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, cons
     return 0;
 }
 
+// CUBLAS_VERSION as the library reports it (major * 10000 + minor * 100 + patch): 12.8, or
+// CUDA_HOST_CUBLAS_VERSION's, to stand in for an older cuBLAS.
+int cublasGetVersion_v2(void*, int* version) {
+    const char* forced = std::getenv("CUDA_HOST_CUBLAS_VERSION");
+    *version = forced && *forced ? std::atoi(forced) : 120800;
+    return 0;
+}
+
 // `batch` products of one shape, each cublasGemmEx's, from device arrays of their operands'
 // addresses (host memory here, read once the stream has written them).
 int cublasGemmBatchedEx(void* handle, int transa, int transb, int m, int n, int k,
@@ -401,6 +409,34 @@ int cublasGemmBatchedEx(void* handle, int transa, int transb, int m, int n, int 
         int status = cublasGemmEx(handle, transa, transb, m, n, k, alpha, a[i], a_type, lda, b[i],
                                   b_type, ldb, beta, c[i], c_type, ldc, compute, algo);
         if (status != 0) return status;
+    }
+    return 0;
+}
+
+// Groups of products, each group its own shape (host arrays, one entry per group) and
+// group_size[g] products, whose operands' addresses lie in device arrays (host memory here,
+// read once the stream has written them), group after group. cuBLAS 12.5 and later.
+int cublasGemmGroupedBatchedEx(void* handle, const int* transa, const int* transb, const int* m,
+                               const int* n, const int* k, const void* alpha,
+                               const void* const* a, int a_type, const int* lda,
+                               const void* const* b, int b_type, const int* ldb,
+                               const void* beta, void* const* c, int c_type, const int* ldc,
+                               int groups, const int* group_size, int compute) {
+    int version = 0;
+    cublasGetVersion_v2(handle, &version);
+    if (version < 120500) return 7;  // the library has no such function
+    if (groups < 0 || a_type != 0 || b_type != 0 || c_type != 0) return 7;  // f32 only here
+    stream_of(*static_cast<void**>(handle))->drain();
+    long at = 0;
+    for (int g = 0; g < groups; g++) {
+        const float* al = static_cast<const float*>(alpha) + g;
+        const float* be = static_cast<const float*>(beta) + g;
+        for (int i = 0; i < group_size[g]; i++, at++) {
+            int status = cublasGemmEx(handle, transa[g], transb[g], m[g], n[g], k[g], al, a[at],
+                                      a_type, lda[g], b[at], b_type, ldb[g], be, c[at], c_type,
+                                      ldc[g], compute, 0);
+            if (status != 0) return status;
+        }
     }
     return 0;
 }

@@ -1,14 +1,15 @@
 //! MLA's absorbed attention on the GPU: the per-head products and the heads' rearrangements
-//! (`heads_copy`), and attention over each sequence's paged cache (its rows gathered, scores and
-//! sums in cuBLAS, `causal_softmax`).
+//! (`heads_copy`), and attention over the sequences' paged caches (their rows gathered in one
+//! launch, every sequence's scores and sums in one grouped cuBLAS call each, one
+//! `causal_softmax` between).
 
-use cudarc::cublas::sys;
+use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::blas::{gemm, gemm_nn, Shape};
+use super::blas::{gemm_f32_out, gemm_grouped, Problem, Shape};
 use super::{dim, driver, launch_config, ptr_mut, Activations, CudaBackend, CudaMatrix, Enqueued};
-use crate::backend::cuda_pages::CudaRows;
+use crate::backend::cuda_pages::{gather_all, CudaRows};
 use crate::backend::grid;
 use crate::backend::{Absorbed, AbsorbedRun, Attend};
 use crate::error::{Error, Result};
@@ -279,97 +280,211 @@ impl CudaBackend {
 
     /// Enqueues the causal attention of `sequences` (`(queries, cache, position)`), whose
     /// queries lie in order at `q_p` (`[queries, heads, width]` each) and whose outputs go in
-    /// order to `o_p` (`[queries, heads, values]` each): per sequence its cache gathered from
-    /// its pages (`paged_rows`), then per block of queries the scores in cuBLAS,
-    /// `causal_softmax`, and the weighted sum of the latents in cuBLAS. What the work reads
+    /// order to `o_p` (`[queries, heads, values]` each): every sequence's cache gathered from
+    /// its pages in one `paged_rows` launch ([`gather_all`]); then, for as many parts (a
+    /// sequence, or a block of a long one's queries) at a time as [`GPU_SCORE_BLOCK`] scores
+    /// allow, their scores in one grouped cuBLAS call, one `causal_softmax` and the weighted
+    /// sums of the latents in one grouped call ([`Self::enqueue_problems`]). What the work reads
     /// comes back, to live until the stream has run it.
     pub(super) fn enqueue_attention(
         &self,
         (heads, values, scale): (usize, usize, f32),
         sequences: &[(usize, &CudaRows, usize)],
-        mut q_p: CUdeviceptr,
-        mut o_p: CUdeviceptr,
+        q_p: CUdeviceptr,
+        o_p: CUdeviceptr,
     ) -> Result<Enqueued> {
-        let mut most_scores = 0;
-        for &(queries, rows, position) in sequences {
-            let (width, total) = (rows.width(), position + queries);
-            if rows.len() < total || values > width {
+        let mut run = Enqueued::default();
+        let live: Vec<_> = sequences.iter().filter(|s| s.0 > 0).copied().collect();
+        let Some(&(_, first_rows, _)) = live.first() else {
+            return Ok(run);
+        };
+        let width = first_rows.width();
+        for &(queries, rows, position) in &live {
+            let total = position + queries;
+            if rows.len() < total || values > width || rows.width() != width {
                 return Err(Error::Device(format!(
-                    "attention over {} cached rows of {width} for {total} positions and \
-                     {values} values",
-                    rows.len()
+                    "attention over {} cached rows of {} for {total} positions, {values} values \
+                     and queries of {width}",
+                    rows.len(),
+                    rows.width()
                 )));
             }
-            let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, queries.max(1));
-            most_scores = most_scores.max(block * heads * total);
         }
-        let mut run = Enqueued::default();
-        let mut scores: CudaSlice<f32> = self
-            .stream
-            .alloc_zeros(most_scores.max(1))
-            .map_err(driver)?;
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        let scores_p = scores.device_ptr_mut(&self.stream).0;
-        for &(queries, rows, position) in sequences.iter().filter(|s| s.0 > 0) {
-            let (width, total) = (rows.width(), position + queries);
-            let (cache, table) = rows.gather(&self.stream, &self.kernels.paged_rows, total)?;
-            let cache_p = cache.device_ptr(&self.stream).0;
+        let caches: Vec<_> = live.iter().map(|&(q, rows, p)| (rows, p + q)).collect();
+        let (cache, table, starts) = gather_all(&self.stream, &self.kernels.paged_rows, &caches)?;
+        let cache_p = cache.device_ptr(&self.stream).0;
+        run.floats.push(cache);
+        run.tables.push(table);
+        // The parts, in order of their queries: a sequence, or a block of its queries whose
+        // scores fit GPU_SCORE_BLOCK.
+        let mut parts = Vec::new();
+        let (mut q_at, mut o_at) = (q_p, o_p);
+        for (&(queries, _, position), &start_row) in live.iter().zip(&starts) {
+            let total = position + queries;
             let block = (GPU_SCORE_BLOCK / (heads * total).max(1)).clamp(1, queries);
             let mut start = 0;
             while start < queries {
                 let n = block.min(queries - start);
-                let (keys, pairs) = (position + start + n, n * heads);
-                let q_at = q_p + (start * heads * width * 4) as u64;
-                self.transfers.launched();
-                // SAFETY: scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ: the
-                // buffers hold them (keys <= total rows gathered), all on this stream.
-                unsafe {
-                    gemm(
-                        &blas,
-                        Shape {
-                            n: keys,
-                            m: pairs,
-                            k: width,
-                        },
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        cache_p,
-                        q_at,
-                        scores_p,
-                    )?
-                };
-                let (rows_i, keys_i, heads_i) = (dim(pairs)?, dim(keys)?, dim(heads)?);
-                let first = dim(position + start + 1)?;
-                let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
-                launch.arg(&scores_p).arg(&rows_i).arg(&keys_i);
-                launch.arg(&heads_i).arg(&first).arg(&scale);
-                self.transfers.launched();
-                // SAFETY: causal_softmax(scores, rows, cols, heads, first, scale) rewrites
-                // rows × cols scores, which `scores` holds.
-                unsafe { launch.launch(launch_config(grid::causal_softmax(pairs))) }
-                    .map_err(driver)?;
-                self.transfers.launched();
-                // SAFETY: out[pairs, values] = scores[pairs, keys] · cache[keys, ..values]:
-                // the buffers hold them, all on this stream.
-                unsafe {
-                    gemm_nn(
-                        &blas,
-                        (values, pairs, keys),
-                        (cache_p, width),
-                        (scores_p, keys),
-                        (o_p + (start * heads * values * 4) as u64, values),
-                    )?
-                };
+                parts.push(Part {
+                    q: q_at + (start * heads * width * 4) as u64,
+                    o: o_at + (start * heads * values * 4) as u64,
+                    cache: cache_p + (start_row * width * 4) as u64,
+                    keys: position + start + n,
+                    pairs: n * heads,
+                    first: position + start + 1,
+                });
                 start += n;
             }
-            q_p += (queries * heads * width * 4) as u64;
-            o_p += (queries * heads * values * 4) as u64;
-            run.floats.push(cache);
-            run.tables.push(table);
+            q_at += (queries * heads * width * 4) as u64;
+            o_at += (queries * heads * values * 4) as u64;
+        }
+        // Waves of consecutive parts whose scores fit GPU_SCORE_BLOCK together.
+        let mut waves: Vec<&[Part]> = Vec::new();
+        let mut rest = &parts[..];
+        while !rest.is_empty() {
+            let mut scores = 0;
+            let fit = rest
+                .iter()
+                .take(grid::SOFTMAX_PARTS)
+                .take_while(|p| {
+                    scores += p.pairs * p.keys;
+                    scores <= GPU_SCORE_BLOCK
+                })
+                .count()
+                .max(1);
+            let (wave, later) = rest.split_at(fit);
+            waves.push(wave);
+            rest = later;
+        }
+        let most_scores = (waves.iter())
+            .map(|w| w.iter().map(|p| p.pairs * p.keys).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let mut scores: CudaSlice<f32> = self
+            .stream
+            .alloc_zeros(most_scores.max(1))
+            .map_err(driver)?;
+        let scores_p = scores.device_ptr_mut(&self.stream).0;
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        for wave in waves {
+            let mut at = scores_p;
+            let mut scores_of = Vec::with_capacity(wave.len());
+            for p in wave {
+                scores_of.push(at);
+                at += (p.pairs * p.keys * 4) as u64;
+            }
+            // scores[pairs, keys] = q[pairs, width] · cache[keys, width]ᵀ.
+            let products: Vec<Problem> = (wave.iter().zip(&scores_of))
+                .map(|(p, &s)| {
+                    let shape = Shape {
+                        n: p.keys,
+                        m: p.pairs,
+                        k: width,
+                    };
+                    Problem::nt(shape, p.cache, p.q, s)
+                })
+                .collect();
+            self.enqueue_problems(&blas, &mut run, &products)?;
+            let softmax: Vec<SoftmaxPart> = (wave.iter().zip(&scores_of))
+                .map(|(p, &s)| {
+                    Ok(SoftmaxPart {
+                        scores: s,
+                        rows: dim(p.pairs)?,
+                        cols: dim(p.keys)?,
+                        heads: dim(heads)?,
+                        first: dim(p.first)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let table = self.stream.clone_htod(&softmax).map_err(driver)?;
+            let table_p = table.device_ptr(&self.stream).0;
+            let most_rows = wave.iter().map(|p| p.pairs).max().unwrap_or(0);
+            let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax);
+            launch.arg(&table_p).arg(&scale);
+            self.transfers.launched();
+            // SAFETY: causal_softmax(parts, scale) rewrites each listed part's rows × cols
+            // scores, which the scores buffer holds at the part's address.
+            unsafe { launch.launch(launch_config(grid::causal_softmax(most_rows, wave.len()))) }
+                .map_err(driver)?;
+            run.softmax.push(table);
+            // out[pairs, values] = scores[pairs, keys] · cache[keys, ..values].
+            let sums: Vec<Problem> = (wave.iter().zip(&scores_of))
+                .map(|(p, &s)| {
+                    Problem::nn(
+                        (values, p.pairs, p.keys),
+                        (p.cache, width),
+                        (s, p.keys),
+                        (p.o, values),
+                    )
+                })
+                .collect();
+            self.enqueue_problems(&blas, &mut run, &sums)?;
         }
         run.floats.push(scores);
         Ok(run)
     }
+
+    /// Enqueues f32 `problems` of many shapes: one grouped cuBLAS call where the library has
+    /// it (12.5 and later; the table of operands' addresses goes into `run`), one product each
+    /// otherwise.
+    fn enqueue_problems(
+        &self,
+        blas: &CudaBlas,
+        run: &mut Enqueued,
+        problems: &[Problem],
+    ) -> Result<()> {
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if !self.grouped_gemm || problems.len() == 1 {
+            let f32s = sys::cudaDataType_t::CUDA_R_32F;
+            for p in problems {
+                self.transfers.launched();
+                // SAFETY: each problem's operands hold the matrices their shapes describe, on
+                // this stream (the callers' word).
+                unsafe { gemm_f32_out(blas, (p.transpose_a, f32s), p.mnk, p.a, p.b, p.c) }?;
+            }
+            return Ok(());
+        }
+        let addresses: Vec<CUdeviceptr> = (problems.iter().map(|p| p.a.0))
+            .chain(problems.iter().map(|p| p.b.0))
+            .chain(problems.iter().map(|p| p.c.0))
+            .collect();
+        let table = self.stream.clone_htod(&addresses).map_err(driver)?;
+        self.transfers.launched();
+        // SAFETY: as above, and the table lists the problems' addresses; the backend checked
+        // the library's version when it opened.
+        unsafe { gemm_grouped(blas, problems, table.device_ptr(&self.stream).0) }?;
+        run.tables.push(table);
+        Ok(())
+    }
 }
+
+/// A part of [`CudaBackend::enqueue_attention`]: `pairs` (query, head) rows of queries at `q`
+/// over the first `keys` rows of a gathered cache at `cache`, the first query seeing `first`
+/// of them; the outputs go to `o`.
+struct Part {
+    q: CUdeviceptr,
+    o: CUdeviceptr,
+    cache: CUdeviceptr,
+    keys: usize,
+    pairs: usize,
+    first: usize,
+}
+
+/// One part of a `causal_softmax` launch, laid out as `nvrtc.cu`'s `SoftmaxPart`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct SoftmaxPart {
+    scores: CUdeviceptr,
+    rows: i32,
+    cols: i32,
+    heads: i32,
+    first: i32,
+}
+
+// SAFETY: plain data in the kernel's C layout (an address, four ints), copied as bytes.
+unsafe impl cudarc::driver::DeviceRepr for SoftmaxPart {}
 
 /// The inputs of per-head products, `[heads, n, cols]`, in f32 and in bf16 where some weight
 /// takes them so.

@@ -56,7 +56,7 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
 };
 
-use attention::HeadInputs;
+use attention::{HeadInputs, SoftmaxPart};
 use products::Fp8Product;
 
 use super::cuda_pages::{CudaRows, PagePool};
@@ -83,6 +83,9 @@ pub struct CudaBackend {
     /// The pages of every KV cache on this GPU.
     pages: Arc<PagePool>,
     transfers: Arc<Transfers>,
+    /// Whether cuBLAS has grouped products of many shapes (12.5 and later): attention's
+    /// sequences then take one call for all their scores and one for all their sums.
+    grouped_gemm: bool,
     ordinal: usize,
 }
 
@@ -206,6 +209,7 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
         let kernels = Box::new(Kernels::load(stream.context())?);
+        let grouped_gemm = blas::version(&blas)? >= blas::GROUPED_SINCE;
         let transfers = Arc::new(Transfers::default());
         Ok(Self {
             pages: Arc::new(PagePool::new(stream.clone(), transfers.clone())),
@@ -214,6 +218,7 @@ impl CudaBackend {
             blas: Arc::new(Mutex::new(blas)),
             host: CpuBackend::new(host_threads),
             kernels,
+            grouped_gemm,
             ordinal,
         })
     }
@@ -221,6 +226,12 @@ impl CudaBackend {
     /// The waits for the GPU and the bytes moved so far.
     pub fn transfers(&self) -> TransferCounts {
         self.transfers.counts()
+    }
+
+    /// Whether cuBLAS takes products of many shapes in one call (12.5 and later), so that a
+    /// step's attention costs the same launches whatever its number of sequences.
+    pub fn groups_products_of_many_shapes(&self) -> bool {
+        self.grouped_gemm
     }
 
     /// The GPU's name, as the driver gives it.
@@ -356,6 +367,7 @@ struct Enqueued {
     floats: Vec<CudaSlice<f32>>,
     tables: Vec<CudaSlice<CUdeviceptr>>,
     products: Vec<CudaSlice<Fp8Product>>,
+    softmax: Vec<CudaSlice<SoftmaxPart>>,
 }
 
 impl Enqueued {
@@ -365,6 +377,7 @@ impl Enqueued {
         self.floats.extend(other.floats);
         self.tables.extend(other.tables);
         self.products.extend(other.products);
+        self.softmax.extend(other.softmax);
     }
 
     /// Keeps per-head inputs until the work that reads them has run.
