@@ -33,6 +33,13 @@ struct Cli {
     /// (aarch64), `portable`. The parts `up` starts inherit it.
     #[arg(long, global = true, env = "MOEBIUS_KERNELS", default_value = "auto")]
     kernels: String,
+    /// On a GPU with FP8 tensor cores (Hopper, cuBLASLt 12.9 or later), quantise the
+    /// activations of FP8 weights' products of more than 8 rows to FP8 in 1 × 128 blocks and
+    /// multiply on the tensor cores, as DeepSeek-V3 was trained: faster prefill, further from
+    /// transformers' numbers. Off (the default), those products dequantise the weight to bf16,
+    /// as DeepSeek's reference inference does. The parts `up` starts inherit it.
+    #[arg(long, global = true, env = "MOEBIUS_FP8_ACTIVATIONS")]
+    fp8_activations: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +107,10 @@ fn main() -> ExitCode {
     if let Err(line) = force_kernels(&cli.kernels) {
         eprintln!("error: {line}");
         return ExitCode::from(EXIT_USAGE);
+    }
+    moebius_worker::backend::device::use_fp8_activations(cli.fp8_activations);
+    if cli.fp8_activations {
+        std::env::set_var("MOEBIUS_FP8_ACTIVATIONS", "true");
     }
     let _telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref(), service) {
         Ok(t) => t,

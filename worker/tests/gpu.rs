@@ -1093,3 +1093,96 @@ fn cuda_lm_head_gives_each_row_what_it_wants_in_one_round_trip() {
         }
     }
 }
+
+/// With `--fp8-activations`, FP8 weights' products of more than 8 rows run on tensor cores
+/// (Hopper, cuBLASLt 12.9 or later): the activations quantised in 1 × 128 blocks as the CPU's
+/// `quantize_activations` does, and the product that of the dequantised codes to f32 rounding,
+/// which pins down how cuBLASLt reads both kinds of scales; a weight whose last blocks are
+/// partial too; two launches a product. The FP8 fixture still gives transformers' first
+/// tokens (its logprobs move by FP8's rounding, printed). Skips, saying why, where the GPU or
+/// library has no such products; the stand-in must have them.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fp8_activations_on_tensor_cores_multiply_the_quantised_values() {
+    use moebius_worker::backend::cuda::CudaBackend;
+    use moebius_worker::backend::Backend;
+    use moebius_worker::checkpoint::{quantize_activations, Fp8Blocks};
+    use rand::{Rng, SeedableRng};
+
+    let Some(plain) = gpu::open() else { return };
+    let stand_in = plain.device_name().starts_with("cuda_host");
+    drop(plain);
+    let gpu = CudaBackend::open_with(0, 1, true).expect("the GPU opens again");
+    if !gpu.has_fp8_tensor_cores() {
+        assert!(
+            !stand_in,
+            "the stand-in has FP8 tensor cores (see the log for why not)"
+        );
+        eprintln!("skipped: no FP8 tensor cores here (the log says why)");
+        return;
+    }
+    // Every FP8 code's value.
+    let value = Fp8Blocks {
+        rows: 1,
+        cols: 256,
+        codes: (0..=255).collect(),
+        scales: vec![1.0],
+        block: (1, 256),
+    }
+    .dequantize();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+    for (n, k, m) in [(256usize, 384usize, 40usize), (144, 208, 9)] {
+        let blocks = Fp8Blocks {
+            rows: n,
+            cols: k,
+            codes: (0..n * k)
+                .map(|_| rng.random_range(0..0x7eu8) | (rng.random::<u8>() & 0x80))
+                .collect(),
+            scales: (0..n.div_ceil(128) * k.div_ceil(128))
+                .map(|_| rng.random_range(1e-3..2e-3))
+                .collect(),
+            block: (128, 128),
+        };
+        let w = blocks.dequantize();
+        let on_gpu = gpu.matrix_fp8(blocks);
+        let x = gpu::random(&mut rng, m * k);
+        let (codes, scales) = quantize_activations(&x, k);
+        let per_row = k.div_ceil(128);
+        let quantised: Vec<f64> = (codes.iter().enumerate())
+            .map(|(i, &c)| f64::from(value[usize::from(c)] * scales[i / k * per_row + i % k / 128]))
+            .collect();
+        let mut got = vec![f32::NAN; m * n];
+        let before = gpu.transfers();
+        gpu.linear(&x, m, &on_gpu, &mut got);
+        let launches = gpu.transfers().launches - before.launches;
+        assert_eq!(launches, 2, "{n}×{k}: quantise, multiply");
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|l| quantised[i * k + l] * f64::from(w[j * k + l]));
+                let (want, size): (f64, f64) =
+                    terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                let got = f64::from(got[i * n + j]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * size.max(1e-6),
+                    "{n}×{k}, y[{i}, {j}] = {got}, want {want}"
+                );
+            }
+        }
+    }
+    let backend = std::sync::Arc::new(gpu);
+    let golden = golden::golden("tiny-v3-fp8");
+    let model = gpu::model(&golden::fixture("tiny-v3-fp8"), backend);
+    let mut worst = 0.0f32;
+    for case in &golden.cases {
+        let (tokens, logprobs) = gpu::greedy(&model, &case.prompt_ids, 1);
+        assert_eq!(
+            tokens[0], case.new_token_ids[0],
+            "{}: first token",
+            case.name
+        );
+        worst = worst.max((logprobs[0] - case.logprobs[0]).abs());
+    }
+    eprintln!(
+        "tiny-v3-fp8 with FP8 activations: first logprobs within {worst:.2e} of transformers'"
+    );
+}

@@ -8,7 +8,7 @@ mod cuda_host;
 use cuda_host::{kernel_names, Args, HostKernels};
 use moebius_worker::backend::grid::{self, FP8_GEMV_ROWS};
 use moebius_worker::backend::{BestLogits, Rotation, Router};
-use moebius_worker::checkpoint::Fp8Blocks;
+use moebius_worker::checkpoint::{quantize_activations, Fp8Blocks};
 use moebius_worker::config::TopkMethod;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,6 +26,7 @@ const TESTED: &[&str] = &[
     "rope_rotate",
     "gate_route",
     "logits_best",
+    "quantize_fp8_rows",
 ];
 
 #[test]
@@ -663,6 +664,51 @@ fn logits_best_matches_the_cpus_reduction() {
                 want.log_sum
             );
         }
+    }
+}
+
+/// `quantize_fp8_rows` gives each block of 128 values of a row its scale (the largest |value|
+/// / 448) and each value the E4M3FN code nearest to value / scale, ties to the even code, as
+/// the CPU's `quantize_activations` does: rows of 300 values (a last block of 44), with values
+/// across the codes' whole range, exact ties between neighbouring codes, and a block of zeros.
+#[test]
+fn quantize_fp8_rows_rounds_each_block_to_the_nearest_codes() {
+    let table = Fp8Blocks {
+        rows: 1,
+        cols: 256,
+        codes: (0..=255).collect(),
+        scales: vec![1.0],
+        block: (1, 256),
+    }
+    .dequantize();
+    let mut rng = ChaCha8Rng::seed_from_u64(27);
+    let (rows, k) = (3usize, 300usize);
+    let mut x: Vec<f32> = (0..rows * k)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-12..4)))
+        .collect();
+    // Row 1's first block: 448 sets the scale to 1, so the others are exact ties of codes.
+    x[k] = 448.0;
+    for c in 1..64 {
+        let code = rng.random_range(0..0x7d) as usize;
+        x[k + c] = (table[code] + table[code + 1]) / 2.0;
+    }
+    x[2 * k + 128..2 * k + 256].fill(0.0);
+    let blocks = k.div_ceil(128);
+    let (mut codes, mut scales) = (vec![0xffu8; rows * k], vec![f32::NAN; rows * blocks]);
+    let args = Args::default()
+        .arg(x.as_ptr())
+        .arg(rows as i32)
+        .arg(k as i32)
+        .arg(codes.as_mut_ptr())
+        .arg(scales.as_mut_ptr());
+    // SAFETY: x holds rows × k values, codes as many and scales rows × blocks.
+    unsafe {
+        HostKernels::get().launch("quantize_fp8_rows", grid::quantize_fp8_rows(rows, k), args)
+    };
+    let (want_codes, want_scales) = quantize_activations(&x, k);
+    assert_eq!(scales, want_scales);
+    for (i, (&got, &want)) in codes.iter().zip(&want_codes).enumerate() {
+        assert_eq!(got, want, "value {i}: {}", x[i]);
     }
 }
 

@@ -9,6 +9,22 @@ use super::{
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
 
+/// Whether a GPU's FP8 products of many rows quantise their activations to FP8 and run on
+/// tensor cores (`--fp8-activations`); off, they dequantise the weight to bf16, as DeepSeek's
+/// reference inference does by default. The library reads no environment; the binary calls
+/// [`use_fp8_activations`] before it opens a backend.
+static FP8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the GPU backends opened from now on quantise FP8 products' activations (or not).
+pub fn use_fp8_activations(on: bool) {
+    FP8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`use_fp8_activations`] asked for FP8 activations.
+pub fn fp8_activations() -> bool {
+    FP8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A `--device` value: `cpu`, or `cuda` / `cuda:N` (GPU N, 0 by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {

@@ -120,6 +120,23 @@ pub fn logits_best(rows: usize) -> Grid {
 /// takes every logit.
 pub const LOGITS_BEST_MAX: usize = 32;
 
+/// Columns of an activation block that `quantize_fp8_rows` gives one scale: DeepSeek-V3's
+/// 1 × 128.
+pub const FP8_ACTIVATION_BLOCK: usize = 128;
+
+/// `quantize_fp8_rows` over `rows` rows of `k` values: a block of 128 threads per block of
+/// columns and row, with the grid's stride over rows beyond the grid's y extent.
+pub fn quantize_fp8_rows(rows: usize, k: usize) -> Grid {
+    Grid {
+        blocks: (
+            blocks(k.div_ceil(FP8_ACTIVATION_BLOCK)),
+            rows.clamp(1, ELEMENTWISE_BLOCKS) as u32,
+            1,
+        ),
+        threads: (FP8_ACTIVATION_BLOCK as u32, 1, 1),
+    }
+}
+
 /// Rows of a page of a paged KV cache: the unit the caches grow and shrink by, and the block
 /// of the rank's KV cache budget.
 pub const PAGE_ROWS: usize = 16;

@@ -472,3 +472,40 @@ extern "C" __global__ void logits_best(const float* __restrict__ logits, int row
     block_top_k(l, vocab, k, o, o + k, red, red_i);
     if (threadIdx.x == 0) o[2 * k] = logf(s) + m;
 }
+
+// The E4M3FN code nearest to v, ties to the even code, saturating at +-448 (E4M3FN has no
+// infinities; NaN becomes 448 too): the inverse of e4m3fn().
+__device__ __forceinline__ unsigned int e4m3fn_code(float v) {
+    unsigned int sign = (__float_as_uint(v) >> 31) << 7;
+    float a = fabsf(v);
+    if (!(a < 448.0f)) return sign | 0x7eu;
+    if (a < 0.015625f) {  // below 2^-6: subnormal codes of 2^-9 each (8 of them is 2^-6)
+        return sign | (unsigned int)rintf(a * 512.0f);
+    }
+    unsigned int bits = __float_as_uint(a);
+    unsigned int exp = (bits >> 23) - 120u;  // 2^(e - 127) is 2^(exp - 7)
+    unsigned int man = (bits >> 20) & 7u, rest = bits & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (man & 1u))) man++;
+    unsigned int code = (exp << 3) + man;  // a carry out of the mantissa raises the exponent
+    return sign | (code > 0x7eu ? 0x7eu : code);
+}
+
+// Each row of x [rows, k] quantised to E4M3FN by blocks of 128 columns, as DeepSeek-V3's
+// activations are for its FP8 products: scale = the block's largest |value| / 448 (1 for a
+// block of zeros), codes[r, c] = e4m3fn_code(x[r, c] / scale), scales[r * blocks + b] = scale
+// (blocks = ceil(k / 128)). A block of 128 threads per (block of columns, row), with the
+// grid's stride over rows.
+extern "C" __global__ void quantize_fp8_rows(const float* __restrict__ x, int rows, int k,
+                                             unsigned char* __restrict__ codes,
+                                             float* __restrict__ scales) {
+    __shared__ float red[32];
+    int b = blockIdx.x, blocks = (k + 127) / 128, c = b * 128 + threadIdx.x;
+    if (b >= blocks) return;  // the whole block
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        float v = c < k ? x[(long long)r * k + c] : 0.0f;
+        float amax = block_reduce(fabsf(v), red, 1);
+        float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+        if (c < k) codes[(long long)r * k + c] = (unsigned char)e4m3fn_code(v / scale);
+        if (threadIdx.x == 0) scales[(long long)r * blocks + b] = scale;
+    }
+}

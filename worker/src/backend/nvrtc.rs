@@ -18,7 +18,9 @@
 //! - `gate_route`: a MoE gate's routing of each row of its logits (sigmoid or softmax,
 //!   group-limited top-k, weights), so that only the routes travel to the host;
 //! - `logits_best`: each row of the LM head's logits reduced to its best few and their
-//!   log-sum-exp, for greedy and top-k samplers.
+//!   log-sum-exp, for greedy and top-k samplers;
+//! - `quantize_fp8_rows`: activations to FP8 E4M3FN in DeepSeek-V3's 1 × 128 blocks, for the
+//!   FP8 products on tensor cores.
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -45,6 +47,7 @@ pub struct Kernels {
     pub rope_rotate: CudaFunction,
     pub gate_route: CudaFunction,
     pub logits_best: CudaFunction,
+    pub quantize_fp8_rows: CudaFunction,
 }
 
 impl Kernels {
@@ -70,6 +73,7 @@ impl Kernels {
             rope_rotate: function("rope_rotate")?,
             gate_route: function("gate_route")?,
             logits_best: function("logits_best")?,
+            quantize_fp8_rows: function("quantize_fp8_rows")?,
         })
     }
 }

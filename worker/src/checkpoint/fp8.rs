@@ -92,9 +92,103 @@ pub(crate) fn dequantize_blocks(
     out
 }
 
+/// Rows of `k` activations quantised as DeepSeek-V3's `act_quant` does for its FP8 products,
+/// in blocks of 1 × 128: per block `scale = max |x| / 448` (1 for a block of zeros) and
+/// `codes = e4m3fn_nearest(x / scale)`. Returns the codes (`[rows, k]`) and the scales
+/// (`[rows, ceil(k / 128)]`): what the GPU's `quantize_fp8_rows` writes, computed on the CPU.
+pub fn quantize_activations(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut codes = Vec::with_capacity(x.len());
+    let mut scales = Vec::with_capacity(x.len().div_ceil(128));
+    for row in x.chunks(k.max(1)) {
+        for block in row.chunks(128) {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = if amax > 0.0 { amax / 448.0 } else { 1.0 };
+            codes.extend(block.iter().map(|&v| e4m3fn_nearest(v / scale)));
+            scales.push(scale);
+        }
+    }
+    (codes, scales)
+}
+
+/// The E4M3FN code nearest to `v`, ties to the even code, saturating at ±448 (the format has
+/// no infinities; NaN becomes 448 too): the inverse of [`FP8_E4M3FN`].
+pub fn e4m3fn_nearest(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs();
+    if a >= 448.0 || a.is_nan() {
+        return sign | 0x7e;
+    }
+    if a < 0.015625 {
+        // Below 2⁻⁶: subnormal codes of 2⁻⁹ each; 8 of them is 2⁻⁶, the first normal code.
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    let exponent = (bits >> 23) - 120; // 2^(e - 127) is 2^(exponent - 7)
+    let (mut mantissa, rest) = ((bits >> 20) & 7, bits & 0xf_ffff);
+    if rest > 0x8_0000 || (rest == 0x8_0000 && mantissa & 1 == 1) {
+        mantissa += 1; // a carry out of the mantissa raises the exponent
+    }
+    sign | ((exponent << 3) + mantissa).min(0x7e) as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nearest code by search over every finite code, ties to the even one, against the
+    /// rounding by bits: values across the whole range, every midpoint between neighbouring
+    /// codes, the edges.
+    #[test]
+    fn e4m3fn_nearest_rounds_to_the_nearest_code_ties_to_even() {
+        let search = |v: f32| -> u8 {
+            let a = v.abs();
+            let mut best = 0u8;
+            for code in 1..=0x7eu8 {
+                let d = (FP8_E4M3FN[usize::from(code)] - a).abs();
+                let d_best = (FP8_E4M3FN[usize::from(best)] - a).abs();
+                if d < d_best || (d == d_best && code % 2 == 0) {
+                    best = code;
+                }
+            }
+            best | if v.is_sign_negative() { 0x80 } else { 0 }
+        };
+        let mut values: Vec<f32> = (0..0x7e)
+            .map(|c| (FP8_E4M3FN[c] + FP8_E4M3FN[c + 1]) / 2.0)
+            .collect();
+        values.extend((0..4000).map(|i| (i as f32 * 0.37).sin() * 2f32.powi(i % 24 - 12)));
+        values.extend([
+            0.0,
+            -0.0,
+            448.0,
+            449.0,
+            464.0,
+            1e9,
+            2f32.powi(-10),
+            2f32.powi(-6),
+        ]);
+        for v in values {
+            assert_eq!(e4m3fn_nearest(v), search(v), "{v}");
+        }
+        assert_eq!(e4m3fn_nearest(f32::NAN) & 0x7f, 0x7e);
+    }
+
+    #[test]
+    fn activations_quantise_per_row_and_block_of_128() {
+        let mut x: Vec<f32> = (0..2 * 200).map(|i| (i as f32 * 0.11).cos()).collect();
+        x[200 + 150] = 8.96; // row 1's second block: scale 0.02
+        x[128..200].fill(0.0); // row 0's second block: zeros, scale 1
+        let (codes, scales) = quantize_activations(&x, 200);
+        assert_eq!((codes.len(), scales.len()), (400, 4));
+        assert_eq!(scales[1], 1.0);
+        assert_eq!(scales[3], 8.96 / 448.0);
+        assert_eq!(codes[200 + 150], 0x7e);
+        let back = FP8_E4M3FN[usize::from(codes[5])] * scales[0];
+        assert!(
+            (back - x[5]).abs() <= x[5].abs() / 16.0,
+            "{back} against {}",
+            x[5]
+        );
+    }
 
     #[test]
     fn partial_blocks_use_their_own_scale() {

@@ -604,3 +604,169 @@ int ncclCommAbort(Comm* comm) {
 }
 int ncclCommDestroy(Comm* comm) { return ncclCommAbort(comm); }
 }
+
+// cuBLASLt (12.9 and later), as far as the backend uses it: FP8 products with DeepSeek-V3's
+// block scales on Hopper. A is E4M3FN, k × n column-major (a row-major [n, k] weight), taken
+// transposed, with one f32 scale per 128 × 128 block, the blocks column-major; B is E4M3FN,
+// k × m column-major (row-major [m, k] activations), with one f32 scale per 128 values of a
+// column, column after column; C and D are f32 n × m (row-major [m, n]); the scales multiply.
+// Anything else is CUBLAS_STATUS_NOT_SUPPORTED, as a cuBLASLt without the combination says.
+// CUDA_HOST_CUBLASLT_VERSION stands in for another version (12.8 has no block scales).
+namespace {
+constexpr int kLtNotSupported = 15, kLtInvalidValue = 7;
+
+struct LtDesc {
+    int compute = 0, scale_type = 0, transa = 0, transb = 0, a_mode = 0, b_mode = 0;
+    const float* a_scale = nullptr;
+    const float* b_scale = nullptr;
+};
+
+struct LtLayout {
+    int type = 0;
+    uint64_t rows = 0, cols = 0;
+    int64_t ld = 0;
+};
+
+struct LtHeuristic {
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+
+size_t lt_version() {
+    const char* forced = std::getenv("CUDA_HOST_CUBLASLT_VERSION");
+    return forced && *forced ? size_t(std::atol(forced)) : 120900;
+}
+
+float lt_e4m3fn(uint8_t code) {
+    unsigned exp = (code >> 3) & 15u, man = code & 7u;
+    float v = exp == 0 ? float(man) / 512.0f : std::ldexp(1.0f + float(man) / 8.0f, int(exp) - 7);
+    if (exp == 15 && man == 7) v = NAN;
+    return code & 128u ? -v : v;
+}
+
+// Whether the product is the one this stand-in computes (see above).
+bool lt_supported(const LtDesc& d, const LtLayout& a, const LtLayout& b, const LtLayout& c,
+                  const LtLayout& out) {
+    constexpr int kE4m3 = 28, kF32 = 0, kCompute32F = 68, kVec128 = 4, kBlock128 = 5;
+    return lt_version() >= 120900 && d.compute == kCompute32F && d.scale_type == kF32 &&
+           d.transa == 1 && d.transb == 0 && d.a_mode == kBlock128 && d.b_mode == kVec128 &&
+           a.type == kE4m3 && b.type == kE4m3 && c.type == kF32 && out.type == kF32 &&
+           a.rows == b.rows && a.ld >= int64_t(a.rows) && b.ld >= int64_t(b.rows) &&
+           c.rows == a.cols && c.cols == b.cols && out.rows == a.cols && out.cols == b.cols &&
+           out.ld >= int64_t(out.rows) && c.ld >= int64_t(c.rows);
+}
+}  // namespace
+
+extern "C" {
+size_t cublasLtGetVersion() { return lt_version(); }
+int cublasLtCreate(void** handle) {
+    *handle = new int(0);
+    return 0;
+}
+int cublasLtDestroy(void* handle) {
+    delete static_cast<int*>(handle);
+    return 0;
+}
+int cublasLtMatmulDescCreate(void** desc, int compute, int scale_type) {
+    auto* d = new LtDesc;
+    d->compute = compute;
+    d->scale_type = scale_type;
+    *desc = d;
+    return 0;
+}
+int cublasLtMatmulDescDestroy(void* desc) {
+    delete static_cast<LtDesc*>(desc);
+    return 0;
+}
+int cublasLtMatmulDescSetAttribute(void* desc, int attribute, const void* value, size_t size) {
+    auto* d = static_cast<LtDesc*>(desc);
+    auto int_value = [&](int* to) {
+        if (size != sizeof(int32_t)) return kLtInvalidValue;
+        std::memcpy(to, value, size);
+        return 0;
+    };
+    auto pointer = [&](const float** to) {
+        if (size != sizeof(void*)) return kLtInvalidValue;
+        std::memcpy(to, value, size);
+        return 0;
+    };
+    switch (attribute) {
+        case 3: return int_value(&d->transa);
+        case 4: return int_value(&d->transb);
+        case 17: return pointer(&d->a_scale);
+        case 18: return pointer(&d->b_scale);
+        case 31: return int_value(&d->a_mode);
+        case 32: return int_value(&d->b_mode);
+        default: return kLtNotSupported;
+    }
+}
+int cublasLtMatrixLayoutCreate(void** layout, int type, uint64_t rows, uint64_t cols,
+                               int64_t ld) {
+    *layout = new LtLayout{type, rows, cols, ld};
+    return 0;
+}
+int cublasLtMatrixLayoutDestroy(void* layout) {
+    delete static_cast<LtLayout*>(layout);
+    return 0;
+}
+int cublasLtMatmulPreferenceCreate(void** preference) {
+    *preference = new size_t(0);
+    return 0;
+}
+int cublasLtMatmulPreferenceSetAttribute(void* preference, int attribute, const void* value,
+                                         size_t size) {
+    if (attribute != 1 || size != sizeof(size_t)) return kLtNotSupported;  // workspace bytes
+    std::memcpy(preference, value, size);
+    return 0;
+}
+int cublasLtMatmulPreferenceDestroy(void* preference) {
+    delete static_cast<size_t*>(preference);
+    return 0;
+}
+int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c, void* d, void*,
+                                   int requested, LtHeuristic* results, int* count) {
+    *count = 0;
+    if (requested < 1) return kLtInvalidValue;
+    auto layout = [](void* l) { return *static_cast<LtLayout*>(l); };
+    if (!lt_supported(*static_cast<LtDesc*>(desc), layout(a), layout(b), layout(c), layout(d))) {
+        return kLtNotSupported;
+    }
+    results[0] = LtHeuristic{};
+    *count = 1;
+    return 0;
+}
+int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* a_layout,
+                   const void* b, void* b_layout, const void* beta, const void* c,
+                   void* c_layout, void* d, void* d_layout, const void*, void*, size_t,
+                   void* stream) {
+    const LtDesc& op = *static_cast<LtDesc*>(desc);
+    auto layout = [](void* l) { return *static_cast<LtLayout*>(l); };
+    LtLayout la = layout(a_layout), lb = layout(b_layout), lc = layout(c_layout),
+             ld = layout(d_layout);
+    if (!lt_supported(op, la, lb, lc, ld) || !op.a_scale || !op.b_scale) return kLtNotSupported;
+    stream_of(stream)->drain();
+    const auto* codes_a = static_cast<const uint8_t*>(a);
+    const auto* codes_b = static_cast<const uint8_t*>(b);
+    long k = long(la.rows), n = long(la.cols), m = long(lb.cols), blocks = (k + 127) / 128;
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    const float* in = static_cast<const float*>(c);
+    float* out = static_cast<float*>(d);
+    for (long i = 0; i < m; i++) {
+        for (long j = 0; j < n; j++) {
+            float sum = 0.0f;
+            for (long l = 0; l < k; l++) {
+                float wa = lt_e4m3fn(codes_a[l + j * la.ld]) *
+                           op.a_scale[l / 128 + (j / 128) * blocks];
+                float xb = lt_e4m3fn(codes_b[l + i * lb.ld]) * op.b_scale[l / 128 + i * blocks];
+                sum += wa * xb;
+            }
+            float prior = be == 0.0f ? 0.0f : be * in[j + i * lc.ld];
+            out[j + i * ld.ld] = al * sum + prior;
+        }
+    }
+    return 0;
+}
+}

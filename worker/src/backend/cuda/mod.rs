@@ -43,6 +43,7 @@
 mod attention;
 mod blas;
 mod block;
+mod fp8_tensor_cores;
 mod logits;
 mod products;
 mod routing;
@@ -57,6 +58,7 @@ use cudarc::driver::{
 };
 
 use attention::{HeadInputs, SoftmaxPart};
+use fp8_tensor_cores::Fp8TensorCores;
 use products::Fp8Product;
 
 use super::cuda_pages::{CudaRows, PagePool};
@@ -86,6 +88,10 @@ pub struct CudaBackend {
     /// Whether cuBLAS has grouped products of many shapes (12.5 and later): attention's
     /// sequences then take one call for all their scores and one for all their sums.
     grouped_gemm: bool,
+    /// FP8 products of many rows on tensor cores, where `--fp8-activations` asks for them, the
+    /// GPU and cuBLASLt have them and they agree with the bf16 products
+    /// ([`Self::check_fp8_tensor_cores`]).
+    fp8_tensor_cores: Option<Fp8TensorCores>,
     ordinal: usize,
 }
 
@@ -157,12 +163,13 @@ pub struct CudaMatrix {
 
 impl CudaMatrix {
     /// Whether a product of `m` rows with this weight takes bf16 activations: bf16 weights, and
-    /// FP8 ones too many rows for the FP8 kernel (dequantised to bf16 first).
+    /// FP8 ones too many rows for the FP8 kernel (dequantised to bf16 first) unless they go to
+    /// the tensor cores (which take f32 activations and quantise them on the GPU).
     fn takes_bf16(&self, m: usize) -> bool {
         match self.data {
             DeviceWeights::F32(_) => false,
             DeviceWeights::Bf16(_) => true,
-            DeviceWeights::Fp8 { .. } => m > FP8_GEMV_ROWS,
+            DeviceWeights::Fp8 { tensor_cores, .. } => m > FP8_GEMV_ROWS && !tensor_cores,
         }
     }
 }
@@ -171,11 +178,13 @@ enum DeviceWeights {
     F32(CudaSlice<f32>),
     /// bf16 bits.
     Bf16(CudaSlice<u16>),
-    /// E4M3FN codes, with one f32 factor per `block` (rows, columns) of them.
+    /// E4M3FN codes, with one f32 factor per `block` (rows, columns) of them; products of
+    /// many rows on tensor cores where `tensor_cores`.
     Fp8 {
         codes: CudaSlice<u8>,
         scales: CudaSlice<f32>,
         block: (usize, usize),
+        tensor_cores: bool,
     },
 }
 
@@ -184,8 +193,16 @@ fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`; `host_threads` are the CPU threads of the host's products.
+    /// Opens GPU `ordinal`; `host_threads` are the CPU threads of the host's products. FP8
+    /// products quantise their activations where `--fp8-activations` asked
+    /// ([`super::device::fp8_activations`]).
     pub fn open(ordinal: usize, host_threads: usize) -> Result<Self> {
+        Self::open_with(ordinal, host_threads, super::device::fp8_activations())
+    }
+
+    /// [`Self::open`], with FP8 activations for FP8 products of many rows where
+    /// `fp8_activations` and the GPU has them ([`Self::has_fp8_tensor_cores`]).
+    pub fn open_with(ordinal: usize, host_threads: usize, fp8_activations: bool) -> Result<Self> {
         // SAFETY: both only try to load the libraries by name, which runs their initialisers
         // as any use of them would.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -219,13 +236,113 @@ impl CudaBackend {
             host: CpuBackend::new(host_threads),
             kernels,
             grouped_gemm,
+            fp8_tensor_cores: None,
             ordinal,
-        })
+        }
+        .with_fp8_tensor_cores(fp8_activations))
+    }
+
+    /// Takes cuBLASLt's FP8 products on tensor cores where `wanted`, the GPU and library have
+    /// them and they agree with the bf16 products on a test product; says which it chose in
+    /// the log.
+    fn with_fp8_tensor_cores(mut self, wanted: bool) -> Self {
+        if !wanted {
+            return self;
+        }
+        let chosen = Fp8TensorCores::open(&self.stream).and_then(|cores| {
+            self.fp8_tensor_cores = Some(cores);
+            self.check_fp8_tensor_cores()
+                .inspect_err(|_| self.fp8_tensor_cores = None)
+        });
+        match chosen {
+            Ok(off) => tracing::info!(
+                gpu = self.ordinal,
+                "FP8 products of many rows on tensor cores (cuBLASLt's block scales; {off:.1e} \
+                 of the largest value off the bf16 products on a test product)"
+            ),
+            Err(why) => tracing::warn!(
+                gpu = self.ordinal,
+                "--fp8-activations: FP8 products of many rows dequantise their weight to bf16 \
+                 instead: {why}"
+            ),
+        }
+        self
+    }
+
+    /// Runs one FP8 product of 16 rows on tensor cores and by the bf16 path, and returns how
+    /// far apart they are (relative to the largest value), or why the tensor cores will not
+    /// do: an error, or more than 5% apart (activations rounded to FP8 are 6% apart at worst,
+    /// and less on a sum).
+    fn check_fp8_tensor_cores(&self) -> std::result::Result<f32, String> {
+        let (n, k, m) = (256, 384, 16);
+        // A fixed pseudo-random weight and input (xorshift), every FP8 code finite.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let codes: Vec<u8> = (0..n * k)
+            .map(|_| (next() % 0x7e) as u8 | (next() as u8 & 0x80))
+            .collect();
+        let scales: Vec<f32> = (0..(n / 128) * (k / 128))
+            .map(|_| 1e-3 + (next() % 1000) as f32 * 1e-6)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let blocks = Fp8Blocks {
+            rows: n,
+            cols: k,
+            codes,
+            scales,
+            block: (128, 128),
+        };
+        let on_cores = self.matrix_fp8(blocks.clone());
+        let mut by_bf16 = self.matrix_fp8(blocks);
+        if let DeviceWeights::Fp8 { tensor_cores, .. } = &mut by_bf16.data {
+            *tensor_cores = false;
+        }
+        let product = |w: &CudaMatrix| -> std::result::Result<Vec<f32>, String> {
+            let mut y = vec![0.0f32; m * n];
+            self.try_linear_grouped(&mut [Product {
+                x: &x,
+                m,
+                w,
+                out: &mut y,
+            }])
+            .map_err(|e| e.to_string())?;
+            Ok(y)
+        };
+        let (got, want) = (product(&on_cores)?, product(&by_bf16)?);
+        let largest = want
+            .iter()
+            .fold(0.0f32, |a, v| a.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let off = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
+            / largest;
+        if off.is_finite() && off <= 0.05 {
+            Ok(off)
+        } else {
+            Err(format!(
+                "cuBLASLt's FP8 products are {off:.1e} of the largest value off the bf16 ones"
+            ))
+        }
     }
 
     /// The waits for the GPU and the bytes moved so far.
     pub fn transfers(&self) -> TransferCounts {
         self.transfers.counts()
+    }
+
+    /// Whether FP8 products of many rows run on tensor cores (cuBLASLt's block scales, checked
+    /// when the backend opened), not through a bf16 copy of the weight.
+    pub fn has_fp8_tensor_cores(&self) -> bool {
+        self.fp8_tensor_cores.is_some()
     }
 
     /// Whether cuBLAS takes products of many shapes in one call (12.5 and later), so that a
@@ -365,6 +482,7 @@ struct Activations {
 struct Enqueued {
     scratch: Vec<CudaSlice<u16>>,
     floats: Vec<CudaSlice<f32>>,
+    bytes: Vec<CudaSlice<u8>>,
     tables: Vec<CudaSlice<CUdeviceptr>>,
     products: Vec<CudaSlice<Fp8Product>>,
     softmax: Vec<CudaSlice<SoftmaxPart>>,
@@ -375,6 +493,7 @@ impl Enqueued {
     fn keep(&mut self, other: Enqueued) {
         self.scratch.extend(other.scratch);
         self.floats.extend(other.floats);
+        self.bytes.extend(other.bytes);
         self.tables.extend(other.tables);
         self.products.extend(other.products);
         self.softmax.extend(other.softmax);
@@ -571,7 +690,14 @@ impl Backend for CudaBackend {
         }
     }
 
+    /// An FP8 weight; its products of many rows go to the tensor cores where the backend has
+    /// them and the weight has DeepSeek's 128 × 128 blocks and sizes cuBLASLt takes (multiples
+    /// of 16).
     fn matrix_fp8(&self, blocks: Fp8Blocks) -> CudaMatrix {
+        let tensor_cores = self.fp8_tensor_cores.is_some()
+            && blocks.block == (128, 128)
+            && blocks.rows.is_multiple_of(16)
+            && blocks.cols.is_multiple_of(16);
         CudaMatrix {
             rows: blocks.rows,
             cols: blocks.cols,
@@ -579,6 +705,7 @@ impl Backend for CudaBackend {
                 codes: self.upload(&blocks.codes),
                 scales: self.upload(&blocks.scales),
                 block: blocks.block,
+                tensor_cores,
             },
         }
     }

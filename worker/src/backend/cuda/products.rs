@@ -203,6 +203,7 @@ impl CudaBackend {
                     codes,
                     scales,
                     block,
+                    ..
                 } if m <= FP8_GEMV_ROWS => grouped.push(Fp8Product {
                     w: codes.device_ptr(&self.stream).0,
                     scales: scales.device_ptr(&self.stream).0,
@@ -301,11 +302,19 @@ impl CudaBackend {
                 codes,
                 scales,
                 block,
+                ..
             } if m <= FP8_GEMV_ROWS => self.fp8_gemv(shape, (codes, scales, *block), x.f32, y),
             DeviceWeights::Fp8 {
                 codes,
                 scales,
+                tensor_cores: true,
+                ..
+            } => self.fp8_on_tensor_cores(run, shape, (codes, scales), x.f32, y),
+            DeviceWeights::Fp8 {
+                codes,
+                scales,
                 block,
+                ..
             } => {
                 let wide = self.fp8_to_bf16((n, k), (codes, scales, *block))?;
                 let (wp, reading) = wide.device_ptr(&self.stream);
@@ -315,6 +324,55 @@ impl CudaBackend {
                 Ok(())
             }
         }
+    }
+
+    /// Enqueues `y[m, n] = x[m, k] · wᵀ` for an FP8 weight of 128 × 128 blocks on tensor
+    /// cores: `x` (f32 on the GPU) quantised to FP8 by `quantize_fp8_rows` in 1 × 128 blocks,
+    /// then cuBLASLt's block-scaled product; the quantised activations go into `run`.
+    fn fp8_on_tensor_cores(
+        &self,
+        run: &mut Enqueued,
+        shape: Shape,
+        (codes, scales): (&CudaSlice<u8>, &CudaSlice<f32>),
+        x: CUdeviceptr,
+        y: CUdeviceptr,
+    ) -> Result<()> {
+        let Some(cores) = &self.fp8_tensor_cores else {
+            return Err(Error::Device(
+                "an FP8 weight for tensor cores the GPU has not".into(),
+            ));
+        };
+        let Shape { m, k, .. } = shape;
+        let blocks = k.div_ceil(grid::FP8_ACTIVATION_BLOCK);
+        let mut x_codes = self.alloc::<u8>(m * k)?;
+        let mut x_scales = self.alloc::<f32>(m * blocks)?;
+        let (x_codes_p, x_scales_p) = (
+            ptr_mut(&mut x_codes, &self.stream),
+            ptr_mut(&mut x_scales, &self.stream),
+        );
+        let (rows, cols) = (dim(m)?, dim(k)?);
+        let mut launch = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
+        launch
+            .arg(&x)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&x_codes_p)
+            .arg(&x_scales_p);
+        self.transfers.launched();
+        // SAFETY: quantize_fp8_rows(x, rows, k, codes, scales) reads m × k values and writes
+        // m × k codes and m × blocks scales: the buffers hold them, on this stream.
+        unsafe { launch.launch(launch_config(grid::quantize_fp8_rows(m, k))) }.map_err(driver)?;
+        let w = (
+            codes.device_ptr(&self.stream).0,
+            scales.device_ptr(&self.stream).0,
+        );
+        self.transfers.launched();
+        // SAFETY: the weight holds n × k codes and its block scales, the quantised rows and
+        // their scales were just written, and `y` holds m × n values (the caller's word).
+        unsafe { cores.matmul(&self.stream, shape, w, (x_codes_p, x_scales_p), y) }?;
+        run.bytes.extend(x_codes);
+        run.floats.extend(x_scales);
+        Ok(())
     }
 
     /// Enqueues `y[m, n] = x[m, k] · wᵀ` for an FP8 weight and at most [`FP8_GEMV_ROWS`]
