@@ -8,9 +8,10 @@
 # over the tcp data plane) against the CPU alone, with two GPUs or more also two GPU ranks over
 # the nccl data plane (`up --data-plane nccl`), and runs a short `bench engine` on the GPU
 # (the bench model in bf16 and in FP8, made with python3's torch and transformers where missing and they
-# are there, else the demo fixture). Writes a summary for BENCHMARKS.md to target/gpu_check.md and prints it. Exits
-# non-zero when a check fails. Also measures the products alone (`bench products`, bf16 and FP8
-# weights) against cuBLAS' bf16 peak that python3's torch reaches in the same run.
+# are there, else the demo fixture; FP8 models also with `--fp8-activations`). Writes a summary for
+# BENCHMARKS.md to target/gpu_check.md and prints it. Exits non-zero when a check fails. Also
+# measures the products alone (`bench products`, bf16 and FP8 weights, FP8 also with
+# `--fp8-activations`) against cuBLAS' bf16 peak that python3's torch reaches in the same run.
 #   bash scripts/gpu_check.sh [gpu]        (gpu: the CUDA device number, 0 by default)
 # To try the script itself without a GPU, run it on the CPU's stand-in for one, with small
 # models and products (its figures then mean nothing):
@@ -135,19 +136,26 @@ done
 [ -z "${GPU_CHECK_MODELS:-}" ] || read -r -a models <<<"$GPU_CHECK_MODELS"
 benches=()
 for model in "${models[@]}"; do
-  echo "== bench engine on cuda:$gpu ($model)"
-  benches+=("$model" "$("$moebius" bench engine --device "cuda:$gpu" --model "$model" \
-    --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)")
-  echo "${benches[-1]}"
+  # FP8 models once more with --fp8-activations (tensor cores, where the GPU has them).
+  flags=("")
+  [ ! -f "$model/config.json" ] || ! grep -q '"quantization_config"' "$model/config.json" ||
+    flags+=(--fp8-activations)
+  for flag in "${flags[@]}"; do
+    echo "== bench engine on cuda:$gpu ($model${flag:+ $flag})"
+    benches+=("$model${flag:+ $flag}" "$("$moebius" ${flag:+$flag} bench engine --device "cuda:$gpu" \
+      --model "$model" --prompt-len 128 --decode-tokens 32 --batch 1,16 --repeats 3 --json)")
+    echo "${benches[-1]}"
+  done
 done
 # DeepSeek-V3's expert gate_up and down and a square one, as decode (1 row) and prefill rows.
 shapes=${GPU_CHECK_SHAPES:-4096x7168,7168x2048,7168x7168}
 rows=${GPU_CHECK_ROWS:-1,64,2048}
 echo "== bench products on cuda:$gpu (bf16 and fp8 weights: $shapes)"
 products=()
-for dtype in bf16 fp8; do
-  products+=("$("$moebius" bench products --device "cuda:$gpu" --dtype "$dtype" --shapes "$shapes" \
-    --rows "$rows" --repeats 5 --json)")
+for run in bf16 fp8 "fp8 --fp8-activations"; do
+  read -r dtype flag <<<"$run"
+  products+=("$("$moebius" ${flag:+$flag} bench products --device "cuda:$gpu" --dtype "$dtype" \
+    --shapes "$shapes" --rows "$rows" --repeats 5 --json)")
   echo "${products[-1]}"
 done
 echo "== cuBLAS' own peak in this run: torch's bf16 8192^3 matmul, operands on the GPU"
@@ -183,6 +191,8 @@ print("| model | weights on the GPU | batch | prefill tok/s | decode tok/s "
       "| GPU waits per decode step | launches per decode step |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 for model, run in zip(benches[::2], map(json.loads, benches[1::2])):
+    if "--fp8-activations" in model and not run.get("fp8_tensor_cores"):
+        model += " (no FP8 tensor cores here: bf16 products)"
     for r in run["results"]:
         print(f"| {model} | {run['weights_bytes'] / 1e9:.2f} GB | {r['batch']} "
               f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
@@ -195,16 +205,22 @@ print("\n`moebius bench products --device cuda` (activations from the host and b
 print("| weights | rows | weight | TFLOP/s | of the peak | weight GB/s |")
 print("| --- | --- | --- | --- | --- | --- |")
 for products in map(json.loads, sys.argv[4 + count:]):
+    weights = products["dtype"]
+    if products.get("fp8_tensor_cores"):
+        weights += ", FP8 activations on tensor cores"
     for r in products["results"]:
         share = f"{r['tflop_s'] / peak['tflop_s']:.3f}" if "tflop_s" in peak else "-"
-        print(f"| {products['dtype']} | {r['rows']} | {r['out']}x{r['in']} | {r['tflop_s']:.2f} "
+        print(f"| {weights} | {r['rows']} | {r['out']}x{r['in']} | {r['tflop_s']:.2f} "
               f"| {share} | {r['weight_gb_s']:.0f} |")
 print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkpoint's precision, "
-      "every product with a weight in cuBLAS (FP8 weights in the backend's NVRTC kernels), "
-      "activations copied to the GPU and back for each block: a whole attention block (RoPE, "
-      "norms, the cache rows appended to their pages, absorbed attention, o_proj) in one round "
-      "trip, a MoE layer's experts in another (FP8 ones of a few rows one grouped launch, "
-      "bf16 ones of one shape one batched cuBLAS call).")
+      "every product with a weight in cuBLAS (FP8 weights of a few rows in the backend's NVRTC "
+      "kernels; of more, dequantised to bf16, or with --fp8-activations on cuBLASLt's FP8 "
+      "tensor cores), activations copied to the GPU and back for each block: a whole attention "
+      "block (RoPE, norms, the cache rows appended to their pages, absorbed attention over "
+      "every sequence in four launches, o_proj) in one round trip, a MoE gate and its routing "
+      "in another, a MoE layer's experts in a third (FP8 ones of a few rows one grouped launch, "
+      "bf16 ones of one shape one batched cuBLAS call), the LM head and each row's best logits "
+      "in a last.")
 PY
 echo "== summary ($summary)"
 cat "$summary"

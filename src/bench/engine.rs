@@ -67,6 +67,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
     }
     let started = Instant::now();
     let backend = AnyBackend::open(args.device, args.threads, args.bf16_activations)?;
+    let fp8_tensor_cores = backend.fp8_tensor_cores();
     let model = LoadedModel::open_with(&args.model, backend)?;
     let load_s = started.elapsed().as_secs_f64();
     let mut roofline = Roofline::new(&model.shared.backend);
@@ -130,6 +131,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
         "threads": args.threads,
         "kernels": moebius_worker::backend::kernels::active().name(),
         "bf16_activations": args.bf16_activations,
+        "fp8_tensor_cores": fp8_tensor_cores,
         "device": args.device.to_string(),
         "repeats": args.repeats,
         "load_s": load_s,

@@ -107,6 +107,7 @@ pub fn run(args: ProductsArgs) -> Result<()> {
         "device": args.device.to_string(),
         "kernels": moebius_worker::backend::kernels::active().name(),
         "dtype": format!("{:?}", args.dtype).to_lowercase(),
+        "fp8_tensor_cores": backend.fp8_tensor_cores(),
         "repeats": args.repeats,
         "results": results,
     });

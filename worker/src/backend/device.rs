@@ -80,6 +80,16 @@ pub enum AnyRows {
 }
 
 impl AnyBackend {
+    /// Whether FP8 products of many rows run on a GPU's tensor cores (`--fp8-activations`,
+    /// where the GPU has them); never on the CPU.
+    pub fn fp8_tensor_cores(&self) -> bool {
+        match self {
+            AnyBackend::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.has_fp8_tensor_cores(),
+        }
+    }
+
     /// Opens `device`; `threads` are the CPU threads of the products that run on the host
     /// (0: all cores), and `bf16_activations` applies to the CPU's products.
     pub fn open(device: Device, threads: usize, bf16_activations: bool) -> Result<Self> {
