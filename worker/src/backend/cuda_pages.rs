@@ -263,7 +263,10 @@ pub fn gather_all(
     paged_rows: &CudaFunction,
     caches: &[(&CudaRows, usize)],
 ) -> Result<(CudaSlice<f32>, CudaSlice<CUdeviceptr>, Vec<usize>)> {
-    let width = caches.first().map_or(0, |(c, _)| c.width);
+    let Some(&(first, _)) = caches.first() else {
+        return Err(Error::Device("a gather of no caches".into()));
+    };
+    let width = first.width;
     let mut pages = Vec::new();
     let mut starts = Vec::with_capacity(caches.len());
     for &(cache, len) in caches {
@@ -277,12 +280,10 @@ pub fn gather_all(
         pages.extend_from_slice(&cache.pages[..len.div_ceil(PAGE_ROWS)]);
     }
     let rows = pages.len() * PAGE_ROWS;
-    let mut flat: CudaSlice<f32> = stream.alloc_zeros((rows * width).max(1)).map_err(device)?;
+    let mut flat: CudaSlice<f32> = stream.alloc_zeros(rows * width).map_err(device)?;
     let to = (flat.device_ptr_mut(stream).0, width);
     let table = copy_paged(stream, paged_rows, to, &pages, (0, rows), false)?;
-    if let Some((cache, _)) = caches.first() {
-        cache.pool.transfers.launched();
-    }
+    first.pool.transfers.launched();
     Ok((flat, table, starts))
 }
 

@@ -18,8 +18,7 @@
 //! GPU ([`Backend::route`]): its product and the routing in one round trip, from which only
 //! each row's experts and weights come back; so does the LM head ([`Backend::lm_head`]), from
 //! which a greedy or top-k row gets its best few logits and their log-sum-exp, not the whole
-//! vocabulary's. [`Transfers`] counts the waits for the GPU and
-//! the bytes moved.
+//! vocabulary's. [`Transfers`] counts the waits for the GPU and the bytes moved.
 //!
 //! cudarc loads the CUDA libraries when first used (`dynamic-loading`), so this module builds
 //! and lints on machines without CUDA; [`CudaBackend::open`] is where a missing driver, device,
@@ -38,7 +37,9 @@
 //! - `block`: the query path and the whole attention block in one round trip;
 //! - `routing`: a MoE gate's product and routing in one round trip;
 //! - `logits`: the LM head, and each row's best logits where its sampler needs no more;
-//! - `blas`: cuBLAS' products in row-major terms.
+//! - `blas`: cuBLAS' products in row-major terms;
+//! - `fp8_tensor_cores`: FP8 products on Hopper's tensor cores through cuBLASLt
+//!   (`--fp8-activations`), and the check of them when the backend opens.
 
 mod attention;
 mod blas;
@@ -89,8 +90,8 @@ pub struct CudaBackend {
     /// sequences then take one call for all their scores and one for all their sums.
     grouped_gemm: bool,
     /// FP8 products of many rows on tensor cores, where `--fp8-activations` asks for them, the
-    /// GPU and cuBLASLt have them and they agree with the bf16 products
-    /// ([`Self::check_fp8_tensor_cores`]).
+    /// GPU and cuBLASLt have them and they agree with the bf16 products (checked when the
+    /// backend opens).
     fp8_tensor_cores: Option<Fp8TensorCores>,
     ordinal: usize,
 }
@@ -240,98 +241,6 @@ impl CudaBackend {
             ordinal,
         }
         .with_fp8_tensor_cores(fp8_activations))
-    }
-
-    /// Takes cuBLASLt's FP8 products on tensor cores where `wanted`, the GPU and library have
-    /// them and they agree with the bf16 products on a test product; says which it chose in
-    /// the log.
-    fn with_fp8_tensor_cores(mut self, wanted: bool) -> Self {
-        if !wanted {
-            return self;
-        }
-        let chosen = Fp8TensorCores::open(&self.stream).and_then(|cores| {
-            self.fp8_tensor_cores = Some(cores);
-            self.check_fp8_tensor_cores()
-                .inspect_err(|_| self.fp8_tensor_cores = None)
-        });
-        match chosen {
-            Ok(off) => tracing::info!(
-                gpu = self.ordinal,
-                "FP8 products of many rows on tensor cores (cuBLASLt's block scales; {off:.1e} \
-                 of the largest value off the bf16 products on a test product)"
-            ),
-            Err(why) => tracing::warn!(
-                gpu = self.ordinal,
-                "--fp8-activations: FP8 products of many rows dequantise their weight to bf16 \
-                 instead: {why}"
-            ),
-        }
-        self
-    }
-
-    /// Runs one FP8 product of 16 rows on tensor cores and by the bf16 path, and returns how
-    /// far apart they are (relative to the largest value), or why the tensor cores will not
-    /// do: an error, or more than 5% apart (activations rounded to FP8 are 6% apart at worst,
-    /// and less on a sum).
-    fn check_fp8_tensor_cores(&self) -> std::result::Result<f32, String> {
-        let (n, k, m) = (256, 384, 16);
-        // A fixed pseudo-random weight and input (xorshift), every FP8 code finite.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let codes: Vec<u8> = (0..n * k)
-            .map(|_| (next() % 0x7e) as u8 | (next() as u8 & 0x80))
-            .collect();
-        let scales: Vec<f32> = (0..(n / 128) * (k / 128))
-            .map(|_| 1e-3 + (next() % 1000) as f32 * 1e-6)
-            .collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
-        let blocks = Fp8Blocks {
-            rows: n,
-            cols: k,
-            codes,
-            scales,
-            block: (128, 128),
-        };
-        let on_cores = self.matrix_fp8(blocks.clone());
-        let mut by_bf16 = self.matrix_fp8(blocks);
-        if let DeviceWeights::Fp8 { tensor_cores, .. } = &mut by_bf16.data {
-            *tensor_cores = false;
-        }
-        let product = |w: &CudaMatrix| -> std::result::Result<Vec<f32>, String> {
-            let mut y = vec![0.0f32; m * n];
-            self.try_linear_grouped(&mut [Product {
-                x: &x,
-                m,
-                w,
-                out: &mut y,
-            }])
-            .map_err(|e| e.to_string())?;
-            Ok(y)
-        };
-        let (got, want) = (product(&on_cores)?, product(&by_bf16)?);
-        let largest = want
-            .iter()
-            .fold(0.0f32, |a, v| a.max(v.abs()))
-            .max(f32::MIN_POSITIVE);
-        let off = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
-            / largest;
-        if off.is_finite() && off <= 0.05 {
-            Ok(off)
-        } else {
-            Err(format!(
-                "cuBLASLt's FP8 products are {off:.1e} of the largest value off the bf16 ones"
-            ))
-        }
     }
 
     /// The waits for the GPU and the bytes moved so far.
