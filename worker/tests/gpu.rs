@@ -757,8 +757,9 @@ fn cuda_absorbed_attention_matches_the_cpu_in_one_round_trip() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
-    use moebius_worker::backend::Rotation;
     use moebius_worker::backend::{Absorbed, AttentionBlock, Backend, BlockRun, CpuBackend};
+    use moebius_worker::backend::{Rotation, Router, ThenRoute};
+    use moebius_worker::config::TopkMethod;
     use rand::{Rng, SeedableRng};
 
     let Some(gpu) = gpu::open() else { return };
@@ -792,8 +793,10 @@ fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
         .iter()
         .map(|&(len, _)| gpu::random(&mut rng, len * width))
         .collect();
+    // Runs `$call` with the block and its runs on `$backend` (`$side` of each weight pair) over
+    // fresh caches; returns what it returned and every cache read back.
     macro_rules! block {
-        ($backend:expr, $side:tt, $rotation:expr, $out:expr) => {{
+        ($backend:expr, $side:tt, |$block:ident, $runs:ident| $call:expr) => {{
             let mut caches: Vec<_> = cached
                 .iter()
                 .map(|rows| {
@@ -828,13 +831,17 @@ fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
                     position,
                 })
                 .collect();
-            $backend.attention_block(&block, &x, $rotation, &mut runs, $out);
+            let result = {
+                let ($block, $runs) = (&block, &mut runs[..]);
+                $call
+            };
             drop(runs);
-            caches
+            let rows = caches
                 .iter()
                 .zip(&sequences)
                 .map(|(c, &(len, queries))| $backend.read_rows(c, len + queries).into_owned())
-                .collect::<Vec<Vec<f32>>>()
+                .collect::<Vec<Vec<f32>>>();
+            (result, rows)
         }};
     }
     let close = |what: &str, got: &[f32], want: &[f32]| {
@@ -847,15 +854,49 @@ fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
         );
         worst / scale
     };
+    let check_caches = |what: &str, gpu_rows: &[Vec<f32>], cpu_rows: &[Vec<f32>]| {
+        for (i, (g, c)) in gpu_rows.iter().zip(cpu_rows).enumerate() {
+            assert_eq!(
+                g[..cached[i].len()],
+                cached[i][..],
+                "{what}: sequence {i}'s cached rows moved"
+            );
+            close(&format!("{what}: sequence {i}'s new rows"), g, c);
+        }
+    };
+    // A MoE layer's post-attention norm and gate (noaux_tc: 16 experts in 4 groups, the best 2
+    // groups kept, top 4), and the residual the block adds to.
+    let post_norm = gpu::random(&mut rng, hidden);
+    let gate_w: Vec<f32> = gpu::random(&mut rng, 16 * hidden);
+    let gate = (
+        gpu.matrix(16, hidden, gate_w.clone()),
+        cpu.matrix(16, hidden, gate_w),
+    );
+    let correction = gpu::random(&mut rng, 16);
+    let residual_in = gpu::random(&mut rng, n * hidden);
+    let router = Router {
+        weight: &gate.0,
+        correction_bias: Some(&correction[..]),
+        method: TopkMethod::NoauxTc,
+        experts: 16,
+        top_k: 4,
+        n_group: 4,
+        topk_group: 2,
+        norm_topk_prob: true,
+        scaling: 2.5,
+    };
     for interleave in [false, true] {
         let rotation = Rotation {
             cos_sin: angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect(),
             interleave,
         };
+        let what = format!("interleave {interleave}");
         let (mut got, mut want) = (vec![f32::NAN; n * hidden], vec![f32::NAN; n * hidden]);
         let before = gpu.transfers();
-        let caches_gpu = block!(gpu, 0, &rotation, &mut got);
-        let cpu_caches = block!(cpu, 1, &rotation, &mut want);
+        let ((), caches_gpu) = block!(gpu, 0, |b, r| gpu
+            .attention_block(b, &x, &rotation, r, &mut got));
+        let ((), cpu_caches) = block!(cpu, 1, |b, r| cpu
+            .attention_block(b, &x, &rotation, r, &mut want));
         let waits = gpu.transfers().waits - before.waits;
         // The caches' first uploads wait for nothing; reading them back waits once each.
         assert_eq!(
@@ -863,23 +904,70 @@ fn cuda_attention_block_matches_the_cpu_in_one_round_trip() {
             1 + sequences.len() as u64,
             "the block is one round trip"
         );
-        let off = close(&format!("interleave {interleave}: outputs"), &got, &want);
-        for (i, (g, c)) in caches_gpu.iter().zip(&cpu_caches).enumerate() {
-            assert_eq!(
-                g[..cached[i].len()],
-                cached[i][..],
-                "sequence {i}'s cached rows moved"
-            );
-            close(
-                &format!("interleave {interleave}: sequence {i}'s new rows"),
-                g,
-                c,
-            );
-        }
+        let off = close(&format!("{what}: outputs"), &got, &want);
+        check_caches(&what, &caches_gpu, &cpu_caches);
         eprintln!(
             "attention block on the GPU (interleave {interleave}): worst difference {off:.2e} of \
              the largest output"
         );
+
+        // The same block with the residual, the post-attention norm and the gate's routing
+        // after it, still in one round trip.
+        let what = format!("{what}, routed");
+        let then_gpu = ThenRoute {
+            norm: &post_norm,
+            eps: 1e-6,
+            router: router.with_weight(&gate.0),
+        };
+        let then_cpu = ThenRoute {
+            norm: &post_norm,
+            eps: 1e-6,
+            router: router.with_weight(&gate.1),
+        };
+        let (mut residual_gpu, mut residual_cpu) = (residual_in.clone(), residual_in.clone());
+        let (mut normed_gpu, mut normed_cpu) =
+            (vec![f32::NAN; n * hidden], vec![f32::NAN; n * hidden]);
+        let before = gpu.transfers();
+        let (routes, caches_gpu) = block!(gpu, 0, |b, r| gpu.attention_block_routed(
+            b,
+            &x,
+            &rotation,
+            r,
+            &then_gpu,
+            &mut residual_gpu,
+            &mut normed_gpu
+        ));
+        let (_, cpu_caches) = block!(cpu, 1, |b, r| cpu.attention_block_routed(
+            b,
+            &x,
+            &rotation,
+            r,
+            &then_cpu,
+            &mut residual_cpu,
+            &mut normed_cpu
+        ));
+        let waits = gpu.transfers().waits - before.waits;
+        assert_eq!(waits, 1 + sequences.len() as u64, "{what}: one round trip");
+        close(&format!("{what}: residual"), &residual_gpu, &residual_cpu);
+        close(
+            &format!("{what}: normalised rows"),
+            &normed_gpu,
+            &normed_cpu,
+        );
+        check_caches(&what, &caches_gpu, &cpu_caches);
+        // The routes are those of the rows the GPU normalised (the CPU's own rows differ by
+        // bf16's rounding, which may reorder near ties).
+        let want_routes = cpu.route(&then_cpu.router, &normed_gpu, n);
+        assert_eq!(routes.len(), n, "{what}");
+        for (r, (g, w)) in routes.iter().zip(&want_routes).enumerate() {
+            assert_eq!(g.experts, w.experts, "{what}: row {r}");
+            for (a, b) in g.weights.iter().zip(&w.weights) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                    "{what}: row {r}: {a} against {b}"
+                );
+            }
+        }
     }
 }
 

@@ -27,6 +27,7 @@ const TESTED: &[&str] = &[
     "gate_route",
     "logits_best",
     "quantize_fp8_rows",
+    "add_into",
 ];
 
 #[test]
@@ -450,7 +451,7 @@ fn heads_copy_moves_each_heads_columns() {
 }
 
 /// `rms_norm` normalises the leading 300 of 340 columns of each row as the CPU backend does,
-/// into f32 and into bf16.
+/// into f32, into bf16, and into both at once.
 #[test]
 fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
     let mut rng = ChaCha8Rng::seed_from_u64(23);
@@ -473,11 +474,17 @@ fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
             .arg(bf16_out)
             .arg(rows as i32)
             .arg(cols as i32);
-        // SAFETY: x holds rows × stride values, weight cols, and the output that is not null
+        // SAFETY: x holds rows × stride values, weight cols, and each output that is not null
         // rows × cols.
         unsafe { HostKernels::get().launch("rms_norm", grid::rms_norm(rows), args) };
     };
     check_f32_and_bf16(&want, (1e-5, 1e-3), launch);
+    let (mut wide, mut narrow) = (vec![f32::NAN; rows * cols], vec![0u16; rows * cols]);
+    launch(wide.as_mut_ptr(), std::ptr::null_mut());
+    let (mut both_wide, mut both_narrow) = (vec![f32::NAN; rows * cols], vec![0u16; rows * cols]);
+    launch(both_wide.as_mut_ptr(), both_narrow.as_mut_ptr());
+    launch(std::ptr::null_mut(), narrow.as_mut_ptr());
+    assert_eq!((both_wide, both_narrow), (wide, narrow), "both outputs at once");
 }
 
 /// `rope_rotate` turns the rotary columns (8 of 12, from column 4) of every head of 3 rows as
@@ -710,6 +717,25 @@ fn quantize_fp8_rows_rounds_each_block_to_the_nearest_codes() {
     for (i, (&got, &want)) in codes.iter().zip(&want_codes).enumerate() {
         assert_eq!(got, want, "value {i}: {}", x[i]);
     }
+}
+
+/// `add_into` adds every value of one buffer into another, past a launch's first stride.
+#[test]
+fn add_into_adds_every_value() {
+    let mut rng = ChaCha8Rng::seed_from_u64(28);
+    let len = 3 * grid::ELEMENTWISE_THREADS as usize + 17;
+    let (x, y) = (values(&mut rng, len), values(&mut rng, len));
+    let mut got = y.clone();
+    let mut shape = grid::elementwise(len);
+    shape.blocks.0 = 2; // fewer blocks than values: each thread takes several
+    let args = Args::default()
+        .arg(got.as_mut_ptr())
+        .arg(x.as_ptr())
+        .arg(len as i64);
+    // SAFETY: both buffers hold len values.
+    unsafe { HostKernels::get().launch("add_into", shape, args) };
+    let want: Vec<f32> = y.iter().zip(&x).map(|(a, b)| a + b).collect();
+    assert_eq!(got, want);
 }
 
 /// Runs a kernel that writes f32 or bf16 (`launch(f32_out, bf16_out)`, one of them null) both

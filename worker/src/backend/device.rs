@@ -4,7 +4,7 @@
 
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, Route, Router, RowLogits, View, Wants,
+    Rotation, Route, Router, RowLogits, ThenRoute, View, Wants,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::Result;
@@ -517,6 +517,43 @@ impl Backend for AnyBackend {
                 let (block, mut runs) =
                     narrow_block(block, runs, |m| matrix_of!(m, Cuda), |r| rows_of!(r, Cuda));
                 b.attention_block(&block, x, rotation, &mut runs, out)
+            }
+        }
+    }
+
+    fn attention_block_routed(
+        &self,
+        block: &AttentionBlock<'_, AnyMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, AnyRows>],
+        then: &ThenRoute<'_, AnyMatrix>,
+        residual: &mut [f32],
+        normed: &mut [f32],
+    ) -> Vec<Route> {
+        match self {
+            AnyBackend::Cpu(b) => {
+                let (block, mut runs) =
+                    narrow_block(block, runs, |m| matrix_of!(m, Cpu), |r| rows_of!(r, Cpu));
+                let then = ThenRoute {
+                    norm: then.norm,
+                    eps: then.eps,
+                    router: then.router.with_weight(matrix_of!(then.router.weight, Cpu)),
+                };
+                b.attention_block_routed(&block, x, rotation, &mut runs, &then, residual, normed)
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => {
+                let (block, mut runs) =
+                    narrow_block(block, runs, |m| matrix_of!(m, Cuda), |r| rows_of!(r, Cuda));
+                let then = ThenRoute {
+                    norm: then.norm,
+                    eps: then.eps,
+                    router: then
+                        .router
+                        .with_weight(matrix_of!(then.router.weight, Cuda)),
+                };
+                b.attention_block_routed(&block, x, rotation, &mut runs, &then, residual, normed)
             }
         }
     }

@@ -161,6 +161,14 @@ pub struct BlockRun<'a, R> {
     pub position: usize,
 }
 
+/// What follows an attention block in a MoE layer, for [`Backend::attention_block_routed`]:
+/// the post-attention RMSNorm's weights and `eps`, and the layer's gate.
+pub struct ThenRoute<'a, M> {
+    pub norm: &'a [f32],
+    pub eps: f32,
+    pub router: Router<'a, M>,
+}
+
 /// What the model needs from a compute device.
 ///
 /// Weights are uploaded once as [`Backend::Matrix`]; activations are host slices of `f32`
@@ -345,6 +353,24 @@ pub trait Backend: Send + Sync + 'static {
     /// and one that computes them on a device may reduce them there.
     fn lm_head(&self, x: &[f32], w: &Self::Matrix, wants: &[Wants]) -> Vec<RowLogits> {
         logits::lm_head_by_parts(self, x, w, wants)
+    }
+
+    /// [`Backend::attention_block`] and what follows it in a MoE layer: the block's output
+    /// added to `residual` (`[n, hidden]`), `normed` the residual through the post-attention
+    /// RMSNorm, and the gate's routes of `normed` ([`Backend::route`]). A backend may run it all
+    /// in one round trip; the default runs the parts ([`routing::block_then_route_by_parts`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block_routed(
+        &self,
+        block: &AttentionBlock<'_, Self::Matrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, Self::Rows>],
+        then: &ThenRoute<'_, Self::Matrix>,
+        residual: &mut [f32],
+        normed: &mut [f32],
+    ) -> Vec<Route> {
+        routing::block_then_route_by_parts(self, block, x, rotation, runs, then, residual, normed)
     }
 
     /// Whether a sequence may take MLA's expanded form, prefill's cheaper one on the host, which

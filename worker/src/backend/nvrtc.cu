@@ -238,8 +238,8 @@ extern "C" __global__ void heads_copy(const float* __restrict__ src, int src_row
 }
 
 // RMSNorm of the first `cols` values of each row of `x` (row stride `stride`), times `weight`,
-// into `[rows, cols]` in f32 or rounded to bf16 (whichever of out_f32 and out_bf16 is not null),
-// as transformers computes it: w * (v / sqrt(mean(v^2) + eps)). One block per row.
+// into `[rows, cols]` in f32 and rounded to bf16 (into each of out_f32 and out_bf16 that is not
+// null), as transformers computes it: w * (v / sqrt(mean(v^2) + eps)). One block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, int stride,
                                     const float* __restrict__ weight, float eps,
                                     float* __restrict__ out_f32,
@@ -255,11 +255,8 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, int stride,
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = weight[c] * (row[c] * inv);
         long long at = (long long)r * cols + c;
-        if (out_bf16) {
-            out_bf16[at] = bf16_bits(v);
-        } else {
-            out_f32[at] = v;
-        }
+        if (out_bf16) out_bf16[at] = bf16_bits(v);
+        if (out_f32) out_f32[at] = v;
     }
 }
 
@@ -507,5 +504,14 @@ extern "C" __global__ void quantize_fp8_rows(const float* __restrict__ x, int ro
         float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
         if (c < k) codes[(long long)r * k + c] = (unsigned char)e4m3fn_code(v / scale);
         if (threadIdx.x == 0) scales[(long long)r * blocks + b] = scale;
+    }
+}
+
+// y[i] += x[i] for len values (the residual stream and a block's output). Grid-stride.
+extern "C" __global__ void add_into(float* __restrict__ y, const float* __restrict__ x,
+                                    long long len) {
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += step) {
+        y[i] += x[i];
     }
 }

@@ -20,7 +20,8 @@
 //! - `logits_best`: each row of the LM head's logits reduced to its best few and their
 //!   log-sum-exp, for greedy and top-k samplers;
 //! - `quantize_fp8_rows`: activations to FP8 E4M3FN in DeepSeek-V3's 1 × 128 blocks, for the
-//!   FP8 products on tensor cores.
+//!   FP8 products on tensor cores;
+//! - `add_into`: one buffer added into another (an attention block's output into the residual).
 //!
 //! The FP8 kernels dequantise exactly as the checkpoint reader does (`fp8(code) * scale` in f32), so the
 //! decode product differs from the CPU's only in the order of its additions.
@@ -48,6 +49,7 @@ pub struct Kernels {
     pub gate_route: CudaFunction,
     pub logits_best: CudaFunction,
     pub quantize_fp8_rows: CudaFunction,
+    pub add_into: CudaFunction,
 }
 
 impl Kernels {
@@ -74,6 +76,7 @@ impl Kernels {
             gate_route: function("gate_route")?,
             logits_best: function("logits_best")?,
             quantize_fp8_rows: function("quantize_fp8_rows")?,
+            add_into: function("add_into")?,
         })
     }
 }

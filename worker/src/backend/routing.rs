@@ -1,8 +1,10 @@
 //! A MoE gate's routing: from the gate's logits to each row's experts and their weights, as
 //! transformers' DeepSeek V2 and V3 routers compute them. [`Router::route_row`] is the
-//! reference; [`Backend::route`](super::Backend::route) may run it where the logits are.
+//! reference; [`Backend::route`](super::Backend::route) may run it where the logits are, and
+//! [`Backend::attention_block_routed`](super::Backend::attention_block_routed) with the
+//! attention block before it.
 
-use super::{softmax, top_k, Backend};
+use super::{rms_norm, softmax, top_k, AttentionBlock, Backend, BlockRun, Rotation, ThenRoute};
 use crate::config::TopkMethod;
 
 /// One MoE layer's gate: its weight (`[experts, hidden]`) and how it picks experts.
@@ -113,6 +115,32 @@ pub fn route_by_parts<B: Backend + ?Sized>(
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// [`Backend::attention_block_routed`](super::Backend::attention_block_routed) by its parts:
+/// the attention block, the residual's sum and norm on the host, then
+/// [`Backend::route`](super::Backend::route): the model's own order, so the result does not
+/// change.
+#[allow(clippy::too_many_arguments)]
+pub fn block_then_route_by_parts<B: Backend + ?Sized>(
+    backend: &B,
+    block: &AttentionBlock<'_, B::Matrix>,
+    x: &[f32],
+    rotation: &Rotation,
+    runs: &mut [BlockRun<'_, B::Rows>],
+    then: &ThenRoute<'_, B::Matrix>,
+    residual: &mut [f32],
+    normed: &mut [f32],
+) -> Vec<Route> {
+    let n: usize = runs.iter().map(|r| r.queries).sum();
+    let mut out = vec![0.0; residual.len()];
+    backend.attention_block(block, x, rotation, runs, &mut out);
+    for (r, o) in residual.iter_mut().zip(&out) {
+        *r += o;
+    }
+    normed.copy_from_slice(residual);
+    rms_norm(normed, then.norm, then.eps);
+    backend.route(&then.router, normed, n)
 }
 
 /// Keeps the `keep` best groups of `scores` and sets every other entry to `fill`.

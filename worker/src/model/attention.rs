@@ -15,7 +15,8 @@
 
 use crate::backend::attend::{causal_softmax, QUERY_BLOCK};
 use crate::backend::{
-    add_bias, rms_norm, Absorbed, AbsorbedRun, AttentionBlock, Backend, BlockRun, Rotation, View,
+    add_bias, rms_norm, Absorbed, AbsorbedRun, AttentionBlock, Backend, BlockRun, Rotation, Route,
+    ThenRoute, View,
 };
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -202,25 +203,14 @@ impl<B: Backend> Attention<B> {
             return;
         }
         let (h, qk, width) = (self.heads, self.nope + self.rope, self.cache_width());
-        let expands = backend.expands_attention() && segments.iter().any(|s| self.expands(s));
-        if !expands {
-            if let Some(block) = self.block() {
-                // Every row attends absorbed and nothing has a bias before o_proj: the whole
-                // block is one call, which a backend may run in one round trip.
-                let mut runs: Vec<BlockRun<'_, B::Rows>> = segments
-                    .iter_mut()
-                    .map(|seg| BlockRun {
-                        queries: seg.len,
-                        rows: &mut *seg.cache,
-                        position: seg.position,
-                    })
-                    .collect();
-                backend.attention_block(&block, x, rotation, &mut runs, out);
-                if let Some(bias) = &self.o_proj.bias {
-                    add_bias(&mut out[..n * self.o_proj.out_features], bias);
-                }
-                return;
+        if let Some(block) = self.whole_block(backend, segments) {
+            // Every row attends absorbed and nothing has a bias before o_proj: the whole block
+            // is one call, which a backend may run in one round trip.
+            backend.attention_block(&block, x, rotation, &mut block_runs(segments), out);
+            if let Some(bias) = &self.o_proj.bias {
+                add_bias(&mut out[..n * self.o_proj.out_features], bias);
             }
+            return;
         }
 
         // Queries [n, h, qk] and the new cache rows [n, lora + rope], then rotated.
@@ -261,6 +251,45 @@ impl<B: Backend> Attention<B> {
         }
         self.attend_absorbed(backend, &absorbed, &q, None, &mut attn);
         self.o_proj.forward(backend, &attn, n, out);
+    }
+
+    /// [`Self::forward`] and what follows it in a MoE layer in one call
+    /// ([`Backend::attention_block_routed`]): the output added to `residual`, `normed` the
+    /// residual through `then`'s norm, and the gate's routes of it. `None`, with nothing done,
+    /// where the step cannot take the whole block as one call or `o_proj` has a bias (which
+    /// comes before the residual).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_then_route(
+        &self,
+        backend: &B,
+        rotation: &Rotation,
+        x: &[f32],
+        segments: &mut [Segment<B::Rows>],
+        then: &ThenRoute<'_, B::Matrix>,
+        residual: &mut [f32],
+        normed: &mut [f32],
+    ) -> Option<Vec<Route>> {
+        if self.o_proj.bias.is_some() || segments.iter().all(|s| s.len == 0) {
+            return None;
+        }
+        let block = self.whole_block(backend, segments)?;
+        let mut runs = block_runs(segments);
+        Some(backend.attention_block_routed(&block, x, rotation, &mut runs, then, residual, normed))
+    }
+
+    /// The weights of the whole block where every row of the step attends absorbed and it has
+    /// no bias before `o_proj` ([`Self::block`]).
+    fn whole_block<R>(
+        &self,
+        backend: &B,
+        segments: &[Segment<R>],
+    ) -> Option<AttentionBlock<'_, B::Matrix>> {
+        let expands = backend.expands_attention() && segments.iter().any(|s| self.expands(s));
+        if expands {
+            None
+        } else {
+            self.block()
+        }
     }
 
     /// The weights of the whole block ([`Backend::attention_block`]), where its products before
@@ -484,6 +513,18 @@ impl<B: Backend> Attention<B> {
             }
         }
     }
+}
+
+/// The runs of [`Backend::attention_block`]: each segment's rows, cache and position.
+fn block_runs<'s, R>(segments: &'s mut [Segment<'_, R>]) -> Vec<BlockRun<'s, R>> {
+    segments
+        .iter_mut()
+        .map(|seg| BlockRun {
+            queries: seg.len,
+            rows: &mut *seg.cache,
+            position: seg.position,
+        })
+        .collect()
 }
 
 #[cfg(test)]

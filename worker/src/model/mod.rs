@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use moebius_coordinator::Placement;
 
-use crate::backend::{rms_norm, Backend, RowLogits, Wants};
+use crate::backend::{rms_norm, Backend, RowLogits, ThenRoute, Wants};
 use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
@@ -533,17 +533,40 @@ impl<B: Backend> Model<B> {
                     seg
                 })
                 .collect();
-            layer
-                .attention
-                .forward(b, &rotation, &normed, n, &mut segments, &mut out);
-            add_into(&mut x, &out);
-
-            normed.copy_from_slice(&x);
-            rms_norm(&mut normed, &layer.post_attention_norm, cfg.rms_norm_eps);
+            // A MoE layer's gate may route with the attention block, in one call to the backend;
+            // either way `out` ends up holding the post-attention norm of the residual.
+            let routes = match &layer.ffn {
+                FeedForward::Moe { gate, .. } => {
+                    let then = ThenRoute {
+                        norm: &layer.post_attention_norm,
+                        eps: cfg.rms_norm_eps,
+                        router: gate.router(),
+                    };
+                    let attention = &layer.attention;
+                    attention.forward_then_route(
+                        b,
+                        &rotation,
+                        &normed,
+                        &mut segments,
+                        &then,
+                        &mut x,
+                        &mut out,
+                    )
+                }
+                FeedForward::Dense(_) => None,
+            };
+            if routes.is_none() {
+                layer
+                    .attention
+                    .forward(b, &rotation, &normed, n, &mut segments, &mut out);
+                add_into(&mut x, &out);
+                out.copy_from_slice(&x);
+                rms_norm(&mut out, &layer.post_attention_norm, cfg.rms_norm_eps);
+            }
             match &layer.ffn {
                 FeedForward::Dense(mlp) => {
-                    mlp.forward(b, &normed, n, &mut out);
-                    add_into(&mut x, &out);
+                    mlp.forward(b, &out, n, &mut normed);
+                    add_into(&mut x, &normed);
                 }
                 FeedForward::Moe { gate, shared } => {
                     let moe = MoeLayer {
@@ -553,7 +576,7 @@ impl<B: Backend> Model<B> {
                         load: self.moe_index[l].map(|m| (&*self.load, m)),
                         metrics: self.metrics.as_ref(),
                     };
-                    moe.forward(b, comm, &self.replicas[l], &normed, n, &mut x)?;
+                    moe.forward(b, comm, &self.replicas[l], &out, n, &mut x, routes)?;
                 }
             }
         }

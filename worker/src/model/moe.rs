@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::backend::{Backend, Router};
+use crate::backend::{Backend, Route, Router};
 use crate::comm::Communicator;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
@@ -61,7 +61,7 @@ impl<B: Backend> Gate<B> {
     }
 
     /// The gate as the backend routes with it.
-    fn router(&self) -> Router<'_, B::Matrix> {
+    pub fn router(&self) -> Router<'_, B::Matrix> {
         Router {
             weight: &self.weight.weight,
             correction_bias: self.correction_bias.as_deref(),
@@ -120,7 +120,9 @@ impl<B: Backend> MoeLayer<'_, B> {
     }
 
     /// Runs the MoE block on `n` rows of `x` (normalised hidden states) and adds its output to
-    /// `residual`.
+    /// `residual`; `routes` are the gate's of `x` where the backend gave them already
+    /// ([`Backend::attention_block_routed`]), else the gate routes here.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         backend: &B,
@@ -129,10 +131,11 @@ impl<B: Backend> MoeLayer<'_, B> {
         x: &[f32],
         n: usize,
         residual: &mut [f32],
+        routes: Option<Vec<Route>>,
     ) -> Result<()> {
         let hidden = self.gate.hidden;
         let world = comm.world_size();
-        let routes = backend.route(&self.gate.router(), x, n);
+        let routes = routes.unwrap_or_else(|| backend.route(&self.gate.router(), x, n));
         if let Some((load, layer)) = self.load {
             let mut tokens = vec![0u32; self.gate.experts];
             for &e in routes.iter().flat_map(|r| &r.experts) {

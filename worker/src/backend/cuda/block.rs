@@ -1,25 +1,26 @@
 //! The parts of an attention block before its attention on the GPU: the query path
 //! (`linear_norm_linear`), and the whole block in one round trip (`attention_block`): the input
-//! products, `rms_norm`, `rope_rotate` and the new cache rows appended to their pages.
+//! products, `rms_norm`, `rope_rotate` and the new cache rows appended to their pages; in a MoE
+//! layer, with the residual, the post-attention norm and the gate's routing after it in the
+//! same round trip (`attention_block_routed`).
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
+use super::routing::{routes_of, routes_on_the_gpu};
 use super::{
     dim, driver, launch_config, ptr_mut, Activations, CudaBackend, CudaMatrix, Enqueued, Staged,
+    Uploaded,
 };
 use crate::backend::cuda_pages::CudaRows;
 use crate::backend::grid;
-use crate::backend::{AttentionBlock, BlockRun, Rotation};
+use crate::backend::routing::block_then_route_by_parts;
+use crate::backend::{AttentionBlock, BlockRun, Rotation, Route, ThenRoute};
 use crate::error::{Error, Result};
 
 impl CudaBackend {
     /// [`Backend::attention_block`](crate::backend::Backend::attention_block) on the GPU in one
-    /// round trip: one upload of the hidden states, both norms' weights and the step's rotation
-    /// table; the stacked input product; q's `rms_norm` and `q_b` product; `rope_rotate` of the
-    /// queries; the cache rows (`rms_norm` of the latent, `heads_copy`, `rope_rotate` of the shared
-    /// key) appended to each run's pages from the GPU; [`Self::enqueue_absorbed`]; one download and
-    /// one wait.
+    /// round trip: [`Self::enqueue_attention_block`], one download and one wait.
     pub(super) fn try_attention_block(
         &self,
         b: &AttentionBlock<'_, CudaMatrix>,
@@ -28,12 +29,136 @@ impl CudaBackend {
         runs: &mut [BlockRun<'_, CudaRows>],
         out: &mut [f32],
     ) -> Result<()> {
+        let mut run = Enqueued::default();
+        let staged = Staged::default();
+        let Some((inputs, result, len)) =
+            self.enqueue_attention_block(b, x, rotation, runs, staged, &mut run)?
+        else {
+            return Ok(());
+        };
+        let host = self.download(&result, len, run)?;
+        drop(inputs);
+        out[..len].copy_from_slice(&host);
+        Ok(())
+    }
+
+    /// [`Backend::attention_block_routed`](crate::backend::Backend::attention_block_routed) on
+    /// the GPU in one round trip: the residual, the post-attention norm's weights (and the
+    /// gate's correction bias) uploaded with the block's inputs; [`Self::enqueue_attention_block`];
+    /// `add_into` of its output into the residual; `rms_norm` of that (into f32, and into bf16
+    /// too where the gate takes bf16); [`Self::enqueue_route`]; downloads of the residual, the
+    /// normalised rows and the routes, and one wait. A gate `gate_route` does not take runs by
+    /// parts ([`block_then_route_by_parts`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn try_attention_block_routed(
+        &self,
+        b: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        then: &ThenRoute<'_, CudaMatrix>,
+        residual: &mut [f32],
+        normed: &mut [f32],
+    ) -> Result<Vec<Route>> {
+        let router = &then.router;
+        let n: usize = runs.iter().map(|r| r.queries).sum();
+        if !routes_on_the_gpu(router)? || router.top_k == 0 || n == 0 {
+            let by_parts =
+                block_then_route_by_parts(self, b, x, rotation, runs, then, residual, normed);
+            return Ok(by_parts);
+        }
+        let hidden = then.norm.len();
+        let fits = b.attention.o_proj.is_some_and(|o| o.rows == hidden)
+            && router.weight.cols == hidden
+            && residual.len() >= n * hidden
+            && normed.len() >= n * hidden;
+        if !fits {
+            return Err(Error::Device(format!(
+                "an attention block and a gate around a residual of {hidden} columns that do \
+                 not fit it"
+            )));
+        }
+        let mut staged = Staged::default();
+        let residual_at = staged.push(&residual[..n * hidden], false);
+        let norm_at = staged.push(then.norm, false);
+        let bias_at = router.correction_bias.map(|bias| staged.push(bias, false));
+        let mut run = Enqueued::default();
+        let Some((inputs, result, len)) =
+            self.enqueue_attention_block(b, x, rotation, runs, staged, &mut run)?
+        else {
+            return Err(Error::Device(
+                "an attention block of no heads before a gate".into(),
+            ));
+        };
+        let at = |offset| inputs.at(&self.stream, offset).f32;
+        let residual_p = at(residual_at);
+        let result_p = result.as_ref().map_or(0, |r| r.device_ptr(&self.stream).0);
+        let total = i64::try_from(len).map_err(|_| Error::Device(format!("{len} > i64::MAX")))?;
+        let mut launch = self.stream.launch_builder(&self.kernels.add_into);
+        launch.arg(&residual_p).arg(&result_p).arg(&total);
+        self.transfers.launched();
+        // SAFETY: add_into(y, x, len) adds len values of x into y: the residual uploaded above
+        // and the block's output hold n × hidden values each, on this stream.
+        unsafe { launch.launch(launch_config(grid::elementwise(len))) }.map_err(driver)?;
+        let norm = (at(norm_at), then.eps);
+        // The normalised rows in f32 for the host, and in bf16 too where the gate takes bf16.
+        let mut rows = self.alloc::<f32>(n * hidden)?;
+        let bf16_len = if router.weight.takes_bf16(n) {
+            n * hidden
+        } else {
+            0
+        };
+        let mut rows_bf16 = self.alloc::<u16>(bf16_len)?;
+        let both = Activations {
+            f32: ptr_mut(&mut rows, &self.stream),
+            bf16: ptr_mut(&mut rows_bf16, &self.stream),
+        };
+        self.rms_norm((residual_p, hidden), norm, both, (n, hidden))?;
+        let gate_x = match both.bf16 {
+            0 => both,
+            _ => Activations { f32: 0, ..both },
+        };
+        let bias_p = bias_at.map_or(0, at);
+        let routes = self.enqueue_route(&mut run, router, gate_x, bias_p, n)?;
+        if let (Some(wide), Some(rows)) = (&inputs.wide, &rows) {
+            let summed = wide.slice(residual_at..residual_at + n * hidden);
+            self.stream
+                .memcpy_dtoh(&summed, &mut residual[..n * hidden])
+                .map_err(driver)?;
+            self.stream
+                .memcpy_dtoh(rows, &mut normed[..n * hidden])
+                .map_err(driver)?;
+            self.transfers.copied_down(2 * n * hidden * 4);
+        }
+        run.floats.extend(result);
+        run.scratch.extend(rows_bf16);
+        let host = self.download(&routes, 2 * n * router.top_k, run)?;
+        drop((inputs, rows));
+        Ok(routes_of(&host, n, router.top_k))
+    }
+
+    /// Enqueues MLA's whole attention block: one upload of `staged` (what the caller put there
+    /// first) with the hidden states, both norms' weights and the step's rotation table; the
+    /// stacked input product; q's `rms_norm` and `q_b` product; `rope_rotate` of the queries;
+    /// the cache rows (`rms_norm` of the latent, `heads_copy`, `rope_rotate` of the shared key)
+    /// appended to each run's pages from the GPU; [`Self::enqueue_absorbed`]. Returns the
+    /// uploaded inputs, the result and its length (`None` for no rows or heads); what the work
+    /// reads goes into `run`.
+    fn enqueue_attention_block(
+        &self,
+        b: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        mut staged: Staged,
+        run: &mut Enqueued,
+    ) -> Result<Option<(Uploaded, Buffer, usize)>> {
         let w = &b.attention;
         let (h, qk, lora, rope) = (w.uk_t.len(), w.nope + w.rope, w.lora, w.rope);
         let (width, pairs) = (lora + rope, rope / 2);
         let n: usize = runs.iter().map(|r| r.queries).sum();
         if n == 0 || h == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let (input, q_b) = (b.input, b.q_b);
         let q_lora = q_b.cols;
@@ -50,20 +175,18 @@ impl CudaBackend {
                  with weights, norms, rotation or caches of other shapes"
             )));
         }
-        let mut staged = Staged::default();
         let x_at = staged.push(&x[..n * input.cols], input.takes_bf16(n));
         let q_norm_at = staged.push(b.q_norm, false);
         let kv_norm_at = staged.push(b.kv_norm, false);
         let rotation_at = staged.push(&rotation.cos_sin[..n * rope], false);
         let inputs = self.upload_staged(staged)?;
         let at = |offset| inputs.at(&self.stream, offset).f32;
-        let mut run = Enqueued::default();
         // [q_a | kv_a] = x · inputᵀ ([n, q_lora + lora + rope]), and the queries
         // q_b(rms_norm(q_a)), then their rotary columns rotated.
         let x_dev = inputs.at(&self.stream, x_at);
         let norm = (at(q_norm_at), b.eps);
         let (mut stacked, mut q) =
-            self.enqueue_linear_norm_linear(&mut run, (input, q_b), x_dev, norm, n)?;
+            self.enqueue_linear_norm_linear(run, (input, q_b), x_dev, norm, n)?;
         let stacked_p = ptr_mut(&mut stacked, &self.stream);
         let q_p = ptr_mut(&mut q, &self.stream);
         let rotation_p = at(rotation_at);
@@ -100,11 +223,10 @@ impl CudaBackend {
         for r in runs.iter() {
             sequences.push((r.queries, &*r.rows, r.position));
         }
-        let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, &mut run)?;
-        let host = self.download(&result, len, run)?;
-        drop((inputs, stacked, q, kv, latent));
-        out[..len].copy_from_slice(&host);
-        Ok(())
+        let (result, len) = self.enqueue_absorbed(w, q_p, &sequences, run)?;
+        run.floats
+            .extend([stacked, q, kv, latent].into_iter().flatten());
+        Ok(Some((inputs, result, len)))
     }
 
     /// [`Backend::linear_norm_linear`](crate::backend::Backend::linear_norm_linear) on the GPU in
@@ -184,7 +306,8 @@ impl CudaBackend {
     }
 
     /// Enqueues `rms_norm` of the first `cols` values of `rows` rows at `x` (row stride
-    /// `stride`) with the weights at `weight` into `out`'s f32 or bf16 buffer (`[rows, cols]`).
+    /// `stride`) with the weights at `weight` into `out`'s f32 and bf16 buffers (each that is not
+    /// 0; `[rows, cols]`).
     pub(super) fn rms_norm(
         &self,
         (x, stride): (CUdeviceptr, usize),

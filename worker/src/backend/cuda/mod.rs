@@ -67,7 +67,7 @@ use super::grid::{Grid, FP8_GEMV_ROWS};
 use super::nvrtc::Kernels;
 use super::{
     Absorbed, AbsorbedRun, Attend, AttentionBlock, Backend, BlockRun, CpuBackend, MlpRun, Product,
-    Rotation, Route, Router, RowLogits, View, Wants,
+    Rotation, Route, Router, RowLogits, ThenRoute, View, Wants,
 };
 use crate::checkpoint::Fp8Blocks;
 use crate::error::{Error, Result};
@@ -573,6 +573,22 @@ impl Backend for CudaBackend {
         assert!(x.len() >= wants.len() * w.cols, "cuda lm_head: x too small");
         self.try_lm_head(x, w, wants)
             .unwrap_or_else(|e| panic!("cuda:{}: the LM head: {e}", self.ordinal))
+    }
+
+    fn attention_block_routed(
+        &self,
+        block: &AttentionBlock<'_, CudaMatrix>,
+        x: &[f32],
+        rotation: &Rotation,
+        runs: &mut [BlockRun<'_, CudaRows>],
+        then: &ThenRoute<'_, CudaMatrix>,
+        residual: &mut [f32],
+        normed: &mut [f32],
+    ) -> Vec<Route> {
+        let routed =
+            self.try_attention_block_routed(block, x, rotation, runs, then, residual, normed);
+        routed
+            .unwrap_or_else(|e| panic!("cuda:{}: an attention block and a gate: {e}", self.ordinal))
     }
 
     fn expands_attention(&self) -> bool {
