@@ -217,10 +217,10 @@ print("\nMade by `bash scripts/gpu_check.sh`: weights on the GPU in their checkp
       "kernels; of more, dequantised to bf16, or with --fp8-activations on cuBLASLt's FP8 "
       "tensor cores), activations copied to the GPU and back for each block: a whole attention "
       "block (RoPE, norms, the cache rows appended to their pages, absorbed attention over "
-      "every sequence in four launches, o_proj) in one round trip, a MoE gate and its routing "
-      "in another, a MoE layer's experts in a third (FP8 ones of a few rows one grouped launch, "
-      "bf16 ones of one shape one batched cuBLAS call), the LM head and each row's best logits "
-      "in a last.")
+      "every sequence in four launches, o_proj; in a MoE layer also the residual, the "
+      "post-attention norm and the gate's routing) in one round trip, a MoE layer's experts in "
+      "another (FP8 ones of a few rows one grouped launch, bf16 ones of one shape one batched "
+      "cuBLAS call), the LM head and each row's best logits in a last.")
 PY
 echo "== summary ($summary)"
 cat "$summary"
