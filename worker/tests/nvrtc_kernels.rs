@@ -484,7 +484,11 @@ fn rms_norm_matches_the_cpu_into_f32_and_into_bf16() {
     let (mut both_wide, mut both_narrow) = (vec![f32::NAN; rows * cols], vec![0u16; rows * cols]);
     launch(both_wide.as_mut_ptr(), both_narrow.as_mut_ptr());
     launch(std::ptr::null_mut(), narrow.as_mut_ptr());
-    assert_eq!((both_wide, both_narrow), (wide, narrow), "both outputs at once");
+    assert_eq!(
+        (both_wide, both_narrow),
+        (wide, narrow),
+        "both outputs at once"
+    );
 }
 
 /// `rope_rotate` turns the rotary columns (8 of 12, from column 4) of every head of 3 rows as
