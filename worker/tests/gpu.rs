@@ -1200,7 +1200,7 @@ fn cuda_lm_head_gives_each_row_what_it_wants_in_one_round_trip() {
 fn cuda_fp8_activations_on_tensor_cores_multiply_the_quantised_values() {
     use moebius_worker::backend::cuda::CudaBackend;
     use moebius_worker::backend::Backend;
-    use moebius_worker::checkpoint::{quantize_activations, Fp8Blocks};
+    use moebius_worker::checkpoint::{e4m3fn_value, quantize_activations, Fp8Blocks};
     use rand::{Rng, SeedableRng};
 
     let Some(plain) = gpu::open() else { return };
@@ -1215,15 +1215,6 @@ fn cuda_fp8_activations_on_tensor_cores_multiply_the_quantised_values() {
         eprintln!("skipped: no FP8 tensor cores here (the log says why)");
         return;
     }
-    // Every FP8 code's value.
-    let value = Fp8Blocks {
-        rows: 1,
-        cols: 256,
-        codes: (0..=255).collect(),
-        scales: vec![1.0],
-        block: (1, 256),
-    }
-    .dequantize();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
     for (n, k, m) in [(256usize, 384usize, 40usize), (144, 208, 9)] {
         let blocks = Fp8Blocks {
@@ -1243,7 +1234,7 @@ fn cuda_fp8_activations_on_tensor_cores_multiply_the_quantised_values() {
         let (codes, scales) = quantize_activations(&x, k);
         let per_row = k.div_ceil(128);
         let quantised: Vec<f64> = (codes.iter().enumerate())
-            .map(|(i, &c)| f64::from(value[usize::from(c)] * scales[i / k * per_row + i % k / 128]))
+            .map(|(i, &c)| f64::from(e4m3fn_value(c) * scales[i / k * per_row + i % k / 128]))
             .collect();
         let mut got = vec![f32::NAN; m * n];
         let before = gpu.transfers();

@@ -286,37 +286,34 @@ __device__ __forceinline__ int ranks_before(float v, int i, float w, int j) {
     return v > w || (v == w && i < j);
 }
 
+// The first of the warp's candidates (*v, *at) in top-k order, left in every lane; an index
+// of -1 is no candidate.
+__device__ __forceinline__ void warp_best(float* v, int* at) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, *v, o);
+        int j = __shfl_xor_sync(0xffffffffu, *at, o);
+        if (j >= 0 && (*at < 0 || ranks_before(w, j, *v, *at))) {
+            *v = w;
+            *at = j;
+        }
+    }
+}
+
 // The first of the block's candidates (v, *i) in top-k order, returned to every thread with
 // its index in *i; an index of -1 is no candidate. `red` and `red_i` hold one per warp.
 // Every thread of the block calls it.
 __device__ float block_best(float v, int* i, float* red, int* red_i) {
-    int at = *i;
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        int j = __shfl_xor_sync(0xffffffffu, at, o);
-        if (j >= 0 && (at < 0 || ranks_before(w, j, v, at))) {
-            v = w;
-            at = j;
-        }
-    }
+    warp_best(&v, i);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
     if (lane == 0) {
         red[warp] = v;
-        red_i[warp] = at;
+        red_i[warp] = *i;
     }
     __syncthreads();
     v = lane < warps ? red[lane] : 0.0f;
-    at = lane < warps ? red_i[lane] : -1;
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        int j = __shfl_xor_sync(0xffffffffu, at, o);
-        if (j >= 0 && (at < 0 || ranks_before(w, j, v, at))) {
-            v = w;
-            at = j;
-        }
-    }
+    *i = lane < warps ? red_i[lane] : -1;
+    warp_best(&v, i);
     __syncthreads();  // red is free again
-    *i = at;
     return v;
 }
 

@@ -110,6 +110,11 @@ pub fn quantize_activations(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
     (codes, scales)
 }
 
+/// The value of an E4M3FN code (NaN for `0x7f` and `0xff`).
+pub fn e4m3fn_value(code: u8) -> f32 {
+    FP8_E4M3FN[usize::from(code)]
+}
+
 /// The E4M3FN code nearest to `v`, ties to the even code, saturating at ±448 (the format has
 /// no infinities; NaN becomes 448 too): the inverse of [`FP8_E4M3FN`].
 pub fn e4m3fn_nearest(v: f32) -> u8 {

@@ -12,7 +12,7 @@ mod fp8;
 #[cfg(test)]
 mod tests;
 
-pub use fp8::{e4m3fn_nearest, quantize_activations, Fp8Blocks};
+pub use fp8::{e4m3fn_nearest, e4m3fn_value, quantize_activations, Fp8Blocks};
 
 use std::collections::HashMap;
 use std::fmt;

@@ -16,8 +16,8 @@ impl CudaBackend {
     /// [`Backend::lm_head`](crate::backend::Backend::lm_head) on the GPU: one upload of the rows
     /// that want logits (those that want the best few first), one product, `logits_best` of
     /// those rows, one download of their best and of the other rows' every logit, one wait.
-    /// Where no row can take the best few (none asks, or more than [`LOGITS_BEST_MAX`]), all
-    /// logits come back ([`lm_head_by_parts`]).
+    /// Where no row can take the best few (none asks, or more than [`LOGITS_BEST_MAX`] or the
+    /// vocabulary), all logits come back ([`lm_head_by_parts`]).
     pub(super) fn try_lm_head(
         &self,
         x: &[f32],
@@ -26,7 +26,7 @@ impl CudaBackend {
     ) -> Result<Vec<RowLogits>> {
         let (vocab, hidden) = (w.rows, w.cols);
         let reduced = |want: &Wants| match *want {
-            Wants::Best(k) => k <= LOGITS_BEST_MAX && vocab < EXACT_IDS,
+            Wants::Best(k) => k <= LOGITS_BEST_MAX.min(vocab) && vocab < EXACT_IDS,
             _ => false,
         };
         let best: Vec<usize> = (0..wants.len()).filter(|&r| reduced(&wants[r])).collect();
