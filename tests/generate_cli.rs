@@ -802,6 +802,39 @@ fn gpu_ranks_that_fault_in_up_lose_no_request() {
     });
 }
 
+/// A GPU that breaks for good mid-request in `moebius up --device cuda:0,cpu` (the stand-in's
+/// launch after the first 300 fails, and every launch after it, `CUDA_HOST_BROKEN`): the GPU
+/// worker stops serving, each start of it again fails its backend's self-test before it joins
+/// the cluster, and the CPU worker serves every request alone with the CPU's tokens. Runs on the
+/// stand-in only (`scripts/test.sh`); says why it skips elsewhere.
+#[test]
+fn gpu_ranks_whose_gpu_breaks_for_good_lose_no_request() {
+    if !on_the_stand_in() {
+        return;
+    }
+    let model = fixture("tiny-v2");
+    let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
+    let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
+    let want = completion_tokens_of(&cpu);
+    let broken = tempfile::tempdir().expect("a temporary directory");
+    let mark = broken.path().join("broken");
+    let extra = ["--workers", "2", "--device", "cuda:0,cpu"];
+    let up = common::up::Up::spawn(&model, &extra, |command| {
+        command.env("CUDA_HOST_FAIL_AFTER", "300");
+        command.env("CUDA_HOST_BROKEN", &mark);
+    });
+    up.router_addr();
+    let http = up.http_addr();
+    for request in 0..3 {
+        let tokens = completion_tokens_at(&http, &ids, &n);
+        assert_eq!(tokens, want, "request {request} against the CPU");
+    }
+    assert!(mark.exists(), "the GPU did not break");
+    up.next_line("the GPU worker's failed self-test", |l| {
+        l.starts_with("[up] worker-0 failed") && l.contains("self-test")
+    });
+}
+
 /// Whether the CUDA backend runs on the CPU's stand-in for a GPU, whose faults a test can
 /// inject (`scripts/test.sh` sets it up); says why not where it does not.
 fn on_the_stand_in() -> bool {

@@ -9,7 +9,8 @@
 // background as a GPU's would, so that waiting on them, their deadlines and aborts run too.
 // CUDA_HOST_DEVICES says how many devices there are (1 when unset); CUDA_HOST_FAIL_AFTER=N makes
 // the process's kernel launch after the first N fail, as a GPU that faults mid-step does (once:
-// a worker started again gets a new context).
+// a worker started again gets a new context), and with CUDA_HOST_BROKEN=FILE it breaks the GPU
+// for good: the failure creates FILE, and while FILE exists every launch of every process fails.
 //
 // What it shows: that the backend asks the driver, cuBLAS and NCCL for the right things in the
 // right order. What it does not: anything about a GPU's memory model, concurrency or timing, or
@@ -18,6 +19,7 @@
 #include "cuda_host.h"  // first: it sets what the system headers see
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -288,8 +290,12 @@ int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsign
     if (shared_bytes != 0) return kInvalidValue;  // no dynamic shared memory here
     static std::atomic<long> launches{0};
     static const char* fail_after = std::getenv("CUDA_HOST_FAIL_AFTER");
+    static const char* broken = std::getenv("CUDA_HOST_BROKEN");
+    constexpr int kLaunchFailed = 719;  // CUDA_ERROR_LAUNCH_FAILED
+    if (broken != nullptr && access(broken, F_OK) == 0) return kLaunchFailed;
     if (fail_after != nullptr && launches++ == std::atol(fail_after)) {
-        return 719;  // CUDA_ERROR_LAUNCH_FAILED
+        if (broken != nullptr) std::fclose(std::fopen(broken, "w"));  // broken for good
+        return kLaunchFailed;
     }
     stream_of(stream)->drain();
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};

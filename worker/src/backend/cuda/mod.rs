@@ -229,7 +229,7 @@ impl CudaBackend {
         let kernels = Box::new(Kernels::load(stream.context())?);
         let grouped_gemm = blas::version(&blas)? >= blas::GROUPED_SINCE;
         let transfers = Arc::new(Transfers::default());
-        Ok(Self {
+        let backend = Self {
             pages: Arc::new(PagePool::new(stream.clone(), transfers.clone())),
             transfers,
             stream,
@@ -239,8 +239,64 @@ impl CudaBackend {
             grouped_gemm,
             fp8_tensor_cores: None,
             ordinal,
+        };
+        backend.self_test()?;
+        Ok(backend.with_fp8_tensor_cores(fp8_activations))
+    }
+
+    /// A small query path on the GPU (a cuBLAS product, the `rms_norm` kernel, a product)
+    /// against the same on the host, so that a GPU whose launches fail or whose results are
+    /// wrong stops the backend from opening, with the reason, rather than failing the first
+    /// step of a cluster it would have joined.
+    fn self_test(&self) -> Result<()> {
+        let (m, k) = (2, 16);
+        let value = |i: usize, salt: usize| ((i * 7 + salt) % 13) as f32 / 8.0 - 0.75;
+        let values =
+            |len: usize, salt: usize| (0..len).map(|i| value(i, salt)).collect::<Vec<f32>>();
+        let (a, b, x, norm) = (
+            values(k * k, 1),
+            values(k * k, 2),
+            values(m * k, 3),
+            values(k, 4),
+        );
+        let on_gpu = |data: &[f32]| -> Result<CudaMatrix> {
+            let data = DeviceWeights::F32(self.stream.clone_htod(data).map_err(driver)?);
+            Ok(CudaMatrix {
+                rows: k,
+                cols: k,
+                data,
+            })
+        };
+        let (mut first, mut got) = (vec![0.0f32; m * k], vec![0.0f32; m * k]);
+        let (mut host_first, mut want) = (first.clone(), got.clone());
+        let weights = (on_gpu(&a)?, on_gpu(&b)?);
+        let failed = |why: String| {
+            Error::Device(format!("cuda:{} failed its self-test: {why}", self.ordinal))
+        };
+        self.try_linear_norm_linear(
+            &x,
+            m,
+            (&weights.0, &weights.1),
+            (&norm, 1e-6),
+            &mut first,
+            &mut got,
+        )
+        .map_err(|e| match e {
+            Error::Device(why) => failed(why),
+            e => failed(e.to_string()),
+        })?;
+        let host = (self.host.matrix(k, k, a), self.host.matrix(k, k, b));
+        let norm = (&norm[..], 1e-6);
+        self.host
+            .linear_norm_linear(&x, m, (&host.0, &host.1), norm, &mut host_first, &mut want);
+        let off = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        if off.is_nan() || off > 1e-3 {
+            return Err(failed(format!("its results are {off} off the CPU's")));
         }
-        .with_fp8_tensor_cores(fp8_activations))
+        Ok(())
     }
 
     /// The waits for the GPU and the bytes moved so far.
