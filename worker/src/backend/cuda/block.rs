@@ -47,8 +47,8 @@ impl CudaBackend {
     /// gate's correction bias) uploaded with the block's inputs; [`Self::enqueue_attention_block`];
     /// `add_into` of its output into the residual; `rms_norm` of that (into f32, and into bf16
     /// too where the gate takes bf16); [`Self::enqueue_route`]; downloads of the residual, the
-    /// normalised rows and the routes, and one wait. A gate `gate_route` does not take runs by
-    /// parts ([`block_then_route_by_parts`]).
+    /// normalised rows and the routes, and one wait. Where `gate_route` does not take the gate,
+    /// it all runs by parts ([`block_then_route_by_parts`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn try_attention_block_routed(
         &self,
