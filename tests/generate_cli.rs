@@ -779,23 +779,9 @@ fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
 /// (`scripts/test.sh`); says why it skips elsewhere.
 #[test]
 fn gpu_ranks_that_fault_in_up_lose_no_request() {
-    if !on_the_stand_in() {
+    let Some(up) = three_requests_through_a_gpu_fault(&[]) else {
         return;
-    }
-    let model = fixture("tiny-v2");
-    let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
-    let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
-    let want = completion_tokens_of(&cpu);
-    let extra = ["--workers", "2", "--device", "cuda:0,cpu"];
-    let up = common::up::Up::spawn(&model, &extra, |command| {
-        command.env("CUDA_HOST_FAIL_AFTER", "300");
-    });
-    up.router_addr();
-    let http = up.http_addr();
-    for request in 0..3 {
-        let tokens = completion_tokens_at(&http, &ids, &n);
-        assert_eq!(tokens, want, "request {request} against the CPU");
-    }
+    };
     // The fault did happen, and up took the GPU worker down and started it again.
     up.next_line("the GPU worker's restart", |l| {
         l.starts_with("[up] worker-0 failed")
@@ -809,19 +795,33 @@ fn gpu_ranks_that_fault_in_up_lose_no_request() {
 /// stand-in only (`scripts/test.sh`); says why it skips elsewhere.
 #[test]
 fn gpu_ranks_whose_gpu_breaks_for_good_lose_no_request() {
-    if !on_the_stand_in() {
+    let broken = tempfile::tempdir().expect("a temporary directory");
+    let mark = broken.path().join("broken");
+    let Some(up) = three_requests_through_a_gpu_fault(&[("CUDA_HOST_BROKEN", mark.as_os_str())])
+    else {
         return;
+    };
+    assert!(mark.exists(), "the GPU did not break");
+    up.next_line("the GPU worker's failed self-test", |l| {
+        l.starts_with("[up] worker-0 failed") && l.contains("self-test")
+    });
+}
+
+/// `moebius up --workers 2 --device cuda:0,cpu` on tiny-v2, its GPU's launch after the first 300
+/// failing (and `env` besides): three greedy completions through the OpenAI API, each asserted
+/// to have the CPU's tokens. `None`, having said why, off the stand-in.
+fn three_requests_through_a_gpu_fault(env: &[(&str, &std::ffi::OsStr)]) -> Option<common::up::Up> {
+    if !on_the_stand_in() {
+        return None;
     }
     let model = fixture("tiny-v2");
     let (ids, n) = prompt_and_length(&golden_case("tiny-v2", 0));
     let cpu = json_of(&greedy(&[], &model, &ids, &n, &["--device", "cpu"]));
     let want = completion_tokens_of(&cpu);
-    let broken = tempfile::tempdir().expect("a temporary directory");
-    let mark = broken.path().join("broken");
     let extra = ["--workers", "2", "--device", "cuda:0,cpu"];
     let up = common::up::Up::spawn(&model, &extra, |command| {
         command.env("CUDA_HOST_FAIL_AFTER", "300");
-        command.env("CUDA_HOST_BROKEN", &mark);
+        command.envs(env.iter().copied());
     });
     up.router_addr();
     let http = up.http_addr();
@@ -829,10 +829,7 @@ fn gpu_ranks_whose_gpu_breaks_for_good_lose_no_request() {
         let tokens = completion_tokens_at(&http, &ids, &n);
         assert_eq!(tokens, want, "request {request} against the CPU");
     }
-    assert!(mark.exists(), "the GPU did not break");
-    up.next_line("the GPU worker's failed self-test", |l| {
-        l.starts_with("[up] worker-0 failed") && l.contains("self-test")
-    });
+    Some(up)
 }
 
 /// Whether the CUDA backend runs on the CPU's stand-in for a GPU, whose faults a test can
