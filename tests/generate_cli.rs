@@ -773,6 +773,52 @@ fn gpu_ranks_that_fault_mid_request_end_it_with_an_error() {
     );
 }
 
+/// `--fp8-activations` as a user gives it, on the stand-in (which has Hopper's FP8 tensor cores
+/// and cuBLASLt 12.9): `generate` on the FP8 fixture with a 23-token prompt (products of more
+/// than 8 rows) says in its log that they run on the tensor cores and gives transformers' first
+/// token. With `MOEBIUS_FP8_ACTIVATIONS` and a stand-in for cuBLASLt 12.8 it says why it keeps
+/// the bf16 products instead, and gives the same token. Runs on the stand-in only.
+#[test]
+fn gpu_ranks_take_fp8_activations_from_the_command_line() {
+    if !on_the_stand_in() {
+        return;
+    }
+    let model = fixture("tiny-v3-fp8");
+    let case = golden_case("tiny-v3-fp8", 1);
+    let ids = ids_arg(&case["prompt_ids"]);
+    let want = &case["new_token_ids"][0];
+    let run = |flag: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_moebius"))
+            .env("MOEBIUS_LOG", "info")
+            .envs(env.iter().copied())
+            .args(flag)
+            .args(["generate", "--model", model.to_str().expect("utf-8 path")])
+            .args(["--device", "cuda:0", "--prompt-ids", &ids])
+            .args(["--max-new-tokens", "1", "--ignore-eos", "--json"])
+            .output()
+            .expect("moebius runs");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        (json_of(&out), log)
+    };
+    let (on_cores, log) = run(&["--fp8-activations"], &[]);
+    assert!(
+        log.contains("FP8 products of many rows on tensor cores"),
+        "{log}"
+    );
+    assert_eq!(&on_cores["token_ids"][0], want, "{log}");
+    let old_library = [
+        ("MOEBIUS_FP8_ACTIVATIONS", "true"),
+        ("CUDA_HOST_CUBLASLT_VERSION", "120800"),
+    ];
+    let (by_bf16, log) = run(&[], &old_library);
+    assert!(
+        log.contains("--fp8-activations: FP8 products of many rows dequantise their weight")
+            && log.contains("cuBLASLt 120800"),
+        "{log}"
+    );
+    assert_eq!(&by_bf16["token_ids"][0], want, "{log}");
+}
+
 /// A GPU rank that faults mid-request in `moebius up --device cuda:0,cpu` (the CPU's stand-in
 /// failing its launch after the first 300): its worker stops serving and `up` starts it
 /// again, and every request still completes with the CPU's tokens. Runs on the stand-in only

@@ -133,9 +133,9 @@ pub fn block_then_route_by_parts<B: Backend + ?Sized>(
     normed: &mut [f32],
 ) -> Vec<Route> {
     let n: usize = runs.iter().map(|r| r.queries).sum();
-    let mut out = vec![0.0; residual.len()];
-    backend.attention_block(block, x, rotation, runs, &mut out);
-    for (r, o) in residual.iter_mut().zip(&out) {
+    // `normed` holds the block's output until it holds the normalised residual.
+    backend.attention_block(block, x, rotation, runs, normed);
+    for (r, o) in residual.iter_mut().zip(normed.iter()) {
         *r += o;
     }
     normed.copy_from_slice(residual);
